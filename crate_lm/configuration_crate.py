@@ -1,0 +1,169 @@
+"""Configuration of CRATE language models (white-box transformers built by unrolling sparse rate reduction).
+
+One config covers the whole published family; the variant is chosen by a few knobs:
+
+| variant      | attention_type | ista_dictionary_ratio | ista_steps | ista_decoupled_decoder | ista_residual |
+|--------------|----------------|-----------------------|------------|------------------------|---------------|
+| CRATE        | mssa           | 1                     | 1          | False                  | False         |
+| CRATE-LM     | mssa           | 4                     | 2          | False                  | False         |
+| CRATE-alpha  | mssa           | 4                     | 2          | True                   | True          |
+| ToST         | tssa           | (GELU MLP, not ISTA)  | -          | -                      | -             |
+
+This file is also copied into every saved checkpoint (``trust_remote_code`` loading), so it imports only
+``transformers``.
+"""
+
+from transformers import PretrainedConfig
+
+ATTENTION_TYPES = ("mssa", "tssa")
+DICTIONARY_RATIOS = (1, 4)
+ISTA_STEPS = (1, 2)
+
+
+class CrateConfig(PretrainedConfig):
+    r"""Configuration of [`CrateModel`], [`CrateForCausalLM`] and [`CrateForSequenceClassification`].
+
+    The defaults build Causal-CRATE-Base (59.9M parameters, nanoGPT counting): GPT-2 skeleton (learned absolute
+    positions, pre-LN, final LN, tied LM head, GPT-2 vocabulary) with CRATE layers.
+
+    Args:
+        vocab_size, hidden_size, num_hidden_layers, num_attention_heads, max_position_embeddings, layer_norm_eps,
+        initializer_range, tie_word_embeddings, bos/eos/pad_token_id: as in HF GPT-2 (under the modern names).
+        attention_type (`str`): ``"mssa"`` (multi-head subspace self-attention, q = k = v) or ``"tssa"``
+            (token-statistics self-attention of ToST, linear time, with a GELU MLP instead of ISTA).
+        ista_dictionary_ratio (`int`): dictionary width over ``hidden_size``: 1 (complete) or 4 (overcomplete).
+        ista_steps (`int`): proximal steps: 1 (warm start at the input) or 2 (start from zero).
+        ista_decoupled_decoder (`bool`): decode the sparse code with a separate dictionary (CRATE-alpha).
+        ista_residual (`bool`): add the decoded sparse code to the residual stream (CRATE-alpha).
+        ista_step_size (`float`): the ISTA step size eta (a constant, not learned).
+        ista_lambda (`float`): the sparsity weight lambda of the LASSO (a constant, not learned).
+        attention_out_bias (`bool`): bias on the attention output projection (CRATE, CRATE-LM: yes; CRATE-alpha: no).
+        mlp_ratio (`int`): width of the ToST GELU MLP over ``hidden_size``.
+        layer_scale_init (`float`): initial value of ToST's per-channel residual scales (LayerScale).
+        tssa_position_bias (`bool`): the learned per-position bias inside ToST's causal normalisation (official LM).
+        attention_dropout, residual_dropout, embedding_dropout (`float`): dropout probabilities.
+    """
+
+    model_type = "crate"
+    keys_to_ignore_at_inference = ["cache"]
+
+    def __init__(
+        self,
+        vocab_size: int = 50257,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        max_position_embeddings: int = 1024,
+        layer_norm_eps: float = 1e-5,
+        initializer_range: float = 0.02,
+        tie_word_embeddings: bool = True,
+        attention_type: str = "mssa",
+        ista_dictionary_ratio: int = 1,
+        ista_steps: int = 1,
+        ista_decoupled_decoder: bool = False,
+        ista_residual: bool = False,
+        ista_step_size: float = 0.1,
+        ista_lambda: float = 0.1,
+        attention_out_bias: bool = True,
+        mlp_ratio: int = 4,
+        layer_scale_init: float = 1e-5,
+        tssa_position_bias: bool = True,
+        attention_dropout: float = 0.0,
+        residual_dropout: float = 0.0,
+        embedding_dropout: float = 0.0,
+        use_cache: bool = True,
+        bos_token_id: int | None = 50256,
+        eos_token_id: int | None = 50256,
+        pad_token_id: int | None = None,
+        **kwargs,
+    ):
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.max_position_embeddings = max_position_embeddings
+        self.layer_norm_eps = layer_norm_eps
+        self.initializer_range = initializer_range
+        self.attention_type = attention_type
+        self.ista_dictionary_ratio = ista_dictionary_ratio
+        self.ista_steps = ista_steps
+        self.ista_decoupled_decoder = ista_decoupled_decoder
+        self.ista_residual = ista_residual
+        self.ista_step_size = ista_step_size
+        self.ista_lambda = ista_lambda
+        self.attention_out_bias = attention_out_bias
+        self.mlp_ratio = mlp_ratio
+        self.layer_scale_init = layer_scale_init
+        self.tssa_position_bias = tssa_position_bias
+        self.attention_dropout = attention_dropout
+        self.residual_dropout = residual_dropout
+        self.embedding_dropout = embedding_dropout
+        self.use_cache = use_cache
+        super().__init__(
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+            tie_word_embeddings=tie_word_embeddings,
+            **kwargs,
+        )
+        self.validate_crate()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def dictionary_size(self) -> int:
+        """Width of the sparse code (the number of dictionary atoms)."""
+        return self.ista_dictionary_ratio * self.hidden_size
+
+    @property
+    def variant(self) -> str:
+        """The published family member this configuration is, or ``"custom"``."""
+        if self.attention_type == "tssa":
+            return "tost"
+        knobs = (self.ista_dictionary_ratio, self.ista_steps, self.ista_decoupled_decoder, self.ista_residual)
+        return {
+            (1, 1, False, False): "crate",
+            (4, 2, False, False): "crate-lm",
+            (4, 2, True, True): "crate-alpha",
+        }.get(knobs, "custom")
+
+    def validate_crate(self) -> None:
+        """Raise a one-line ``ValueError`` naming the field for any value the models cannot build."""
+
+        def fail(field: str, value, allowed: str) -> None:
+            raise ValueError(f"CrateConfig.{field}={value!r} is invalid: {allowed}")
+
+        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                      "max_position_embeddings", "mlp_ratio"):
+            value = getattr(self, field)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                fail(field, value, "must be a positive integer")
+        if self.hidden_size % self.num_attention_heads:
+            fail("hidden_size", self.hidden_size,
+                 f"must be divisible by num_attention_heads={self.num_attention_heads}")
+        if self.attention_type not in ATTENTION_TYPES:
+            fail("attention_type", self.attention_type, f"allowed values are {list(ATTENTION_TYPES)}")
+        if self.ista_dictionary_ratio not in DICTIONARY_RATIOS:
+            fail("ista_dictionary_ratio", self.ista_dictionary_ratio,
+                 f"allowed values are {list(DICTIONARY_RATIOS)}")
+        if self.ista_steps not in ISTA_STEPS:
+            fail("ista_steps", self.ista_steps, f"allowed values are {list(ISTA_STEPS)}")
+        if self.ista_dictionary_ratio != 1 and self.ista_steps == 1:
+            # One warm-started step needs a square dictionary: z + eta D^T (z - D z) mixes widths d and s.
+            fail("ista_steps", self.ista_steps, "must be 2 when ista_dictionary_ratio is 4 (the 1-step warm start "
+                 "needs a square dictionary)")
+        if self.attention_type == "tssa":
+            ista_knobs = (self.ista_dictionary_ratio, self.ista_steps, self.ista_decoupled_decoder, self.ista_residual)
+            if ista_knobs != (1, 1, False, False):
+                fail("attention_type", "tssa", "ToST layers use a GELU MLP, not ISTA: leave ista_dictionary_ratio=1, "
+                     "ista_steps=1, ista_decoupled_decoder=False, ista_residual=False")
+        for field in ("ista_step_size", "layer_norm_eps", "initializer_range"):
+            if not float(getattr(self, field)) > 0:
+                fail(field, getattr(self, field), "must be > 0")
+        if float(self.ista_lambda) < 0:
+            fail("ista_lambda", self.ista_lambda, "must be >= 0")
+        for field in ("attention_dropout", "residual_dropout", "embedding_dropout"):
+            if not 0.0 <= float(getattr(self, field)) < 1.0:
+                fail(field, getattr(self, field), "must be in [0, 1)")

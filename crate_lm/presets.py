@@ -1,0 +1,50 @@
+"""Named model presets: the published CRATE-family sizes and small ones for tests and CPU demos.
+
+The presets are data (``presets.json`` beside this file); this module only reads them.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from torch import nn
+
+from .configuration_crate import CrateConfig
+
+PRESETS_FILE = Path(__file__).with_name("presets.json")
+
+
+@lru_cache(maxsize=1)
+def _load() -> dict[str, dict]:
+    presets = json.loads(PRESETS_FILE.read_text())
+    presets.pop("_about", None)
+    return presets
+
+
+def preset_names() -> list[str]:
+    return sorted(_load())
+
+
+def preset_info(name: str) -> dict:
+    """The preset's record: ``description``, ``config`` and, for published models, ``published_params``."""
+    presets = _load()
+    if name not in presets:
+        raise ValueError(f"unknown preset {name!r}: allowed values are {preset_names()}")
+    return presets[name]
+
+
+def config_from_preset(name: str, **overrides) -> CrateConfig:
+    """Build the preset's [`CrateConfig`]; ``overrides`` replace any of its fields (e.g. ``vocab_size``)."""
+    return CrateConfig(**{**preset_info(name)["config"], **overrides})
+
+
+def count_parameters(model: nn.Module, exclude_position_embeddings: bool = True) -> int:
+    """Parameters of ``model``, tied tensors counted once. Excluding the position table is nanoGPT's convention,
+    the one the published CRATE/ToST language-model sizes use."""
+    return sum(
+        parameter.numel()
+        for name, parameter in model.named_parameters(remove_duplicate=True)  # tied tensors appear once
+        if not (exclude_position_embeddings and "embed_positions" in name)
+    )
