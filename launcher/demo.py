@@ -20,7 +20,7 @@ def _encode_corpus(tokenizer, files: list[Path]) -> torch.Tensor:
     """All documents as one id stream, EOS between documents."""
     ids: list[int] = []
     for path in files:
-        ids.extend(tokenizer(path.read_text(encoding="utf-8"))["input_ids"])
+        ids.extend(tokenizer(path.read_text(encoding="utf-8"), verbose=False)["input_ids"])
         ids.append(tokenizer.eos_token_id)
     return torch.tensor(ids, dtype=torch.long)
 

