@@ -26,6 +26,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import crate_lm
+from crate_lm.configuration_crate import VARIANT_KNOBS
 from launcher.flops import training_flops_per_token
 
 
@@ -60,13 +61,6 @@ def build_gpt2(args, layers: int) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(config)
 
 
-VARIANT_KNOBS = {
-    "crate": {},
-    "crate-lm": {"ista_dictionary_ratio": 4, "ista_steps": 2},
-    "crate-alpha": {"ista_dictionary_ratio": 4, "ista_steps": 2, "ista_decoupled_decoder": True,
-                    "ista_residual": True, "attention_out_bias": False},
-    "tost": {"attention_type": "tssa"},
-}
 
 
 def train_step_seconds(model, batch: torch.Tensor, optimizer=None) -> float:

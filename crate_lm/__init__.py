@@ -12,7 +12,7 @@ from transformers import (
     AutoModelForSequenceClassification,
 )
 
-from .configuration_crate import CrateConfig
+from .configuration_crate import VARIANT_KNOBS, CrateConfig
 from .modeling_crate import (
     CrateCache,
     CrateForCausalLM,
@@ -41,6 +41,7 @@ __all__ = [
     "CrateForSequenceClassification",
     "CrateModel",
     "CratePreTrainedModel",
+    "VARIANT_KNOBS",
     "config_from_preset",
     "count_parameters",
     "preset_info",

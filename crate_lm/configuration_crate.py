@@ -16,6 +16,19 @@ This file is also copied into every saved checkpoint (``trust_remote_code`` load
 from transformers import PretrainedConfig
 
 ATTENTION_TYPES = ("mssa", "tssa")
+
+# The fields that decide a layer's structure, at their defaults (Causal-CRATE).
+_STRUCTURAL_DEFAULTS = {"attention_type": "mssa", "ista_dictionary_ratio": 1, "ista_steps": 1,
+                        "ista_decoupled_decoder": False, "ista_residual": False}
+
+# The knobs that make each published variant (the other fields keep their defaults).
+VARIANT_KNOBS: dict[str, dict] = {
+    "crate": {},
+    "crate-lm": {"ista_dictionary_ratio": 4, "ista_steps": 2},
+    "crate-alpha": {"ista_dictionary_ratio": 4, "ista_steps": 2, "ista_decoupled_decoder": True,
+                    "ista_residual": True, "attention_out_bias": False},
+    "tost": {"attention_type": "tssa"},
+}
 DICTIONARY_RATIOS = (1, 4)
 ISTA_STEPS = (1, 2)
 
@@ -120,14 +133,11 @@ class CrateConfig(PretrainedConfig):
     @property
     def variant(self) -> str:
         """The published family member this configuration is, or ``"custom"``."""
-        if self.attention_type == "tssa":
-            return "tost"
-        knobs = (self.ista_dictionary_ratio, self.ista_steps, self.ista_decoupled_decoder, self.ista_residual)
-        return {
-            (1, 1, False, False): "crate",
-            (4, 2, False, False): "crate-lm",
-            (4, 2, True, True): "crate-alpha",
-        }.get(knobs, "custom")
+        for name, knobs in VARIANT_KNOBS.items():
+            expected = {**_STRUCTURAL_DEFAULTS, **knobs}
+            if all(getattr(self, key) == expected[key] for key in _STRUCTURAL_DEFAULTS):
+                return name
+        return "custom"
 
     def validate_crate(self) -> None:
         """Raise a one-line ``ValueError`` naming the field for any value the models cannot build."""

@@ -208,6 +208,12 @@ class CrateCache(Cache):
 # ----------------------------------------------------------------------------------------------------------------------
 
 
+def _residual_output(linear: nn.Linear) -> nn.Linear:
+    """Mark the output projection of a residual branch, whose init is scaled by depth (see ``_init_weights``)."""
+    linear._residual_branch_output = True
+    return linear
+
+
 class CrateMSSA(nn.Module):
     r"""Multi-head subspace self-attention: a gradient step on the compression term ``R^c(Z | U_[K])``.
 
@@ -225,7 +231,8 @@ class CrateMSSA(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.subspace_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)  # [U_1 ... U_K]
-        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_out_bias)
+        self.out_proj = _residual_output(nn.Linear(config.hidden_size, config.hidden_size,
+                                                   bias=config.attention_out_bias))
         self.attention_dropout = config.attention_dropout
 
     def forward(self, hidden_states, attention_mask=None, cache=None, output_attentions=False, **unused):
@@ -273,7 +280,8 @@ class CrateTSSA(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.subspace_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-        self.out_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_out_bias)
+        self.out_proj = _residual_output(nn.Linear(config.hidden_size, config.hidden_size,
+                                                   bias=config.attention_out_bias))
         self.temperature = nn.Parameter(torch.ones(self.num_heads))
         self.position_bias = (
             nn.Parameter(torch.zeros(self.num_heads, config.max_position_embeddings))
@@ -385,7 +393,7 @@ class CrateMLP(nn.Module):
         super().__init__()
         inner = config.mlp_ratio * config.hidden_size
         self.fc_in = nn.Linear(config.hidden_size, inner)
-        self.fc_out = nn.Linear(inner, config.hidden_size)
+        self.fc_out = _residual_output(nn.Linear(inner, config.hidden_size))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         activation = F.gelu(self.fc_in(x))
@@ -487,17 +495,20 @@ class CratePreTrainedModel(PreTrainedModel):
         return False
 
     def _init_weights(self, module):
-        """GPT-2 init (N(0, 0.02), residual projections scaled by 1/sqrt(2L)); dictionaries Kaiming-uniform."""
+        """GPT-2 init (N(0, 0.02); the output projection of each residual branch N(0, 0.02 / sqrt(2L))); the
+        dictionaries keep the official Kaiming-uniform init; ToST temperatures 1, position biases 0."""
+        if isinstance(module, nn.Linear) and getattr(module, "_residual_branch_output", False):
+            # Handled here, not on the parent module: HF may visit the Linear after its parent.
+            std = self.config.initializer_range / math.sqrt(2 * self.config.num_hidden_layers)
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+            return
         super()._init_weights(module)
-        residual_std = self.config.initializer_range / math.sqrt(2 * self.config.num_hidden_layers)
-        if isinstance(module, (CrateMSSA, CrateTSSA)):
-            init.normal_(module.out_proj.weight, mean=0.0, std=residual_std)
         if isinstance(module, CrateTSSA):
             init.ones_(module.temperature)
             if module.position_bias is not None:
                 init.zeros_(module.position_bias)
-        elif isinstance(module, CrateMLP):
-            init.normal_(module.fc_out.weight, mean=0.0, std=residual_std)
         elif isinstance(module, CrateISTA):
             init.kaiming_uniform_(module.dictionary)
             if module.decoder is not None:
@@ -558,6 +569,9 @@ class CrateModel(CratePreTrainedModel):
         if attention_mask is not None and attention_mask.dim() != 2:
             raise ValueError(f"attention_mask must be 2-D (batch, past + new tokens), got shape "
                              f"{tuple(attention_mask.shape)}")
+        if attention_mask is not None and attention_mask.shape[-1] != past + tokens:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, but the cache holds {past} "
+                             f"and the input {tokens}: pass a mask over past and new tokens")
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: take the fast causal path
         if position_ids is None:

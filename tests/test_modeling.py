@@ -22,6 +22,7 @@ from transformers import (
 )
 
 import crate_lm
+from crate_lm.configuration_crate import VARIANT_KNOBS
 from crate_lm import (
     CrateCache,
     CrateConfig,
@@ -35,13 +36,7 @@ from crate_lm import (
 )
 from crate_lm.modeling_crate import CrateISTA
 
-VARIANTS = {
-    "crate": {},
-    "crate-lm": {"ista_dictionary_ratio": 4, "ista_steps": 2},
-    "crate-alpha": {"ista_dictionary_ratio": 4, "ista_steps": 2, "ista_decoupled_decoder": True,
-                    "ista_residual": True, "attention_out_bias": False},
-    "tost": {"attention_type": "tssa"},
-}
+VARIANTS = VARIANT_KNOBS
 
 
 def tiny_model(variant: str = "crate", seed: int = 0, **overrides) -> CrateForCausalLM:
@@ -508,3 +503,53 @@ def test_text_generation_pipeline_on_a_checkpoint_with_gpt2_tokenizer(gpt2_ranks
 def test_package_exports():
     assert crate_lm.CrateConfig.model_type == "crate"
     assert "causal-crate-base" in preset_names()
+
+
+@pytest.mark.parametrize("variant", ["crate", "crate-alpha", "tost"])
+def test_bfloat16_forward_and_generation_stay_finite(variant):
+    model = tiny_model(variant).to(torch.bfloat16)
+    ids = random_ids(2, 70)  # > 2d tokens: the fused ISTA path in bf16 too
+    with torch.no_grad():
+        logits = model(ids[:, :60]).logits
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits).all()
+    reference = tiny_model(variant)(ids[:, :60]).logits
+    assert (logits.float() - reference).abs().max() < 0.25
+    generated = model.generate(ids[:, :8], max_new_tokens=4, do_sample=False)
+    assert generated.shape == (2, 12)
+
+
+def test_generation_from_inputs_embeds_matches_input_ids():
+    model = tiny_model()
+    ids = random_ids(1, 6)
+    from_ids = model.generate(ids, max_new_tokens=5, do_sample=False)
+    embeds = model.get_input_embeddings()(ids)
+    from_embeds = model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=5,
+                                 do_sample=False)
+    assert torch.equal(from_embeds[0, -5:], from_ids[0, -5:])
+
+
+@pytest.mark.parametrize("variant", ["crate", "tost"])
+def test_initialisation_scales_residual_outputs_by_depth(variant):
+    torch.manual_seed(0)
+    config = config_from_preset("crate-tiny", num_hidden_layers=8, hidden_size=256, **VARIANTS[variant])
+    layer = CrateForCausalLM(config).model.layers[3]
+    residual_std = 0.02 / (2 * 8) ** 0.5
+    outputs = [layer.attention.out_proj] + ([layer.mlp.fc_out] if variant == "tost" else [])
+    for linear in outputs:
+        assert linear.weight.std().item() == pytest.approx(residual_std, rel=0.05)
+        if linear.bias is not None:
+            assert linear.bias.abs().max() == 0
+    assert layer.attention.subspace_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    if variant == "crate":
+        bound = (6 / config.dictionary_size) ** 0.5  # Kaiming-uniform, a = 0, fan-in = dictionary width
+        assert layer.ista.dictionary.abs().max() <= bound
+        assert layer.ista.dictionary.std().item() == pytest.approx(bound / 3**0.5, rel=0.05)
+    else:
+        assert torch.equal(layer.attention.temperature, torch.ones(config.num_attention_heads))
+        assert torch.equal(layer.attention_scale.scale, torch.full((256,), config.layer_scale_init))
+
+
+def test_attention_mask_of_the_wrong_length_is_refused():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="attention_mask covers 5 positions"):
+        model(random_ids(1, 6), attention_mask=torch.ones(1, 5, dtype=torch.long))

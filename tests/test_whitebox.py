@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from crate_lm.configuration_crate import VARIANT_KNOBS
 from crate_lm import CrateForCausalLM, config_from_preset
 from crate_lm.whitebox import (
     coding_rate,
@@ -165,13 +166,7 @@ def test_membership_entropy():
 
 # --- whole models -----------------------------------------------------------------------------------------------------
 
-VARIANTS = {
-    "crate": {},
-    "crate-lm": {"ista_dictionary_ratio": 4, "ista_steps": 2},
-    "crate-alpha": {"ista_dictionary_ratio": 4, "ista_steps": 2, "ista_decoupled_decoder": True,
-                    "ista_residual": True, "attention_out_bias": False},
-    "tost": {"attention_type": "tssa"},
-}
+VARIANTS = VARIANT_KNOBS
 
 
 def crate_model(variant: str) -> CrateForCausalLM:
