@@ -20,7 +20,8 @@ What a document is, per source (the ``document`` field of the manifest says the 
     One document per corpus file: 500 samples of ~2,000 words. Tags are stripped from the ``word/TAG`` tokens (split
     at the *last* slash, so ``and/or/cc`` keeps ``and/or``) and the words re-joined as readable text: no space before
     closing punctuation, `````` / ``''`` become ``"`` attached to the quoted words, stray single quotes pair up as
-    open/close within a paragraph, a sentence-final ``.`` after an abbreviation (``Jr. .``) is dropped. Paragraphs
+    open/close within a paragraph, a sentence-final ``.`` after an abbreviation (``Jr. .``) is dropped, and the
+    doubled sentence-final ``;/. ;/.`` (also ``?``, ``!``, ``:``) of this distribution is written once. Paragraphs
     (blocks between blank lines in the source) are separated by a blank line, the sentences inside a paragraph by a
     space; a headline line (every tag ``*-hl``) is a paragraph of its own. Id ``brown-<file>`` (``brown-ca01``);
     metadata ``file``, ``genre`` (the letter a-r) and ``category`` (from ``cats.txt``: news, editorial, ...).
@@ -125,6 +126,24 @@ def _brown_detokenize(words: list[str]) -> str:
     return "".join(out)
 
 
+_BROWN_DOUBLED = {";", "?", "!", ":"}
+
+
+def _brown_line_words(tagged: list[list[str]], previous: list[str] | None) -> list[str]:
+    """The words of one tagged line, minus the repeats of sentence-final ``; ? ! :`` this distribution doubles.
+
+    ``previous`` is the last token of the line before in the paragraph (a repeat may start the next line).
+    """
+    words: list[str] = []
+    for pair in tagged:
+        word = pair[0]
+        doubled = word in _BROWN_DOUBLED and len(pair) == 2 and pair[1].startswith(".") and pair == previous
+        if not doubled:
+            words.append(word)
+        previous = pair
+    return words
+
+
 def _convert_brown(raw: Path) -> tuple[list[Document], Counter[str]]:
     categories = {}
     for line in (raw / "cats.txt").read_text(encoding="utf-8").splitlines():
@@ -136,11 +155,15 @@ def _convert_brown(raw: Path) -> tuple[list[Document], Counter[str]]:
         paragraphs: list[str] = []
         for block in re.split(r"\n[ \t]*\n", path.read_text(encoding="utf-8")):
             words: list[str] = []
+            previous = None
             for line in block.splitlines():
                 tagged = [token.rsplit("/", 1) for token in line.split()]
                 if not tagged:
                     continue
-                line_words = [pair[0] for pair in tagged]
+                line_words = _brown_line_words(tagged, previous)
+                previous = tagged[-1]
+                if not line_words:
+                    continue
                 if all(len(pair) == 2 and pair[1].endswith("-hl") for pair in tagged):  # a headline
                     if words:
                         paragraphs.append(_brown_detokenize(words))
@@ -174,7 +197,7 @@ def _read_tab(path: Path) -> tuple[list[dict[str, str]], Counter[str]]:
         elif len(fields) > len(names):
             skipped[f"long row (more than {len(names)} fields)"] += 1
         else:
-            rows.append(dict(zip(names, fields)))
+            rows.append(dict(zip(names, fields, strict=True)))
     return rows, skipped
 
 
@@ -312,13 +335,17 @@ def summary(name: str) -> str:
     for split in SPLITS:
         info = manifest["splits"][split]
         shards = "shard" if info["num_shards"] == 1 else "shards"
-        parts.append(f"{split} {info['num_documents']:,} documents in {info['num_shards']} {shards} "
-                     f"({_human_bytes(info['bytes'])})")
+        parts.append(
+            f"{split} {info['num_documents']:,} documents in {info['num_shards']} {shards} "
+            f"({_human_bytes(info['bytes'])})"
+        )
     skipped = manifest["skipped_rows"]
     skipped_text = ", ".join(f"{count} {reason}" for reason, count in skipped["reasons"].items()) or "none"
-    return (f"{name}: {manifest['num_documents']:,} documents ({manifest['document']}) from {manifest['source']} "
-            f"{manifest['member']}; {'; '.join(parts)}; skipped source rows: {skipped_text}. "
-            f"Prepared (version {manifest['version']}) in {dataset_dir(name)}.")
+    return (
+        f"{name}: {manifest['num_documents']:,} documents ({manifest['document']}) from {manifest['source']} "
+        f"{manifest['member']}; {'; '.join(parts)}; skipped source rows: {skipped_text}. "
+        f"Prepared (version {manifest['version']}) in {dataset_dir(name)}."
+    )
 
 
 def prepare(

@@ -138,7 +138,7 @@ def _open_hf(source: SourceSpec):
     import datasets
 
     return datasets.load_dataset(source.hf, source.config, split=source.split, streaming=True,
-                                 data_dir=source.data_dir)
+                                 data_dir=source.data_dir, data_files=source.data_files)
 
 
 def _hf_shards(source: SourceSpec, source_index: int, where: str) -> list[Shard]:

@@ -49,7 +49,8 @@ class SourceSpec:
     format: str | None = None  # inferred from the file suffix when not given
     txt_unit: str = "file"  # a .txt document is a whole file, or one line
     weight: float = 1.0
-    data_dir: str | None = None  # HF `data_dir`/local builder directory
+    data_dir: str | None = None  # HF `data_dir`
+    data_files: str | None = None  # HF `data_files` (a path or glob), e.g. with hf: json / parquet / text
 
     @property
     def kind(self) -> str:
@@ -104,7 +105,8 @@ def parse_source(raw: Any, where: str) -> SourceSpec:
     chosen = [key for key in ("builtin", "path", "hf") if raw.get(key) is not None]
     if len(chosen) != 1:
         raise DataSpecError(f"{where}: give exactly one of builtin, path or hf (got {chosen or 'none'})")
-    for key in ("builtin", "path", "hf", "config", "split", "text_field", "format", "txt_unit", "data_dir"):
+    for key in ("builtin", "path", "hf", "config", "split", "text_field", "format", "txt_unit", "data_dir",
+                "data_files"):
         if raw.get(key) is not None:
             _check_type(f"{where}.{key}", raw[key], str, "a string")
     weight = raw.get("weight", 1.0)

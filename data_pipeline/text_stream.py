@@ -238,7 +238,8 @@ def initial_stream_state(plan: StreamPlan) -> dict:
         "sources": [{"epoch": 0, "shard": 0, "position": None, "skip": 0} for _ in plan.spec.sources],
         "mixed": 0,  # blocks drawn from the sources (the mixing counter)
         "emitted": 0,  # blocks given out (the shuffle counter)
-        "buffer": np.zeros((0, plan.spec.seq_len), dtype=np.int32),
+        "buffer": np.zeros((0, plan.spec.seq_len), dtype=np.int32),  # shuffle buffer blocks
+        "buffer_origin": [],  # (source, epoch) of each buffered block
         "stats": new_stats(),
     }
 
@@ -250,7 +251,7 @@ class LogicalStream:
         self.plan, self.stream, self.tokenize = plan, stream, tokenize
         self.spec = plan.spec
         self.state = copy.deepcopy(state) if state is not None else initial_stream_state(plan)
-        self.buffer = list(self.state["buffer"])
+        self.buffer = [(block, *origin) for block, origin in zip(self.state["buffer"], self.state["buffer_origin"])]
         self.sources = [self._source_blocks(j) for j in range(len(self.spec.sources))]
         self.cumulative = np.cumsum(self.spec.weights)
 
@@ -293,24 +294,25 @@ class LogicalStream:
                 self.state["emitted"] += 1
                 return block, j, epoch
             if len(self.buffer) < self.spec.shuffle_buffer:
-                self.buffer.append(block.copy())
+                self.buffer.append((block.copy(), j, epoch))
                 continue
             slot = int(_uniform(self.spec.seed, self.stream, self.state["emitted"], 2) * len(self.buffer))
-            out, self.buffer[slot] = self.buffer[slot], block.copy()
+            out, self.buffer[slot] = self.buffer[slot], (block.copy(), j, epoch)
             self.state["emitted"] += 1
-            return out, j, epoch
+            return out
 
     def snapshot(self) -> dict:
-        state = copy.deepcopy({k: v for k, v in self.state.items() if k != "buffer"})
-        state["buffer"] = (np.stack(self.buffer) if self.buffer
+        state = copy.deepcopy({k: v for k, v in self.state.items() if k not in ("buffer", "buffer_origin")})
+        state["buffer"] = (np.stack([entry[0] for entry in self.buffer]) if self.buffer
                            else np.zeros((0, self.spec.seq_len), dtype=np.int32))
+        state["buffer_origin"] = [(entry[1], entry[2]) for entry in self.buffer]
         return state
 
     def next_batch(self, micro_batch_size: int) -> dict:
-        blocks = [self.next_block()[0] for _ in range(micro_batch_size)]
+        blocks, sources, epochs = zip(*(self.next_block() for _ in range(micro_batch_size)))
         input_ids = torch.from_numpy(np.stack(blocks).astype(np.int64))
-        return {"input_ids": input_ids, "labels": input_ids.clone(), "stream": self.stream,
-                "state": self.snapshot()}
+        return {"input_ids": input_ids, "labels": input_ids.clone(), "source": torch.tensor(sources),
+                "epoch": torch.tensor(epochs), "stream": self.stream, "state": self.snapshot()}
 
 
 # ---------------------------------------------------------------------------------------------------- a rank's loader
@@ -340,7 +342,8 @@ class _RankStreams(IterableDataset):
 class TextLoader:
     """A rank's packed-text batches, with the cursor the trainer checkpoints.
 
-    ``for batch in loader`` yields ``{"input_ids", "labels"}`` (LongTensor ``(micro_batch_size, seq_len)``) forever;
+    ``for batch in loader`` yields ``{"input_ids", "labels"}`` (LongTensor ``(micro_batch_size, seq_len)``) forever,
+    plus ``source`` and ``epoch`` (per block: the source it came from and that source's epoch in its stream);
     ``state_dict()`` is the data cursor after the last batch yielded, ``TextLoader(..., state=...)`` resumes from it.
     """
 
@@ -389,7 +392,7 @@ class TextLoader:
         for batch in loader:
             self.states[int(batch["stream"])] = batch["state"]
             self.consumed += 1
-            yield {"input_ids": batch["input_ids"], "labels": batch["labels"]}
+            yield {key: batch[key] for key in ("input_ids", "labels", "source", "epoch")}
 
     def state_dict(self) -> dict:
         return {"meta": self._meta(), "consumed": self.consumed, "streams": copy.deepcopy(self.states)}

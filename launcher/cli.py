@@ -59,6 +59,29 @@ def _cmd_data_fetch(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_prepare(args: argparse.Namespace) -> int:
+    from data_pipeline.builtin import prepare, summary
+
+    prepare(args.name, force=args.force)
+    print(summary(args.name))
+    return 0
+
+
+def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    from data_pipeline.inspect import inspect_text
+    from data_pipeline.spec import parse_text_data
+    from launcher.config_files import load_yaml
+    from launcher.tokenizers import load_tokenizer
+
+    config = load_yaml(args.config)
+    if "data" not in config:
+        raise ValueError(f"{args.config}: no 'data' section")
+    spec = parse_text_data(config["data"])
+    tokenizer = load_tokenizer(config.get("tokenizer", "gpt2"), where=f"{args.config}: tokenizer")
+    print(inspect_text(spec, tokenizer, world_size=args.world_size, blocks=args.blocks, seconds=args.seconds))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crate",
@@ -85,6 +108,19 @@ def build_parser() -> argparse.ArgumentParser:
     data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     fetch = data_commands.add_parser("fetch", help="fetch GPT-2's BPE ranks and the Shakespeare corpus")
     fetch.set_defaults(func=_cmd_data_fetch)
+    from data_pipeline.builtin import BUILTIN_SOURCES
+
+    prepare = data_commands.add_parser("prepare", help="convert a built-in corpus into JSONL shards with a "
+                                       "validation split (done automatically by a run that uses it)")
+    prepare.add_argument("name", choices=BUILTIN_SOURCES)
+    prepare.add_argument("--force", action="store_true", help="rebuild even if prepared")
+    prepare.set_defaults(func=_cmd_data_prepare)
+    inspect = data_commands.add_parser("inspect", help="show what a run config's data section streams")
+    inspect.add_argument("config", help="a run config (YAML) with a 'data' section and optionally 'tokenizer'")
+    inspect.add_argument("--world-size", type=int, default=1, help="plan the shards for this many ranks")
+    inspect.add_argument("--blocks", type=int, default=3, help="decoded blocks to print")
+    inspect.add_argument("--seconds", type=float, default=3.0, help="how long to measure throughput")
+    inspect.set_defaults(func=_cmd_data_inspect)
 
     tokenizer = commands.add_parser("tokenizer", help="build a tokenizer: GPT-2's exact one, or a BPE trained on text")
     tokenizer.add_argument("kind", choices=["gpt2", "train"])

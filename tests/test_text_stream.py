@@ -1,0 +1,325 @@
+"""Streaming text pipeline: sharding, packing, mixtures, exact resume, bad records — on real files."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from data_pipeline.spec import DataSpecError, parse_text_data
+from data_pipeline.text_stream import BadDataError, LogicalStream, TextLoader, Tokenize, build_plan, pack_shard
+from data_pipeline.sources import discover_shards
+
+
+@pytest.fixture(scope="session")
+def tokenizer(shakespeare_dir):
+    from crate_lm.tokenization import train_bpe_tokenizer
+
+    return train_bpe_tokenizer(sorted(str(p) for p in shakespeare_dir.glob("*.txt"))[:6], vocab_size=600)
+
+
+@pytest.fixture(scope="session")
+def corpus(shakespeare_dir, tmp_path_factory) -> Path:
+    """Real text as JSONL: every paragraph of 12 plays is one record (about 5,000 records in 3 files)."""
+    root = tmp_path_factory.mktemp("corpus")
+    plays = sorted(shakespeare_dir.glob("*.txt"))[:12]
+    for part in range(3):
+        with open(root / f"part-{part}.jsonl", "w") as handle:
+            for play in plays[part::3]:
+                for i, paragraph in enumerate(play.read_text().split("\n\n")):
+                    if paragraph.strip():
+                        handle.write(json.dumps({"text": paragraph, "id": f"{play.stem}-{i}"}) + "\n")
+    return root
+
+
+def spec_for(corpus: Path, **overrides):
+    raw = {"sources": [{"path": str(corpus)}], "seq_len": 64, "shuffle_buffer": 0, "min_shards": 8,
+           "streams_per_rank": 1, "tokenize_batch_docs": 16}
+    raw.update(overrides)
+    return parse_text_data(raw)
+
+
+def epoch_blocks(plan, stream: int, tokenize, source: int = 0) -> list[bytes]:
+    """The blocks stream ``stream`` yields in its first epoch over ``source``."""
+    logical = LogicalStream(plan, stream, tokenize)
+    blocks = []
+    while True:
+        block, j, epoch = logical.next_block()
+        if epoch > 0:
+            return blocks
+        blocks.append(block.tobytes())
+
+
+# ------------------------------------------------------------------------------------------------ sharding
+
+
+def test_byte_ranges_cover_every_record_exactly_once(corpus, tokenizer):
+    spec = spec_for(corpus, min_shards=7)
+    shards = discover_shards(spec, 0)
+    assert len(shards) >= 7
+    from data_pipeline.sources import read_shard
+
+    read = [(shard.path, doc.position) for shard in shards for doc in read_shard(shard)]
+    lines = sum(len(p.read_text().splitlines()) for p in corpus.glob("*.jsonl"))
+    assert len(read) == lines == len(set(read))
+
+
+def test_union_of_streams_equals_the_single_stream(corpus, tokenizer):
+    tokenize = Tokenize(tokenizer)
+    single = epoch_blocks(build_plan(spec_for(corpus), 1), 0, tokenize)
+    wide = build_plan(spec_for(corpus, streams_per_rank=2), 2)
+    union = [block for g in range(wide.num_streams) for block in epoch_blocks(wide, g, tokenize)]
+    assert len(single) > 100
+    assert Counter(union) == Counter(single)
+
+
+def _rank_main(rank, world, corpus, tokenizer, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        plan = build_plan(spec_for(corpus, streams_per_rank=2), world)
+        loader = TextLoader(plan, tokenizer, rank=rank, micro_batch_size=4, num_workers=2)
+        seen, steps, finished = [], 0, set()
+        for batch in loader:
+            if (batch["epoch"] > 0).any():
+                finished.add(steps % 2)  # batch n of a rank comes from its logical stream n % streams_per_rank
+            # A collective every step, as in training: unequal batch counts per rank would hang here.
+            done = torch.tensor([int(len(finished) == 2)])
+            dist.all_reduce(done)
+            seen.extend(row.numpy().astype(np.int32).tobytes()
+                        for row, epoch in zip(batch["input_ids"], batch["epoch"]) if epoch == 0)
+            steps += 1
+            if int(done) == world:
+                break
+        torch.save({"blocks": seen, "steps": steps, "stats": loader.stats()}, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_with_two_workers_read_the_epoch_exactly_once(corpus, tokenizer, tmp_path):
+    port = random.randint(20000, 40000)
+    mp.spawn(_rank_main, args=(2, corpus, tokenizer, port, str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
+    assert results[0]["steps"] == results[1]["steps"]
+    union = Counter(block for result in results for block in result["blocks"])
+    single = Counter(epoch_blocks(build_plan(spec_for(corpus), 1), 0, Tokenize(tokenizer)))
+    assert union == single
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_twice_equals_the_uninterrupted_stream(corpus, tokenizer, shakespeare_dir, workers):
+    spec = parse_text_data({
+        "sources": [{"path": str(corpus), "weight": 3}, {"path": str(shakespeare_dir), "format": "txt"}],
+        "seq_len": 48, "shuffle_buffer": 16, "min_shards": 8, "streams_per_rank": 2, "seed": 7,
+    })
+    plan = build_plan(spec, 1)
+    total = 60
+    reference = []
+    for batch in TextLoader(plan, tokenizer, rank=0, micro_batch_size=3, num_workers=workers):
+        reference.append(batch["input_ids"])
+        if len(reference) == total:
+            break
+    cut1, cut2 = sorted(random.Random(workers).sample(range(5, total - 5), 2))
+    got, state = [], None
+    for stop in (cut1, cut2, total):
+        loader = TextLoader(plan, tokenizer, rank=0, micro_batch_size=3, num_workers=workers, state=state)
+        for batch in loader:
+            got.append(batch["input_ids"])
+            if len(got) == stop:
+                break
+        state = loader.state_dict()
+    assert len(got) == total
+    assert all(torch.equal(a, b) for a, b in zip(reference, got))
+
+
+def test_resume_inside_a_document_and_at_its_end(tokenizer, tmp_path):
+    """Cursors that point into a long document, and exactly at a document's end, both resume exactly."""
+    path = tmp_path / "docs.jsonl"
+    with open(path, "w") as handle:
+        for i in range(40):
+            handle.write(json.dumps({"text": " ".join(f"word{i}x{j}" for j in range(5 + 17 * (i % 4)))}) + "\n")
+    spec = parse_text_data({"sources": [{"path": str(path)}], "seq_len": 16, "shuffle_buffer": 0, "min_shards": 1,
+                            "streams_per_rank": 1, "tokenize_batch_docs": 3})
+    shard = discover_shards(spec, 0)[0]
+    tokenize = Tokenize(tokenizer)
+    stats = {"documents": 0, "tokens": 0, "blocks": 0, "tail_tokens": 0, "bad": {}, "bad_files": {}}
+    full = list(pack_shard(shard, tokenize, 16, stats, batch_docs=3))
+    skips = {cursor[1] for _, cursor in full}
+    assert -1 in skips and any(s > 0 for s in skips)  # both kinds of cursor occur
+    for index, (_, (position, skip)) in enumerate(full[:-1]):
+        rest = list(pack_shard(shard, tokenize, 16, dict(stats), position, skip, batch_docs=3))
+        assert [b.tobytes() for b, _ in rest] == [b.tobytes() for b, _ in full[index + 1:]]
+
+
+def test_changed_source_and_changed_world_size_are_refused(corpus, tokenizer, tmp_path):
+    plan = build_plan(spec_for(corpus, streams_per_rank=2), 1)
+    loader = TextLoader(plan, tokenizer, rank=0, micro_batch_size=2)
+    next(iter(loader))
+    state = loader.state_dict()
+    with pytest.raises(DataSpecError, match="world_size was 1"):
+        TextLoader(build_plan(spec_for(corpus, streams_per_rank=2), 2), tokenizer, rank=0, micro_batch_size=2,
+                   state=state)
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for path in corpus.glob("*.jsonl"):
+        (changed / path.name).write_text(path.read_text())
+    with open(changed / "part-0.jsonl", "a") as handle:
+        handle.write(json.dumps({"text": "one more record"}) + "\n")
+    with pytest.raises(DataSpecError, match="fingerprint"):
+        TextLoader(build_plan(spec_for(changed, streams_per_rank=2), 1), tokenizer, rank=0, micro_batch_size=2,
+                   state=state)
+
+
+# ------------------------------------------------------------------------------------------------ mixtures
+
+
+def test_mixture_honours_weights(corpus, shakespeare_dir, tokenizer):
+    spec = parse_text_data({
+        "sources": [{"path": str(corpus), "weight": 3}, {"path": str(shakespeare_dir), "format": "txt"}],
+        "seq_len": 32, "shuffle_buffer": 0, "min_shards": 4, "streams_per_rank": 1,
+    })
+    stream = LogicalStream(build_plan(spec, 1), 0, Tokenize(tokenizer))
+    sources = Counter(stream.next_block()[1] for _ in range(3000))
+    assert abs(sources[0] / 3000 - 0.75) < 0.025
+
+
+# ------------------------------------------------------------------------------------------------ bad records
+
+
+def _planted(tmp_path: Path) -> tuple[Path, dict, dict]:
+    """A JSONL file of real text with bad lines planted at known line numbers."""
+    path = tmp_path / "planted.jsonl"
+    good = [f"line number {i} of a clean record with some words" for i in range(300)]
+    bad_lines = {17: b"{not json", 40: json.dumps({"body": "no text"}).encode(), 41: json.dumps({"text": 5}).encode(),
+                 99: json.dumps({"text": "caf\xe9"}).encode().replace(b"\\u00e9", b"\xe9\xff"),
+                 150: json.dumps({"text": "   "}).encode(), 151: b"[1, 2]", 260: b"{\"text\": \"unterminated"}
+    reasons = {17: "invalid_json", 40: "missing_text_field", 41: "non_string_text", 99: "invalid_utf8",
+               150: "empty_document", 151: "missing_text_field", 260: "invalid_json"}
+    with open(path, "wb") as handle:
+        for number in range(1, 301):
+            handle.write(bad_lines.get(number, json.dumps({"text": good[number - 1]}).encode()) + b"\n")
+    return path, bad_lines, reasons
+
+
+def test_bad_records_are_skipped_and_counted_exactly(tokenizer, tmp_path):
+    path, bad_lines, reasons = _planted(tmp_path)
+    spec = parse_text_data({"sources": [{"path": str(path)}], "seq_len": 16, "shuffle_buffer": 0, "min_shards": 3,
+                            "streams_per_rank": 1, "max_bad_fraction": 0.1})
+    plan = build_plan(spec, 1)
+    stats = {"documents": 0, "tokens": 0, "blocks": 0, "tail_tokens": 0, "bad": {}, "bad_files": {}}
+    tokenize = Tokenize(tokenizer)
+    for shard in plan.shards[0]:
+        for _ in pack_shard(shard, tokenize, 16, stats):
+            pass
+    assert stats["bad"] == dict(Counter(reasons.values()))
+    assert stats["documents"] == 300 - len(bad_lines)
+    first = stats["bad_files"][str(path)]["first"]
+    assert first == [f"line {n}: {reasons[n]}" for n in sorted(reasons)][:5]
+
+
+def test_bad_counts_stay_exact_across_a_resume(tokenizer, tmp_path):
+    path, _, reasons = _planted(tmp_path)
+    spec = parse_text_data({"sources": [{"path": str(path)}], "seq_len": 16, "shuffle_buffer": 0, "min_shards": 1,
+                            "streams_per_rank": 1, "max_bad_fraction": 0.1})
+    plan = build_plan(spec, 1)
+    loader = TextLoader(plan, tokenizer, rank=0, micro_batch_size=2)
+    for i, _ in enumerate(loader):
+        if i == 40:
+            break
+    resumed = TextLoader(plan, tokenizer, rank=0, micro_batch_size=2, state=loader.state_dict())
+    for batch in resumed:
+        if (batch["epoch"] > 0).any():
+            break
+    assert resumed.stats()["bad"] == dict(Counter(reasons.values()))
+
+
+def test_too_many_bad_records_stop_the_run(tokenizer, tmp_path):
+    path, _, _ = _planted(tmp_path)
+    spec = parse_text_data({"sources": [{"path": str(path)}], "seq_len": 16, "shuffle_buffer": 0, "min_shards": 1,
+                            "streams_per_rank": 1, "max_bad_fraction": 0.01})
+    with pytest.raises(BadDataError, match=r"max_bad_fraction=0.01 exceeded: \d+ bad of \d+ records"):
+        for _ in TextLoader(build_plan(spec, 1), tokenizer, rank=0, micro_batch_size=2):
+            pass
+
+
+# ------------------------------------------------------------------------------------------------ formats
+
+
+def test_parquet_and_hf_streaming_sources_give_the_same_blocks_as_jsonl(corpus, tokenizer, tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    records = [json.loads(line) for line in (corpus / "part-0.jsonl").read_text().splitlines()]
+    table = pa.table({"text": [r["text"] for r in records]})
+    pq.write_table(table, tmp_path / "part.parquet", row_group_size=len(records))
+    pq.write_table(table, tmp_path / "grouped.parquet", row_group_size=500)
+    single = {"seq_len": 32, "shuffle_buffer": 0, "min_shards": 1, "streams_per_rank": 1}
+    tokenize = Tokenize(tokenizer)
+    jsonl = epoch_blocks(build_plan(parse_text_data({"sources": [{"path": str(corpus / "part-0.jsonl")}],
+                                                     **single}), 1), 0, tokenize)
+    parquet = epoch_blocks(build_plan(parse_text_data({"sources": [{"path": str(tmp_path / "part.parquet")}],
+                                                       **single}), 1), 0, tokenize)
+    hf = epoch_blocks(build_plan(parse_text_data({"sources": [{"hf": "json", "data_files": str(
+        corpus / "part-0.jsonl")}], **single}), 1), 0, tokenize)
+    assert len(jsonl) > 1000
+    assert Counter(jsonl) == Counter(hf) == Counter(parquet)
+    grouped = parse_text_data({"sources": [{"path": str(tmp_path / "grouped.parquet")}], **single})
+    assert len(discover_shards(grouped, 0)) == -(-len(records) // 500)  # one shard per row group
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"sources": [{"path": "/no/such/file.jsonl"}]}, "data.sources[0].path: '/no/such/file.jsonl' does not exist"),
+    ({"sources": [{"builtin": "wikipedia"}]}, "data.sources[0].builtin: unknown built-in source 'wikipedia'"),
+    ({"sources": []}, "data.sources: must be a non-empty list"),
+    ({"sources": [{"path": "x", "weight": 0}]}, "data.sources[0].weight: must be > 0"),
+    ({"sources": [{"path": "x", "colour": 1}]}, "data.sources[0].colour: unknown key"),
+    ({"sources": [{"path": "x"}], "seq_len": 0}, "data.seq_len: must be >= 1"),
+    ({"sources": [{"path": "x", "hf": "y"}]}, "data.sources[0]: give exactly one of builtin, path or hf"),
+])
+def test_bad_specs_fail_at_start_with_one_line(raw, message):
+    with pytest.raises(DataSpecError) as error:
+        build_plan(parse_text_data(raw), 1)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_an_empty_source_and_too_few_shards_fail_at_start(tmp_path, corpus):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataSpecError, match="no files match"):
+        build_plan(parse_text_data({"sources": [{"path": str(tmp_path / "empty" / "*.jsonl")}]}), 1)
+    with pytest.raises(DataSpecError, match="has 1 shards but the run has 4 streams"):
+        build_plan(spec_for(corpus, min_shards=1, streams_per_rank=2, sources=[
+            {"path": str(corpus / "part-0.jsonl")}, ]), 2)
+
+
+def test_shuffled_blocks_keep_their_source_labels(corpus, shakespeare_dir, tokenizer):
+    """With a shuffle buffer, the (source, epoch) reported with a block is that block's own."""
+    sources = [{"path": str(corpus)}, {"path": str(shakespeare_dir), "format": "txt"}]
+    plain = parse_text_data({"sources": sources, "seq_len": 32, "shuffle_buffer": 0, "min_shards": 4,
+                             "streams_per_rank": 1})
+    shuffled = parse_text_data({"sources": sources, "seq_len": 32, "shuffle_buffer": 50, "min_shards": 4,
+                                "streams_per_rank": 1})
+    tokenize = Tokenize(tokenizer)
+    plain_stream = LogicalStream(build_plan(plain, 1), 0, tokenize)
+    truth = {}
+    for _ in range(600):
+        block, source, _ = plain_stream.next_block()
+        truth[block.tobytes()] = source
+    shuffled_stream = LogicalStream(build_plan(shuffled, 1), 0, tokenize)
+    checked = 0
+    for _ in range(400):
+        block, source, _ = shuffled_stream.next_block()
+        if block.tobytes() in truth:
+            assert truth[block.tobytes()] == source
+            checked += 1
+    assert checked > 300
