@@ -258,3 +258,58 @@ def _read_zip_members(archive: Path, wanted: Callable[[str], bool]) -> Iterator[
         for info in zf.infolist():
             if not info.is_dir() and wanted(info.filename):
                 yield info.filename, zf.read(info)
+
+
+# --- Fashion-MNIST from Debian's `dataset-fashion-mnist` (used by data_pipeline.image_sources) ------------------
+
+FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+                       "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def fetch_fashion_mnist() -> Path:
+    """Return the directory of Fashion-MNIST's four IDX files (``{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz``).
+
+    They come from the Debian package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``), installed
+    with ``apt-get`` when missing (``apt-get update`` and a second try if the first install fails); that needs root.
+    ``$CRATE_FASHION_MNIST_DIR`` points elsewhere (a copy of the four files) and is then used as it is. Raises a
+    one-line RuntimeError when the files cannot be had.
+    """
+    override = os.environ.get("CRATE_FASHION_MNIST_DIR")
+    directory = Path(override).expanduser() if override else FASHION_MNIST_DIR
+
+    def missing() -> list[str]:
+        return [name for name in FASHION_MNIST_FILES if not (directory / name).is_file()]
+
+    if not missing():
+        return directory
+    if override:
+        raise RuntimeError(f"CRATE_FASHION_MNIST_DIR={override}: missing {missing()}")
+    install = ["install", "-y", "-q", "--no-install-recommends", FASHION_MNIST_PACKAGE]
+    try:
+        _apt_get(install)
+    except RuntimeError:
+        try:
+            _apt_get(["update", "-q"])
+            _apt_get(install)
+        except RuntimeError as error:
+            raise RuntimeError(f"Fashion-MNIST: {error} (as root: apt-get update && apt-get install "
+                               f"{FASHION_MNIST_PACKAGE}; or set CRATE_FASHION_MNIST_DIR)") from None
+    if missing():
+        raise RuntimeError(f"Fashion-MNIST: {FASHION_MNIST_PACKAGE} is installed but {directory} lacks {missing()}")
+    return directory
+
+
+def _apt_get(args: list[str]) -> None:
+    """Run ``apt-get ARGS`` non-interactively; on failure raise RuntimeError with apt-get's last stderr line."""
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    what = f"apt-get {' '.join(a for a in args if not a.startswith('-'))}"
+    try:
+        proc = subprocess.run(["apt-get", *args], capture_output=True, text=True, check=False, env=env,
+                              stdin=subprocess.DEVNULL)
+    except FileNotFoundError:
+        raise RuntimeError(f"{what} failed: apt-get is not installed (not a Debian/Ubuntu machine)") from None
+    if proc.returncode != 0:
+        lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+        raise RuntimeError(f"{what} failed: {lines[-1] if lines else f'exit status {proc.returncode}'}")

@@ -130,8 +130,38 @@ def merge_stats(all_stats: list[dict]) -> dict:
 # ---------------------------------------------------------------------------------------------------- packing
 
 
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+PROBE_TEXT = ("Hello world, it's 2026! Ça va? 東京 ελληνικά  \n\n\tspaces   and\ttabs -- 'quotes' \"x\" 3.14159 "
+              "emoji 🙂👍🏽, don't, I'll, we've, they're; <tag attr=\"1\"/> ____ ... ???")
+
+
+def _gpt2_tiktoken(tokenizer):
+    """GPT-2's BPE in tiktoken (4-5x faster than the HF Rust tokenizer on one core), when ``tokenizer`` is GPT-2's:
+    same vocabulary size and identical ids on a probe text. ``None`` otherwise, or without tiktoken or the ranks."""
+    if len(tokenizer) != 50257:
+        return None
+    try:
+        import tiktoken
+        from tiktoken.load import load_tiktoken_bpe
+    except ImportError:
+        return None
+    from .fetch import cache_dir
+
+    ranks_path = cache_dir() / "gpt2" / "gpt2.tiktoken"
+    if not ranks_path.is_file():
+        return None
+    encoding = tiktoken.Encoding(name="gpt2-local", pat_str=GPT2_PATTERN, mergeable_ranks=load_tiktoken_bpe(
+        str(ranks_path)), special_tokens={"<|endoftext|>": 50256})
+    reference = tokenizer.backend_tokenizer.encode(PROBE_TEXT, add_special_tokens=False).ids
+    return encoding if encoding.encode_ordinary(PROBE_TEXT) == reference else None
+
+
 class Tokenize:
-    """Batched, special-token-free tokenization with a fast (Rust) tokenizer; returns int32 arrays."""
+    """Batched, special-token-free tokenization returning int32 arrays, each document followed by EOS.
+
+    Uses the tokenizer's Rust backend, or tiktoken for GPT-2's vocabulary (the same ids, checked on a probe text
+    and on the first batch of real documents, where tiktoken is faster).
+    """
 
     def __init__(self, tokenizer, eos_token_id: int | None = None):
         backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
@@ -143,11 +173,23 @@ class Tokenize:
         if eos is None:
             raise DataSpecError("tokenizer: has no eos_token_id; documents are separated by EOS")
         self.eos = int(eos)
+        self.tiktoken = _gpt2_tiktoken(tokenizer) if hasattr(tokenizer, "backend_tokenizer") else None
+        self.checked = self.tiktoken is None
+
+    def _backend_ids(self, texts: list[str]) -> list[list[int]]:
+        return [encoding.ids for encoding in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
 
     def __call__(self, texts: list[str]) -> list[np.ndarray]:
-        encodings = self.backend.encode_batch_fast(texts, add_special_tokens=False)
+        if self.tiktoken is None:
+            ids = self._backend_ids(texts)
+        else:
+            ids = self.tiktoken.encode_ordinary_batch(texts, num_threads=1)
+            if not self.checked:
+                self.checked = True
+                if ids != self._backend_ids(texts):
+                    self.tiktoken, ids = None, self._backend_ids(texts)
         eos = np.array([self.eos], dtype=np.int32)
-        return [np.concatenate([np.asarray(encoding.ids, dtype=np.int32), eos]) for encoding in encodings]
+        return [np.concatenate([np.asarray(doc, dtype=np.int32), eos]) for doc in ids]
 
 
 def pack_shard(shard: Shard, tokenize: Tokenize, seq_len: int, stats: dict, position: int | None = None,

@@ -47,3 +47,28 @@ def test_demo_trains_exports_reloads_and_generates(tmp_path):
     assert "max |logit difference| = 0.0e+00" in result.stdout
     assert (tmp_path / "run" / "hf" / "model.safetensors").exists()
     assert (tmp_path / "run" / "hf" / "tokenizer.json").exists()
+
+
+def test_data_prepare_and_inspect(tmp_path):
+    result = crate("data", "prepare", "shakespeare")
+    assert result.returncode == 0, result.stderr
+    assert "shakespeare" in result.stdout
+    config = tmp_path / "run.yaml"
+    config.write_text("tokenizer: gpt2\ndata:\n  seq_len: 64\n  streams_per_rank: 1\n  sources:\n"
+                      "    - builtin: shakespeare\n")
+    result = crate("data", "inspect", str(config), "--seconds", "0.5", "--blocks", "2")
+    assert result.returncode == 0, result.stderr
+    assert "source 0: shakespeare (builtin" in result.stdout and "--- block 1" in result.stdout
+    assert "tokens/s" in result.stdout
+
+
+def test_data_inspect_reports_a_bad_config_in_one_line(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("data:\n  seq_len: 64\n  sources:\n    - path: /nowhere/*.jsonl\n")
+    result = crate("data", "inspect", str(config))
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("data.sources[0].path: no files match '/nowhere/*.jsonl'")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("data: [unclosed\n")
+    result = crate("data", "inspect", str(broken))
+    assert result.returncode == 2 and f"{broken}:" in result.stderr and "invalid YAML" in result.stderr

@@ -323,3 +323,19 @@ def test_shuffled_blocks_keep_their_source_labels(corpus, shakespeare_dir, token
             assert truth[block.tobytes()] == source
             checked += 1
     assert checked > 300
+
+
+def test_gpt2_vocabulary_uses_tiktoken_with_identical_ids(gpt2_ranks_path, shakespeare_dir):
+    from crate_lm.tokenization import gpt2_tokenizer_from_tiktoken
+
+    gpt2 = gpt2_tokenizer_from_tiktoken(gpt2_ranks_path)
+    tokenize = Tokenize(gpt2)
+    assert tokenize.tiktoken is not None
+    texts = [path.read_text()[:20000] for path in sorted(shakespeare_dir.glob("*.txt"))[:5]]
+    fast = tokenize(texts)
+    reference = [gpt2(text)["input_ids"] + [50256] for text in texts]
+    assert [doc.tolist() for doc in fast] == reference
+
+
+def test_a_trained_tokenizer_uses_its_own_backend(tokenizer):
+    assert Tokenize(tokenizer).tiktoken is None

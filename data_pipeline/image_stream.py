@@ -1,0 +1,484 @@
+"""The streaming image pipeline: decode, augment or eval-transform, normalise, shard, mix, shuffle, resume exactly.
+
+Layout, as for text (``text_stream``). Each rank runs ``streams_per_rank`` logical streams; stream ``g`` of ``G``
+owns shard ``i`` of every source when ``i % G == g``; DataLoader workers only execute logical streams, so batch ``n``
+of a rank always comes from stream ``n % S`` whatever the number of workers. Shards never depend on the world size
+(see ``image_sources``), so the set of samples of an epoch is the same for any number of ranks and workers.
+
+Mixing. A stream draws each sample from source ``j`` with the configured weights, by the counter-based hash
+``_uniform(seed, stream, mixed, 1)``; each source loops over its shards epoch after epoch (shard order permuted per
+epoch with ``_epoch_order``), so streams never run dry and every rank yields a batch at every step.
+
+Shuffle buffer. ``shuffle_buffer`` samples are held between reading and decoding. In memory an entry is the
+undecoded record (a file path for folders, 784 bytes for Fashion-MNIST, the encoded bytes for tar and HF sources);
+**in the cursor it is only a reference** ``(source, shard number, locator, source epoch)`` — an int64 array of
+``(n, 4)``, 32 bytes a sample whatever the image size. Resuming re-reads the referenced records: O(1) each for
+builtin / folder / tar (an index, a path, a byte offset), one pass over the shard up to the newest reference for
+HF. The buffer therefore holds exactly what it held, in the same slots, and the resumed stream is bit-identical.
+
+Randomness. All of it is counter-based: the mixing draw, the buffer slot (``_uniform(seed, stream, emitted, 2)``)
+and the augmentation of the ``n``-th sample a stream emits (``_uniform(seed, stream, n, 3, k)`` for its k-th draw).
+No RNG state is saved, and a resumed stream draws the same crops and flips.
+
+Transforms (no torchvision; PIL + numpy, bilinear resampling with PIL's antialiasing):
+
+* train (``data.train``): random-resized-crop exactly as torchvision's ``RandomResizedCrop`` — up to 10 tries of an
+  area fraction in ``crop_scale`` and a log-uniform aspect ratio in ``crop_ratio``, else a center crop clamped to the
+  ratio range — resized to ``image_size`` squared, then a horizontal flip with p 0.5 (``hflip``);
+* eval: resize the shorter side to ``round(image_size / eval_crop_fraction)`` (224 → 256), keeping the aspect
+  ratio, then cut the center ``image_size`` square. **Rule for small images:** when the shorter side is already
+  ``<= image_size`` the margin is not added — the shorter side goes to exactly ``image_size`` — so an image of the
+  output size (Fashion-MNIST at ``image_size: 28``) passes through unchanged, and a small image is never cropped
+  beyond its aspect ratio.
+* both: convert to ``channels`` (L or RGB), scale to [0, 1], normalise with ``mean`` / ``std``: ``(C, H, W)``
+  float32.
+
+Bad records (``image_sources.BAD_REASONS``) are skipped and counted per reason and per file with the first few
+locations — label problems when read, undecodable images when decoded (after the buffer) — and a stream stops with
+[`BadDataError`] when they exceed ``max_bad_fraction`` of its records (once it has passed 200).
+
+Cursor. After every batch the stream's state is attached: per source ``(epoch, shard index, position)`` (the
+position: an offset in the shard's permutation, a tar byte offset, or an HF example index), the mixing and emission
+counters, the buffer references and the counts. [`ImageLoader`] keeps the state of the last batch of each stream;
+resuming costs O(1) in the step (no replay). A changed world size, ``streams_per_rank``, transform or source
+(fingerprint) is refused with a one-line error.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .image_sources import (Catalog, ImageDataSpec, ImageShard, RawRecord, open_catalog, parse_image_data)
+from .sources import fingerprint
+from .spec import DataSpecError
+from .text_stream import (FIRST_BAD_LOCATIONS, MIN_RECORDS_FOR_BAD_FRACTION, BadDataError, _epoch_order, _uniform,
+                          merge_stats, new_stats)
+
+__all__ = ["ImageDataSpec", "ImageLoader", "ImagePlan", "ImageStream", "BadDataError", "build_image_plan",
+           "parse_image_data", "eval_transform", "train_transform", "random_resized_crop_box", "eval_resize_shape",
+           "decode_image", "inspect_images", "merge_image_stats"]
+
+RRC_ATTEMPTS = 10
+
+
+# ---------------------------------------------------------------------------------------------------- plan
+
+
+@dataclass(frozen=True)
+class ImagePlan:
+    """Everything fixed at start: validated spec, source catalogs and shards, class count, fingerprint."""
+
+    spec: ImageDataSpec
+    catalogs: tuple[Catalog, ...]
+    shards: tuple[tuple[ImageShard, ...], ...]
+    fingerprint: str
+    world_size: int
+    num_classes: int
+
+    @property
+    def num_streams(self) -> int:
+        return self.world_size * self.spec.streams_per_rank
+
+    def stream_shards(self, stream: int, source_index: int) -> list[ImageShard]:
+        return [shard for i, shard in enumerate(self.shards[source_index]) if i % self.num_streams == stream]
+
+
+def build_image_plan(spec: ImageDataSpec, world_size: int) -> ImagePlan:
+    """Open the sources, cut them into shards and check that every stream gets data; one-line errors name the field."""
+    if world_size < 1:
+        raise DataSpecError(f"world_size must be >= 1, got {world_size}")
+    catalogs = tuple(open_catalog(spec, i) for i in range(len(spec.sources)))
+    shards = tuple(tuple(catalog.shards(i, spec.min_shards)) for i, catalog in enumerate(catalogs))
+    streams = world_size * spec.streams_per_rank
+    for index, source_shards in enumerate(shards):
+        if len(source_shards) < streams:
+            raise DataSpecError(
+                f"data.sources[{index}]: {spec.sources[index].label!r} has {len(source_shards)} shards but the run "
+                f"has {streams} streams (world size {world_size} x data.streams_per_rank "
+                f"{spec.streams_per_rank}); lower data.streams_per_rank, raise data.min_shards, or add files")
+    known = [catalog.num_classes for catalog in catalogs if catalog.num_classes is not None]
+    if spec.num_classes is not None:
+        for index, catalog in enumerate(catalogs):
+            if catalog.num_classes is not None and catalog.num_classes > spec.num_classes:
+                raise DataSpecError(f"data.num_classes: {spec.num_classes}, but data.sources[{index}] "
+                                    f"({spec.sources[index].label!r}) has {catalog.num_classes} classes")
+        num_classes = spec.num_classes
+    elif len(known) == len(catalogs):
+        num_classes = max(known)
+    else:
+        index = next(i for i, catalog in enumerate(catalogs) if catalog.num_classes is None)
+        raise DataSpecError(f"data.num_classes: required, since data.sources[{index}] ({spec.sources[index].label!r}) "
+                            f"does not say how many classes it has (labels are checked against it)")
+    return ImagePlan(spec, catalogs, shards, fingerprint(spec, [list(s) for s in shards]), world_size, num_classes)
+
+
+# ---------------------------------------------------------------------------------------------------- transforms
+
+
+def decode_image(payload, channels: int) -> Image.Image:
+    """A loaded PIL image in mode L (1 channel) or RGB (3) from a record payload; raises on undecodable data."""
+    if isinstance(payload, np.ndarray):
+        image = Image.fromarray(payload)
+    elif isinstance(payload, Image.Image):
+        image = payload
+    else:
+        image = Image.open(io.BytesIO(payload) if isinstance(payload, (bytes, bytearray)) else payload)
+        image.load()
+    mode = "L" if channels == 1 else "RGB"
+    if image.mode != mode:
+        if image.mode in ("P", "PA", "LA", "RGBA") and mode == "RGB":
+            image = image.convert("RGBA")
+        image = image.convert(mode)
+    return image
+
+
+def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
+                            draw) -> tuple[int, int, int, int]:
+    """``(left, top, w, h)`` of torchvision's RandomResizedCrop; ``draw(k)`` gives the k-th uniform in [0, 1)."""
+    area = width * height
+    log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
+    for attempt in range(RRC_ATTEMPTS):
+        target = area * (scale[0] + (scale[1] - scale[0]) * draw(4 * attempt))
+        aspect = math.exp(log_low + (log_high - log_low) * draw(4 * attempt + 1))
+        w = int(round(math.sqrt(target * aspect)))
+        h = int(round(math.sqrt(target / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(draw(4 * attempt + 2) * (height - h + 1))
+            left = int(draw(4 * attempt + 3) * (width - w + 1))
+            return left, top, w, h
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        w, h = int(round(height * max(ratio))), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def eval_resize_shape(width: int, height: int, image_size: int, crop_fraction: float = 0.875) -> tuple[int, int]:
+    """``(width, height)`` the eval transform resizes to before its center crop (see the module doc's rule)."""
+    short, long = min(width, height), max(width, height)
+    side = image_size if short <= image_size else max(image_size, round(image_size / crop_fraction))
+    other = side if short == long else int(side * long / short)
+    return (side, other) if width <= height else (other, side)
+
+
+def _normalise(image: Image.Image, spec: ImageDataSpec) -> np.ndarray:
+    pixels = np.asarray(image, dtype=np.float32)
+    pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+    mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
+    scale = (1.0 / (255.0 * np.asarray(spec.std, dtype=np.float32)))[:, None, None]
+    return np.ascontiguousarray((pixels - 255.0 * mean) * scale)
+
+
+def eval_transform(image: Image.Image, spec: ImageDataSpec) -> np.ndarray:
+    """Deterministic resize + center crop + normalise: ``(C, image_size, image_size)`` float32."""
+    size = spec.image_size
+    shape = eval_resize_shape(image.width, image.height, size, spec.eval_crop_fraction)
+    if shape != image.size:
+        image = image.resize(shape, Image.Resampling.BILINEAR)
+    if image.size != (size, size):
+        left, top = int(round((image.width - size) / 2.0)), int(round((image.height - size) / 2.0))
+        image = image.crop((left, top, left + size, top + size))
+    return _normalise(image, spec)
+
+
+def train_transform(image: Image.Image, spec: ImageDataSpec, stream: int, index: int) -> np.ndarray:
+    """Random-resized-crop + flip + normalise, its randomness drawn from ``(seed, stream, index)`` (no state)."""
+    def draw(k: int) -> float:
+        return _uniform(spec.seed, stream, index, 3, k)
+
+    left, top, w, h = random_resized_crop_box(image.width, image.height, spec.crop_scale, spec.crop_ratio, draw)
+    size = spec.image_size
+    if (left, top, w, h) != (0, 0, size, size) or image.size != (size, size):
+        image = image.resize((size, size), Image.Resampling.BILINEAR, box=(left, top, left + w, top + h))
+    pixels = _normalise(image, spec)
+    if spec.hflip and draw(4 * RRC_ATTEMPTS) < 0.5:
+        pixels = np.ascontiguousarray(pixels[:, :, ::-1])
+    return pixels
+
+
+# ---------------------------------------------------------------------------------------------------- one stream
+
+
+def new_image_stats() -> dict:
+    return {"images": 0, "bad": {}, "bad_files": {}}
+
+
+def _count_bad(stats: dict, record: RawRecord) -> None:
+    stats["bad"][record.bad] = stats["bad"].get(record.bad, 0) + 1
+    per_file = stats["bad_files"].setdefault(record.where, {"counts": {}, "first": []})
+    per_file["counts"][record.bad] = per_file["counts"].get(record.bad, 0) + 1
+    if len(per_file["first"]) < FIRST_BAD_LOCATIONS:
+        per_file["first"].append(f"{record.location}: {record.bad}")
+
+
+def merge_image_stats(all_stats: list[dict]) -> dict:
+    """Sum the statistics of several streams (or ranks)."""
+    merged = merge_stats([{**new_stats(), "bad": s["bad"], "bad_files": s["bad_files"]} for s in all_stats])
+    return {"images": sum(s["images"] for s in all_stats), "bad": merged["bad"], "bad_files": merged["bad_files"]}
+
+
+def _shard_order(size: int, seed: int, source: int, shard: int, epoch: int) -> np.ndarray:
+    """The reading order inside a random-access shard in one epoch of its source."""
+    return np.random.Generator(np.random.PCG64([seed, source, shard, epoch, 1])).permutation(size)
+
+
+def initial_image_state(plan: ImagePlan) -> dict:
+    return {
+        "sources": [{"epoch": 0, "shard": 0, "position": None} for _ in plan.spec.sources],
+        "mixed": 0,  # samples drawn from the sources (the mixing counter)
+        "emitted": 0,  # samples taken out of the buffer (the shuffle and augmentation counter)
+        "buffer": np.zeros((0, 4), dtype=np.int64),  # (source, shard number, locator, epoch) per buffered sample
+        "stats": new_image_stats(),
+    }
+
+
+class ImageStream:
+    """One logical stream ``g``: its sources' shards, mixed by weight, optionally shuffled, decoded and transformed."""
+
+    def __init__(self, plan: ImagePlan, stream: int, state: dict | None = None):
+        self.plan, self.stream, self.spec = plan, stream, plan.spec
+        self.state = copy.deepcopy(state) if state is not None else initial_image_state(plan)
+        self.buffer: list[tuple[tuple[int, int, int, int], RawRecord]] = self._restore_buffer(self.state["buffer"])
+        self.sources = [self._source_records(j) for j in range(len(self.spec.sources))]
+        self.cumulative = np.cumsum(self.spec.weights)
+        self._orders: dict[tuple[int, int, int], np.ndarray] = {}
+
+    def _restore_buffer(self, refs: np.ndarray) -> list:
+        """Re-read the buffered records from their references (grouped per shard: one pass per shard)."""
+        wanted: dict[tuple[int, int], list[int]] = {}
+        for source, shard, locator, _ in refs.tolist():
+            wanted.setdefault((source, shard), []).append(locator)
+        found = {key: self.plan.catalogs[key[0]].fetch(self.plan.shards[key[0]][key[1]], locators,
+                                                       self.plan.num_classes)
+                 for key, locators in wanted.items()}
+        buffer = []
+        for source, shard, locator, epoch in refs.tolist():
+            record = found[(source, shard)].get(locator)
+            if record is None or (record.bad is not None and record.bad != "undecodable_image"):
+                raise DataSpecError(f"data cursor: buffered sample {locator} of {self.plan.shards[source][shard].key} "
+                                    f"cannot be read back; the source changed since the checkpoint")
+            buffer.append(((source, shard, locator, epoch), record))
+        return buffer
+
+    def _order(self, shard: ImageShard, epoch: int) -> np.ndarray | None:
+        if not shard.random_access:
+            return None
+        key = (shard.source_index, shard.number, epoch)
+        if key not in self._orders:
+            self._orders = {key: _shard_order(shard.size, self.spec.seed, *key)}  # keep one per stream: O(shard)
+        return self._orders[key]
+
+    def _source_records(self, j: int) -> Iterator[tuple[RawRecord, ImageShard, int]]:
+        """Endless well-labelled records of source ``j``, updating ``state['sources'][j]`` as they go."""
+        shards, catalog = self.plan.stream_shards(self.stream, j), self.plan.catalogs[j]
+        cursor = self.state["sources"][j]
+        while True:
+            order = _epoch_order(len(shards), self.spec.seed, j, self.stream, cursor["epoch"])
+            while cursor["shard"] < len(shards):
+                shard = shards[order[cursor["shard"]]]
+                within = self._order(shard, cursor["epoch"])
+                for record in catalog.read(shard, cursor["position"], within, self.plan.num_classes):
+                    cursor["position"] = record.next_position
+                    if record.bad is not None:
+                        self._bad(record)
+                        continue
+                    yield record, shard, cursor["epoch"]
+                cursor.update(shard=cursor["shard"] + 1, position=None)
+            cursor.update(epoch=cursor["epoch"] + 1, shard=0)
+
+    def _bad(self, record: RawRecord) -> None:
+        stats = self.state["stats"]
+        _count_bad(stats, record)
+        bad = sum(stats["bad"].values())
+        records = bad + stats["images"]
+        if records >= MIN_RECORDS_FOR_BAD_FRACTION and bad > self.spec.max_bad_fraction * records:
+            worst = max(stats["bad_files"].items(), key=lambda item: sum(item[1]["counts"].values()))
+            raise BadDataError(
+                f"data.max_bad_fraction={self.spec.max_bad_fraction} exceeded: {bad} bad of {records} records "
+                f"({stats['bad']}); worst file {worst[0]}: {worst[1]['first']}")
+
+    def next_record(self) -> tuple[tuple[int, int, int, int], RawRecord]:
+        """The next ``((source, shard number, locator, epoch), record)`` after mixing and shuffling, undecoded."""
+        while True:
+            u = _uniform(self.spec.seed, self.stream, self.state["mixed"], 1)
+            j = min(int(np.searchsorted(self.cumulative, u * self.cumulative[-1], side="right")), len(self.sources) - 1)
+            record, shard, epoch = next(self.sources[j])
+            self.state["mixed"] += 1
+            entry = ((j, shard.number, record.locator, epoch), record)
+            if self.spec.shuffle_buffer == 0:
+                return entry
+            if len(self.buffer) < self.spec.shuffle_buffer:
+                self.buffer.append(entry)
+                continue
+            slot = int(_uniform(self.spec.seed, self.stream, self.state["emitted"], 2) * len(self.buffer))
+            entry, self.buffer[slot] = self.buffer[slot], entry
+            return entry
+
+    def next_sample(self) -> tuple[np.ndarray, int, int, int]:
+        """``(pixels (C, H, W) float32, label, source, source epoch)`` of the next good sample."""
+        while True:
+            (j, _, _, epoch), record = self.next_record()
+            index = self.state["emitted"]
+            self.state["emitted"] += 1
+            try:
+                image = decode_image(record.payload, self.spec.channels)
+            except Exception:  # PIL raises many types for bad bytes (OSError, SyntaxError, ValueError, ...)
+                record.bad = "undecodable_image"
+                self._bad(record)
+                continue
+            self.state["stats"]["images"] += 1
+            pixels = (train_transform(image, self.spec, self.stream, index) if self.spec.train
+                      else eval_transform(image, self.spec))
+            return pixels, record.label, j, epoch
+
+    def snapshot(self) -> dict:
+        state = copy.deepcopy({k: v for k, v in self.state.items() if k != "buffer"})
+        state["buffer"] = np.asarray([ref for ref, _ in self.buffer], dtype=np.int64).reshape(-1, 4)
+        return state
+
+    def next_batch(self, micro_batch_size: int) -> dict:
+        pixels, labels, sources, epochs = zip(*(self.next_sample() for _ in range(micro_batch_size)))
+        return {"pixel_values": torch.from_numpy(np.stack(pixels)), "labels": torch.tensor(labels, dtype=torch.long),
+                "source": torch.tensor(sources), "epoch": torch.tensor(epochs), "stream": self.stream,
+                "state": self.snapshot()}
+
+
+# ---------------------------------------------------------------------------------------------------- a rank's loader
+
+
+class _RankImageStreams(IterableDataset):
+    """The logical streams of one rank, run round-robin; worker ``w`` of ``W`` runs the streams ``s % W == w`` so
+    that batch ``n`` of the rank comes from stream ``(consumed + n) % S`` (as ``text_stream._RankStreams``)."""
+
+    def __init__(self, plan: ImagePlan, rank: int, micro_batch_size: int, states: dict, consumed: int):
+        self.plan, self.rank, self.micro_batch_size, self.states, self.consumed = (plan, rank, micro_batch_size,
+                                                                                   states, consumed)
+
+    def __iter__(self):
+        per_rank = self.plan.spec.streams_per_rank
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        order = [(self.consumed + worker + k * workers) % per_rank for k in range(per_rank // workers)]
+        streams = {s: ImageStream(self.plan, self.rank * per_rank + s, self.states.get(s)) for s in order}
+        while True:
+            for s in order:
+                yield streams[s].next_batch(self.micro_batch_size)
+
+
+RESUME_KEYS = ("world_size", "rank", "streams_per_rank", "seed", "micro_batch_size", "weights", "shuffle_buffer",
+               "image_size", "channels", "train")
+
+
+class ImageLoader:
+    """A rank's image batches, with the cursor the trainer checkpoints.
+
+    ``for batch in loader`` yields ``{"pixel_values": FloatTensor (B, C, H, W), "labels": LongTensor (B,),
+    "source", "epoch"}`` forever (per sample: the source it came from and that source's epoch in its stream);
+    ``state_dict()`` is the data cursor after the last batch yielded, ``ImageLoader(..., state=...)`` resumes from it.
+    """
+
+    def __init__(self, plan: ImagePlan, rank: int, micro_batch_size: int, num_workers: int = 0,
+                 state: dict | None = None):
+        per_rank = plan.spec.streams_per_rank
+        if num_workers and per_rank % num_workers:
+            raise DataSpecError(f"dataloader workers ({num_workers}) must divide data.streams_per_rank ({per_rank})")
+        if not 0 <= rank < plan.world_size:
+            raise DataSpecError(f"rank {rank} is outside world size {plan.world_size}")
+        self.plan, self.rank, self.micro_batch_size, self.num_workers = plan, rank, micro_batch_size, num_workers
+        self.consumed = 0
+        self.states: dict[int, dict] = {}
+        if state is not None:
+            self._check_resumable(state)
+            self.consumed = state["consumed"]
+            self.states = {int(s): st for s, st in state["streams"].items()}
+
+    def _meta(self) -> dict:
+        spec = self.plan.spec
+        return {"fingerprint": self.plan.fingerprint, "world_size": self.plan.world_size, "rank": self.rank,
+                "streams_per_rank": spec.streams_per_rank, "seed": spec.seed,
+                "micro_batch_size": self.micro_batch_size, "weights": spec.weights,
+                "shuffle_buffer": spec.shuffle_buffer, "image_size": spec.image_size, "channels": spec.channels,
+                "train": spec.train}
+
+    def _check_resumable(self, state: dict) -> None:
+        saved, now = state.get("meta", {}), self._meta()
+        if saved.get("fingerprint") != now["fingerprint"]:
+            raise DataSpecError(f"data cursor: the sources changed since the checkpoint (fingerprint "
+                                f"{saved.get('fingerprint')} -> {now['fingerprint']}); refusing to resume a different "
+                                f"stream — restore the data or start a new run")
+        for key in RESUME_KEYS:
+            if saved.get(key) != now[key]:
+                raise DataSpecError(f"data cursor: {key} was {saved.get(key)} at the checkpoint and is {now[key]} "
+                                    f"now; resuming needs the same value (a changed world size is refused, see "
+                                    f"docs/data.md)")
+
+    def __iter__(self):
+        dataset = _RankImageStreams(self.plan, self.rank, self.micro_batch_size, self.states, self.consumed)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                            prefetch_factor=2 if self.num_workers else None)
+        for batch in loader:
+            self.states[int(batch["stream"])] = batch["state"]
+            self.consumed += 1
+            yield {key: batch[key] for key in ("pixel_values", "labels", "source", "epoch")}
+
+    def state_dict(self) -> dict:
+        return {"meta": self._meta(), "consumed": self.consumed, "streams": copy.deepcopy(self.states)}
+
+    def stats(self) -> dict:
+        """Images and bad records passed so far by this rank's streams."""
+        return merge_image_stats([state["stats"] for state in self.states.values()])
+
+
+# ---------------------------------------------------------------------------------------------------- inspect
+
+
+def inspect_images(spec: ImageDataSpec, world_size: int = 1, samples: int = 3, seconds: float = 3.0) -> str:
+    """``crate data inspect`` for an image spec: sources and shards, a few samples, throughput, bad records."""
+    plan = build_image_plan(spec, world_size)
+    transform = (f"train: random-resized-crop scale {list(spec.crop_scale)} ratio "
+                 f"[{spec.crop_ratio[0]:.3f}, {spec.crop_ratio[1]:.3f}]{' + hflip' if spec.hflip else ''}"
+                 if spec.train else f"eval: resize (crop fraction {spec.eval_crop_fraction}) + center crop")
+    lines = [f"fingerprint {plan.fingerprint}; {spec.channels}x{spec.image_size}x{spec.image_size}, {transform}; "
+             f"mean {list(spec.mean)} std {list(spec.std)}; {plan.num_classes} classes",
+             f"{plan.num_streams} streams (world size {world_size} x {spec.streams_per_rank}); shuffle buffer "
+             f"{spec.shuffle_buffer} samples"]
+    for index, (source, weight) in enumerate(zip(spec.sources, spec.weights)):
+        catalog = plan.catalogs[index]
+        names = catalog.class_names
+        classes = (f"{len(names)} classes ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names
+                   else "classes unnamed")
+        lines.append(f"source {index}: {source.label} ({source.kind}, weight {weight:.3f}): "
+                     f"{len(plan.shards[index])} shards; stream 0 reads {len(plan.stream_shards(0, index))}; {classes}")
+    stream = ImageStream(plan, 0)
+    for number in range(samples):
+        pixels, label, source, epoch = stream.next_sample()
+        names = plan.catalogs[source].class_names
+        name = f" ({names[label]})" if names and label < len(names) else ""
+        lines.append(f"sample {number}: label {label}{name}, source {source}, epoch {epoch}, shape "
+                     f"{list(pixels.shape)}, mean {pixels.mean():+.3f} std {pixels.std():.3f} min {pixels.min():+.3f} "
+                     f"max {pixels.max():+.3f}")
+    started, produced = time.perf_counter(), 0
+    while time.perf_counter() - started < seconds:
+        stream.next_sample()
+        produced += 1
+    elapsed = time.perf_counter() - started
+    stats = stream.state["stats"]
+    lines.append(f"throughput: {produced / elapsed:,.0f} images/s from one stream (one process)")
+    lines.append(f"passed so far: {stats['images']:,} images, {sum(stats['bad'].values())} bad records "
+                 f"{stats['bad'] or ''}")
+    for where, entry in stats["bad_files"].items():
+        lines.append(f"  {where}: {entry['counts']} first at {entry['first']}")
+    return "\n".join(lines)
