@@ -1,0 +1,216 @@
+"""Run configuration: one YAML per run plus dotted command-line overrides, validated once at start.
+
+```yaml
+output_dir: runs/crate-tiny
+tokenizer: gpt2                    # or a directory holding an HF tokenizer
+model:
+  arch: crate                      # crate | gpt2 (HF GPT2LMHeadModel built from the same size knobs)
+  preset: crate-tiny               # a crate_lm preset (crate only); size knobs below override it
+  hidden_size: 128
+  overrides: {ista_lambda: 0.1}    # any other CrateConfig / GPT2Config field
+data: {...}                        # data_pipeline.spec (docs/data.md)
+train: {max_steps: 200, micro_batch_size: 8, global_batch_size: 16, ...}
+optimizer: {lr: 6.0e-4, min_lr: 6.0e-5, warmup_steps: 20, weight_decay: 0.1, betas: [0.9, 0.95]}
+zero: {stage: 2, offload_optimizer: false, offload_params: false}
+precision: auto                    # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
+```
+
+``crate pretrain CONFIG train.max_steps=20 output_dir=/tmp/run`` overrides any key; the value is read as YAML
+(``zero.stage=3``, ``optimizer.betas=[0.9,0.99]``). Every problem is one line naming the key:
+``train.micro_batch_size: must be >= 1 (got 0)``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from data_pipeline.spec import DataSpecError, TextDataSpec, parse_text_data
+
+from .config_files import load_yaml
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message is one line naming the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class ModelSection(_Section):
+    arch: Literal["crate", "gpt2"] = "crate"
+    preset: str | None = None
+    config_path: str | None = None  # an HF config.json, or a directory holding one
+    hidden_size: int | None = Field(default=None, ge=1)
+    num_hidden_layers: int | None = Field(default=None, ge=1)
+    num_attention_heads: int | None = Field(default=None, ge=1)
+    max_position_embeddings: int | None = Field(default=None, ge=1)
+    vocab_size: int | None = Field(default=None, ge=1)  # default: the tokenizer's size
+    overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_origin(self):
+        if self.preset and self.config_path:
+            raise ValueError("give preset or config_path, not both")
+        if self.arch == "gpt2" and self.preset:
+            raise ValueError("preset names CRATE presets; a gpt2 baseline takes hidden_size, num_hidden_layers, "
+                             "num_attention_heads (or config_path)")
+        return self
+
+
+class TrainSection(_Section):
+    max_steps: int = Field(ge=1)
+    micro_batch_size: int = Field(default=8, ge=1)
+    global_batch_size: int | None = Field(default=None, ge=1)  # default: micro x world size (no accumulation)
+    seed: int = 0
+    log_every: int = Field(default=10, ge=1)
+    eval_every: int = Field(default=100, ge=0)  # 0: never
+    eval_batches: int = Field(default=8, ge=1)
+    save_every: int = Field(default=100, ge=0)
+    keep_last: int = Field(default=3, ge=1)
+    whitebox_every: int = Field(default=0, ge=0)
+    export_on_save: bool = True
+    activation_checkpointing: bool = False
+    compile: bool = False
+    max_nonfinite_in_a_row: int = Field(default=5, ge=1)
+    dataloader_workers: int = Field(default=0, ge=0)
+    wall_clock_minutes: float | None = Field(default=None, gt=0)  # stop cleanly (save) before this budget ends
+
+
+class OptimizerSection(_Section):
+    lr: float = Field(default=6e-4, gt=0)
+    min_lr: float = Field(default=6e-5, ge=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    betas: Annotated[tuple[float, float], Field(strict=False)] = (0.9, 0.95)  # YAML gives a list
+    eps: float = Field(default=1e-8, gt=0)
+    grad_clip: float = Field(default=1.0, ge=0)  # 0: off
+
+    @model_validator(mode="after")
+    def _lr_order(self):
+        if self.min_lr > self.lr:
+            raise ValueError(f"min_lr ({self.min_lr}) must not exceed lr ({self.lr})")
+        return self
+
+
+class ZeroSection(_Section):
+    stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self):
+        if self.offload_optimizer and self.stage == 0:
+            raise ValueError("offload_optimizer needs ZeRO stage 1, 2 or 3 (zero.stage is 0)")
+        if self.offload_params and self.stage != 3:
+            raise ValueError(f"offload_params needs ZeRO stage 3 (zero.stage is {self.stage})")
+        return self
+
+
+class RunConfig(_Section):
+    output_dir: str
+    tokenizer: str = "gpt2"
+    model: ModelSection = Field(default_factory=ModelSection)
+    data: TextDataSpec
+    train: TrainSection
+    optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
+    zero: ZeroSection = Field(default_factory=ZeroSection)
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    deepspeed_config: str | None = None  # a DeepSpeed JSON whose keys override the generated ones
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, arbitrary_types_allowed=True)
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _parse_data(cls, value):
+        return value if isinstance(value, TextDataSpec) else parse_text_data(value)
+
+    def check_world(self, world_size: int) -> int:
+        """Gradient accumulation steps for ``world_size`` ranks; one-line error if the batch sizes don't divide."""
+        per_step = self.train.micro_batch_size * world_size
+        total = self.train.global_batch_size or per_step
+        if total % per_step:
+            raise ConfigError(f"train.global_batch_size: {total} is not a multiple of train.micro_batch_size "
+                              f"({self.train.micro_batch_size}) x world size ({world_size})")
+        return total // per_step
+
+    def to_dict(self) -> dict:
+        raw = self.model_dump(mode="json", exclude={"data"})
+        raw["data"] = _data_to_dict(self.data)
+        return raw
+
+
+def _data_to_dict(spec: TextDataSpec) -> dict:
+    from dataclasses import asdict
+
+    raw = asdict(spec)
+    raw.pop("extra", None)
+    raw["sources"] = [{k: v for k, v in source.items() if v is not None and not (k == "weight" and v == 1.0)}
+                      for source in raw["sources"]]
+    return raw
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b.c=value`` overrides (values read as YAML) to a nested mapping, in place."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted KEY (train.max_steps=20)")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML") from None
+        node = raw
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return raw
+
+
+def _first_error(error: ValidationError) -> str:
+    detail = error.errors()[0]
+    where = ".".join(str(part) for part in detail["loc"]) or "config"
+    message = detail["msg"].removeprefix("Value error, ")
+    if detail["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif detail["type"] == "missing":
+        message = "required"
+    got = detail.get("input")
+    suffix = f" (got {got!r})" if detail["type"] not in ("missing", "extra_forbidden") and not isinstance(
+        got, dict) else ""
+    return f"{where}: {message}{suffix}"
+
+
+def parse_run_config(raw: dict, source: str = "config") -> RunConfig:
+    try:
+        if isinstance(raw.get("data"), dict):  # its own validator names its keys (data.sources[0].path: ...)
+            raw = {**raw, "data": parse_text_data(raw["data"])}
+        return RunConfig.model_validate(raw)
+    except ValidationError as error:
+        raise ConfigError(f"{source}: {_first_error(error)}") from None
+    except DataSpecError as error:
+        raise ConfigError(f"{source}: {error}") from None
+
+
+def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
+    """Read, override and validate a run config: the one place a run's settings are checked."""
+    raw = load_yaml(path)
+    apply_overrides(raw, list(overrides))
+    return parse_run_config(raw, source=str(path))
+
+
+def save_run_config(config: RunConfig, path: str | Path) -> None:
+    """Write the resolved config (what the run actually uses) beside the run, atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_suffix(path.suffix + ".tmp")
+    staged.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+    staged.replace(path)

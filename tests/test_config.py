@@ -1,0 +1,69 @@
+"""Run configs: YAML + dotted overrides, validated once, one-line errors naming the key."""
+
+import copy
+
+import pytest
+
+from launcher.config import ConfigError, apply_overrides, load_run_config, parse_run_config, save_run_config
+
+BASE = {"output_dir": "/tmp/run", "data": {"sources": [{"builtin": "shakespeare"}], "seq_len": 64},
+        "train": {"max_steps": 10}}
+
+
+def parsed(*overrides):
+    return parse_run_config(apply_overrides(copy.deepcopy(BASE), list(overrides)), "run.yaml")
+
+
+def test_defaults_and_overrides():
+    config = parsed("train.max_steps=20", "zero.stage=3", "zero.offload_params=true", "optimizer.betas=[0.9, 0.99]",
+                    "model.overrides.ista_lambda=0.2", "output_dir=/tmp/other")
+    assert config.train.max_steps == 20 and config.zero.stage == 3 and config.zero.offload_params
+    assert config.optimizer.betas == (0.9, 0.99)
+    assert config.model.overrides == {"ista_lambda": 0.2} and config.output_dir == "/tmp/other"
+    assert config.data.seq_len == 64 and config.precision == "auto"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["train.max_steps=0"], "run.yaml: train.max_steps: Input should be greater than or equal to 1 (got 0)"),
+    (["train.colour=red"], "run.yaml: train.colour: unknown key"),
+    (["optimizer.lr=fast"], "run.yaml: optimizer.lr: Input should be a valid number (got 'fast')"),
+    (["train.max_steps=2.5"], "run.yaml: train.max_steps: Input should be a valid integer (got 2.5)"),
+    (["zero.stage=4"], "run.yaml: zero.stage: Input should be 0, 1, 2 or 3 (got 4)"),
+    (["zero.offload_optimizer=true"], "run.yaml: zero: offload_optimizer needs ZeRO stage 1, 2 or 3"),
+    (["zero.stage=2", "zero.offload_params=true"], "run.yaml: zero: offload_params needs ZeRO stage 3"),
+    (["optimizer.min_lr=0.1"], "run.yaml: optimizer: min_lr (0.1) must not exceed lr"),
+    (["model.arch=gpt2", "model.preset=crate-tiny"], "run.yaml: model: preset names CRATE presets"),
+    (["data.seq_len=0"], "run.yaml: data.seq_len: must be >= 1, got 0"),
+    (["data.sources=[]"], "run.yaml: data.sources: must be a non-empty list"),
+    (["precision=fp16"], "run.yaml: precision: Input should be 'auto', 'fp32' or 'bf16' (got 'fp16')"),
+])
+def test_bad_values_are_one_line_errors_naming_the_key(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        parsed(*overrides)
+    assert str(error.value).startswith(message) and "\n" not in str(error.value)
+
+
+def test_missing_sections_and_bad_override_syntax():
+    with pytest.raises(ConfigError, match="run.yaml: train: required"):
+        parse_run_config({k: v for k, v in BASE.items() if k != "train"}, "run.yaml")
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        apply_overrides({}, ["train.max_steps"])
+    with pytest.raises(ConfigError, match="train.max_steps is not a section"):
+        apply_overrides(copy.deepcopy(BASE), ["train.max_steps.x=1"])
+
+
+def test_batch_sizes_must_divide_by_the_world():
+    config = parsed("train.micro_batch_size=4", "train.global_batch_size=16")
+    assert config.check_world(2) == 2 and config.check_world(4) == 1
+    with pytest.raises(ConfigError, match=r"train.global_batch_size: 16 is not a multiple of .* \(4\) x world size \(3\)"):
+        config.check_world(3)
+
+
+def test_resolved_config_round_trips_through_yaml(tmp_path):
+    config = parsed("zero.stage=2", "optimizer.betas=[0.8, 0.9]")
+    save_run_config(config, tmp_path / "config.yaml")
+    assert load_run_config(tmp_path / "config.yaml") == config
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train: {max_steps: 3\n")
+    with pytest.raises(ValueError, match=f"{broken}:2: invalid YAML"):
+        load_run_config(broken)
