@@ -127,19 +127,22 @@ def build_image_plan(spec: ImageDataSpec, world_size: int) -> ImagePlan:
 
 def decode_image(payload, channels: int) -> Image.Image:
     """A loaded PIL image in mode L (1 channel) or RGB (3) from a record payload; raises on undecodable data."""
-    if isinstance(payload, np.ndarray):
-        image = Image.fromarray(payload)
-    elif isinstance(payload, Image.Image):
-        image = payload
-    else:
-        image = Image.open(io.BytesIO(payload) if isinstance(payload, (bytes, bytearray)) else payload)
-        image.load()
     mode = "L" if channels == 1 else "RGB"
-    if image.mode != mode:
-        if image.mode in ("P", "PA", "LA", "RGBA") and mode == "RGB":
-            image = image.convert("RGBA")
-        image = image.convert(mode)
-    return image
+
+    def converted(image: Image.Image) -> Image.Image:
+        if image.mode == mode:
+            return image
+        if mode == "RGB" and image.mode in ("P", "PA", "LA"):
+            image = image.convert("RGBA")  # palette transparency, grey + alpha: through RGBA
+        return image.convert(mode)
+
+    if isinstance(payload, np.ndarray):
+        return converted(Image.fromarray(payload))
+    if isinstance(payload, Image.Image):
+        return converted(payload)
+    with Image.open(io.BytesIO(payload) if isinstance(payload, (bytes, bytearray)) else payload) as opened:
+        opened.load()
+        return opened.convert(mode) if opened.mode == mode else converted(opened)  # a copy outlives the file
 
 
 def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
@@ -254,7 +257,7 @@ class ImageStream:
         self.buffer: list[tuple[tuple[int, int, int, int], RawRecord]] = self._restore_buffer(self.state["buffer"])
         self.sources = [self._source_records(j) for j in range(len(self.spec.sources))]
         self.cumulative = np.cumsum(self.spec.weights)
-        self._orders: dict[tuple[int, int, int], np.ndarray] = {}
+        self._orders: dict[int, tuple[tuple[int, int], np.ndarray]] = {}
 
     def _restore_buffer(self, refs: np.ndarray) -> list:
         """Re-read the buffered records from their references (grouped per shard: one pass per shard)."""
@@ -267,7 +270,7 @@ class ImageStream:
         buffer = []
         for source, shard, locator, epoch in refs.tolist():
             record = found[(source, shard)].get(locator)
-            if record is None or (record.bad is not None and record.bad != "undecodable_image"):
+            if record is None or record.bad is not None:
                 raise DataSpecError(f"data cursor: buffered sample {locator} of {self.plan.shards[source][shard].key} "
                                     f"cannot be read back; the source changed since the checkpoint")
             buffer.append(((source, shard, locator, epoch), record))
@@ -276,10 +279,12 @@ class ImageStream:
     def _order(self, shard: ImageShard, epoch: int) -> np.ndarray | None:
         if not shard.random_access:
             return None
-        key = (shard.source_index, shard.number, epoch)
-        if key not in self._orders:
-            self._orders = {key: _shard_order(shard.size, self.spec.seed, *key)}  # keep one per stream: O(shard)
-        return self._orders[key]
+        key = (shard.number, epoch)
+        cached = self._orders.get(shard.source_index)
+        if cached is None or cached[0] != key:  # one per source: the shard being read
+            cached = self._orders[shard.source_index] = (key, _shard_order(shard.size, self.spec.seed,
+                                                                            shard.source_index, *key))
+        return cached[1]
 
     def _source_records(self, j: int) -> Iterator[tuple[RawRecord, ImageShard, int]]:
         """Endless well-labelled records of source ``j``, updating ``state['sources'][j]`` as they go."""
