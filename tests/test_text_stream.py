@@ -82,6 +82,9 @@ def test_union_of_streams_equals_the_single_stream(corpus, tokenizer):
 
 
 def _rank_main(rank, world, corpus, tokenizer, port, out_dir):
+    import multiprocessing
+
+    multiprocessing.set_start_method("fork", force=True)  # as torchrun-launched ranks: workers fork, not spawn
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:

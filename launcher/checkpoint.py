@@ -1,0 +1,138 @@
+"""Atomic, verifiable checkpoints in ``<output_dir>/checkpoints/``.
+
+Layout::
+
+    checkpoints/
+      global_step200/            DeepSpeed's files + ours (per-rank data cursor and RNG), and manifest.json
+      global_step300/
+      latest                     the newest complete tag, replaced atomically, written last
+
+A save writes everything into ``.tmp-global_stepN/``; when every rank is done, rank 0 records each file's size and
+SHA-256 in ``manifest.json``, renames the directory to ``global_stepN`` and only then replaces ``latest``. A crash at
+any point leaves the previous checkpoint and ``latest`` intact. On resume, candidates are tried newest first; one whose
+manifest is missing or whose files are missing, truncated or corrupt is skipped with a warning, and the previous one
+is used. The newest ``keep_last`` complete checkpoints are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+TAG_PATTERN = re.compile(r"^global_step(\d+)$")
+MANIFEST = "manifest.json"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    staged = path.with_name(f".{path.name}.tmp")
+    with open(staged, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staged, path)
+
+
+def tag_for(step: int) -> str:
+    return f"global_step{step}"
+
+
+class CheckpointManager:
+    """Saves and finds checkpoints; the caller supplies how to write and read the engine's state.
+
+    ``barrier`` synchronises the ranks (``torch.distributed.barrier`` in a run; a no-op for one process).
+    """
+
+    def __init__(self, output_dir: str | Path, keep_last: int, rank: int = 0, barrier: Callable[[], None] = None):
+        self.root = Path(output_dir) / "checkpoints"
+        self.keep_last = keep_last
+        self.rank = rank
+        self.barrier = barrier or (lambda: None)
+
+    # ------------------------------------------------------------------------------------------ saving
+
+    def save(self, step: int, write: Callable[[Path, str], None], metadata: dict | None = None) -> Path:
+        """Every rank calls this. ``write(checkpoints_dir, staging_tag)`` writes this rank's files into
+        ``checkpoints_dir / staging_tag``. Returns the final directory."""
+        tag = tag_for(step)
+        staging = f".tmp-{tag}"
+        if self.rank == 0:
+            self.root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(self.root / staging, ignore_errors=True)  # a crashed earlier attempt
+        self.barrier()
+        write(self.root, staging)
+        self.barrier()
+        final = self.root / tag
+        if self.rank == 0:
+            staged = self.root / staging
+            files = {str(p.relative_to(staged)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                     for p in sorted(staged.rglob("*")) if p.is_file()}
+            _write_atomic(staged / MANIFEST, json.dumps({"step": step, "files": files, **(metadata or {})},
+                                                        indent=1))
+            if final.exists():  # re-saving a step (e.g. after a resume): replace the old copy
+                shutil.rmtree(final)
+            os.replace(staged, final)
+            _write_atomic(self.root / "latest", tag)
+            self._prune()
+        self.barrier()
+        return final
+
+    def _prune(self) -> None:
+        complete = self.complete_steps()
+        for step in complete[:-self.keep_last]:
+            shutil.rmtree(self.root / tag_for(step), ignore_errors=True)
+
+    # ------------------------------------------------------------------------------------------ finding
+
+    def complete_steps(self) -> list[int]:
+        """Steps of the checkpoint directories present (not the staging ones), ascending."""
+        if not self.root.is_dir():
+            return []
+        steps = [int(m.group(1)) for p in self.root.iterdir() if p.is_dir() and (m := TAG_PATTERN.match(p.name))]
+        return sorted(steps)
+
+    def verify(self, step: int) -> str | None:
+        """``None`` if the checkpoint of ``step`` is complete and intact, else the reason it is not."""
+        directory = self.root / tag_for(step)
+        manifest_path = directory / MANIFEST
+        if not manifest_path.is_file():
+            return "no manifest (the save did not finish)"
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except ValueError:
+            return "unreadable manifest"
+        for name, expected in manifest.get("files", {}).items():
+            path = directory / name
+            if not path.is_file():
+                return f"missing file {name}"
+            if path.stat().st_size != expected["bytes"]:
+                return f"truncated file {name} ({path.stat().st_size} of {expected['bytes']} bytes)"
+            if _sha256(path) != expected["sha256"]:
+                return f"corrupt file {name} (checksum mismatch)"
+        return None
+
+    def newest_valid(self) -> tuple[int, Path] | None:
+        """The newest intact checkpoint, warning about each newer one that is skipped."""
+        for step in reversed(self.complete_steps()):
+            problem = self.verify(step)
+            if problem is None:
+                return step, self.root / tag_for(step)
+            warnings.warn(f"checkpoint {self.root / tag_for(step)} is unusable ({problem}); trying the previous one",
+                          stacklevel=2)
+        return None
+
+    def manifest(self, step: int) -> dict:
+        return json.loads((self.root / tag_for(step) / MANIFEST).read_text())
