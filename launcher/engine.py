@@ -1,0 +1,72 @@
+"""The DeepSpeed side of a run: its JSON config generated from the run config, precision, and the LR schedule."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .config import ConfigError, OptimizerSection, RunConfig
+
+NEVER = 10**9  # DeepSpeed's own step printing: off (our metrics component reports)
+
+
+def resolve_precision(config: RunConfig, device_type: str) -> str:
+    """``auto`` is bf16 on an accelerator, fp32 on the CPU."""
+    if config.precision != "auto":
+        if config.precision == "bf16" and device_type == "cpu":
+            raise ConfigError("precision: bf16 training on the CPU is not supported here; use fp32 or auto")
+        return config.precision
+    return "fp32" if device_type == "cpu" else "bf16"
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    for key, value in update.items():
+        base[key] = _deep_merge(base.get(key, {}), value) if isinstance(value, dict) and isinstance(
+            base.get(key), dict) else value
+    return base
+
+
+def deepspeed_config(config: RunConfig, world_size: int, device_type: str) -> dict:
+    """DeepSpeed's JSON for this run; ``deepspeed_config`` (a user JSON file) overrides any key of it."""
+    accumulation = config.check_world(world_size)
+    optimizer = config.optimizer
+    zero: dict = {"stage": config.zero.stage}
+    if config.zero.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    if config.zero.offload_params:
+        zero["offload_param"] = {"device": "cpu"}
+    if config.zero.stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # consolidated weights for the HF export
+    generated = {
+        "train_micro_batch_size_per_gpu": config.train.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "train_batch_size": config.train.micro_batch_size * accumulation * world_size,
+        "gradient_clipping": optimizer.grad_clip,
+        "optimizer": {"type": "AdamW", "params": {"lr": optimizer.lr, "betas": list(optimizer.betas),
+                                                  "eps": optimizer.eps, "weight_decay": optimizer.weight_decay}},
+        "zero_optimization": zero,
+        "bf16": {"enabled": resolve_precision(config, device_type) == "bf16"},
+        "steps_per_print": NEVER,
+        "wall_clock_breakdown": False,
+    }
+    if config.deepspeed_config:
+        path = Path(config.deepspeed_config)
+        try:
+            user = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"deepspeed_config: {path} does not exist") from None
+        except ValueError as error:
+            raise ConfigError(f"deepspeed_config: {path} is not valid JSON ({error})") from None
+        if not isinstance(user, dict):
+            raise ConfigError(f"deepspeed_config: {path} must hold a JSON object")
+        generated = _deep_merge(generated, user)
+    return generated
+
+
+def learning_rate(step: int, optimizer: OptimizerSection, max_steps: int) -> float:
+    """Linear warm-up to ``lr`` over ``warmup_steps``, then cosine decay to ``min_lr`` at ``max_steps``."""
+    if step < optimizer.warmup_steps:
+        return optimizer.lr * (step + 1) / optimizer.warmup_steps
+    progress = min(1.0, (step - optimizer.warmup_steps) / max(1, max_steps - optimizer.warmup_steps))
+    return optimizer.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (optimizer.lr - optimizer.min_lr)
