@@ -76,7 +76,7 @@ from typing import Any
 
 import numpy as np
 
-from .spec import DataSpecError, _check_type
+from .spec import DataSpecError, _check_type, normalized_weights
 
 BUILTIN_IMAGE_SOURCES: tuple[str, ...] = ("fashion-mnist",)
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -149,8 +149,7 @@ class ImageDataSpec:
 
     @property
     def weights(self) -> list[float]:
-        total = sum(source.weight for source in self.sources)
-        return [source.weight / total for source in self.sources]
+        return normalized_weights(self.sources)
 
 
 def is_image_data(raw: Any) -> bool:

@@ -57,14 +57,14 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 from .image_sources import (Catalog, ImageDataSpec, ImageShard, RawRecord, is_image_data, open_catalog,
                             parse_image_data)
 from .sources import fingerprint
 from .spec import DataSpecError
-from .text_stream import (FIRST_BAD_LOCATIONS, MIN_RECORDS_FOR_BAD_FRACTION, BadDataError, _epoch_order, _uniform,
-                          merge_stats, new_stats)
+from .text_stream import (FIRST_BAD_LOCATIONS, MIN_RECORDS_FOR_BAD_FRACTION, BadDataError, StreamAssignment,
+                          StreamLoader, _epoch_order, _uniform, check_every_stream_gets_data, merge_stats, new_stats)
 
 __all__ = ["ImageDataSpec", "ImageLoader", "ImagePlan", "ImageStream", "BadDataError", "build_image_plan",
            "parse_image_data", "eval_transform", "train_transform", "random_resized_crop_box", "eval_resize_shape",
@@ -77,7 +77,7 @@ RRC_ATTEMPTS = 10
 
 
 @dataclass(frozen=True)
-class ImagePlan:
+class ImagePlan(StreamAssignment):
     """Everything fixed at start: validated spec, source catalogs and shards, class count, fingerprint."""
 
     spec: ImageDataSpec
@@ -87,27 +87,12 @@ class ImagePlan:
     world_size: int
     num_classes: int
 
-    @property
-    def num_streams(self) -> int:
-        return self.world_size * self.spec.streams_per_rank
-
-    def stream_shards(self, stream: int, source_index: int) -> list[ImageShard]:
-        return [shard for i, shard in enumerate(self.shards[source_index]) if i % self.num_streams == stream]
-
 
 def build_image_plan(spec: ImageDataSpec, world_size: int) -> ImagePlan:
     """Open the sources, cut them into shards and check that every stream gets data; one-line errors name the field."""
-    if world_size < 1:
-        raise DataSpecError(f"world_size must be >= 1, got {world_size}")
     catalogs = tuple(open_catalog(spec, i) for i in range(len(spec.sources)))
     shards = tuple(tuple(catalog.shards(i, spec.min_shards)) for i, catalog in enumerate(catalogs))
-    streams = world_size * spec.streams_per_rank
-    for index, source_shards in enumerate(shards):
-        if len(source_shards) < streams:
-            raise DataSpecError(
-                f"data.sources[{index}]: {spec.sources[index].label!r} has {len(source_shards)} shards but the run "
-                f"has {streams} streams (world size {world_size} x data.streams_per_rank "
-                f"{spec.streams_per_rank}); lower data.streams_per_rank, raise data.min_shards, or add files")
+    check_every_stream_gets_data(spec, shards, world_size)
     known = [catalog.num_classes for catalog in catalogs if catalog.num_classes is not None]
     if spec.num_classes is not None:
         for index, catalog in enumerate(catalogs):
@@ -394,64 +379,23 @@ class _RankImageStreams(IterableDataset):
                 yield streams[s].next_batch(self.micro_batch_size)
 
 
-RESUME_KEYS = ("world_size", "rank", "streams_per_rank", "seed", "micro_batch_size", "weights", "shuffle_buffer",
-               "image_size", "channels", "train")
+class ImageLoader(StreamLoader):
+    """A rank's image batches: ``{"pixel_values": FloatTensor (B, C, H, W), "labels": LongTensor (B,), "source",
+    "epoch"}`` forever (per sample: the source it came from and that source's epoch in its stream). See
+    [`StreamLoader`] for the cursor."""
 
-
-class ImageLoader:
-    """A rank's image batches, with the cursor the trainer checkpoints.
-
-    ``for batch in loader`` yields ``{"pixel_values": FloatTensor (B, C, H, W), "labels": LongTensor (B,),
-    "source", "epoch"}`` forever (per sample: the source it came from and that source's epoch in its stream);
-    ``state_dict()`` is the data cursor after the last batch yielded, ``ImageLoader(..., state=...)`` resumes from it.
-    """
+    OUTPUT_KEYS = ("pixel_values", "labels", "source", "epoch")
 
     def __init__(self, plan: ImagePlan, rank: int, micro_batch_size: int, num_workers: int = 0,
                  state: dict | None = None):
-        per_rank = plan.spec.streams_per_rank
-        if num_workers and per_rank % num_workers:
-            raise DataSpecError(f"dataloader workers ({num_workers}) must divide data.streams_per_rank ({per_rank})")
-        if not 0 <= rank < plan.world_size:
-            raise DataSpecError(f"rank {rank} is outside world size {plan.world_size}")
-        self.plan, self.rank, self.micro_batch_size, self.num_workers = plan, rank, micro_batch_size, num_workers
-        self.consumed = 0
-        self.states: dict[int, dict] = {}
-        if state is not None:
-            self._check_resumable(state)
-            self.consumed = state["consumed"]
-            self.states = {int(s): st for s, st in state["streams"].items()}
+        super().__init__(plan, rank, micro_batch_size, num_workers, state)
 
-    def _meta(self) -> dict:
+    def _specific_meta(self) -> dict:
         spec = self.plan.spec
-        return {"fingerprint": self.plan.fingerprint, "world_size": self.plan.world_size, "rank": self.rank,
-                "streams_per_rank": spec.streams_per_rank, "seed": spec.seed,
-                "micro_batch_size": self.micro_batch_size, "weights": spec.weights,
-                "shuffle_buffer": spec.shuffle_buffer, "image_size": spec.image_size, "channels": spec.channels,
-                "train": spec.train}
+        return {"image_size": spec.image_size, "channels": spec.channels, "train": spec.train}
 
-    def _check_resumable(self, state: dict) -> None:
-        saved, now = state.get("meta", {}), self._meta()
-        if saved.get("fingerprint") != now["fingerprint"]:
-            raise DataSpecError(f"data cursor: the sources changed since the checkpoint (fingerprint "
-                                f"{saved.get('fingerprint')} -> {now['fingerprint']}); refusing to resume a different "
-                                f"stream — restore the data or start a new run")
-        for key in RESUME_KEYS:
-            if saved.get(key) != now[key]:
-                raise DataSpecError(f"data cursor: {key} was {saved.get(key)} at the checkpoint and is {now[key]} "
-                                    f"now; resuming needs the same value (a changed world size is refused, see "
-                                    f"docs/data.md)")
-
-    def __iter__(self):
-        dataset = _RankImageStreams(self.plan, self.rank, self.micro_batch_size, self.states, self.consumed)
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                            prefetch_factor=2 if self.num_workers else None)
-        for batch in loader:
-            self.states[int(batch["stream"])] = batch["state"]
-            self.consumed += 1
-            yield {key: batch[key] for key in ("pixel_values", "labels", "source", "epoch")}
-
-    def state_dict(self) -> dict:
-        return {"meta": self._meta(), "consumed": self.consumed, "streams": copy.deepcopy(self.states)}
+    def _dataset(self) -> IterableDataset:
+        return _RankImageStreams(self.plan, self.rank, self.micro_batch_size, self.states, self.consumed)
 
     def stats(self) -> dict:
         """Images and bad records passed so far by this rank's streams."""

@@ -80,8 +80,13 @@ class TextDataSpec:
 
     @property
     def weights(self) -> list[float]:
-        total = sum(source.weight for source in self.sources)
-        return [source.weight / total for source in self.sources]
+        return normalized_weights(self.sources)
+
+
+def normalized_weights(sources) -> list[float]:
+    """Source weights scaled to sum to one."""
+    total = sum(source.weight for source in sources)
+    return [source.weight / total for source in sources]
 
 
 def _check_type(where: str, value: Any, kind: type | tuple[type, ...], text: str) -> None:

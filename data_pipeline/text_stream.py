@@ -50,28 +50,22 @@ class BadDataError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------- plan
 
 
-@dataclass(frozen=True)
-class StreamPlan:
-    """Everything fixed at start: validated spec, shards per source, fingerprint. Built once, before training."""
-
-    spec: TextDataSpec
-    shards: tuple[tuple[Shard, ...], ...]
-    fingerprint: str
-    world_size: int
+class StreamAssignment:
+    """Shard ``i`` of a source belongs to logical stream ``i % num_streams`` (shared by the text and image plans,
+    which provide ``spec``, ``shards`` and ``world_size``)."""
 
     @property
     def num_streams(self) -> int:
         return self.world_size * self.spec.streams_per_rank
 
-    def stream_shards(self, stream: int, source_index: int) -> list[Shard]:
+    def stream_shards(self, stream: int, source_index: int) -> list:
         return [shard for i, shard in enumerate(self.shards[source_index]) if i % self.num_streams == stream]
 
 
-def build_plan(spec: TextDataSpec, world_size: int) -> StreamPlan:
-    """Discover shards and check that every stream gets data. Raises one-line errors naming the field."""
+def check_every_stream_gets_data(spec, shards, world_size: int) -> None:
+    """One-line error, before training, when a source has fewer shards than the run has logical streams."""
     if world_size < 1:
         raise DataSpecError(f"world_size must be >= 1, got {world_size}")
-    shards = tuple(tuple(discover_shards(spec, i)) for i in range(len(spec.sources)))
     streams = world_size * spec.streams_per_rank
     for index, source_shards in enumerate(shards):
         if len(source_shards) < streams:
@@ -79,6 +73,22 @@ def build_plan(spec: TextDataSpec, world_size: int) -> StreamPlan:
                 f"data.sources[{index}]: {spec.sources[index].label!r} has {len(source_shards)} shards but the run "
                 f"has {streams} streams (world size {world_size} x data.streams_per_rank "
                 f"{spec.streams_per_rank}); lower data.streams_per_rank, raise data.min_shards, or add files")
+
+
+@dataclass(frozen=True)
+class StreamPlan(StreamAssignment):
+    """Everything fixed at start: validated spec, shards per source, fingerprint. Built once, before training."""
+
+    spec: TextDataSpec
+    shards: tuple[tuple[Shard, ...], ...]
+    fingerprint: str
+    world_size: int
+
+
+def build_plan(spec: TextDataSpec, world_size: int) -> StreamPlan:
+    """Discover shards and check that every stream gets data. Raises one-line errors naming the field."""
+    shards = tuple(tuple(discover_shards(spec, i)) for i in range(len(spec.sources)))
+    check_every_stream_gets_data(spec, shards, world_size)
     return StreamPlan(spec, shards, fingerprint(spec, [list(s) for s in shards]), world_size)
 
 
@@ -381,37 +391,40 @@ class _RankStreams(IterableDataset):
                 yield streams[s].next_batch(self.micro_batch_size)
 
 
-class TextLoader:
-    """A rank's packed-text batches, with the cursor the trainer checkpoints.
+class StreamLoader:
+    """A rank's batches from its logical streams, with the cursor the trainer checkpoints (base of the text and image
+    loaders). Subclasses provide ``_dataset()`` (an IterableDataset yielding batches that carry ``stream`` and
+    ``state``), ``_specific_meta()`` (what else must match to resume), ``OUTPUT_KEYS`` and ``stats()``.
 
-    ``for batch in loader`` yields ``{"input_ids", "labels"}`` (LongTensor ``(micro_batch_size, seq_len)``) forever,
-    plus ``source`` and ``epoch`` (per block: the source it came from and that source's epoch in its stream);
-    ``state_dict()`` is the data cursor after the last batch yielded, ``TextLoader(..., state=...)`` resumes from it.
+    ``state_dict()`` is the data cursor after the last batch yielded; building the loader with ``state=`` resumes
+    exactly there, after checking that the run reads the same data the same way (one-line error otherwise).
     """
 
-    def __init__(self, plan: StreamPlan, tokenizer, rank: int, micro_batch_size: int, num_workers: int = 0,
-                 state: dict | None = None, eos_token_id: int | None = None):
+    OUTPUT_KEYS: tuple[str, ...] = ()
+
+    def __init__(self, plan, rank: int, micro_batch_size: int, num_workers: int = 0, state: dict | None = None):
         per_rank = plan.spec.streams_per_rank
         if num_workers and per_rank % num_workers:
             raise DataSpecError(f"dataloader workers ({num_workers}) must divide data.streams_per_rank ({per_rank})")
         if not 0 <= rank < plan.world_size:
             raise DataSpecError(f"rank {rank} is outside world size {plan.world_size}")
         self.plan, self.rank, self.micro_batch_size, self.num_workers = plan, rank, micro_batch_size, num_workers
-        self.tokenize = Tokenize(tokenizer, eos_token_id)
         self.consumed = 0
         self.states: dict[int, dict] = {}
         if state is not None:
             self._check_resumable(state)
             self.consumed = state["consumed"]
             self.states = {int(s): st for s, st in state["streams"].items()}
-        self._iterator = None
+
+    def _specific_meta(self) -> dict:
+        return {}
 
     def _meta(self) -> dict:
         spec = self.plan.spec
         return {"fingerprint": self.plan.fingerprint, "world_size": self.plan.world_size, "rank": self.rank,
-                "streams_per_rank": spec.streams_per_rank, "seq_len": spec.seq_len, "seed": spec.seed,
+                "streams_per_rank": spec.streams_per_rank, "seed": spec.seed,
                 "micro_batch_size": self.micro_batch_size, "weights": spec.weights,
-                "shuffle_buffer": spec.shuffle_buffer}
+                "shuffle_buffer": spec.shuffle_buffer, **self._specific_meta()}
 
     def _check_resumable(self, state: dict) -> None:
         saved, now = state.get("meta", {}), self._meta()
@@ -419,25 +432,44 @@ class TextLoader:
             raise DataSpecError(f"data cursor: the sources changed since the checkpoint (fingerprint "
                                 f"{saved.get('fingerprint')} -> {now['fingerprint']}); refusing to resume a different "
                                 f"stream — restore the data or start a new run")
-        for key in ("world_size", "rank", "streams_per_rank", "seq_len", "seed", "micro_batch_size", "weights",
-                    "shuffle_buffer"):
-            if saved.get(key) != now[key]:
-                raise DataSpecError(f"data cursor: {key} was {saved.get(key)} at the checkpoint and is {now[key]} "
+        for key, value in now.items():
+            if key != "fingerprint" and saved.get(key) != value:
+                raise DataSpecError(f"data cursor: {key} was {saved.get(key)} at the checkpoint and is {value} "
                                     f"now; resuming needs the same value (a changed world size is refused, see "
                                     f"docs/data.md)")
 
+    def _dataset(self) -> IterableDataset:
+        raise NotImplementedError
+
     def __iter__(self):
-        dataset = _RankStreams(self.plan, self.tokenize, self.rank, self.micro_batch_size, self.states,
-                               self.consumed)
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+        loader = DataLoader(self._dataset(), batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=2 if self.num_workers else None)
         for batch in loader:
             self.states[int(batch["stream"])] = batch["state"]
             self.consumed += 1
-            yield {key: batch[key] for key in ("input_ids", "labels", "source", "epoch")}
+            yield {key: batch[key] for key in self.OUTPUT_KEYS}
 
     def state_dict(self) -> dict:
         return {"meta": self._meta(), "consumed": self.consumed, "streams": copy.deepcopy(self.states)}
+
+
+class TextLoader(StreamLoader):
+    """A rank's packed-text batches: ``{"input_ids", "labels"}`` (LongTensor ``(micro_batch_size, seq_len)``)
+    forever, plus ``source`` and ``epoch`` (per block: the source it came from and that source's epoch in its
+    stream). See [`StreamLoader`] for the cursor."""
+
+    OUTPUT_KEYS = ("input_ids", "labels", "source", "epoch")
+
+    def __init__(self, plan: StreamPlan, tokenizer, rank: int, micro_batch_size: int, num_workers: int = 0,
+                 state: dict | None = None, eos_token_id: int | None = None):
+        self.tokenize = Tokenize(tokenizer, eos_token_id)
+        super().__init__(plan, rank, micro_batch_size, num_workers, state)
+
+    def _specific_meta(self) -> dict:
+        return {"seq_len": self.plan.spec.seq_len}
+
+    def _dataset(self) -> IterableDataset:
+        return _RankStreams(self.plan, self.tokenize, self.rank, self.micro_batch_size, self.states, self.consumed)
 
     def stats(self) -> dict:
         """Documents, tokens, tail tokens and bad records passed so far by this rank's streams."""
