@@ -444,8 +444,10 @@ class StreamLoader:
     def __iter__(self):
         loader = DataLoader(self._dataset(), batch_size=None, num_workers=self.num_workers,
                             prefetch_factor=2 if self.num_workers else None)
+        first_stream = self.rank * self.plan.spec.streams_per_rank
         for batch in loader:
-            self.states[int(batch["stream"])] = batch["state"]
+            # Batches carry their global stream id; the cursor is keyed by this rank's local stream index.
+            self.states[int(batch["stream"]) - first_stream] = batch["state"]
             self.consumed += 1
             yield {key: batch[key] for key in self.OUTPUT_KEYS}
 

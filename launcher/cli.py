@@ -91,12 +91,26 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pretrain(args: argparse.Namespace) -> int:
+    from launcher.pretrain import pretrain
+
+    return pretrain(args.config, args.overrides, args.nproc_per_node)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="crate",
         description="Pretrain, fine-tune and compare white-box CRATE transformers and standard baselines.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    pretrain = commands.add_parser("pretrain", help="pretrain a CRATE LM or the GPT-2 baseline with DeepSpeed "
+                                   "(resumes from the newest valid checkpoint in output_dir)")
+    pretrain.add_argument("config", help="run config (YAML), e.g. configs/lm/crate-tiny.yaml")
+    pretrain.add_argument("overrides", nargs="*", help="dotted overrides: train.max_steps=20 output_dir=/tmp/run")
+    pretrain.add_argument("--nproc-per-node", type=int, default=1,
+                          help="local processes to start (ignored under torchrun / deepspeed / srun)")
+    pretrain.set_defaults(func=_cmd_pretrain)
 
     models = commands.add_parser("models", help="list model presets and their parameter counts")
     models.set_defaults(func=_cmd_models)
@@ -144,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
+    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as error:
         # User-facing errors are one line; tracebacks are for bugs.
         print(f"crate {args.command}: error: {error}", file=sys.stderr)
         return 2

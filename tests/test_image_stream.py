@@ -255,9 +255,9 @@ def test_hf_imagefolder_source_matches_the_folder(image_folder, tmp_path):
 # ------------------------------------------------------------------------------------------------ resume
 
 
-def _check_resume(plan, workers: int, total: int, batch: int, seed: int) -> None:
+def _check_resume(plan, workers: int, total: int, batch: int, seed: int, rank: int = 0) -> None:
     reference, reference_stats = [], None
-    loader = ImageLoader(plan, rank=0, micro_batch_size=batch, num_workers=workers)
+    loader = ImageLoader(plan, rank=rank, micro_batch_size=batch, num_workers=workers)
     for item in loader:
         reference.append((item["pixel_values"], item["labels"], item["source"]))
         if len(reference) == total:
@@ -266,7 +266,7 @@ def _check_resume(plan, workers: int, total: int, batch: int, seed: int) -> None
     cut1, cut2 = sorted(random.Random(seed).sample(range(3, total - 3), 2))
     got, state = [], None
     for stop in (cut1, cut2, total):
-        loader = ImageLoader(plan, rank=0, micro_batch_size=batch, num_workers=workers, state=state)
+        loader = ImageLoader(plan, rank=rank, micro_batch_size=batch, num_workers=workers, state=state)
         for item in loader:
             got.append((item["pixel_values"], item["labels"], item["source"]))
             if len(got) == stop:
@@ -289,6 +289,12 @@ def test_resume_twice_equals_the_uninterrupted_stream_with_augmentation(image_fo
     })
     plan = build_image_plan(image_spec, 1)
     _check_resume(plan, workers, total=50, batch=16, seed=workers)
+
+
+def test_the_second_rank_of_a_wider_world_resumes_exactly():
+    plan = build_image_plan(spec(["fashion-mnist"], split="test", train=True, shuffle_buffer=32, streams_per_rank=2,
+                                 image_size=24), 2)
+    _check_resume(plan, workers=0, total=20, batch=8, seed=5, rank=1)
 
 
 def test_changed_source_world_size_and_transform_are_refused(image_folder, tmp_path):

@@ -342,3 +342,16 @@ def test_gpt2_vocabulary_uses_tiktoken_with_identical_ids(gpt2_ranks_path, shake
 
 def test_a_trained_tokenizer_uses_its_own_backend(tokenizer):
     assert Tokenize(tokenizer).tiktoken is None
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_every_rank_of_a_wider_world_resumes_exactly(corpus, tokenizer, rank):
+    plan = build_plan(spec_for(corpus, streams_per_rank=2, shuffle_buffer=8), 2)
+    loader = TextLoader(plan, tokenizer, rank=rank, micro_batch_size=2)
+    batches = iter(loader)
+    for _ in range(5):
+        next(batches)
+    state = loader.state_dict()
+    expected = [next(batches)["input_ids"] for _ in range(4)]
+    resumed = iter(TextLoader(plan, tokenizer, rank=rank, micro_batch_size=2, state=state))
+    assert all(torch.equal(next(resumed)["input_ids"], batch) for batch in expected)
