@@ -63,8 +63,8 @@ from .image_sources import (Catalog, ImageDataSpec, ImageShard, RawRecord, is_im
                             parse_image_data)
 from .sources import fingerprint
 from .spec import DataSpecError
-from .text_stream import (FIRST_BAD_LOCATIONS, MIN_RECORDS_FOR_BAD_FRACTION, BadDataError, StreamAssignment,
-                          StreamLoader, _epoch_order, _uniform, check_every_stream_gets_data, merge_stats, new_stats)
+from .text_stream import (FIRST_BAD_LOCATIONS, BadDataError, StreamAssignment,
+                          StreamLoader, _epoch_order, _uniform, check_bad_fraction, check_every_stream_gets_data, merge_stats, new_stats)
 
 __all__ = ["ImageDataSpec", "ImageLoader", "ImagePlan", "ImageStream", "BadDataError", "build_image_plan",
            "parse_image_data", "eval_transform", "train_transform", "random_resized_crop_box", "eval_resize_shape",
@@ -303,13 +303,7 @@ class ImageStream:
     def _bad(self, record: RawRecord) -> None:
         stats = self.state["stats"]
         _count_bad(stats, record)
-        bad = sum(stats["bad"].values())
-        records = bad + stats["images"]
-        if records >= MIN_RECORDS_FOR_BAD_FRACTION and bad > self.spec.max_bad_fraction * records:
-            worst = max(stats["bad_files"].items(), key=lambda item: sum(item[1]["counts"].values()))
-            raise BadDataError(
-                f"data.max_bad_fraction={self.spec.max_bad_fraction} exceeded: {bad} bad of {records} records "
-                f"({stats['bad']}); worst file {worst[0]}: {worst[1]['first']}")
+        check_bad_fraction(stats, self.spec.max_bad_fraction, good_key="images")
 
     def next_record(self) -> tuple[tuple[int, int, int, int], RawRecord]:
         """The next ``((source, shard number, locator, epoch), record)`` after mixing and shuffling, undecoded."""

@@ -121,6 +121,16 @@ def _count_bad(stats: dict, shard: Shard, document: Document) -> None:
         per_file["first"].append(f"{location}: {document.bad}")
 
 
+def check_bad_fraction(stats: dict, max_fraction: float, good_key: str) -> None:
+    """Stop the run (``BadDataError``) once enough records were seen and too many of them were bad."""
+    bad = sum(stats["bad"].values())
+    records = bad + stats[good_key]
+    if records >= MIN_RECORDS_FOR_BAD_FRACTION and bad > max_fraction * records:
+        worst = max(stats["bad_files"].items(), key=lambda item: sum(item[1]["counts"].values()))
+        raise BadDataError(f"data.max_bad_fraction={max_fraction} exceeded: {bad} bad of {records} records "
+                           f"({stats['bad']}); worst file {worst[0]}: {worst[1]['first']}")
+
+
 def merge_stats(all_stats: list[dict]) -> dict:
     """Sum the statistics of several streams (or ranks)."""
     total = new_stats()
@@ -325,14 +335,7 @@ class LogicalStream:
             cursor.update(epoch=cursor["epoch"] + 1, shard=0)
 
     def _check_bad_fraction(self) -> None:
-        stats = self.state["stats"]
-        bad = sum(stats["bad"].values())
-        records = bad + stats["documents"]
-        if records >= MIN_RECORDS_FOR_BAD_FRACTION and bad > self.spec.max_bad_fraction * records:
-            worst = max(stats["bad_files"].items(), key=lambda item: sum(item[1]["counts"].values()))
-            raise BadDataError(
-                f"data.max_bad_fraction={self.spec.max_bad_fraction} exceeded: {bad} bad of {records} records "
-                f"({stats['bad']}); worst file {worst[0]}: {worst[1]['first']}")
+        check_bad_fraction(self.state["stats"], self.spec.max_bad_fraction, good_key="documents")
 
     def next_block(self) -> tuple[np.ndarray, int, int]:
         """(block, source index, source epoch) after mixing and shuffling."""
