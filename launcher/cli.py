@@ -86,7 +86,8 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
                              seconds=args.seconds))
         return 0
     spec = parse_text_data(config["data"])
-    tokenizer = load_tokenizer(config.get("tokenizer", "gpt2"), where=f"{args.config}: tokenizer")
+    tokenizer = load_tokenizer(config.get("tokenizer", "gpt2"), where=f"{args.config}: tokenizer",
+                               output_dir=config.get("output_dir"))
     print(inspect_text(spec, tokenizer, world_size=args.world_size, blocks=args.blocks, seconds=args.seconds))
     return 0
 
@@ -95,6 +96,24 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
     from launcher.pretrain import pretrain
 
     return pretrain(args.config, args.overrides, args.nproc_per_node)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from launcher.export import export_checkpoint
+
+    out = export_checkpoint(args.run_dir, args.step, args.out)
+    print(f"exported {out}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from launcher.generate import generate
+
+    for text in generate(args.model, args.prompt, args.max_new_tokens, args.num_samples, args.seed,
+                         args.temperature):
+        print(text)
+        print("-" * 40)
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--nproc-per-node", type=int, default=1,
                           help="local processes to start (ignored under torchrun / deepspeed / srun)")
     pretrain.set_defaults(func=_cmd_pretrain)
+
+    export = commands.add_parser("export", help="write the HF model of a run's checkpoint (ZeRO shards merged): "
+                                 "AutoModelForCausalLM.from_pretrained loads it")
+    export.add_argument("run_dir", help="a pretraining run's output_dir")
+    export.add_argument("--step", type=int, help="checkpoint step (default: the newest valid one)")
+    export.add_argument("--out", help="directory to write (default: RUN_DIR/hf, or RUN_DIR/hf-stepN for --step)")
+    export.set_defaults(func=_cmd_export)
+
+    generate = commands.add_parser("generate", help="sample text from an exported model through "
+                                   "transformers.pipeline('text-generation')")
+    generate.add_argument("model", help="an HF model directory, e.g. runs/crate-tiny/hf")
+    generate.add_argument("--prompt", default="ROMEO:", help="text to continue (default: 'ROMEO:')")
+    generate.add_argument("--max-new-tokens", type=int, default=60)
+    generate.add_argument("--num-samples", type=int, default=1)
+    generate.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.set_defaults(func=_cmd_generate)
 
     models = commands.add_parser("models", help="list model presets and their parameter counts")
     models.set_defaults(func=_cmd_models)

@@ -2,13 +2,14 @@
 
 ```yaml
 output_dir: runs/crate-tiny
-tokenizer: gpt2                    # or a directory holding an HF tokenizer
+tokenizer: gpt2                    # gpt2 | bpe:N (trained on the run's text at start) | an HF tokenizer directory
 model:
   arch: crate                      # crate | gpt2 (HF GPT2LMHeadModel built from the same size knobs)
   preset: crate-tiny               # a crate_lm preset (crate only); size knobs below override it
   hidden_size: 128
   overrides: {ista_lambda: 0.1}    # any other CrateConfig / GPT2Config field
 data: {...}                        # data_pipeline.spec (docs/data.md)
+eval_data: {sources: [...]}        # held-out text for validation; default: the built-in sources' validation split
 train: {max_steps: 200, micro_batch_size: 8, global_batch_size: 16, ...}
 optimizer: {lr: 6.0e-4, min_lr: 6.0e-5, warmup_steps: 20, weight_decay: 0.1, betas: [0.9, 0.95]}
 zero: {stage: 2, offload_optimizer: false, offload_params: false}
@@ -30,7 +31,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from data_pipeline.spec import DataSpecError, TextDataSpec, parse_text_data
 
-from .config_files import load_yaml
+from .config_files import load_config_tree, read_yaml_value
+from .tokenizers import check_tokenizer_name
 
 
 class ConfigError(ValueError):
@@ -116,6 +118,7 @@ class RunConfig(_Section):
     tokenizer: str = "gpt2"
     model: ModelSection = Field(default_factory=ModelSection)
     data: TextDataSpec
+    eval_data: TextDataSpec | None = None  # held-out sources; seq_len is the training one
     train: TrainSection
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     zero: ZeroSection = Field(default_factory=ZeroSection)
@@ -124,10 +127,22 @@ class RunConfig(_Section):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, arbitrary_types_allowed=True)
 
-    @field_validator("data", mode="before")
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_name(cls, value):
+        return check_tokenizer_name(value)
+
+    @field_validator("data", "eval_data", mode="before")
     @classmethod
     def _parse_data(cls, value):
-        return value if isinstance(value, TextDataSpec) else parse_text_data(value)
+        return value if value is None or isinstance(value, TextDataSpec) else parse_text_data(value)
+
+    @model_validator(mode="after")
+    def _eval_seq_len(self):
+        if self.eval_data is not None and self.eval_data.seq_len != self.data.seq_len:
+            raise ValueError(f"eval_data.seq_len ({self.eval_data.seq_len}) must equal data.seq_len "
+                             f"({self.data.seq_len}); leave it out to inherit it")
+        return self
 
     def check_world(self, world_size: int) -> int:
         """Gradient accumulation steps for ``world_size`` ranks; one-line error if the batch sizes don't divide."""
@@ -139,8 +154,10 @@ class RunConfig(_Section):
         return total // per_step
 
     def to_dict(self) -> dict:
-        raw = self.model_dump(mode="json", exclude={"data"})
+        raw = self.model_dump(mode="json", exclude={"data", "eval_data"})
         raw["data"] = _data_to_dict(self.data)
+        if self.eval_data is not None:
+            raw["eval_data"] = _data_to_dict(self.eval_data)
         return raw
 
 
@@ -161,7 +178,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if not sep or not key or any(not part for part in key.split(".")):
             raise ConfigError(f"override {item!r}: expected KEY=VALUE with a dotted KEY (train.max_steps=20)")
         try:
-            value = yaml.safe_load(text) if text else ""
+            value = read_yaml_value(text) if text else ""
         except yaml.YAMLError:
             raise ConfigError(f"override {item!r}: the value is not valid YAML") from None
         node = raw
@@ -193,6 +210,9 @@ def parse_run_config(raw: dict, source: str = "config") -> RunConfig:
     try:
         if isinstance(raw.get("data"), dict):  # its own validator names its keys (data.sources[0].path: ...)
             raw = {**raw, "data": parse_text_data(raw["data"])}
+        if isinstance(raw.get("eval_data"), dict):
+            held_out = {"seq_len": getattr(raw.get("data"), "seq_len", 1024), **raw["eval_data"]}
+            raw = {**raw, "eval_data": parse_text_data(held_out, where="eval_data")}
         return RunConfig.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(f"{source}: {_first_error(error)}") from None
@@ -202,7 +222,7 @@ def parse_run_config(raw: dict, source: str = "config") -> RunConfig:
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:
     """Read, override and validate a run config: the one place a run's settings are checked."""
-    raw = load_yaml(path)
+    raw = load_config_tree(path)
     apply_overrides(raw, list(overrides))
     return parse_run_config(raw, source=str(path))
 

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from .config import ConfigError, OptimizerSection, RunConfig
+from .config_files import deep_merge
 
 NEVER = 10**9  # DeepSpeed's own step printing: off (our metrics component reports)
 
@@ -18,13 +19,6 @@ def resolve_precision(config: RunConfig, device_type: str) -> str:
             raise ConfigError("precision: bf16 training on the CPU is not supported here; use fp32 or auto")
         return config.precision
     return "fp32" if device_type == "cpu" else "bf16"
-
-
-def _deep_merge(base: dict, update: dict) -> dict:
-    for key, value in update.items():
-        base[key] = _deep_merge(base.get(key, {}), value) if isinstance(value, dict) and isinstance(
-            base.get(key), dict) else value
-    return base
 
 
 def deepspeed_config(config: RunConfig, world_size: int, device_type: str) -> dict:
@@ -46,7 +40,8 @@ def deepspeed_config(config: RunConfig, world_size: int, device_type: str) -> di
         "optimizer": {"type": "AdamW", "params": {"lr": optimizer.lr, "betas": list(optimizer.betas),
                                                   "eps": optimizer.eps, "weight_decay": optimizer.weight_decay}},
         "zero_optimization": zero,
-        "bf16": {"enabled": resolve_precision(config, device_type) == "bf16"},
+        # check_grad_overflow: a step with a non-finite gradient norm is skipped, not applied (fp32 ZeRO does so too)
+        "bf16": {"enabled": resolve_precision(config, device_type) == "bf16", "check_grad_overflow": True},
         "steps_per_print": NEVER,
         "wall_clock_breakdown": False,
     }
@@ -60,7 +55,7 @@ def deepspeed_config(config: RunConfig, world_size: int, device_type: str) -> di
             raise ConfigError(f"deepspeed_config: {path} is not valid JSON ({error})") from None
         if not isinstance(user, dict):
             raise ConfigError(f"deepspeed_config: {path} must hold a JSON object")
-        generated = _deep_merge(generated, user)
+        generated = deep_merge(generated, user)
     return generated
 
 

@@ -32,3 +32,56 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, is_main: bool, zero_
                 os.replace(out, previous)
             os.replace(staging, out)
             shutil.rmtree(previous, ignore_errors=True)
+
+
+def consolidated_state_dict(checkpoint_dir: Path, zero_stage: int) -> dict:
+    """Full fp32 weights from one DeepSpeed checkpoint directory: ZeRO 1-3 partitions of the fp32 master weights are
+    merged (DeepSpeed's own ``zero_to_fp32``); without ZeRO the module's weights are stored whole."""
+    import torch
+
+    if zero_stage == 0:
+        return torch.load(checkpoint_dir / "mp_rank_00_model_states.pt", map_location="cpu",
+                          weights_only=False)["module"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
+
+
+def export_checkpoint(run_dir: str | os.PathLike, step: int | None = None, out: str | os.PathLike | None = None,
+                      ) -> Path:
+    """``crate export``: the HF model of a run's checkpoint (the newest valid one, or ``step``), written to ``out``
+    (default ``<run_dir>/hf`` for the newest, ``<run_dir>/hf-step<N>`` for an older step). One process, no
+    process group: ZeRO-3 shards are merged from the files. Returns the directory written."""
+    from .checkpoint import CheckpointManager, tag_for
+    from .config import ConfigError, parse_run_config
+    from .models import build_model, build_model_config
+    from .tokenizers import load_tokenizer
+
+    run_dir = Path(run_dir)
+    checkpoints = CheckpointManager(run_dir, keep_last=1)
+    steps = checkpoints.complete_steps()
+    if not steps:
+        raise ConfigError(f"{run_dir}: no checkpoints in {checkpoints.root}")
+    if step is None:
+        found = checkpoints.newest_valid()
+        if found is None:
+            raise ConfigError(f"{run_dir}: no intact checkpoint among steps {steps}")
+        step = found[0]
+    elif step not in steps:
+        raise ConfigError(f"--step {step}: no checkpoint of that step in {checkpoints.root} (have {steps})")
+    elif (problem := checkpoints.verify(step)) is not None:
+        raise ConfigError(f"--step {step}: checkpoint {checkpoints.root / tag_for(step)} is unusable ({problem})")
+    manifest = checkpoints.manifest(step)
+    config = parse_run_config(manifest["config"], source=str(checkpoints.root / tag_for(step) / "manifest.json"))
+    tokenizer = load_tokenizer(config.tokenizer, output_dir=run_dir)
+    model = build_model(build_model_config(config.model, len(tokenizer), tokenizer.eos_token_id, config.data.seq_len))
+    state = consolidated_state_dict(checkpoints.root / tag_for(step), manifest.get("zero_stage", config.zero.stage))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - set(getattr(model, "_tied_weights_keys", None) or ()):
+        raise ConfigError(f"{run_dir}: checkpoint of step {step} does not match the run's model "
+                          f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    model.tie_weights()
+    if out is None:
+        out = run_dir / ("hf" if step == steps[-1] else f"hf-step{step}")
+    export_hf(model, tokenizer, out, is_main=True)
+    return Path(out)

@@ -24,10 +24,11 @@ def preflight(config: RunConfig, world_size: int) -> None:
     from data_pipeline.text_stream import build_plan
 
     from .models import build_model_config
-    from .tokenizers import load_tokenizer
+    from .tokenizers import load_tokenizer, prepare_tokenizer
 
     config.check_world(world_size)
-    tokenizer = load_tokenizer(config.tokenizer)
+    prepare_tokenizer(config.tokenizer, config.output_dir, config.data)
+    tokenizer = load_tokenizer(config.tokenizer, output_dir=config.output_dir)
     build_plan(config.data, world_size)
     build_model_config(config.model, len(tokenizer), tokenizer.eos_token_id, config.data.seq_len)
 

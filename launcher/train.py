@@ -8,32 +8,35 @@ Components with small interfaces do the side jobs: ``launcher.config`` (the vali
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import random
 import signal
 import time
-from functools import partial
+from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.spec import SourceSpec
+from crate_lm.whitebox import measure
+from data_pipeline.spec import SourceSpec, TextDataSpec
 from data_pipeline.text_stream import LogicalStream, TextLoader, Tokenize, build_plan
 
 from .checkpoint import CheckpointManager, tag_for
 from .config import RunConfig
 from .engine import deepspeed_config, learning_rate, resolve_precision
 from .export import export_hf
+from .faults import FaultInjector
 from .flops import training_flops_per_token
 from .metrics import MetricsLogger, ThroughputMeter, device_peak_flops, memory_stats
 from .models import build_model, build_model_config, parameter_groups
-from .tokenizers import load_tokenizer
+from .tokenizers import load_tokenizer, prepare_tokenizer
 
 
 class NonFiniteError(RuntimeError):
-    """Too many non-finite losses in a row."""
+    """Too many steps in a row skipped for a non-finite loss or gradient."""
 
 
 class StopSignal:
@@ -71,20 +74,28 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def validation_blocks(config: RunConfig, tokenizer, rank: int, world: int) -> list[torch.Tensor] | None:
-    """This rank's share of a fixed set of validation blocks (the built-in sources' held-out split), the same set for
-    any world size; ``None`` when a source has no validation split."""
+def held_out_spec(config: RunConfig) -> TextDataSpec | None:
+    """The validation text: ``eval_data`` if given, else the built-in sources' held-out split, else ``None``."""
+    if config.eval_data is not None:
+        return config.eval_data
     if not all(source.kind == "builtin" for source in config.data.sources):
         return None
     sources = tuple(SourceSpec(builtin=s.builtin, split="validation", weight=s.weight) for s in config.data.sources)
-    spec = config.data.__class__(**{**config.data.__dict__, "sources": sources, "streams_per_rank": 1,
-                                    "shuffle_buffer": 0, "min_shards": 1})
-    stream = LogicalStream(build_plan(spec, 1), 0, Tokenize(tokenizer))
-    total = config.train.eval_batches * config.train.micro_batch_size * world
-    blocks = [torch.from_numpy(stream.next_block()[0].astype(np.int64)) for _ in range(total)]
+    return replace(config.data, sources=sources)
+
+
+def fixed_blocks(spec: TextDataSpec, tokenizer, count: int) -> torch.Tensor:
+    """The first ``count`` packed blocks of ``spec`` read as one unshuffled stream: the same for any world size and
+    any resume, so evaluations and white-box probes are comparable along a run (count, seq_len)."""
+    fixed = replace(spec, streams_per_rank=1, shuffle_buffer=0, min_shards=1)
+    stream = LogicalStream(build_plan(fixed, 1), 0, Tokenize(tokenizer))
+    return torch.stack([torch.from_numpy(stream.next_block()[0].astype(np.int64)) for _ in range(count)])
+
+
+def validation_batches(blocks: torch.Tensor, micro_batch_size: int, rank: int, world: int) -> list[torch.Tensor]:
+    """This rank's share of the validation blocks, in micro-batches."""
     mine = blocks[rank::world]
-    size = config.train.micro_batch_size
-    return [torch.stack(mine[i:i + size]) for i in range(0, len(mine), size)]
+    return list(mine.split(micro_batch_size))
 
 
 @torch.no_grad()
@@ -94,6 +105,22 @@ def evaluate(engine, batches: list[torch.Tensor], device) -> float:
               for b in batches]
     engine.train()
     return _mean_across_ranks(sum(losses) / len(losses), device)
+
+
+@contextlib.contextmanager
+def optimizer_update_withheld(optimizer):
+    """Inside, ``optimizer.step()`` does nothing: the engine still clears the gradients and counts the step."""
+    optimizer.step = lambda *args, **kwargs: None
+    try:
+        yield
+    finally:
+        del optimizer.step  # the class's step again
+
+
+def full_gradient_norm(model) -> float | None:
+    """The 2-norm of the full gradients (ZeRO-0: every rank holds them, already all-reduced), before clipping."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads).item() if grads else None
 
 
 def train(config: RunConfig) -> int:
@@ -112,7 +139,10 @@ def train(config: RunConfig) -> int:
     train_cfg, output_dir = config.train, config.output_dir
 
     # -- model, data, engine ------------------------------------------------------------------------------------------
-    tokenizer = load_tokenizer(config.tokenizer)
+    if rank == 0:  # bpe:N trains once, on rank 0 (a no-op when the launcher's preflight already did)
+        prepare_tokenizer(config.tokenizer, output_dir, config.data)
+    dist.barrier()
+    tokenizer = load_tokenizer(config.tokenizer, output_dir=output_dir)
     plan = build_plan(config.data, world)
     model_config = build_model_config(config.model, len(tokenizer), tokenizer.eos_token_id, config.data.seq_len)
     torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
@@ -121,13 +151,19 @@ def train(config: RunConfig) -> int:
         model.gradient_checkpointing_enable()
     ds_config = deepspeed_config(config, world, device.type)
     accumulation = ds_config["gradient_accumulation_steps"]
-    schedule = partial(learning_rate, optimizer=config.optimizer, max_steps=train_cfg.max_steps)
+    # The schedule follows the loop's step count (skipped steps included), so it ends at max_steps on every stage.
+    next_step = [0]
+
+    def lr_factor(_: int) -> float:
+        return learning_rate(next_step[0], config.optimizer, train_cfg.max_steps) / config.optimizer.lr
+
     engine, _, _, scheduler = deepspeed.initialize(
         model=model, model_parameters=parameter_groups(model, config.optimizer.weight_decay), config=ds_config,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s) / config.optimizer.lr),
+        lr_scheduler=lambda optimizer: torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor),
     )
     if train_cfg.compile:
         engine.compile()
+    inject_faults = FaultInjector(rank)
 
     # -- resume from the newest valid checkpoint ----------------------------------------------------------------------
     checkpoints = CheckpointManager(output_dir, train_cfg.keep_last, rank, barrier=dist.barrier)
@@ -143,7 +179,15 @@ def train(config: RunConfig) -> int:
     loader = TextLoader(plan, tokenizer, rank, train_cfg.micro_batch_size, train_cfg.dataloader_workers,
                         state=data_state)
     batches = iter(loader)
-    validation = validation_blocks(config, tokenizer, rank, world) if train_cfg.eval_every else None
+
+    # -- held-out text: validation loss and the white-box probe -------------------------------------------------------
+    held_out = held_out_spec(config)
+    validation = None
+    if held_out is not None and train_cfg.eval_every:
+        blocks = fixed_blocks(held_out, tokenizer, train_cfg.eval_batches * train_cfg.micro_batch_size * world)
+        validation = validation_batches(blocks, train_cfg.micro_batch_size, rank, world)
+    probe = (fixed_blocks(held_out or config.data, tokenizer, train_cfg.micro_batch_size)
+             if train_cfg.whitebox_every else None)
 
     # -- metrics ------------------------------------------------------------------------------------------------------
     precision = resolve_precision(config, device.type)
@@ -156,56 +200,72 @@ def train(config: RunConfig) -> int:
     if step:
         logger.truncate_after(step)
     logger.log(step, event="start", world_size=world, precision=precision, peak_flops=peak, peak_source=peak_source,
-               resumed=bool(step), params=sum(p.numel() for p in model.parameters()))
+               resumed=bool(step), params=sum(p.numel() for p in model.parameters()),
+               gradient_accumulation_steps=accumulation, tokens_per_step=tokens_per_step)
+    if train_cfg.eval_every and validation is None:
+        logger.log(step, event="warning", message="no validation loss: the sources have no held-out split; "
+                                                  "set eval_data")
 
     def save() -> None:
         def write(root, staging_tag):
             engine.save_checkpoint(str(root), tag=staging_tag, client_state={"step": step}, save_latest=False)
             torch.save({"data": loader.state_dict(), "rng": _rng_state()}, root / staging_tag / f"crate_rank{rank}.pt")
 
-        checkpoints.save(step, write, {"world_size": world, "config": config.to_dict()})
+        checkpoints.save(step, write, {"world_size": world, "zero_stage": config.zero.stage,
+                                       "config": config.to_dict()})
         if train_cfg.export_on_save:
             export_hf(engine.module, tokenizer, os.path.join(output_dir, "hf"), is_main=rank == 0,
                       zero_stage=config.zero.stage)
 
     # -- the loop -----------------------------------------------------------------------------------------------------
-    nonfinite_in_a_row = 0
+    skipped_in_a_row, skipped_total = 0, 0
     meter.restart()
     while step < train_cfg.max_steps:
-        losses, skipped = [], 0
-        for _ in range(accumulation):
-            batch = next(batches)
-            input_ids = batch["input_ids"].to(device)
-            loss = engine(input_ids=input_ids, labels=input_ids, use_cache=False).loss
-            if _agree(not math.isfinite(loss.item()), device):
-                skipped += 1  # no backward: a non-finite loss must not reach the weights
-                continue
-            engine.backward(loss)
-            engine.step()
+        # A non-finite loss on any rank poisons the step's gradients (loss x NaN), so the one check below skips it
+        # while DeepSpeed's micro-step bookkeeping stays intact.
+        losses, loss_is_finite = [], True
+        for micro in range(accumulation):
+            input_ids = next(batches)["input_ids"].to(device)
+            loss = inject_faults(engine(input_ids=input_ids, labels=input_ids, use_cache=False).loss, step + 1)
+            finite = not _agree(not math.isfinite(loss.item()), device)
+            loss_is_finite &= finite
+            engine.backward(loss if finite else loss * float("nan"))
+            # ZeRO 1-3 skip a step whose gradient norm is non-finite themselves; without ZeRO we hold the update back.
+            skipped_by_us = False
+            if micro == accumulation - 1 and config.zero.stage == 0:
+                grad_norm = full_gradient_norm(engine.module)
+                skipped_by_us = grad_norm is not None and not math.isfinite(grad_norm)
+            next_step[0] = step + 1
+            with optimizer_update_withheld(engine.optimizer) if skipped_by_us else contextlib.nullcontext():
+                engine.step()
             losses.append(loss.item())
         step += 1
-        if skipped == accumulation:
-            nonfinite_in_a_row += 1
-            logger.log(step, event="nonfinite_loss_skipped", in_a_row=nonfinite_in_a_row)
-            if nonfinite_in_a_row >= train_cfg.max_nonfinite_in_a_row:
-                raise NonFiniteError(f"step {step}: {nonfinite_in_a_row} steps in a row had a non-finite loss "
-                                     f"(train.max_nonfinite_in_a_row); the last checkpoint is intact")
-            continue
-        nonfinite_in_a_row = 0
-        grad_norm = engine.get_global_grad_norm()
-        if grad_norm is not None and not math.isfinite(float(grad_norm)):
-            raise NonFiniteError(f"step {step}: non-finite gradient norm ({grad_norm}); stopping before it spreads "
-                                 f"— the last checkpoint is intact")
+        if config.zero.stage:
+            grad_norm = engine.get_global_grad_norm()
+        applied = engine.was_step_applied() and not skipped_by_us
+        if not applied:
+            skipped_in_a_row, skipped_total = skipped_in_a_row + 1, skipped_total + 1
+            reason = "loss" if not loss_is_finite else "gradient"
+            logger.log(step, event="nonfinite_step_skipped", reason=reason, in_a_row=skipped_in_a_row,
+                       skipped_total=skipped_total)
+            if skipped_in_a_row >= train_cfg.max_nonfinite_in_a_row:
+                raise NonFiniteError(f"step {step}: {skipped_in_a_row} steps in a row skipped for a non-finite "
+                                     f"{reason} (train.max_nonfinite_in_a_row); the last checkpoint is intact")
+        else:
+            skipped_in_a_row = 0
         meter.tick()
 
-        if step % train_cfg.log_every == 0 or step == train_cfg.max_steps:
+        if applied and (step % train_cfg.log_every == 0 or step == train_cfg.max_steps):
             loss_value = _mean_across_ranks(sum(losses) / len(losses), device)
             logger.log(step, loss=loss_value, lr=scheduler.get_last_lr()[0],
-                       grad_norm=float(grad_norm) if grad_norm is not None else None,
+                       grad_norm=float(grad_norm) if grad_norm is not None else None, skipped_steps=skipped_total,
                        **meter.stats(step), **memory_stats(device))
-        if validation and train_cfg.eval_every and step % train_cfg.eval_every == 0:
+        if validation and step % train_cfg.eval_every == 0:
             eval_loss = evaluate(engine, validation, device)
             logger.log_eval(step, loss=eval_loss, perplexity=math.exp(min(eval_loss, 50)))
+            meter.restart()
+        if probe is not None and step % train_cfg.whitebox_every == 0:
+            logger.log_whitebox(step, measure(engine.module, probe))  # every rank: ZeRO-3 gathers collectively
             meter.restart()
         out_of_time = (train_cfg.wall_clock_minutes is not None
                        and time.time() - started > 60 * train_cfg.wall_clock_minutes)

@@ -67,3 +67,39 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
     broken.write_text("train: {max_steps: 3\n")
     with pytest.raises(ValueError, match=f"{broken}:2: invalid YAML"):
         load_run_config(broken)
+
+
+def test_exponent_floats_read_as_numbers_in_files_and_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("output_dir: /tmp/run\ndata: {sources: [{builtin: shakespeare}], seq_len: 64}\n"
+                    "train: {max_steps: 10}\noptimizer: {lr: 3e-4}\n")
+    assert load_run_config(path).optimizer.lr == 3e-4  # YAML 1.1 would read '3e-4' as a string
+    assert load_run_config(path, ["optimizer.min_lr=1e-5"]).optimizer.min_lr == 1e-5
+
+
+def test_base_files_are_merged_under_the_file_and_cycles_are_refused(tmp_path):
+    (tmp_path / "recipe.yaml").write_text("data: {sources: [{builtin: shakespeare}], seq_len: 64}\n"
+                                          "train: {max_steps: 10, micro_batch_size: 4}\n")
+    (tmp_path / "run.yaml").write_text("base: recipe.yaml\noutput_dir: /tmp/run\ntrain: {max_steps: 99}\n")
+    config = load_run_config(tmp_path / "run.yaml")
+    assert config.train.max_steps == 99 and config.train.micro_batch_size == 4 and config.data.seq_len == 64
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\n")
+    with pytest.raises(ValueError, match="b.yaml: base: a.yaml includes itself"):
+        load_run_config(tmp_path / "a.yaml")
+
+
+def test_eval_data_inherits_seq_len_and_must_match():
+    config = parsed("eval_data={sources: [{builtin: brown, split: validation}]}")
+    assert config.eval_data.seq_len == 64 and config.eval_data.sources[0].builtin == "brown"
+    assert parse_run_config(config.to_dict()).eval_data == config.eval_data  # round trip
+    with pytest.raises(ConfigError, match=r"eval_data.seq_len \(32\) must equal data.seq_len \(64\)"):
+        parsed("eval_data={sources: [{builtin: brown}], seq_len: 32}")
+    with pytest.raises(ConfigError, match=r"eval_data.sources\[0\]"):
+        parsed("eval_data={sources: [{colour: red}]}")
+
+
+@pytest.mark.parametrize("name, message", [("bpe:100", "bpe:N needs N >= 257"), ("bpe:lots", "expected bpe:N")])
+def test_bpe_tokenizer_names_are_checked_at_start(name, message):
+    with pytest.raises(ConfigError, match=f"tokenizer: {message}"):
+        parsed(f"tokenizer={name}")

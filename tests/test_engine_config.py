@@ -25,7 +25,7 @@ def test_generated_json_carries_batch_zero_offload_and_clipping():
     assert zero["stage"] == 3 and zero["offload_optimizer"] == {"device": "cpu"}
     assert zero["offload_param"] == {"device": "cpu"} and zero["stage3_gather_16bit_weights_on_model_save"]
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["betas"] == [0.9, 0.95]
-    assert ds["bf16"] == {"enabled": False}
+    assert ds["bf16"]["enabled"] is False and ds["bf16"]["check_grad_overflow"]
 
 
 def test_user_json_overrides_generated_keys(tmp_path):

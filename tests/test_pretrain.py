@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -23,10 +24,31 @@ SMALL = ["model.preset=null", "model.hidden_size=32", "model.num_hidden_layers=2
 pytestmark = pytest.mark.slow
 
 
-def pretrain(output_dir: Path, *overrides: str, nproc: int = 2, config: Path = TINY, timeout: int = 600):
+@pytest.fixture(scope="module", autouse=True)
+def shared_tokenizer(tmp_path_factory):
+    """crate-tiny's bpe:N tokenizer trained once for the module (each run would retrain it in its own output_dir);
+    the gpt2 baseline test keeps the bpe:N path itself covered."""
+    from launcher.config import load_run_config
+    from launcher.tokenizers import prepare_tokenizer, trained_tokenizer_dir
+
+    root = tmp_path_factory.mktemp("tokenizer")
+    prepare_tokenizer("bpe:1024", root, load_run_config(TINY).data)
+    SMALL.append(f"tokenizer={trained_tokenizer_dir(root)}")
+    yield
+    SMALL.pop()
+
+
+def pretrain(output_dir: Path, *overrides: str, nproc: int = 2, config: Path = TINY, timeout: int = 600,
+             env: dict | None = None):
     command = [sys.executable, "-m", "launcher.cli", "pretrain", str(config), f"output_dir={output_dir}", *SMALL,
                *overrides, f"--nproc-per-node={nproc}"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env={**os.environ, **(env or {})})
+
+
+def crate(*args: str, timeout: int = 300):
+    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=REPO)
 
 
 def train_losses(output_dir: Path) -> list[float]:
@@ -41,10 +63,16 @@ def exported_weights(output_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stages_train_export_and_reload_with_identical_logits(stage, tmp_path):
-    result = pretrain(tmp_path, "train.max_steps=20", "train.save_every=20", f"zero.stage={stage}")
+    result = pretrain(tmp_path, "train.max_steps=20", "train.save_every=10", "train.whitebox_every=10",
+                      "train.log_every=1", f"zero.stage={stage}")
     assert result.returncode == 0, result.stderr[-4000:]
     losses = train_losses(tmp_path)
-    assert losses[-1] < losses[0] - 1.0, losses
+    assert losses[-1] < losses[0] - 0.75, losses  # from ln(1024) = 6.9 on real text
+    from launcher.metrics import read_metrics
+
+    whitebox = read_metrics(tmp_path, kind="whitebox")  # every rank entered the measure (ZeRO-3 gathers)
+    assert [(row["step"], row["layer"]) for row in whitebox] == [(10, 0), (10, 1), (20, 0), (20, 1)]
+    assert all(row["rc"] > 0 and 0 <= row["sparsity_l0"] <= 1 for row in whitebox)
 
     from transformers import AutoModelForCausalLM
 
@@ -59,6 +87,19 @@ def test_zero_stages_train_export_and_reload_with_identical_logits(stage, tmp_pa
     ids = torch.randint(0, exported.config.vocab_size, (2, 16))
     with torch.no_grad():
         assert torch.equal(exported(ids).logits, trained(ids).logits)
+
+    # `crate export` merges the shards offline (one process): the newest step matches the at-save export exactly
+    result = crate("export", str(tmp_path), "--out", str(tmp_path / "offline"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    offline = load_file(tmp_path / "offline" / "model.safetensors")
+    at_save = exported_weights(tmp_path)
+    assert offline.keys() == at_save.keys() and all(torch.equal(offline[k], at_save[k]) for k in at_save)
+    older = crate("export", str(tmp_path), "--step", "10")
+    assert older.returncode == 0 and (tmp_path / "hf-step10" / "model.safetensors").exists(), older.stderr[-2000:]
+    assert not torch.equal(load_file(tmp_path / "hf-step10" / "model.safetensors")["model.embed_tokens.weight"],
+                           at_save["model.embed_tokens.weight"])
+    missing = crate("export", str(tmp_path), "--step", "7")
+    assert missing.returncode == 2 and "--step 7: no checkpoint of that step" in missing.stderr
 
 
 def _ranks_of(parent: int) -> list[int]:
@@ -122,11 +163,73 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
 
 
 def test_gpt2_baseline_trains_through_the_same_command(tmp_path):
+    """Also: the bpe:N tokenizer is trained into the run at start and exported with the model; white-box measures
+    run on the baseline through hooks; `crate generate` samples through transformers.pipeline."""
     config = REPO / "configs" / "lm" / "gpt2-tiny.yaml"
-    result = pretrain(tmp_path, "train.max_steps=10", "train.save_every=10", config=config)
+    result = pretrain(tmp_path, "train.max_steps=10", "train.save_every=10", "train.whitebox_every=10",
+                      "tokenizer=bpe:512", config=config)
     assert result.returncode == 0, result.stderr[-4000:]
     assert train_losses(tmp_path)[-1] < train_losses(tmp_path)[0]
-    assert (tmp_path / "hf" / "model.safetensors").exists()
+    assert (tmp_path / "tokenizer" / "tokenizer.json").exists() and (tmp_path / "hf" / "tokenizer.json").exists()
+    from launcher.metrics import read_metrics
+
+    assert len(read_metrics(tmp_path, kind="whitebox")) == 2  # one row per layer
+    sample = crate("generate", str(tmp_path / "hf"), "--prompt", "ROMEO:", "--max-new-tokens", "8")
+    assert sample.returncode == 0 and sample.stdout.startswith("ROMEO:"), sample.stderr[-2000:]
+
+
+def _module_weights(output_dir: Path, step: int) -> dict[str, torch.Tensor]:
+    path = output_dir / "checkpoints" / f"global_step{step}" / "mp_rank_00_model_states.pt"
+    return torch.load(path, map_location="cpu", weights_only=False)["module"]
+
+
+@pytest.mark.parametrize("stage", [0, 2])
+def test_nonfinite_loss_or_gradient_skips_the_step_on_every_rank(stage, tmp_path):
+    # step 3: NaN gradient on rank 1 only (the loss stays finite); step 4: NaN loss on every rank
+    result = pretrain(tmp_path, "train.max_steps=5", "train.save_every=1", "train.keep_last=10", "train.log_every=1",
+                      f"zero.stage={stage}", env={"CRATE_INJECT_FAULTS": "nan_grad@3:1,nan_loss@4"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    from launcher.metrics import read_metrics
+
+    skipped = [(row["step"], row["reason"]) for row in read_metrics(tmp_path, kind="train")
+               if row.get("event") == "nonfinite_step_skipped"]
+    assert skipped == [(3, "gradient"), (4, "loss")]
+    before, after, next_step = (_module_weights(tmp_path, step) for step in (2, 4, 5))
+    assert all(torch.equal(before[k], after[k]) for k in before), "a skipped step changed the weights"
+    assert not all(torch.equal(after[k], next_step[k]) for k in after)
+    assert all(torch.isfinite(value).all() for value in next_step.values())
+
+
+def test_too_many_nonfinite_steps_in_a_row_stop_with_the_step_named(tmp_path):
+    result = pretrain(tmp_path, "train.max_steps=20", "train.save_every=1", "train.max_nonfinite_in_a_row=3",
+                      env={"CRATE_INJECT_FAULTS": "nan_loss@3-20"})
+    assert result.returncode != 0
+    assert "step 5: 3 steps in a row skipped for a non-finite loss (train.max_nonfinite_in_a_row)" in result.stderr
+    # what was saved is intact: the skipped steps 3 and 4 were saved with step 2's weights, step 5 never was
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "global_step4"
+    before, last = _module_weights(tmp_path, 2), _module_weights(tmp_path, 4)
+    assert all(torch.equal(before[k], last[k]) for k in before)
+
+
+def test_eval_data_gives_validation_loss_for_local_files(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    import json
+
+    from data_pipeline.builtin import iter_documents
+
+    texts = [d["text"] for d, _ in zip(iter_documents("shakespeare"), range(40))]
+    for name, part in (("train.jsonl", texts[:-4]), ("held_out.jsonl", texts[-4:])):
+        (corpus / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
+    result = pretrain(tmp_path / "run", "train.max_steps=4", "train.eval_every=2", "train.eval_batches=2",
+                      "train.save_every=0", "data.min_shards=2", "data.streams_per_rank=1",
+                      f"data.sources=[{{path: {corpus / 'train.jsonl'}}}]",
+                      f"eval_data={{sources: [{{path: {corpus / 'held_out.jsonl'}}}]}}")
+    assert result.returncode == 0, result.stderr[-4000:]
+    from launcher.metrics import read_metrics
+
+    evals = read_metrics(tmp_path / "run", kind="eval")
+    assert [row["step"] for row in evals] == [2, 4] and all(math.isfinite(row["loss"]) for row in evals)
 
 
 @pytest.mark.parametrize("override, message", [

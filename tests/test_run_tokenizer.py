@@ -1,0 +1,33 @@
+"""The run's tokenizer: gpt2, an HF directory, or bpe:N trained once on the run's own text and reused."""
+
+import json
+
+import pytest
+
+from data_pipeline.spec import parse_text_data
+from launcher.tokenizers import load_tokenizer, prepare_tokenizer, trained_tokenizer_dir
+
+
+def test_bpe_is_trained_on_the_runs_text_once_then_reused(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    words = "the quick brown fox jumps over the lazy dog while the cat sleeps".split()
+    corpus.write_text("".join(json.dumps({"text": " ".join(words[i:] + words[:i]) * 20}) + "\n"
+                              for i in range(len(words))))
+    spec = parse_text_data({"sources": [{"path": str(corpus)}], "min_shards": 1, "streams_per_rank": 1})
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"tokenizer: 'bpe:300' has not been trained for this run yet"):
+        load_tokenizer("bpe:300", output_dir=run)
+    prepare_tokenizer("bpe:300", run, spec)
+    saved = trained_tokenizer_dir(run) / "tokenizer.json"
+    stamp = saved.stat().st_mtime_ns
+    tokenizer = load_tokenizer("bpe:300", output_dir=run)
+    assert 257 < len(tokenizer) <= 300 and tokenizer.eos_token_id == 0
+    assert len(tokenizer("the quick brown fox").input_ids) < len("the quick brown fox")  # merges were learned
+    prepare_tokenizer("bpe:300", run, spec)  # a resumed run reuses it (its ids must not change)
+    assert saved.stat().st_mtime_ns == stamp
+    assert not [p for p in run.iterdir() if p.name.startswith(".tokenizer-")]  # no scratch left behind
+
+
+def test_unknown_tokenizer_is_a_one_line_error(tmp_path):
+    with pytest.raises(ValueError, match="neither 'gpt2', bpe:N nor a directory"):
+        load_tokenizer(str(tmp_path / "nothing"))
