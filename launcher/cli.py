@@ -106,6 +106,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from launcher.submit import JobSpec, submit
+
+    configs = [item for item in args.items if "=" not in item]
+    overrides = [item for item in args.items if "=" in item]
+    job = JobSpec(nodes=args.nodes, gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_node,
+                  cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account, time=args.time,
+                  array=args.array, signal_seconds=args.signal_seconds, job_name=args.job_name,
+                  extra_sbatch=tuple(args.sbatch), env=tuple(args.env))
+    result = submit(configs, overrides, job, sweeps=args.sweep, dry_run=args.dry_run)
+    print(result if args.dry_run else f"submitted job {result}")
+    return 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from launcher.generate import generate
 
@@ -130,6 +144,30 @@ def build_parser() -> argparse.ArgumentParser:
     pretrain.add_argument("--nproc-per-node", type=int, default=1,
                           help="local processes to start (ignored under torchrun / deepspeed / srun)")
     pretrain.set_defaults(func=_cmd_pretrain)
+
+    submit = commands.add_parser("submit", help="submit a run (or a sweep: a job array) to Slurm: N nodes x G GPUs, "
+                                 "requeued on preemption, resumed from the newest checkpoint")
+    submit.add_argument("items", nargs="+", metavar="CONFIG|KEY=VALUE",
+                        help="run config(s) (YAML; several make a job array) and dotted overrides")
+    submit.add_argument("--nodes", type=int, default=1)
+    submit.add_argument("--gpus-per-node", type=int, default=0, help="0: a CPU partition (gloo)")
+    submit.add_argument("--procs-per-node", type=int, default=1, help="processes per node without GPUs")
+    submit.add_argument("--cpus-per-task", type=int, help="cores per node's task (default: 4 per GPU, or all)")
+    submit.add_argument("--partition")
+    submit.add_argument("--account")
+    submit.add_argument("--time", help="time limit, e.g. 2-00:00:00; USR1 arrives --signal-seconds before it")
+    submit.add_argument("--array", help="extra array syntax appended to 0-(N-1), e.g. %%2 (two at a time)")
+    submit.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
+                        help="one run per value (repeatable: the cartesian product), as a job array")
+    submit.add_argument("--signal-seconds", type=int, default=300,
+                        help="USR1 this many seconds before the time limit: save, stop, requeue (default 300)")
+    submit.add_argument("--job-name")
+    submit.add_argument("--sbatch", action="append", default=[], metavar="--OPTION=VALUE",
+                        help="extra sbatch option, e.g. --sbatch=--qos=high (repeatable)")
+    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="environment for the job, e.g. --env NCCL_IB_DISABLE=1 (repeatable)")
+    submit.add_argument("--dry-run", action="store_true", help="print the batch script; submit nothing")
+    submit.set_defaults(func=_cmd_submit)
 
     export = commands.add_parser("export", help="write the HF model of a run's checkpoint (ZeRO shards merged): "
                                  "AutoModelForCausalLM.from_pretrained loads it")
@@ -191,7 +229,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may come after options (crate submit CONFIG --nodes 2 train.max_steps=9): gather them back.
+    list_name = {"pretrain": "overrides", "submit": "items"}.get(args.command)
+    if extra and (list_name is None or any(item.startswith("-") for item in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if extra:
+        getattr(args, list_name).extend(extra)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError, KeyError) as error:

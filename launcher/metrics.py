@@ -329,6 +329,36 @@ def memory_stats(device: torch.device | str) -> dict[str, float]:
     return out
 
 
+def _tensor_storages(obj, depth: int, found: dict[int, int]) -> None:
+    """Record ``data_ptr -> bytes`` of every storage reachable from ``obj`` through dicts, lists and tuples."""
+    if torch.is_tensor(obj):
+        storage = obj.untyped_storage()
+        if obj.device.type != "meta" and storage.nbytes() and storage.data_ptr():
+            found[storage.data_ptr()] = storage.nbytes()
+        return
+    if depth <= 0:
+        return
+    values = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else ()
+    for value in values:
+        _tensor_storages(value, depth - 1, found)
+
+
+def model_state_bytes(engine) -> int:
+    """Bytes this rank holds of model state — parameters (ZeRO-3: its partition), gradients, the optimizer's fp32
+    partitions, moments and gradient buffers — counting each storage once. What ZeRO partitions; activations are
+    not included."""
+    found: dict[int, int] = {}
+    for parameter in engine.module.parameters():
+        _tensor_storages([parameter.data, parameter.grad, getattr(parameter, "ds_tensor", None)], 1, found)
+    optimizer = engine.optimizer
+    _tensor_storages(vars(optimizer), 3, found)  # ZeRO's flat fp32 groups, partitions and gradient buffers
+    inner = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer: moments, and its parameters' grads
+    _tensor_storages(list(inner.state.values()), 2, found)
+    for group in inner.param_groups:
+        _tensor_storages([[p, p.grad] for p in group["params"]], 2, found)
+    return sum(found.values())
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Logger
 # ----------------------------------------------------------------------------------------------------------------------

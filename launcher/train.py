@@ -30,13 +30,16 @@ from .engine import deepspeed_config, learning_rate, resolve_precision
 from .export import export_hf
 from .faults import FaultInjector
 from .flops import training_flops_per_token
-from .metrics import MetricsLogger, ThroughputMeter, device_peak_flops, memory_stats
+from .metrics import MetricsLogger, ThroughputMeter, device_peak_flops, memory_stats, model_state_bytes
 from .models import build_model, build_model_config, parameter_groups
 from .tokenizers import load_tokenizer, prepare_tokenizer
 
 
 class NonFiniteError(RuntimeError):
     """Too many steps in a row skipped for a non-finite loss or gradient."""
+
+
+STOP_FILE = "STOP"  # <output_dir>/STOP asks a run to save and stop, like SIGUSR1 (works through any launcher)
 
 
 class StopSignal:
@@ -62,6 +65,12 @@ def _mean_across_ranks(value: float, device) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
     return tensor.item() / dist.get_world_size()
+
+
+def _max_across_ranks(value: float, device) -> float:
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.item()
 
 
 def _rng_state() -> dict:
@@ -147,6 +156,7 @@ def train(config: RunConfig) -> int:
     model_config = build_model_config(config.model, len(tokenizer), tokenizer.eos_token_id, config.data.seq_len)
     torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
     model = build_model(model_config)
+    parameter_count = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     if train_cfg.activation_checkpointing:
         model.gradient_checkpointing_enable()
     ds_config = deepspeed_config(config, world, device.type)
@@ -200,7 +210,7 @@ def train(config: RunConfig) -> int:
     if step:
         logger.truncate_after(step)
     logger.log(step, event="start", world_size=world, precision=precision, peak_flops=peak, peak_source=peak_source,
-               resumed=bool(step), params=sum(p.numel() for p in model.parameters()),
+               resumed=bool(step), params=parameter_count,
                gradient_accumulation_steps=accumulation, tokens_per_step=tokens_per_step)
     if train_cfg.eval_every and validation is None:
         logger.log(step, event="warning", message="no validation loss: the sources have no held-out split; "
@@ -218,7 +228,7 @@ def train(config: RunConfig) -> int:
                       zero_stage=config.zero.stage)
 
     # -- the loop -----------------------------------------------------------------------------------------------------
-    skipped_in_a_row, skipped_total = 0, 0
+    skipped_in_a_row, skipped_total, start_step = 0, 0, step
     meter.restart()
     while step < train_cfg.max_steps:
         # A non-finite loss on any rank poisons the step's gradients (loss x NaN), so the one check below skips it
@@ -236,6 +246,9 @@ def train(config: RunConfig) -> int:
                 grad_norm = full_gradient_norm(engine.module)
                 skipped_by_us = grad_norm is not None and not math.isfinite(grad_norm)
             next_step[0] = step + 1
+            # Model-state memory at its peak: the second step's gradients are reduced, the first step's optimizer
+            # states exist.
+            state_bytes = model_state_bytes(engine) if step == start_step + 1 and micro == accumulation - 1 else None
             with optimizer_update_withheld(engine.optimizer) if skipped_by_us else contextlib.nullcontext():
                 engine.step()
             losses.append(loss.item())
@@ -254,6 +267,10 @@ def train(config: RunConfig) -> int:
         else:
             skipped_in_a_row = 0
         meter.tick()
+        if state_bytes is not None:
+            logger.log(step, event="model_state", model_state_gib=state_bytes / 2**30,
+                       max_model_state_gib=_max_across_ranks(state_bytes, device) / 2**30)
+            state_bytes = None
 
         if applied and (step % train_cfg.log_every == 0 or step == train_cfg.max_steps):
             loss_value = _mean_across_ranks(sum(losses) / len(losses), device)
@@ -269,12 +286,17 @@ def train(config: RunConfig) -> int:
             meter.restart()
         out_of_time = (train_cfg.wall_clock_minutes is not None
                        and time.time() - started > 60 * train_cfg.wall_clock_minutes)
-        stopping = _agree(stop.raised or out_of_time, device)
+        stop_file = os.path.join(output_dir, STOP_FILE)  # shared filesystem: Slurm's batch script touches it
+        asked = rank == 0 and os.path.exists(stop_file)
+        stopping = _agree(stop.raised or out_of_time or asked, device)
         if stopping or step == train_cfg.max_steps or (train_cfg.save_every and step % train_cfg.save_every == 0):
             save()
             meter.restart()
         if stopping:
-            logger.log(step, event="stopped", reason="signal" if stop.raised else "wall_clock_minutes")
+            reason = "signal" if stop.raised else "wall_clock_minutes" if out_of_time else "stop_file"
+            logger.log(step, event="stopped", reason=reason)
+            if rank == 0 and os.path.exists(stop_file):
+                os.remove(stop_file)  # consumed: the next start trains on
             break
     logger.close()
     dist.barrier()

@@ -73,6 +73,10 @@ def test_zero_stages_train_export_and_reload_with_identical_logits(stage, tmp_pa
     whitebox = read_metrics(tmp_path, kind="whitebox")  # every rank entered the measure (ZeRO-3 gathers)
     assert [(row["step"], row["layer"]) for row in whitebox] == [(10, 0), (10, 1), (20, 0), (20, 1)]
     assert all(row["rc"] > 0 and 0 <= row["sparsity_l0"] <= 1 for row in whitebox)
+    state = next(row for row in read_metrics(tmp_path, kind="train") if row.get("event") == "model_state")
+    params = next(row for row in read_metrics(tmp_path, kind="train") if row.get("event") == "start")["params"]
+    # fp32 AdamW: weights, gradients and two moments are >= 16 B/parameter unpartitioned, at least half of it per rank
+    assert 8 * params <= state["max_model_state_gib"] * 2**30 <= 40 * params
 
     from transformers import AutoModelForCausalLM
 

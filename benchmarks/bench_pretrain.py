@@ -1,0 +1,156 @@
+"""`crate pretrain` against a bare PyTorch loop, and ZeRO-3's memory saving, side by side in one run.
+
+    python benchmarks/bench_pretrain.py                       # crate-tiny on Shakespeare, CPU
+    python benchmarks/bench_pretrain.py --rounds 3 --steps 60
+
+1. Step throughput: `crate pretrain` (one process, the run config's ZeRO stage, metrics, data loader, checkpoints off)
+   against a bare loop on the same model, the same batches (read beforehand from the same packed stream) and the same
+   optimizer settings: forward, backward, clip, AdamW, zero_grad — nothing else. Median step time over the steps after
+   warm-up; rounds alternate (ours, bare, ours, bare, ...) and each side keeps its best round. Goal: >= 0.90x.
+   Also reported: the run's MFU (analytic FLOPs against the matmul peak measured at its start).
+2. Model-state memory per rank at 2 ranks, ZeRO-3 against ZeRO-0 (parameters + gradients + optimizer states, each
+   storage counted once, as `crate pretrain` logs it in its `model_state` row). Goal: <= 0.55x.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def pretrain(config: str, output_dir: Path, overrides: list[str], nproc: int = 1) -> list[dict]:
+    from launcher.metrics import read_metrics
+
+    command = [sys.executable, "-m", "launcher.cli", "pretrain", config, f"output_dir={output_dir}", *overrides,
+               f"--nproc-per-node={nproc}"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"crate pretrain failed:\n{result.stderr[-3000:]}")
+    return read_metrics(output_dir)
+
+
+def ours_step_times(rows: list[dict], warmup: int) -> list[float]:
+    """Wall time per step between consecutive logged steps: everything the harness does (data, all-reduces,
+    metrics) included."""
+    steps = [(row["step"], row["time"]) for row in rows if row["kind"] == "train" and "loss" in row]
+    return [(b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(steps, steps[1:]) if a[0] >= warmup]
+
+
+def bare_step_times(config, tokenizer, batches: list[torch.Tensor], warmup: int) -> list[float]:
+    """The bare PyTorch loop on the same model (same init seed), batches and optimizer settings."""
+    from launcher.models import build_model, build_model_config, parameter_groups
+
+    model_config = build_model_config(config.model, len(tokenizer), tokenizer.eos_token_id, config.data.seq_len)
+    torch.manual_seed(config.train.seed)
+    model = build_model(model_config).train()
+    opt = config.optimizer
+    optimizer = torch.optim.AdamW(parameter_groups(model, opt.weight_decay), lr=opt.lr, betas=opt.betas, eps=opt.eps)
+    times = []
+    for index, batch in enumerate(batches):
+        started = time.perf_counter()
+        loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # the harness reads the loss every step too
+        if index >= warmup:
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def same_batches(config, tokenizer, count: int) -> list[torch.Tensor]:
+    from data_pipeline.text_stream import TextLoader, build_plan
+
+    loader = iter(TextLoader(build_plan(config.data, 1), tokenizer, 0, config.train.micro_batch_size, 0))
+    return [next(loader)["input_ids"] for _ in range(count)]
+
+
+def throughput(args, scratch: Path) -> dict:
+    from launcher.config import load_run_config
+    from launcher.tokenizers import load_tokenizer, prepare_tokenizer
+
+    overrides = [f"train.max_steps={args.steps}", f"train.log_every={args.log_every}", "train.eval_every=0", "train.save_every=0",
+                 "train.whitebox_every=0", "train.export_on_save=false", *args.overrides]
+    config = load_run_config(args.config, [*overrides, f"output_dir={scratch / 'tokenizer-run'}"])
+    prepare_tokenizer(config.tokenizer, config.output_dir, config.data)
+    tokenizer = load_tokenizer(config.tokenizer, output_dir=config.output_dir)
+    tokenizer_override = [f"tokenizer={scratch / 'tokenizer-run' / 'tokenizer'}"] if config.tokenizer.startswith(
+        "bpe:") else []
+    batches = same_batches(config, tokenizer, args.steps)
+    stages = sorted({config.zero.stage, 0})
+    ours, bare, mfu = {stage: [] for stage in stages}, [], []
+    for round_index in range(args.rounds):
+        for stage in stages:
+            rows = pretrain(args.config, scratch / f"ours-{round_index}-zero{stage}",
+                            [*overrides, *tokenizer_override, f"zero.stage={stage}"])
+            ours[stage].append(statistics.median(ours_step_times(rows, args.warmup)))
+            mfu.append(statistics.median(row["mfu"] for row in rows if row.get("mfu") is not None))
+        bare.append(statistics.median(bare_step_times(config, tokenizer, batches, args.warmup)))
+        print(f"round {round_index}: bare loop {bare[-1] * 1e3:.1f} ms/step; crate pretrain " + ", ".join(
+            f"ZeRO-{stage} {ours[stage][-1] * 1e3:.1f} ms/step (ratio {bare[-1] / ours[stage][-1]:.3f})"
+            for stage in stages), flush=True)
+    tokens = config.train.micro_batch_size * config.data.seq_len
+    return {"bare_ms": min(bare) * 1e3, "tokens_per_step": tokens, "mfu": max(mfu),
+            "stages": {stage: {"ours_ms": min(times) * 1e3, "ratio": min(bare) / min(times),
+                               "tokens_per_s": tokens / min(times)} for stage, times in ours.items()}}
+
+
+def zero_memory(args, scratch: Path) -> dict:
+    shape = ["model.preset=null", f"model.hidden_size={args.memory_width}", "model.num_hidden_layers=4",
+             "model.num_attention_heads=8", "train.max_steps=2", "train.eval_every=0", "train.save_every=0",
+             "train.whitebox_every=0", "train.export_on_save=false", "train.micro_batch_size=2", "data.seq_len=64",
+             "model.max_position_embeddings=64", *args.overrides]
+    if (scratch / "tokenizer-run" / "tokenizer").is_dir():
+        shape.append(f"tokenizer={scratch / 'tokenizer-run' / 'tokenizer'}")
+    result = {}
+    for stage in (0, 3):
+        rows = pretrain(args.config, scratch / f"zero{stage}", [*shape, f"zero.stage={stage}"], nproc=2)
+        row = next(r for r in rows if r.get("event") == "model_state")
+        params = next(r for r in rows if r.get("event") == "start")["params"]
+        result[f"zero{stage}_gib"] = row["max_model_state_gib"]
+        print(f"ZeRO-{stage}: {row['max_model_state_gib'] * 1024:.1f} MiB model state on the fullest rank "
+              f"({params / 1e6:.1f}M parameters, 2 ranks)", flush=True)
+    result["ratio"] = result["zero3_gib"] / result["zero0_gib"]
+    result["params"] = params
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(REPO / "configs" / "lm" / "crate-tiny.yaml"))
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--log-every", type=int, default=10, help="the harness's metrics interval")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--memory-width", type=int, default=512, help="hidden size of the ZeRO memory model")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides for both runs")
+    args = parser.parse_args()
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}")
+    with tempfile.TemporaryDirectory() as scratch:
+        speed = throughput(args, Path(scratch))
+        for stage, result in speed["stages"].items():
+            print(f"step throughput, crate pretrain (ZeRO-{stage}) / bare PyTorch loop: {result['ratio']:.3f}x "
+                  f"(goal >= 0.90) — {result['ours_ms']:.1f} vs {speed['bare_ms']:.1f} ms/step, "
+                  f"{result['tokens_per_s']:,.0f} tokens/s")
+        print(f"CPU MFU of the CRATE run (analytic FLOPs / measured fp32 matmul peak): {speed['mfu']:.1%}")
+        memory = zero_memory(args, Path(scratch))
+        print(f"model-state memory per rank at 2 ranks, ZeRO-3 / ZeRO-0: {memory['ratio']:.3f}x (goal <= 0.55)")
+    print(json.dumps({"throughput": speed, "zero_memory": memory}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""``crate submit``: a run config (or a sweep of them) as a Slurm batch job.
+
+The run config is validated and resolved here, on the login node, for the job's world size; the resolved file
+(``<output_dir>/config.yaml``) is what the job trains, so later edits of the source YAML never change a requeued job.
+The batch script is ``slurm/train.sbatch`` with its ``{{fields}}`` filled in, saved as
+``<output_dir>/slurm/job-<time>.sbatch`` (for a sweep, in the first run's directory), and passed to ``sbatch``.
+
+A sweep is a job array, one resolved config per index: several CONFIG files, and/or ``--sweep KEY=V1,V2`` (repeatable;
+the cartesian product), each combination in ``<output_dir>/<key>=<value>...``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import ConfigError, RunConfig, load_run_config, save_run_config
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATE = REPO / "slurm" / "train.sbatch"
+FIELD = re.compile(r"\{\{(\w+)\}\}")
+TIME_PATTERN = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # Slurm's --time: minutes, H:M:S, D-H[:M[:S]]
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    nodes: int = 1
+    gpus_per_node: int = 0  # 0: a CPU partition; procs_per_node processes per node, gloo
+    procs_per_node: int = 1  # CPU only; with GPUs one process per GPU
+    cpus_per_task: int | None = None  # default: all of a node's cores we ask for (Slurm's default otherwise)
+    partition: str | None = None
+    account: str | None = None
+    time: str | None = None  # e.g. 1-00:00:00
+    array: str | None = None  # extra array syntax, e.g. "%2" to run two tasks at a time
+    signal_seconds: int = 300  # USR1 this long before the time limit: enough to save a checkpoint
+    job_name: str | None = None
+    command: str = "pretrain"  # the crate subcommand the job runs
+    extra_sbatch: tuple[str, ...] = field(default_factory=tuple)  # raw "--key=value" lines, e.g. --qos=high
+    env: tuple[str, ...] = field(default_factory=tuple)  # KEY=VALUE exported in the job
+
+    def __post_init__(self):
+        for name in ("nodes", "procs_per_node"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1 (got {getattr(self, name)})")
+        if self.gpus_per_node < 0:
+            raise ConfigError(f"--gpus-per-node: must be >= 0 (got {self.gpus_per_node})")
+        if self.time is not None and not TIME_PATTERN.match(self.time):
+            raise ConfigError(f"--time: {self.time!r} is not a Slurm time (minutes, H:M:S or D-H:M:S)")
+        if self.signal_seconds < 1:
+            raise ConfigError(f"--signal-seconds: must be >= 1 (got {self.signal_seconds})")
+        for item in self.env:
+            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", item):
+                raise ConfigError(f"--env: expected KEY=VALUE, got {item!r}")
+        for item in self.extra_sbatch:
+            if not item.startswith("--"):
+                raise ConfigError(f"--sbatch: expected an sbatch option like --qos=high, got {item!r}")
+
+    @property
+    def ranks_per_node(self) -> int:
+        return self.gpus_per_node or self.procs_per_node
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.ranks_per_node
+
+
+def _sweep_points(sweeps: list[str]) -> list[list[str]]:
+    """``["optimizer.lr=1e-3,3e-4", "zero.stage=1,2"]`` -> the overrides of each point of the product."""
+    axes = []
+    for item in sweeps:
+        key, sep, values = item.partition("=")
+        if not sep or not key or not values:
+            raise ConfigError(f"--sweep {item!r}: expected KEY=V1,V2,...")
+        axes.append([f"{key}={value}" for value in values.split(",")])
+    return [list(point) for point in itertools.product(*axes)] if axes else [[]]
+
+
+def _point_name(point: list[str]) -> str:
+    return "-".join(re.sub(r"[^A-Za-z0-9_.=+-]", "_", item) for item in point)
+
+
+def resolve_runs(configs: list[str], overrides: list[str], sweeps: list[str], job: JobSpec) -> list[RunConfig]:
+    """Every run of the job, validated for its world size (one-line errors naming the file and key)."""
+    if not configs:
+        raise ConfigError("crate submit: give at least one CONFIG file")
+    runs = []
+    for config_path in configs:
+        for point in _sweep_points(sweeps):
+            config = load_run_config(config_path, [*overrides, *point])
+            if point:
+                config = load_run_config(config_path, [*overrides, *point,
+                                                       f"output_dir={Path(config.output_dir) / _point_name(point)}"])
+            config.check_world(job.world_size)
+            runs.append(config)
+    directories = [Path(run.output_dir).resolve() for run in runs]
+    if len(set(directories)) != len(directories):
+        raise ConfigError("crate submit: two runs of this job share an output_dir; give each config its own")
+    return runs
+
+
+def render(job: JobSpec, config_files: list[Path], log_dir: Path, python: str = sys.executable,
+           workdir: Path = REPO) -> str:
+    optional = [f"#SBATCH --{name}={value}" for name, value in
+                (("partition", job.partition), ("account", job.account), ("time", job.time)) if value]
+    if len(config_files) > 1 or job.array:
+        optional.append(f"#SBATCH --array=0-{len(config_files) - 1}{job.array or ''}")
+    optional += [f"#SBATCH {item}" for item in job.extra_sbatch]
+    cpus = job.cpus_per_task or max(job.ranks_per_node, (os.cpu_count() or 1) if not job.gpus_per_node else
+                                    4 * job.gpus_per_node)
+    log_name = "%x-%A_%a.out" if len(config_files) > 1 or job.array else "%x-%j.out"
+    fields = {
+        "job_name": job.job_name or f"crate-{config_files[0].parent.name}",
+        "nodes": str(job.nodes),
+        "gpu_line": f"#SBATCH --gpus-per-node={job.gpus_per_node}" if job.gpus_per_node else
+                    "# (no GPUs: a CPU partition; DeepSpeed runs its CPU accelerator over gloo)",
+        "cpus_per_task": str(cpus),
+        "optional_lines": "\n".join(optional) if optional else "# (partition, account, time: the cluster's defaults)",
+        "signal_seconds": str(job.signal_seconds),
+        "log_pattern": str(log_dir / log_name),
+        "configs": " ".join(shlex.quote(str(path)) for path in config_files),
+        "workdir": shlex.quote(str(workdir)),
+        "env_lines": "\n".join(f"export {shlex.quote(item.split('=', 1)[0])}={shlex.quote(item.split('=', 1)[1])}"
+                               for item in job.env) or "# (no extra environment)",
+        "procs_per_node": str(job.ranks_per_node),
+        "python": shlex.quote(python),
+        "command": job.command,
+    }
+    template = TEMPLATE.read_text()
+    missing = set(FIELD.findall(template)) - set(fields)
+    if missing:
+        raise RuntimeError(f"{TEMPLATE}: unknown fields {sorted(missing)}")
+    return FIELD.sub(lambda match: fields[match.group(1)], template)
+
+
+def submit(configs: list[str], overrides: list[str], job: JobSpec, sweeps: list[str] = (), dry_run: bool = False,
+           ) -> str:
+    """Validate, save the resolved configs and the script, call sbatch. Returns the job id, or the script for
+    ``dry_run`` (nothing is written then)."""
+    runs = resolve_runs(configs, overrides, list(sweeps), job)
+    config_files = [Path(run.output_dir).resolve() / "config.yaml" for run in runs]
+    log_dir = Path(runs[0].output_dir).resolve() / "slurm"
+    script = render(job, config_files, log_dir)
+    if dry_run:
+        return script
+    if shutil.which("sbatch") is None:
+        raise RuntimeError("sbatch not found: run crate submit on a Slurm login node (or use --dry-run)")
+    for run, path in zip(runs, config_files):
+        save_run_config(run, path)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    script_path = log_dir / f"job-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"
+    script_path.write_text(script)
+    result = subprocess.run(["sbatch", "--parsable", str(script_path)], capture_output=True, text=True)
+    if result.returncode:
+        raise RuntimeError(f"sbatch failed: {result.stderr.strip().splitlines()[-1] if result.stderr else ''}")
+    job_id = result.stdout.strip().split(";")[0]
+    (log_dir / f"job-{job_id}.sbatch").write_text(script)
+    script_path.unlink()
+    return job_id

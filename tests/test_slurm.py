@@ -1,0 +1,124 @@
+"""`crate submit` on a real Slurm: a 2-node cluster on this host (slurm/local_cluster.sh: Debian's slurmctld, slurmd
+and munge). A 2-node DeepSpeed run of a tiny CRATE, a preemption (USR1, save, requeue, resume) that ends equal to an
+uninterrupted run, and a job array. Where Slurm cannot be installed they skip with the reason, except in CI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.slurm_cluster import ensure_cluster, wait_for_job
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "lm" / "crate-tiny.yaml"
+SMALL = ["model.preset=null", "model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=4",
+         "model.max_position_embeddings=64", "data.seq_len=32", "data.shuffle_buffer=8", "train.micro_batch_size=4",
+         "train.log_every=1", "train.eval_every=0", "train.whitebox_every=0", "optimizer.warmup_steps=2",
+         "optimizer.lr=1.0e-2", "optimizer.min_lr=1.0e-3", "zero.stage=3"]
+JOB_TIMEOUT = 600
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cluster(tmp_path_factory):
+    try:
+        ensure_cluster()
+    except RuntimeError as error:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(f"no local Slurm cluster: {str(error).splitlines()[0]}")
+    from launcher.config import load_run_config
+    from launcher.tokenizers import prepare_tokenizer, trained_tokenizer_dir
+
+    root = tmp_path_factory.mktemp("tokenizer")  # trained once, not by every job
+    prepare_tokenizer("bpe:512", root, load_run_config(TINY).data)
+    SMALL.append(f"tokenizer={trained_tokenizer_dir(root)}")
+    yield
+    SMALL.pop()
+
+
+def submit(output_dir: Path, *args: str) -> str:
+    command = [sys.executable, "-m", "launcher.cli", "submit", str(TINY), f"output_dir={output_dir}", *SMALL, *args]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("submitted job "), result.stdout
+    return result.stdout.split()[-1]
+
+
+def job_log(output_dir: Path) -> str:
+    return "\n".join(path.read_text() for path in sorted((output_dir / "slurm").glob("*.out")))
+
+
+def finished(job_id: str, output_dir: Path) -> None:
+    state = wait_for_job(job_id, JOB_TIMEOUT)
+    assert state == "COMPLETED", f"job {job_id} ended {state}:\n{job_log(output_dir)[-6000:]}"
+
+
+def weights(output_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(output_dir / "hf" / "model.safetensors")
+
+
+def test_two_node_deepspeed_run_completes_and_its_export_loads(tmp_path):
+    run = tmp_path / "run"
+    finished(submit(run, "train.max_steps=6", "train.save_every=3", "--nodes=2", "--partition=debug",
+                    "--time=15"), run)
+    from launcher.metrics import read_metrics
+
+    start = next(row for row in read_metrics(run, kind="train") if row.get("event") == "start")
+    assert start["world_size"] == 2
+    assert "[crate]" in job_log(run) and (run / "slurm").glob("job-*.sbatch")
+    from transformers import AutoModelForCausalLM
+
+    import crate_lm  # noqa: F401
+
+    model = AutoModelForCausalLM.from_pretrained(run / "hf")
+    assert model.config.num_hidden_layers == 2
+
+
+def test_preempted_run_requeues_resumes_and_equals_an_uninterrupted_run(tmp_path):
+    straight, preempted = tmp_path / "straight", tmp_path / "preempted"
+    recipe = ("train.max_steps=40", "train.save_every=10", "--nodes=2")
+    job = submit(preempted, *recipe)
+    deadline = time.time() + JOB_TIMEOUT
+    metrics = preempted / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and '"step": 5,' in metrics.read_text()):
+        time.sleep(0.5)
+    # As Slurm does before the time limit (--signal=B:USR1@...): USR1 to the batch shell only
+    subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+    finished(job, preempted)
+    log = job_log(preempted)
+    assert "USR1: asking the trainers to save and stop" in log and "requeueing job" in log, log[-6000:]
+    assert "(restart 1)" in log, log[-6000:]
+    from launcher.metrics import read_metrics
+
+    rows = read_metrics(preempted, kind="train")
+    stops = [row for row in rows if row.get("event") == "stopped"]
+    assert stops and stops[0]["reason"] == "stop_file" and stops[0]["step"] < 40
+    assert [row["resumed"] for row in rows if row.get("event") == "start"] == [False, True]
+
+    finished(submit(straight, *recipe), straight)
+    a, b = weights(straight), weights(preempted)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[row["loss"] for row in read_metrics(run, kind="train") if "loss" in row] for run in (straight,
+                                                                                                   preempted)]
+    assert losses[0] == losses[1]  # the data neither repeats nor skips across the requeue
+
+
+def test_sweep_runs_as_a_job_array(tmp_path):
+    run = tmp_path / "sweep"
+    job = submit(run, "train.max_steps=3", "train.save_every=3", "--nodes=1", "--sweep=optimizer.lr=1e-2,5e-3")
+    finished(job, run / "optimizer.lr=1e-2")
+    for value in ("1e-2", "5e-3"):
+        member = run / f"optimizer.lr={value}"
+        assert (member / "hf" / "model.safetensors").exists(), job_log(run)[-4000:]
+        from launcher.config import load_run_config
+
+        assert load_run_config(member / "config.yaml").optimizer.lr == float(value)
