@@ -180,7 +180,13 @@ write_conf() {
 }
 
 ensure_hosts() {
-    local name
+    local name host
+    host=$(hostname -s)
+    # srun / slurmstepd look up this host's own name too; CI containers do not always resolve it.
+    if ! getent hosts "$host" >/dev/null 2>&1; then
+        log "adding '127.0.0.1 $host' to /etc/hosts"
+        printf '127.0.0.1 %s\n' "$host" >>/etc/hosts
+    fi
     for name in "${NODES[@]}"; do
         if ! awk -v n="$name" '!/^[[:space:]]*#/ { for (i = 2; i <= NF; i++) if ($i == n) found = 1 } END { exit !found }' /etc/hosts; then
             log "adding '127.0.0.1 $name' to /etc/hosts"
@@ -200,7 +206,7 @@ start_munge() {
     chown munge:munge /run/munge /var/log/munge /var/lib/munge
     chmod 0755 /run/munge
     rm -f "$MUNGE_PID" /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock
-    su -s /bin/sh munge -c /usr/sbin/munged || die "munged failed to start"
+    su -s /bin/sh munge -c /usr/sbin/munged 9>&- || die "munged failed to start"
     local i
     for ((i = 0; i < 50; i++)); do
         munge -n 2>/dev/null | unmunge >/dev/null 2>&1 && return 0
@@ -216,7 +222,7 @@ start_slurm() {
     mkdir -p /var/spool/slurmctld /var/log
     if ! slurmctld_running; then
         log "starting slurmctld"
-        /usr/sbin/slurmctld || die "slurmctld failed to start"
+        /usr/sbin/slurmctld 9>&- || die "slurmctld failed to start"
     fi
     local i
     for ((i = 0; i < 100; i++)); do
@@ -229,7 +235,7 @@ start_slurm() {
         if ! slurmd_running "$n"; then
             log "starting slurmd -N $n"
             mkdir -p "/var/spool/slurmd-$n"
-            /usr/sbin/slurmd -N "$n" || die "slurmd -N $n failed to start"
+            /usr/sbin/slurmd -N "$n" 9>&- || die "slurmd -N $n failed to start"
         fi
     done
 }
@@ -279,8 +285,16 @@ wait_nodes() {
     done
 }
 
+# Serialise concurrent `up` / `down` calls (e.g. several pytest-xdist workers). The daemons are started
+# with fd 9 closed, or they would hold the lock for as long as they run.
+take_lock() {
+    exec 9>/run/crate-local-slurm.lock
+    flock -w 600 9 || die "could not lock /run/crate-local-slurm.lock"
+}
+
 cmd_up() {
     need_root
+    take_lock
     install_packages
     ensure_hosts
     local changed
@@ -297,6 +311,7 @@ cmd_up() {
 
 cmd_down() {
     need_root
+    take_lock
     stop_slurm
     if pid_alive "$MUNGE_PID" munged; then log "stopping munged"; fi
     stop_pid "$MUNGE_PID" munged

@@ -122,3 +122,26 @@ def test_sweep_runs_as_a_job_array(tmp_path):
         from launcher.config import load_run_config
 
         assert load_run_config(member / "config.yaml").optimizer.lr == float(value)
+
+
+def test_slurm_preemption_by_a_higher_priority_job_requeues_and_resumes(tmp_path):
+    """Real preemption: a job on partition `urgent` takes the nodes; ours gets its USR1 at once
+    (preempt_send_user_signal), saves at an agreed step, requeues itself, and finishes after the urgent job."""
+    run = tmp_path / "run"
+    job = submit(run, "train.max_steps=30", "train.save_every=0", "--nodes=2", "--partition=debug")
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + JOB_TIMEOUT
+    while time.time() < deadline and not (metrics.exists() and '"step": 5,' in metrics.read_text()):
+        time.sleep(0.5)
+    urgent = subprocess.run(["sbatch", "--parsable", "--partition=urgent", "--nodes=2", "--ntasks-per-node=1",
+                             f"--output={tmp_path / 'urgent.out'}", "--wrap", "srun hostname"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert wait_for_job(urgent, JOB_TIMEOUT) == "COMPLETED"
+    finished(job, run)
+    from launcher.metrics import read_metrics
+
+    rows = read_metrics(run, kind="train")
+    stops = [row for row in rows if row.get("event") == "stopped"]
+    assert stops and stops[0]["reason"] == "stop_file" and 5 <= stops[0]["step"] < 30, job_log(run)[-4000:]
+    assert [row["resumed"] for row in rows if row.get("event") == "start"] == [False, True]
+    assert (run / "checkpoints" / "global_step30").is_dir() and (run / "hf" / "model.safetensors").exists()
