@@ -32,13 +32,19 @@ def deepspeed_config(config: RunConfig, world_size: int, device_type: str) -> di
         zero["offload_param"] = {"device": "cpu"}
     if config.zero.stage == 3:
         zero["stage3_gather_16bit_weights_on_model_save"] = True  # consolidated weights for the HF export
+    adamw = {"lr": optimizer.lr, "betas": list(optimizer.betas), "eps": optimizer.eps,
+             "weight_decay": optimizer.weight_decay}
+    if device_type == "cpu":
+        # DeepSpeed's CPU FusedAdam keeps beta^t as a running float product across steps but recomputes it with pow()
+        # after a resume, so a resumed run drifts from an uninterrupted one by a few ulps; torch's AdamW derives it
+        # from the step count every time, which keeps resume bit-exact. (The CUDA FusedAdam uses pow() every step.)
+        adamw["torch_adam"] = True
     generated = {
         "train_micro_batch_size_per_gpu": config.train.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
         "train_batch_size": config.train.micro_batch_size * accumulation * world_size,
         "gradient_clipping": optimizer.grad_clip,
-        "optimizer": {"type": "AdamW", "params": {"lr": optimizer.lr, "betas": list(optimizer.betas),
-                                                  "eps": optimizer.eps, "weight_decay": optimizer.weight_decay}},
+        "optimizer": {"type": "AdamW", "params": adamw},
         "zero_optimization": zero,
         # check_grad_overflow: a step with a non-finite gradient norm is skipped, not applied (fp32 ZeRO does so too)
         "bf16": {"enabled": resolve_precision(config, device_type) == "bf16", "check_grad_overflow": True},

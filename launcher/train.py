@@ -13,6 +13,7 @@ import math
 import os
 import random
 import signal
+import socket
 import time
 from dataclasses import replace
 
@@ -119,11 +120,15 @@ def evaluate(engine, batches: list[torch.Tensor], device) -> float:
 @contextlib.contextmanager
 def optimizer_update_withheld(optimizer):
     """Inside, ``optimizer.step()`` does nothing: the engine still clears the gradients and counts the step."""
+    patched = vars(optimizer).get("step")  # an LR scheduler may have wrapped it on the instance
     optimizer.step = lambda *args, **kwargs: None
     try:
         yield
     finally:
-        del optimizer.step  # the class's step again
+        if patched is None:
+            del optimizer.step  # the class's step again
+        else:
+            optimizer.step = patched
 
 
 def full_gradient_norm(model) -> float | None:
@@ -211,7 +216,9 @@ def train(config: RunConfig) -> int:
         logger.truncate_after(step)
     logger.log(step, event="start", world_size=world, precision=precision, peak_flops=peak, peak_source=peak_source,
                resumed=bool(step), params=parameter_count,
-               gradient_accumulation_steps=accumulation, tokens_per_step=tokens_per_step)
+               gradient_accumulation_steps=accumulation, tokens_per_step=tokens_per_step,
+               host=socket.gethostname(), slurm_node=os.environ.get("SLURMD_NODENAME"),
+               torch_threads=torch.get_num_threads())
     if train_cfg.eval_every and validation is None:
         logger.log(step, event="warning", message="no validation loss: the sources have no held-out split; "
                                                   "set eval_data")

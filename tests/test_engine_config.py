@@ -25,6 +25,7 @@ def test_generated_json_carries_batch_zero_offload_and_clipping():
     assert zero["stage"] == 3 and zero["offload_optimizer"] == {"device": "cpu"}
     assert zero["offload_param"] == {"device": "cpu"} and zero["stage3_gather_16bit_weights_on_model_save"]
     assert ds["optimizer"]["type"] == "AdamW" and ds["optimizer"]["params"]["betas"] == [0.9, 0.95]
+    assert ds["optimizer"]["params"]["torch_adam"]  # bit-exact resume on the CPU (launcher/engine.py)
     assert ds["bf16"]["enabled"] is False and ds["bf16"]["check_grad_overflow"]
 
 

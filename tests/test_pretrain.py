@@ -111,15 +111,16 @@ def _ranks_of(parent: int) -> list[int]:
     return [int(pid) for pid in children.read_text().split()] if children.exists() else []
 
 
-def test_kill_9_of_a_rank_then_relaunch_equals_the_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("stage", [2, 3])
+def test_kill_9_of_a_rank_then_relaunch_equals_the_uninterrupted_run(stage, tmp_path):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
-    run = ("train.max_steps=60", "train.save_every=4", "train.log_every=1")
+    run = ("train.max_steps=60", "train.save_every=3", "train.log_every=1", f"zero.stage={stage}")
     assert pretrain(straight, *run).returncode == 0
     command = [sys.executable, "-m", "launcher.cli", "pretrain", str(TINY), f"output_dir={crashed}", *SMALL, *run,
                "--nproc-per-node=2"]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
-    while time.time() < deadline and not (crashed / "checkpoints" / "global_step8").is_dir():
+    while time.time() < deadline and not (crashed / "checkpoints" / "global_step9").is_dir():
         time.sleep(0.05)
     os.kill(_ranks_of(process.pid)[1], signal.SIGKILL)  # kill -9 one rank mid-run
     _, errors = process.communicate(timeout=300)
