@@ -248,3 +248,24 @@ def test_bad_configs_fail_before_any_process_with_one_line(override, message, tm
     result = pretrain(tmp_path, "train.max_steps=1", override, timeout=120)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_zero3_with_cpu_offload_and_activation_checkpointing_trains(tmp_path):
+    result = pretrain(tmp_path, "train.max_steps=12", "train.save_every=12", "train.log_every=1", "zero.stage=3",
+                      "zero.offload_optimizer=true", "zero.offload_params=true",
+                      "train.activation_checkpointing=true")
+    assert result.returncode == 0, result.stderr[-4000:]
+    losses = train_losses(tmp_path)
+    assert losses[-1] < losses[0] - 0.5, losses
+    assert (tmp_path / "hf" / "model.safetensors").exists()
+
+
+def test_torch_compile_trains_like_eager_and_exports(tmp_path):
+    run = ("train.max_steps=6", "train.save_every=6", "train.log_every=1", "zero.stage=0")
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert pretrain(eager, *run, nproc=1).returncode == 0
+    result = pretrain(compiled, *run, "train.compile=true", nproc=1)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert train_losses(compiled) == pytest.approx(train_losses(eager), rel=1e-4)
+    a, b = exported_weights(eager), exported_weights(compiled)
+    assert a.keys() == b.keys()  # no torch.compile wrapper prefixes in the export
