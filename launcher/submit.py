@@ -95,9 +95,8 @@ def resolve_runs(configs: list[str], overrides: list[str], sweeps: list[str], jo
     for config_path in configs:
         for point in _sweep_points(sweeps):
             config = load_run_config(config_path, [*overrides, *point])
-            if point:
-                config = load_run_config(config_path, [*overrides, *point,
-                                                       f"output_dir={Path(config.output_dir) / _point_name(point)}"])
+            if point:  # each sweep member in its own directory under the run's
+                config = config.model_copy(update={"output_dir": str(Path(config.output_dir) / _point_name(point))})
             config.check_world(job.world_size)
             runs.append(config)
     directories = [Path(run.output_dir).resolve() for run in runs]
