@@ -9,10 +9,12 @@ from transformers import (
     AutoConfig,
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForImageClassification,
     AutoModelForSequenceClassification,
 )
 
 from .configuration_crate import VARIANT_KNOBS, CrateConfig
+from .configuration_crate_vision import CrateVisionConfig
 from .modeling_crate import (
     CrateCache,
     CrateForCausalLM,
@@ -20,17 +22,29 @@ from .modeling_crate import (
     CrateModel,
     CratePreTrainedModel,
 )
-from .presets import config_from_preset, count_parameters, preset_info, preset_names
+from .modeling_crate_vision import (
+    CrateForImageClassification,
+    CrateVisionModel,
+    CrateVisionPreTrainedModel,
+    interpolate_position_table,
+)
+from .presets import config_from_preset, count_parameters, model_for_config, preset_info, preset_names
 
 AutoConfig.register(CrateConfig.model_type, CrateConfig, exist_ok=True)
 AutoModel.register(CrateConfig, CrateModel, exist_ok=True)
 AutoModelForCausalLM.register(CrateConfig, CrateForCausalLM, exist_ok=True)
 AutoModelForSequenceClassification.register(CrateConfig, CrateForSequenceClassification, exist_ok=True)
+AutoConfig.register(CrateVisionConfig.model_type, CrateVisionConfig, exist_ok=True)
+AutoModel.register(CrateVisionConfig, CrateVisionModel, exist_ok=True)
+AutoModelForImageClassification.register(CrateVisionConfig, CrateForImageClassification, exist_ok=True)
 
 CrateConfig.register_for_auto_class()
 CrateModel.register_for_auto_class("AutoModel")
 CrateForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 CrateForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+CrateVisionConfig.register_for_auto_class()
+CrateVisionModel.register_for_auto_class("AutoModel")
+CrateForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 __version__ = "0.1.0"
 
@@ -38,12 +52,18 @@ __all__ = [
     "CrateCache",
     "CrateConfig",
     "CrateForCausalLM",
+    "CrateForImageClassification",
     "CrateForSequenceClassification",
     "CrateModel",
+    "CrateVisionConfig",
+    "CrateVisionModel",
+    "CrateVisionPreTrainedModel",
     "CratePreTrainedModel",
     "VARIANT_KNOBS",
     "config_from_preset",
     "count_parameters",
+    "interpolate_position_table",
+    "model_for_config",
     "preset_info",
     "preset_names",
 ]

@@ -133,47 +133,61 @@ class CrateConfig(PretrainedConfig):
     @property
     def variant(self) -> str:
         """The published family member this configuration is, or ``"custom"``."""
-        for name, knobs in VARIANT_KNOBS.items():
-            expected = {**_STRUCTURAL_DEFAULTS, **knobs}
-            if all(getattr(self, key) == expected[key] for key in _STRUCTURAL_DEFAULTS):
-                return name
-        return "custom"
+        return structural_variant(self)
+
+    @property
+    def causal_attention(self) -> bool:
+        """Language models attend to the past only (the vision config answers False)."""
+        return True
 
     def validate_crate(self) -> None:
         """Raise a one-line ``ValueError`` naming the field for any value the models cannot build."""
+        validate_crate_fields(self, type(self).__name__, extra_positive=("vocab_size", "max_position_embeddings"))
 
-        def fail(field: str, value, allowed: str) -> None:
-            raise ValueError(f"CrateConfig.{field}={value!r} is invalid: {allowed}")
 
-        for field in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
-                      "max_position_embeddings", "mlp_ratio"):
-            value = getattr(self, field)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                fail(field, value, "must be a positive integer")
-        if self.hidden_size % self.num_attention_heads:
-            fail("hidden_size", self.hidden_size,
-                 f"must be divisible by num_attention_heads={self.num_attention_heads}")
-        if self.attention_type not in ATTENTION_TYPES:
-            fail("attention_type", self.attention_type, f"allowed values are {list(ATTENTION_TYPES)}")
-        if self.ista_dictionary_ratio not in DICTIONARY_RATIOS:
-            fail("ista_dictionary_ratio", self.ista_dictionary_ratio,
-                 f"allowed values are {list(DICTIONARY_RATIOS)}")
-        if self.ista_steps not in ISTA_STEPS:
-            fail("ista_steps", self.ista_steps, f"allowed values are {list(ISTA_STEPS)}")
-        if self.ista_dictionary_ratio != 1 and self.ista_steps == 1:
-            # One warm-started step needs a square dictionary: z + eta D^T (z - D z) mixes widths d and s.
-            fail("ista_steps", self.ista_steps, "must be 2 when ista_dictionary_ratio is 4 (the 1-step warm start "
-                 "needs a square dictionary)")
-        if self.attention_type == "tssa":
-            ista_knobs = (self.ista_dictionary_ratio, self.ista_steps, self.ista_decoupled_decoder, self.ista_residual)
-            if ista_knobs != (1, 1, False, False):
-                fail("attention_type", "tssa", "ToST layers use a GELU MLP, not ISTA: leave ista_dictionary_ratio=1, "
-                     "ista_steps=1, ista_decoupled_decoder=False, ista_residual=False")
-        for field in ("ista_step_size", "layer_norm_eps", "initializer_range"):
-            if not float(getattr(self, field)) > 0:
-                fail(field, getattr(self, field), "must be > 0")
-        if float(self.ista_lambda) < 0:
-            fail("ista_lambda", self.ista_lambda, "must be >= 0")
-        for field in ("attention_dropout", "residual_dropout", "embedding_dropout"):
-            if not 0.0 <= float(getattr(self, field)) < 1.0:
-                fail(field, getattr(self, field), "must be in [0, 1)")
+def validate_crate_fields(config, class_name: str, extra_positive: tuple[str, ...] = ()) -> None:
+    """The checks every CRATE-family config shares (the layer knobs); one-line ``ValueError`` naming the field."""
+
+    def fail(field: str, value, allowed: str) -> None:
+        raise ValueError(f"{class_name}.{field}={value!r} is invalid: {allowed}")
+
+    for field in ("hidden_size", "num_hidden_layers", "num_attention_heads", "mlp_ratio") + extra_positive:
+        value = getattr(config, field)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            fail(field, value, "must be a positive integer")
+    if config.hidden_size % config.num_attention_heads:
+        fail("hidden_size", config.hidden_size,
+             f"must be divisible by num_attention_heads={config.num_attention_heads}")
+    if config.attention_type not in ATTENTION_TYPES:
+        fail("attention_type", config.attention_type, f"allowed values are {list(ATTENTION_TYPES)}")
+    if config.ista_dictionary_ratio not in DICTIONARY_RATIOS:
+        fail("ista_dictionary_ratio", config.ista_dictionary_ratio, f"allowed values are {list(DICTIONARY_RATIOS)}")
+    if config.ista_steps not in ISTA_STEPS:
+        fail("ista_steps", config.ista_steps, f"allowed values are {list(ISTA_STEPS)}")
+    if config.ista_dictionary_ratio != 1 and config.ista_steps == 1:
+        # One warm-started step needs a square dictionary: z + eta D^T (z - D z) mixes widths d and s.
+        fail("ista_steps", config.ista_steps, "must be 2 when ista_dictionary_ratio is 4 (the 1-step warm start "
+             "needs a square dictionary)")
+    if config.attention_type == "tssa":
+        ista_knobs = (config.ista_dictionary_ratio, config.ista_steps, config.ista_decoupled_decoder,
+                      config.ista_residual)
+        if ista_knobs != (1, 1, False, False):
+            fail("attention_type", "tssa", "ToST layers use a GELU MLP, not ISTA: leave ista_dictionary_ratio=1, "
+                 "ista_steps=1, ista_decoupled_decoder=False, ista_residual=False")
+    for field in ("ista_step_size", "layer_norm_eps", "initializer_range"):
+        if not float(getattr(config, field)) > 0:
+            fail(field, getattr(config, field), "must be > 0")
+    if float(config.ista_lambda) < 0:
+        fail("ista_lambda", config.ista_lambda, "must be >= 0")
+    for field in ("attention_dropout", "residual_dropout", "embedding_dropout"):
+        if not 0.0 <= float(getattr(config, field)) < 1.0:
+            fail(field, getattr(config, field), "must be in [0, 1)")
+
+
+def structural_variant(config) -> str:
+    """The published family member a config's layer knobs make, or ``"custom"``."""
+    for name, knobs in VARIANT_KNOBS.items():
+        expected = {**_STRUCTURAL_DEFAULTS, **knobs}
+        if all(getattr(config, key) == expected[key] for key in _STRUCTURAL_DEFAULTS):
+            return name
+    return "custom"

@@ -221,13 +221,14 @@ class CrateMSSA(nn.Module):
 
         MSSA(x) = U_out [ softmax(w_1 w_1^T / sqrt(p)) w_1, ..., softmax(w_K w_K^T / sqrt(p)) w_K ] + b_out
 
-    with a causal mask for language models. Because ``q = k = v`` this is exactly
-    ``scaled_dot_product_attention(w, w, w)``, and a KV cache stores the single tensor ``w``.
+    with a causal mask for language models (none for vision: ``config.causal_attention``). Because ``q = k = v`` this
+    is exactly ``scaled_dot_product_attention(w, w, w)``, and a KV cache stores the single tensor ``w``.
     """
 
     def __init__(self, config: CrateConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
+        self.causal = config.causal_attention
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.subspace_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)  # [U_1 ... U_K]
@@ -243,15 +244,16 @@ class CrateMSSA(nn.Module):
         weights = None
         if output_attentions:
             scores = torch.matmul(w, context.transpose(-1, -2)) / math.sqrt(self.head_dim)
-            if attention_mask is None:
+            if attention_mask is None and self.causal:
                 attention_mask = _causal_bool_mask(tokens, context.shape[-2], w.device)
-            scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+            if attention_mask is not None:
+                scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
             weights = F.dropout(scores.softmax(dim=-1), dropout, self.training)
             out = torch.matmul(weights, context)
         else:
-            # No mask given means plain causal attention over the whole key range.
-            is_causal = attention_mask is None and tokens > 1 and tokens == context.shape[-2]
-            if attention_mask is None and tokens > 1 and not is_causal:  # chunked prefill on top of a cache
+            # No mask given means plain causal attention over the whole key range (language models).
+            is_causal = self.causal and attention_mask is None and tokens > 1 and tokens == context.shape[-2]
+            if self.causal and attention_mask is None and tokens > 1 and not is_causal:  # chunked prefill + cache
                 attention_mask = _causal_bool_mask(tokens, context.shape[-2], w.device)
             out = F.scaled_dot_product_attention(
                 w, context, context, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal
@@ -272,11 +274,15 @@ class CrateTSSA(nn.Module):
     ``tau`` (one temperature per head) and ``b`` (a per-position bias, as in the official causal ToST LM) are
     learned. No ``N x N`` matrix is formed: time O(pN) and memory O(p) per head, and generation carries only the
     running sums (see [`TSSACacheLayer`]). Padding tokens (``attention_mask == 0``) contribute nothing to the sums.
+
+    Vision (``config.causal_attention`` false) takes the sums over all ``N`` tokens instead of ``m <= n``, without
+    the position bias: the official vision ToST.
     """
 
     def __init__(self, config: CrateConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
+        self.causal = config.causal_attention
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.subspace_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
@@ -299,7 +305,9 @@ class CrateTSSA(nn.Module):
 
         state = cache.layers[self.layer_idx] if cache is not None else None
         has_past = state is not None and state.sum_sq is not None
-        cum_sq = w_sq.cumsum(dim=2)
+        # Causal: running sums over positions m <= n; vision: one sum over all tokens (broadcast over n).
+        running_sum = (lambda t: t.cumsum(dim=2)) if self.causal else (lambda t: t.sum(dim=2, keepdim=True))
+        cum_sq = running_sum(w_sq)
         if has_past:
             cum_sq = cum_sq + state.sum_sq[:, :, None]
         logits = (w_sq / cum_sq.clamp_min(1e-12)).sum(dim=-1)  # (B, K, N)
@@ -310,8 +318,8 @@ class CrateTSSA(nn.Module):
         if token_mask is not None:
             membership = membership * token_mask[:, None, :]
 
-        cum_pi = membership.cumsum(dim=2)
-        cum_pi_sq = (w_sq * membership[..., None]).cumsum(dim=2)
+        cum_pi = running_sum(membership)
+        cum_pi_sq = running_sum(w_sq * membership[..., None])
         if has_past:
             cum_pi = cum_pi + state.sum_pi[:, :, None]
             cum_pi_sq = cum_pi_sq + state.sum_pi_sq[:, :, None]

@@ -12,6 +12,7 @@ from pathlib import Path
 from torch import nn
 
 from .configuration_crate import CrateConfig
+from .configuration_crate_vision import CrateVisionConfig
 
 PRESETS_FILE = Path(__file__).with_name("presets.json")
 
@@ -23,8 +24,10 @@ def _load() -> dict[str, dict]:
     return presets
 
 
-def preset_names() -> list[str]:
-    return sorted(_load())
+def preset_names(model_type: str | None = None) -> list[str]:
+    """All preset names, or those of one ``model_type`` (``"crate"`` language models, ``"crate_vision"``)."""
+    return sorted(name for name, info in _load().items()
+                  if model_type is None or info.get("model_type", "crate") == model_type)
 
 
 def preset_info(name: str) -> dict:
@@ -35,9 +38,23 @@ def preset_info(name: str) -> dict:
     return presets[name]
 
 
-def config_from_preset(name: str, **overrides) -> CrateConfig:
-    """Build the preset's [`CrateConfig`]; ``overrides`` replace any of its fields (e.g. ``vocab_size``)."""
-    return CrateConfig(**{**preset_info(name)["config"], **overrides})
+def config_from_preset(name: str, **overrides) -> CrateConfig | CrateVisionConfig:
+    """Build the preset's [`CrateConfig`] (or [`CrateVisionConfig`] for a vision preset); ``overrides`` replace any
+    of its fields (e.g. ``vocab_size``, ``num_labels``)."""
+    info = preset_info(name)
+    config_class = CrateVisionConfig if info.get("model_type") == "crate_vision" else CrateConfig
+    return config_class(**{**info["config"], **overrides})
+
+
+def model_for_config(config: CrateConfig | CrateVisionConfig) -> nn.Module:
+    """The task model of a config: ``CrateForCausalLM`` or ``CrateForImageClassification``."""
+    if config.model_type == "crate_vision":
+        from .modeling_crate_vision import CrateForImageClassification
+
+        return CrateForImageClassification(config)
+    from .modeling_crate import CrateForCausalLM
+
+    return CrateForCausalLM(config)
 
 
 def count_parameters(model: nn.Module, exclude_position_embeddings: bool = True) -> int:

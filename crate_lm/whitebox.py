@@ -37,6 +37,11 @@ tokens, and then averaged over the batch (``rc_std`` is the population standard 
 GPT-2 has no shared q = k = v projection; as the analogue of MSSA's ``w`` we take the **query** ``q = LN(x) W_q + b_q``
 (the first ``hidden_size`` columns of ``attn.c_attn``), split into heads; its MLP activation is the output of
 ``mlp.act``. Both are captured by forward hooks, removed even when the forward pass fails.
+
+Vision models (``crate_vision``, HF ``vit``) are measured the same way over an image's tokens (CLS and patches):
+N is 1 + the number of patches; ViT's query is the output of ``attention.q_proj`` and its code the output of
+``mlp.activation_fn``. [`cls_attention_maps`] gives the CLS token's attention over the patch grid, the maps in
+which supervised CRATE's heads segment objects.
 """
 
 from __future__ import annotations
@@ -56,6 +61,8 @@ __all__ = [
     "measure_crate",
     "measure_gpt2",
     "measure",
+    "measure_vision",
+    "cls_attention_maps",
 ]
 
 DEFAULT_EPS_SQ = 0.01
@@ -322,12 +329,80 @@ def measure_gpt2(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
             handle.remove()
 
 
-def measure(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+def _captured(modules: list[nn.Module]):
+    """Forward hooks keeping each module's output by index; the handles are removed by the caller."""
+    kept: dict[int, torch.Tensor] = {}
+
+    def keep(index):
+        def hook(module, args, output):
+            kept[index] = output
+        return hook
+
+    return kept, [module.register_forward_hook(keep(i)) for i, module in enumerate(modules)]
+
+
+def measure_vision(model: nn.Module, pixel_values: torch.Tensor, eps_sq: float = DEFAULT_EPS_SQ) -> list[dict]:
+    """The measures of [`measure_crate`] for an image model over each image's tokens (CLS + patches):
+    ``crate_vision`` (``CrateForImageClassification`` / ``CrateVisionModel``) from its outputs, HF ViT through
+    hooks (query ``attention.q_proj``, code ``mlp.activation_fn``)."""
+    base = model.base_model
+    pixel_values = pixel_values.to(next(model.parameters()).device)
+    if model.config.model_type == "crate_vision":
+        is_tssa = model.config.attention_type == "tssa"
+        with _EvalMode(model):
+            outputs = base(pixel_values, output_sparse_codes=True, output_attentions=is_tssa, return_dict=True)
+            return [_layer_record(i, w, code, None, eps_sq, outputs.attentions[i] if is_tssa else None)
+                    for i, (w, code) in enumerate(zip(outputs.subspace_projections, outputs.sparse_codes))]
+    heads = model.config.num_attention_heads
+    queries, query_handles = _captured([layer.attention.q_proj for layer in base.layers])
+    codes, code_handles = _captured([layer.mlp.activation_fn for layer in base.layers])
+    try:
+        with _EvalMode(model):
+            base(pixel_values, return_dict=True)
+            records = []
+            for index in range(len(base.layers)):
+                batch, tokens, width = queries[index].shape
+                w = queries[index].reshape(batch, tokens, heads, width // heads).transpose(1, 2)
+                records.append(_layer_record(index, w, codes[index], None, eps_sq))
+            return records
+    finally:
+        for handle in query_handles + code_handles:
+            handle.remove()
+
+
+@torch.no_grad()
+def cls_attention_maps(model: nn.Module, pixel_values: torch.Tensor, layer: int = -1) -> torch.Tensor:
+    """The CLS token's attention over the patches in one layer (default: the last), per head, as images:
+    ``(batch, heads, grid_h, grid_w)``, each map summing to at most 1 (the CLS token's weight on itself is left
+    out). CRATE (MSSA) from ``output_attentions``; HF ViT likewise, run with eager attention for the call. ToST
+    forms no attention matrix: its map is each patch's membership ``Pi`` in the head."""
+    pixel_values = pixel_values.to(next(model.parameters()).device)
+    config = model.config
+    grid = (pixel_values.shape[-2] // config.patch_size, pixel_values.shape[-1] // config.patch_size)
+    previous = getattr(config, "_attn_implementation", None)
+    if config.model_type == "vit" and previous != "eager":
+        model.set_attn_implementation("eager")
+    try:
+        with _EvalMode(model):
+            attentions = model.base_model(pixel_values, output_attentions=True, return_dict=True).attentions
+    finally:
+        if config.model_type == "vit" and previous != "eager":
+            model.set_attn_implementation(previous)
+    weights = attentions[layer].float()
+    cls_row = weights[:, :, 1:] if weights.dim() == 3 else weights[:, :, 0, 1:]  # ToST: Pi (B, K, N)
+    return cls_row.reshape(*cls_row.shape[:2], *grid)
+
+
+def measure(model: nn.Module, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None,
             eps_sq: float = DEFAULT_EPS_SQ) -> list[dict]:
-    """Per-layer white-box measures of a CRATE (``model_type == "crate"``) or GPT-2 (``"gpt2"``) model."""
+    """Per-layer white-box measures of a CRATE (``crate``) or GPT-2 (``gpt2``) language model on ``input_ids``, or of
+    a CRATE (``crate_vision``) or ViT (``vit``) image model on ``pixel_values``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type == "crate":
-        return measure_crate(model, input_ids, attention_mask, eps_sq)
+        return measure_crate(model, inputs, attention_mask, eps_sq)
     if model_type == "gpt2":
-        return measure_gpt2(model, input_ids, attention_mask, eps_sq)
-    raise ValueError(f"white-box measures support model types 'crate' and 'gpt2', got {model_type!r}")
+        return measure_gpt2(model, inputs, attention_mask, eps_sq)
+    if model_type in ("crate_vision", "vit"):
+        return measure_vision(model, inputs, eps_sq)
+    raise ValueError(f"white-box measures support model types 'crate', 'gpt2', 'crate_vision' and 'vit', got "
+                     f"{model_type!r}")

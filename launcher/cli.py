@@ -11,20 +11,21 @@ def _cmd_models(args: argparse.Namespace) -> int:
     """List the presets with their parameter counts (built on the meta device: no memory, no time)."""
     import torch
 
-    from crate_lm import CrateForCausalLM, config_from_preset, count_parameters, preset_info, preset_names
+    from crate_lm import config_from_preset, count_parameters, model_for_config, preset_info, preset_names
 
     print(f"{'preset':22s} {'variant':12s} {'d':>5s} {'L':>3s} {'K':>3s} {'params':>9s} {'published':>10s} {'diff':>7s}")
     for name in preset_names():
         info = preset_info(name)
         config = config_from_preset(name)
         with torch.device("meta"):
-            params = count_parameters(CrateForCausalLM(config))
+            params = count_parameters(model_for_config(config))
         published = info.get("published_params")
         diff = f"{100 * (params - published) / published:+.2f}%" if published else ""
         published_text = f"{published / 1e6:.1f}M" if published else ""
         print(f"{name:22s} {config.variant:12s} {config.hidden_size:5d} {config.num_hidden_layers:3d} "
               f"{config.num_attention_heads:3d} {params / 1e6:8.2f}M {published_text:>10s} {diff:>7s}")
-    print("params: tied weights once, position embeddings excluded (nanoGPT's convention, as published)")
+    print("params: language models count tied weights once and exclude position embeddings (nanoGPT's convention); "
+          "vision models count every parameter (as published)")
     return 0
 
 
@@ -95,7 +96,7 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
 def _cmd_pretrain(args: argparse.Namespace) -> int:
     from launcher.pretrain import pretrain
 
-    return pretrain(args.config, args.overrides, args.nproc_per_node)
+    return pretrain(args.config, args.overrides, args.nproc_per_node, command=args.command)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
@@ -137,13 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    pretrain = commands.add_parser("pretrain", help="pretrain a CRATE LM or the GPT-2 baseline with DeepSpeed "
-                                   "(resumes from the newest valid checkpoint in output_dir)")
-    pretrain.add_argument("config", help="run config (YAML), e.g. configs/lm/crate-tiny.yaml")
-    pretrain.add_argument("overrides", nargs="*", help="dotted overrides: train.max_steps=20 output_dir=/tmp/run")
-    pretrain.add_argument("--nproc-per-node", type=int, default=1,
-                          help="local processes to start (ignored under torchrun / deepspeed / srun)")
-    pretrain.set_defaults(func=_cmd_pretrain)
+    for name, help_text, example in (
+        ("pretrain", "pretrain a CRATE model or its baseline (GPT-2 on text, ViT on images) with DeepSpeed "
+         "(resumes from the newest valid checkpoint in output_dir)", "configs/lm/crate-tiny.yaml"),
+        ("finetune", "fine-tune an HF checkpoint (model.init_from; ours, GPT-2 or ViT) on a new task: a new head "
+         "for new labels, full fine-tuning or a linear probe (model.linear_probe); same engine and checkpoints",
+         "configs/vision/finetune-fmnist-linear-probe.yaml"),
+    ):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("config", help=f"run config (YAML), e.g. {example}")
+        command.add_argument("overrides", nargs="*", help="dotted overrides: train.max_steps=20 output_dir=/tmp/run")
+        command.add_argument("--nproc-per-node", type=int, default=1,
+                             help="local processes to start (ignored under torchrun / deepspeed / srun)")
+        command.set_defaults(func=_cmd_pretrain)
 
     submit = commands.add_parser("submit", help="submit a run (or a sweep: a job array) to Slurm: N nodes x G GPUs, "
                                  "requeued on preemption, resumed from the newest checkpoint")
@@ -232,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     # Overrides may come after options (crate submit CONFIG --nodes 2 train.max_steps=9): gather them back.
-    list_name = {"pretrain": "overrides", "submit": "items"}.get(args.command)
+    list_name = {"pretrain": "overrides", "finetune": "overrides", "submit": "items"}.get(args.command)
     if extra and (list_name is None or any(item.startswith("-") for item in extra)):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:

@@ -4,12 +4,14 @@
 output_dir: runs/crate-tiny
 tokenizer: gpt2                    # gpt2 | bpe:N (trained on the run's text at start) | an HF tokenizer directory
 model:
-  arch: crate                      # crate | gpt2 (HF GPT2LMHeadModel built from the same size knobs)
+  arch: crate                      # crate | gpt2 | vit (HF GPT2LMHeadModel / ViTForImageClassification built from
+                                   # the same size knobs)
   preset: crate-tiny               # a crate_lm preset (crate only); size knobs below override it
   hidden_size: 128
-  overrides: {ista_lambda: 0.1}    # any other CrateConfig / GPT2Config field
-data: {...}                        # data_pipeline.spec (docs/data.md)
-eval_data: {sources: [...]}        # held-out text for validation; default: the built-in sources' validation split
+  overrides: {ista_lambda: 0.1}    # any other CrateConfig / CrateVisionConfig / GPT2Config / ViTConfig field
+  init_from: runs/x/hf             # start from an HF checkpoint (crate finetune); linear_probe: true trains the head only
+data: {...}                        # text (data_pipeline.spec) or images (image_size set / image sources): docs/data.md
+eval_data: {sources: [...]}        # held-out data; default: the built-in sources' validation (text) / test (images) split
 train: {max_steps: 200, micro_batch_size: 8, global_batch_size: 16, ...}
 optimizer: {lr: 6.0e-4, min_lr: 6.0e-5, warmup_steps: 20, weight_decay: 0.1, betas: [0.9, 0.95]}
 zero: {stage: 2, offload_optimizer: false, offload_params: false}
@@ -29,6 +31,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from data_pipeline.image_sources import ImageDataSpec, is_image_data, parse_image_data
 from data_pipeline.spec import DataSpecError, TextDataSpec, parse_text_data
 
 from .config_files import load_config_tree, read_yaml_value
@@ -44,23 +47,28 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    arch: Literal["crate", "gpt2"] = "crate"
+    arch: Literal["crate", "gpt2", "vit"] = "crate"
     preset: str | None = None
     config_path: str | None = None  # an HF config.json, or a directory holding one
+    init_from: str | None = None  # an HF checkpoint directory whose weights the run starts from (fine-tuning)
+    linear_probe: bool = False  # with init_from: train the classifier head only (frozen backbone)
     hidden_size: int | None = Field(default=None, ge=1)
     num_hidden_layers: int | None = Field(default=None, ge=1)
     num_attention_heads: int | None = Field(default=None, ge=1)
     max_position_embeddings: int | None = Field(default=None, ge=1)
     vocab_size: int | None = Field(default=None, ge=1)  # default: the tokenizer's size
+    patch_size: int | None = Field(default=None, ge=1)  # vision; image_size and channels come from the data
     overrides: dict[str, Any] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _one_origin(self):
-        if self.preset and self.config_path:
-            raise ValueError("give preset or config_path, not both")
-        if self.arch == "gpt2" and self.preset:
-            raise ValueError("preset names CRATE presets; a gpt2 baseline takes hidden_size, num_hidden_layers, "
-                             "num_attention_heads (or config_path)")
+        if sum(bool(origin) for origin in (self.preset, self.config_path, self.init_from)) > 1:
+            raise ValueError("give at most one of preset, config_path and init_from")
+        if self.arch != "crate" and self.preset:
+            raise ValueError(f"preset names CRATE presets; a {self.arch} baseline takes hidden_size, "
+                             "num_hidden_layers, num_attention_heads (or config_path)")
+        if self.linear_probe and not self.init_from:
+            raise ValueError("linear_probe trains a head on a pretrained backbone: set init_from")
         return self
 
 
@@ -75,6 +83,9 @@ class TrainSection(_Section):
     save_every: int = Field(default=100, ge=0)
     keep_last: int = Field(default=3, ge=1)
     whitebox_every: int = Field(default=0, ge=0)
+    label_smoothing: float = Field(default=0.0, ge=0, lt=1)  # image classification
+    mixup_alpha: float = Field(default=0.0, ge=0)  # image classification: Beta(alpha, alpha) mixing; 0 = off
+    cutmix_alpha: float = Field(default=0.0, ge=0)  # with both on, each batch takes one of them at random
     export_on_save: bool = True
     activation_checkpointing: bool = False
     compile: bool = False
@@ -117,8 +128,8 @@ class RunConfig(_Section):
     output_dir: str
     tokenizer: str = "gpt2"
     model: ModelSection = Field(default_factory=ModelSection)
-    data: TextDataSpec
-    eval_data: TextDataSpec | None = None  # held-out sources; seq_len is the training one
+    data: TextDataSpec | ImageDataSpec
+    eval_data: TextDataSpec | ImageDataSpec | None = None  # held-out sources; seq_len / image shape: the training one
     train: TrainSection
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     zero: ZeroSection = Field(default_factory=ZeroSection)
@@ -135,13 +146,35 @@ class RunConfig(_Section):
     @field_validator("data", "eval_data", mode="before")
     @classmethod
     def _parse_data(cls, value):
-        return value if value is None or isinstance(value, TextDataSpec) else parse_text_data(value)
+        if value is None or isinstance(value, (TextDataSpec, ImageDataSpec)):
+            return value
+        return parse_image_data(value) if is_image_data(value) else parse_text_data(value)
+
+    @property
+    def is_image(self) -> bool:
+        """An image classification run (else a language-model run)."""
+        return isinstance(self.data, ImageDataSpec)
 
     @model_validator(mode="after")
-    def _eval_seq_len(self):
-        if self.eval_data is not None and self.eval_data.seq_len != self.data.seq_len:
-            raise ValueError(f"eval_data.seq_len ({self.eval_data.seq_len}) must equal data.seq_len "
-                             f"({self.data.seq_len}); leave it out to inherit it")
+    def _consistent_data(self):
+        if self.eval_data is not None and type(self.eval_data) is not type(self.data):
+            raise ValueError("eval_data: must be the same kind of data (text or images) as data")
+        if self.is_image:
+            for key in ("image_size", "channels"):
+                if self.eval_data is not None and getattr(self.eval_data, key) != getattr(self.data, key):
+                    raise ValueError(f"eval_data.{key} ({getattr(self.eval_data, key)}) must equal data.{key} "
+                                     f"({getattr(self.data, key)}); leave it out to inherit it")
+            if self.model.arch == "gpt2":
+                raise ValueError("model.arch: gpt2 is a language model; image data takes crate or vit")
+        else:
+            if self.eval_data is not None and self.eval_data.seq_len != self.data.seq_len:
+                raise ValueError(f"eval_data.seq_len ({self.eval_data.seq_len}) must equal data.seq_len "
+                                 f"({self.data.seq_len}); leave it out to inherit it")
+            if self.model.arch == "vit":
+                raise ValueError("model.arch: vit classifies images; text data takes crate or gpt2")
+            for key in ("label_smoothing", "mixup_alpha", "cutmix_alpha"):
+                if getattr(self.train, key):
+                    raise ValueError(f"train.{key}: applies to image classification only")
         return self
 
     def check_world(self, world_size: int) -> int:
@@ -161,13 +194,16 @@ class RunConfig(_Section):
         return raw
 
 
-def _data_to_dict(spec: TextDataSpec) -> dict:
-    from dataclasses import asdict
+def _data_to_dict(spec: TextDataSpec | ImageDataSpec) -> dict:
+    """The spec as plain YAML data that parses back to the same spec (source fields at their defaults left out)."""
+    from dataclasses import fields
 
-    raw = asdict(spec)
-    raw.pop("extra", None)
-    raw["sources"] = [{k: v for k, v in source.items() if v is not None and not (k == "weight" and v == 1.0)}
-                      for source in raw["sources"]]
+    def plain(value):
+        return list(value) if isinstance(value, tuple) else value
+
+    raw = {f.name: plain(getattr(spec, f.name)) for f in fields(spec) if f.name not in ("sources", "extra")}
+    raw["sources"] = [{f.name: plain(getattr(source, f.name)) for f in fields(source)
+                       if getattr(source, f.name) != f.default} for source in spec.sources]
     return raw
 
 
@@ -208,11 +244,19 @@ def _first_error(error: ValidationError) -> str:
 
 def parse_run_config(raw: dict, source: str = "config") -> RunConfig:
     try:
-        if isinstance(raw.get("data"), dict):  # its own validator names its keys (data.sources[0].path: ...)
-            raw = {**raw, "data": parse_text_data(raw["data"])}
+        data = raw.get("data")
+        if isinstance(data, dict):  # its own validator names its keys (data.sources[0].path: ...)
+            data = parse_image_data(data) if is_image_data(data) else parse_text_data(data)
+            raw = {**raw, "data": data}
         if isinstance(raw.get("eval_data"), dict):
-            held_out = {"seq_len": getattr(raw.get("data"), "seq_len", 1024), **raw["eval_data"]}
-            raw = {**raw, "eval_data": parse_text_data(held_out, where="eval_data")}
+            if isinstance(data, ImageDataSpec):  # the training image shape and normalisation, no augmentation
+                inherited = {"image_size": data.image_size, "channels": data.channels, "mean": list(data.mean),
+                             "std": list(data.std), "split": "test"}
+                held_out = parse_image_data({**inherited, **raw["eval_data"]}, where="eval_data")
+            else:
+                held_out = parse_text_data({"seq_len": getattr(data, "seq_len", 1024), **raw["eval_data"]},
+                                           where="eval_data")
+            raw = {**raw, "eval_data": held_out}
         return RunConfig.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(f"{source}: {_first_error(error)}") from None

@@ -1,5 +1,6 @@
-"""HF export: ``<output_dir>/hf/`` holds safetensors, config, generation config, tokenizer and, for CRATE, the
-modeling code (``auto_map``), so ``AutoModelForCausalLM.from_pretrained(<output_dir>/hf)`` just works.
+"""HF export: ``<output_dir>/hf/`` holds safetensors, config, generation config, the preprocessor (the tokenizer, or
+for image runs the image processor) and, for CRATE, the modeling code (``auto_map``), so
+``AutoModelForCausalLM`` / ``AutoModelForImageClassification.from_pretrained(<output_dir>/hf)`` just works.
 
 ZeRO-3 partitions the parameters over ranks: every rank enters the gather, rank 0 writes. The directory is written
 beside the old one and swapped in, so a crash mid-export never leaves a half-written ``hf/``.
@@ -13,7 +14,7 @@ import shutil
 from pathlib import Path
 
 
-def export_hf(model, tokenizer, out_dir: str | os.PathLike, is_main: bool, zero_stage: int = 0) -> None:
+def export_hf(model, processor, out_dir: str | os.PathLike, is_main: bool, zero_stage: int = 0) -> None:
     out = Path(out_dir)
     gather = contextlib.nullcontext()
     if zero_stage == 3:
@@ -25,7 +26,7 @@ def export_hf(model, tokenizer, out_dir: str | os.PathLike, is_main: bool, zero_
             staging = out.with_name(f".{out.name}.tmp")
             shutil.rmtree(staging, ignore_errors=True)
             model.save_pretrained(staging, safe_serialization=True)
-            tokenizer.save_pretrained(staging)
+            processor.save_pretrained(staging)
             previous = out.with_name(f".{out.name}.old")
             shutil.rmtree(previous, ignore_errors=True)
             if out.exists():
@@ -52,9 +53,12 @@ def export_checkpoint(run_dir: str | os.PathLike, step: int | None = None, out: 
     """``crate export``: the HF model of a run's checkpoint (the newest valid one, or ``step``), written to ``out``
     (default ``<run_dir>/hf`` for the newest, ``<run_dir>/hf-step<N>`` for an older step). One process, no
     process group: ZeRO-3 shards are merged from the files. Returns the directory written."""
+    from transformers import AutoConfig
+
     from .checkpoint import CheckpointManager, tag_for
     from .config import ConfigError, parse_run_config
     from .models import build_model, build_model_config
+    from .tasks import image_processor_for
     from .tokenizers import load_tokenizer
 
     run_dir = Path(run_dir)
@@ -73,8 +77,16 @@ def export_checkpoint(run_dir: str | os.PathLike, step: int | None = None, out: 
         raise ConfigError(f"--step {step}: checkpoint {checkpoints.root / tag_for(step)} is unusable ({problem})")
     manifest = checkpoints.manifest(step)
     config = parse_run_config(manifest["config"], source=str(checkpoints.root / tag_for(step) / "manifest.json"))
-    tokenizer = load_tokenizer(config.tokenizer, output_dir=run_dir)
-    model = build_model(build_model_config(config.model, len(tokenizer), tokenizer.eos_token_id, config.data.seq_len))
+    if config.is_image:
+        processor = image_processor_for(config.data)
+    else:
+        processor = load_tokenizer(config.tokenizer, output_dir=run_dir)
+    if "model_config" in manifest:  # the exact model the run trained (any task, init_from or not)
+        saved = dict(manifest["model_config"])
+        model_config = AutoConfig.for_model(saved.pop("model_type"), **saved)
+    else:  # checkpoints written before the manifest recorded it: language models only
+        model_config = build_model_config(config.model, len(processor), processor.eos_token_id, config.data.seq_len)
+    model = build_model(model_config)
     state = consolidated_state_dict(checkpoints.root / tag_for(step), manifest.get("zero_stage", config.zero.stage))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - set(getattr(model, "_tied_weights_keys", None) or ()):
@@ -83,5 +95,5 @@ def export_checkpoint(run_dir: str | os.PathLike, step: int | None = None, out: 
     model.tie_weights()
     if out is None:
         out = run_dir / ("hf" if step == steps[-1] else f"hf-step{step}")
-    export_hf(model, tokenizer, out, is_main=True)
+    export_hf(model, processor, out, is_main=True)
     return Path(out)

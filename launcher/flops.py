@@ -13,6 +13,8 @@ Matrix-multiply FLOPs per token of one forward pass (a multiply-add is 2 FLOPs),
 * TSSA (ToST): projections (4d^2) and the GELU MLP (4 d * mlp_ratio * d); the token statistics are O(d) per token.
 * GPT-2 layer: QKV (6d^2), output (2d^2), MLP (16d^2) and attention ``4 T d``.
 * LM head: ``2 d V`` (the embedding lookup is free).
+* Vision (CRATE, ViT): the same layers over ``T = 1 + patches`` tokens, plus the patch embedding (``2 P^2 C d``
+  per patch) and the classifier (``2 d classes`` per image), both spread over the image's T tokens.
 
 Training costs three forward passes (the backward pass is two).
 """
@@ -20,8 +22,9 @@ Training costs three forward passes (the backward pass is two).
 from __future__ import annotations
 
 
-def crate_forward_flops_per_token(config, seq_len: int, tokens_per_call: int | None = None) -> float:
-    """``tokens_per_call`` (micro-batch x sequence) decides the one-step ISTA form, as in ``CrateISTA``."""
+def crate_layers_flops_per_token(config, seq_len: int, tokens_per_call: int | None = None) -> float:
+    """The CRATE layers alone; ``tokens_per_call`` (micro-batch x sequence) decides the one-step ISTA form, as in
+    ``CrateISTA``."""
     d, layers = config.hidden_size, config.num_hidden_layers
     if config.attention_type == "tssa":
         per_layer = 4 * d * d + 4 * d * config.mlp_ratio * d
@@ -36,23 +39,57 @@ def crate_forward_flops_per_token(config, seq_len: int, tokens_per_call: int | N
         if config.ista_steps == 1 and config.ista_decoupled_decoder:
             ista += 2 * d * s
         per_layer = 4 * d * d + 4 * seq_len * d + ista
-    return layers * per_layer + 2 * d * config.vocab_size
+    return layers * per_layer
+
+
+def crate_forward_flops_per_token(config, seq_len: int, tokens_per_call: int | None = None) -> float:
+    return crate_layers_flops_per_token(config, seq_len, tokens_per_call) + 2 * config.hidden_size * config.vocab_size
+
+
+def _transformer_layers_flops_per_token(d: int, layers: int, inner: int, seq_len: int) -> float:
+    return layers * (8 * d * d + 4 * d * inner + 4 * seq_len * d)
 
 
 def gpt2_forward_flops_per_token(config, seq_len: int, tokens_per_call: int | None = None) -> float:
-    d, layers = config.n_embd, config.n_layer
-    inner = config.n_inner or 4 * d
-    per_layer = 8 * d * d + 4 * d * inner + 4 * seq_len * d
-    return layers * per_layer + 2 * d * config.vocab_size
+    layers = _transformer_layers_flops_per_token(config.n_embd, config.n_layer, config.n_inner or 4 * config.n_embd,
+                                                 seq_len)
+    return layers + 2 * config.n_embd * config.vocab_size
+
+
+def image_tokens(config) -> int:
+    """Tokens of one image: the CLS token and the patches."""
+    return 1 + (config.image_size // config.patch_size) ** 2
+
+
+def _vision_edges_per_token(config) -> float:
+    patches = image_tokens(config) - 1
+    embedding = 2 * config.patch_size**2 * config.num_channels * config.hidden_size * patches
+    return (embedding + 2 * config.hidden_size * config.num_labels) / image_tokens(config)
+
+
+def crate_vision_forward_flops_per_token(config, seq_len: int | None = None,
+                                         tokens_per_call: int | None = None) -> float:
+    seq_len = seq_len or image_tokens(config)
+    return crate_layers_flops_per_token(config, seq_len, tokens_per_call) + _vision_edges_per_token(config)
+
+
+def vit_forward_flops_per_token(config, seq_len: int | None = None, tokens_per_call: int | None = None) -> float:
+    seq_len = seq_len or image_tokens(config)
+    layers = _transformer_layers_flops_per_token(config.hidden_size, config.num_hidden_layers,
+                                                 config.intermediate_size, seq_len)
+    return layers + _vision_edges_per_token(config)
+
+
+FORWARD_FLOPS = {"crate": crate_forward_flops_per_token, "gpt2": gpt2_forward_flops_per_token,
+                 "crate_vision": crate_vision_forward_flops_per_token, "vit": vit_forward_flops_per_token}
 
 
 def forward_flops_per_token(config, seq_len: int, tokens_per_call: int | None = None) -> float:
-    """Dispatch on ``config.model_type`` ("crate" or "gpt2")."""
-    if config.model_type == "crate":
-        return crate_forward_flops_per_token(config, seq_len, tokens_per_call)
-    if config.model_type == "gpt2":
-        return gpt2_forward_flops_per_token(config, seq_len, tokens_per_call)
-    raise ValueError(f"model_type={config.model_type!r} has no FLOP formula: allowed values are ['crate', 'gpt2']")
+    """Dispatch on ``config.model_type`` (crate, gpt2, crate_vision, vit)."""
+    if config.model_type not in FORWARD_FLOPS:
+        raise ValueError(f"model_type={config.model_type!r} has no FLOP formula: allowed values are "
+                         f"{list(FORWARD_FLOPS)}")
+    return FORWARD_FLOPS[config.model_type](config, seq_len, tokens_per_call)
 
 
 def training_flops_per_token(config, seq_len: int, tokens_per_call: int | None = None) -> float:

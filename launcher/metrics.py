@@ -211,16 +211,19 @@ class ThroughputMeter:
     ``flops_per_token``: analytic training FLOPs per token (``launcher.flops.training_flops_per_token``).
     ``peak_flops``: peak FLOP/s of one device (``device_peak_flops``); None leaves MFU out.
     ``world_size``: devices sharing the step. ``total_steps``: for the ETA. ``window``: steps averaged over.
+    ``samples_per_step``: also report ``samples_per_s`` (images/s of an image run, whose tokens are patches).
 
     Time a step with [`tick`] (after each step; the first tick after construction or [`restart`] only starts the
     clock, so the warm-up step is not counted) or feed durations with [`record`].
     """
 
     def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float | None = None,
-                 world_size: int = 1, total_steps: int | None = None, window: int = 20):
+                 world_size: int = 1, total_steps: int | None = None, window: int = 20,
+                 samples_per_step: int | None = None):
         if tokens_per_step <= 0 or world_size <= 0 or window <= 0:
             raise ValueError("tokens_per_step, world_size and window must be positive")
         self.tokens_per_step = tokens_per_step
+        self.samples_per_step = samples_per_step
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.world_size = world_size
@@ -270,6 +273,8 @@ class ThroughputMeter:
         tokens_per_s = self.tokens_per_step / step_time
         per_device = tokens_per_s / self.world_size
         out.update(step_time_s=step_time, tokens_per_s=tokens_per_s, tokens_per_s_per_device=per_device)
+        if self.samples_per_step:
+            out["samples_per_s"] = self.samples_per_step / step_time
         if self.peak_flops:
             out["mfu"] = self.flops_per_token * per_device / self.peak_flops
         if self.total_steps is not None:
@@ -457,7 +462,9 @@ def _progress_fields(scalars: dict) -> dict[str, str]:
     if isinstance(scalars.get("loss"), (int, float, str)):
         loss = scalars["loss"]
         fields["loss"] = f"{loss:.4f}" if isinstance(loss, (int, float)) else loss
-    if isinstance(scalars.get("tokens_per_s"), (int, float)):
+    if isinstance(scalars.get("samples_per_s"), (int, float)):
+        fields["img/s"] = _format_count(scalars["samples_per_s"])
+    elif isinstance(scalars.get("tokens_per_s"), (int, float)):
         fields["tok/s"] = _format_count(scalars["tokens_per_s"])
     if isinstance(scalars.get("mfu"), (int, float)):
         fields["mfu"] = f"{100 * scalars['mfu']:.1f}%"

@@ -1,19 +1,24 @@
-"""Build the model a run config names — a CRATE preset, CRATE size knobs, or the HF GPT-2 baseline built from the
-same knobs — and its AdamW parameter groups. Plain ``PreTrainedModel``s: nothing here knows about distribution."""
+"""Build the model a run config names — a CRATE preset, CRATE size knobs, or the HF baseline built from the same
+knobs (GPT-2 for text, ViT for images), or a pretrained HF checkpoint to fine-tune — and its AdamW parameter groups.
+Plain ``PreTrainedModel``s: nothing here knows about distribution."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, PretrainedConfig
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageClassification, GPT2Config,
+                          GPT2LMHeadModel, PretrainedConfig, ViTConfig, ViTForImageClassification)
 
 import crate_lm
-from crate_lm import CrateConfig, CrateForCausalLM
+from crate_lm import CrateConfig, CrateForCausalLM, CrateForImageClassification, CrateVisionConfig
+from crate_lm.modeling_crate_vision import interpolate_position_table
 
 from .config import ConfigError, ModelSection
 
 SIZE_KNOBS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings", "vocab_size")
+VISION_SIZE_KNOBS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size")
+VISION_CLASSES = ("crate_vision", "vit")
 
 
 def _known_fields(config_class: type[PretrainedConfig]) -> set[str]:
@@ -21,25 +26,103 @@ def _known_fields(config_class: type[PretrainedConfig]) -> set[str]:
     return set(vars(defaults)) | set(getattr(config_class, "attribute_map", {}))
 
 
+def _check_overrides(section: ModelSection, config_class: type[PretrainedConfig]) -> None:
+    known = _known_fields(config_class)
+    for key in section.overrides:
+        if key not in known:
+            raise ConfigError(f"model.overrides.{key}: not a {config_class.__name__} field")
+
+
+def _pretrained_config(section: ModelSection) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(section.init_from)
+    except (ValueError, OSError) as error:
+        raise ConfigError(f"model.init_from: {section.init_from!r} is not a loadable HF checkpoint "
+                          f"({str(error).splitlines()[0]})") from None
+
+
+def build_vision_config(section: ModelSection, image_size: int, channels: int,
+                        class_names: list[str]) -> PretrainedConfig:
+    """The HF config of an image classifier: CRATE (``CrateVisionConfig``) or the ViT baseline from the same knobs,
+    or the ``init_from`` checkpoint's config with the run's classes and image size. The image size, channels and
+    classes come from the data; one-line errors name the key."""
+    for key in ("max_position_embeddings", "vocab_size"):
+        if getattr(section, key) is not None:
+            raise ConfigError(f"model.{key}: not used by image models (image_size and channels come from data)")
+    labels = {"num_labels": len(class_names), "id2label": dict(enumerate(class_names)),
+              "label2id": {name: index for index, name in enumerate(class_names)}}
+    knobs = {k: getattr(section, k) for k in VISION_SIZE_KNOBS if getattr(section, k) is not None}
+    shape = {"image_size": image_size, "num_channels": channels}
+    try:
+        if section.init_from:
+            base = _pretrained_config(section)
+            if base.model_type not in VISION_CLASSES:
+                raise ConfigError(f"model.init_from: {section.init_from!r} is a {base.model_type!r} model, not an "
+                                  f"image model ({list(VISION_CLASSES)})")
+            if base.num_channels != channels:
+                raise ConfigError(f"data.channels: {channels}, but the init_from model takes {base.num_channels}")
+            if knobs:
+                raise ConfigError(f"model.{next(iter(knobs))}: the size comes from init_from; leave it out")
+            _check_overrides(section, type(base))
+            return type(base)(**{**base.to_dict(), **section.overrides, **shape, **labels})
+        config_class = CrateVisionConfig if section.arch == "crate" else ViTConfig
+        _check_overrides(section, config_class)
+        if section.config_path:
+            path = Path(section.config_path)
+            base = config_class.from_pretrained(path if path.is_dir() else path.parent).to_dict()
+        elif section.preset:
+            info = crate_lm.preset_info(section.preset)
+            if info.get("model_type") != "crate_vision":
+                raise ConfigError(f"model.preset: {section.preset!r} is a language-model preset; image data takes "
+                                  f"{crate_lm.preset_names('crate_vision')}")
+            base = info["config"]
+        else:
+            base = {}
+        if section.arch == "crate":
+            return CrateVisionConfig(**{**base, **knobs, **section.overrides, **shape, **labels})
+        # The ViT baseline: HF's ViT at the same width, depth, heads and patches, MLP 4x, no dropout (as CRATE).
+        width = knobs.get("hidden_size", base.get("hidden_size", 768))
+        defaults = {"intermediate_size": 4 * width, "attn_implementation": "sdpa"}
+        return ViTConfig(**{**defaults, **base, **knobs, **section.overrides, **shape, **labels})
+    except ValueError as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"model: {str(error).splitlines()[0]}") from None
+
+
 def build_model_config(section: ModelSection, vocab_size: int, eos_token_id: int | None,
                        seq_len: int) -> PretrainedConfig:
-    """The HF config of the run's model. ``vocab_size`` and ``eos_token_id`` come from the tokenizer unless the
-    section sets them; one-line errors name the key."""
+    """The HF config of the run's language model. ``vocab_size`` and ``eos_token_id`` come from the tokenizer
+    unless the section sets them; one-line errors name the key."""
+    if section.patch_size is not None:
+        raise ConfigError("model.patch_size: applies to image models only")
+    if section.init_from:
+        base = _pretrained_config(section)
+        if base.model_type not in ("crate", "gpt2"):
+            raise ConfigError(f"model.init_from: {section.init_from!r} is a {base.model_type!r} model, not a "
+                              f"language model")
+        _check_overrides(section, type(base))
+        config = type(base)(**{**base.to_dict(), **section.overrides})
+        if config.vocab_size < vocab_size:
+            raise ConfigError(f"tokenizer: {vocab_size} tokens, but the init_from model has vocab_size "
+                              f"{config.vocab_size}; use the checkpoint's tokenizer (tokenizer: {section.init_from})")
+        return config
     knobs = {k: getattr(section, k) for k in SIZE_KNOBS if getattr(section, k) is not None}
     knobs.setdefault("vocab_size", vocab_size)
     if eos_token_id is not None:
         knobs.update(bos_token_id=eos_token_id, eos_token_id=eos_token_id)
     config_class = CrateConfig if section.arch == "crate" else GPT2Config
-    known = _known_fields(config_class)
-    for key in section.overrides:
-        if key not in known:
-            raise ConfigError(f"model.overrides.{key}: not a {config_class.__name__} field")
+    _check_overrides(section, config_class)
     try:
         if section.config_path:
             path = Path(section.config_path)
             base = config_class.from_pretrained(path if path.is_dir() else path.parent).to_dict()
         elif section.preset:
-            base = crate_lm.preset_info(section.preset)["config"]
+            info = crate_lm.preset_info(section.preset)
+            if info.get("model_type") == "crate_vision":
+                raise ConfigError(f"model.preset: {section.preset!r} is a vision preset; text data takes "
+                                  f"{crate_lm.preset_names('crate')}")
+            base = info["config"]
         else:
             base = {}
         if section.arch == "crate":
@@ -56,14 +139,53 @@ def build_model_config(section: ModelSection, vocab_size: int, eos_token_id: int
     return config
 
 
+MODEL_CLASSES = {"crate": CrateForCausalLM, "gpt2": GPT2LMHeadModel, "crate_vision": CrateForImageClassification,
+                 "vit": ViTForImageClassification}
+
+
 def build_model(config: PretrainedConfig) -> nn.Module:
-    return CrateForCausalLM(config) if config.model_type == "crate" else GPT2LMHeadModel(config)
+    """A freshly initialised task model: causal LM (crate, gpt2) or image classifier (crate_vision, vit)."""
+    return MODEL_CLASSES[config.model_type](config)
+
+
+def load_pretrained_weights(model: nn.Module, path: str) -> str:
+    """Copy the weights of the HF checkpoint at ``path`` into ``model`` (built by ``build_model`` from the config
+    ``build_*_config`` derived from it) and return what happened to the head.
+
+    Image classifiers: the backbone is copied (its position table interpolated to the model's patch grid when the
+    image size changed); the classifier too when the label set is the checkpoint's ("kept"), otherwise it keeps
+    its fresh initialisation ("new"). Language models: every weight is copied ("kept")."""
+    if model.config.model_type not in VISION_CLASSES:
+        source = AutoModelForCausalLM.from_pretrained(path)
+        model.load_state_dict(source.state_dict())
+        return "kept"
+    source = AutoModelForImageClassification.from_pretrained(path)
+    state = source.base_model.state_dict()
+    table = "embeddings.position_embeddings"
+    side = model.config.image_size // model.config.patch_size
+    state[table] = interpolate_position_table(state[table], (side, side))
+    result = model.base_model.load_state_dict(state, strict=False)
+    if result.unexpected_keys or result.missing_keys:
+        raise ConfigError(f"model.init_from: {path!r} does not fit the model (missing {result.missing_keys[:3]}, "
+                          f"unexpected {result.unexpected_keys[:3]})")
+    same_labels = (source.config.num_labels == model.config.num_labels
+                   and dict(source.config.id2label) == dict(model.config.id2label))
+    if same_labels:
+        model.classifier.load_state_dict(source.classifier.state_dict())
+    return "kept" if same_labels else "new"
+
+
+def freeze_backbone(model: nn.Module) -> int:
+    """Linear probe: only the classifier head trains. Returns the number of trainable parameters."""
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = name.startswith("classifier.")
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
 def no_weight_decay(name: str, parameter: nn.Parameter) -> bool:
     """Norms, biases, embeddings and ToST's temperatures / position biases / LayerScales are not decayed."""
-    return (parameter.ndim < 2 or "embed" in name or name.startswith(("transformer.wte", "transformer.wpe"))
-            or name.endswith(("position_bias", "temperature", ".scale")))
+    return (parameter.ndim < 2 or ("embed" in name and "patch_embeddings" not in name) or name.startswith(("transformer.wte", "transformer.wpe"))
+            or name.endswith(("position_bias", "temperature", ".scale", "cls_token")))
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import RunConfig, load_run_config, save_run_config
+from .config import ConfigError, RunConfig, load_run_config, save_run_config
 
 
 def _under_a_launcher() -> bool:
@@ -23,10 +23,17 @@ def preflight(config: RunConfig, world_size: int) -> None:
     prepared here, once), model."""
     from data_pipeline.text_stream import build_plan
 
-    from .models import build_model_config
+    from .models import build_model_config, build_vision_config
+    from .tasks import class_names
     from .tokenizers import load_tokenizer, prepare_tokenizer
 
     config.check_world(world_size)
+    if config.is_image:
+        from data_pipeline.image_stream import build_image_plan
+
+        plan = build_image_plan(config.data, world_size)
+        build_vision_config(config.model, config.data.image_size, config.data.channels, class_names(plan))
+        return
     prepare_tokenizer(config.tokenizer, config.output_dir, config.data)
     tokenizer = load_tokenizer(config.tokenizer, output_dir=config.output_dir)
     build_plan(config.data, world_size)
@@ -39,8 +46,12 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def pretrain(config_path: str, overrides: list[str], nproc_per_node: int = 1) -> int:
+def pretrain(config_path: str, overrides: list[str], nproc_per_node: int = 1, command: str = "pretrain") -> int:
+    """``crate pretrain`` / ``crate finetune`` (the same loop; fine-tuning starts from ``model.init_from``)."""
     config = load_run_config(config_path, overrides)
+    if command == "finetune" and not config.model.init_from:
+        raise ConfigError(f"{config_path}: model.init_from: required by crate finetune (the HF checkpoint to start "
+                          f"from)")
     if _under_a_launcher():
         from .train import train
 
@@ -53,7 +64,7 @@ def pretrain(config_path: str, overrides: list[str], nproc_per_node: int = 1) ->
         from .train import train
 
         return train(config)
-    return spawn_local([sys.executable, "-m", "launcher.cli", "pretrain", config_path, *overrides], nproc_per_node)
+    return spawn_local([sys.executable, "-m", "launcher.cli", command, config_path, *overrides], nproc_per_node)
 
 
 def spawn_local(command: list[str], nproc: int) -> int:

@@ -1,8 +1,9 @@
 """The pretraining loop (one process per rank), nanoGPT-style: read it top to bottom.
 
 Components with small interfaces do the side jobs: ``launcher.config`` (the validated run config),
+``launcher.tasks`` (language modelling or image classification: model config, batches, loss, evaluation),
 ``launcher.models`` (model + decay groups), ``launcher.engine`` (DeepSpeed JSON, LR schedule),
-``data_pipeline`` (the packed stream and its cursor), ``launcher.checkpoint`` (atomic, verified checkpoints),
+``data_pipeline`` (the streams and their cursors), ``launcher.checkpoint`` (atomic, verified checkpoints),
 ``launcher.metrics`` (metrics.jsonl, TensorBoard, progress, MFU), ``launcher.export`` (the HF checkpoint).
 """
 
@@ -15,25 +16,22 @@ import random
 import signal
 import socket
 import time
-from dataclasses import replace
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from crate_lm.whitebox import measure
-from data_pipeline.spec import SourceSpec, TextDataSpec
-from data_pipeline.text_stream import LogicalStream, TextLoader, Tokenize, build_plan
 
 from .checkpoint import CheckpointManager, tag_for
 from .config import RunConfig
 from .engine import deepspeed_config, learning_rate, resolve_precision
 from .export import export_hf
 from .faults import FaultInjector
-from .flops import training_flops_per_token
+from .figures import save_attention_figure
 from .metrics import MetricsLogger, ThroughputMeter, device_peak_flops, memory_stats, model_state_bytes
-from .models import build_model, build_model_config, parameter_groups
-from .tokenizers import load_tokenizer, prepare_tokenizer
+from .models import build_model, freeze_backbone, load_pretrained_weights, parameter_groups
+from .tasks import build_task
 
 
 class NonFiniteError(RuntimeError):
@@ -84,37 +82,12 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-def held_out_spec(config: RunConfig) -> TextDataSpec | None:
-    """The validation text: ``eval_data`` if given, else the built-in sources' held-out split, else ``None``."""
-    if config.eval_data is not None:
-        return config.eval_data
-    if not all(source.kind == "builtin" for source in config.data.sources):
-        return None
-    sources = tuple(SourceSpec(builtin=s.builtin, split="validation", weight=s.weight) for s in config.data.sources)
-    return replace(config.data, sources=sources)
-
-
-def fixed_blocks(spec: TextDataSpec, tokenizer, count: int) -> torch.Tensor:
-    """The first ``count`` packed blocks of ``spec`` read as one unshuffled stream: the same for any world size and
-    any resume, so evaluations and white-box probes are comparable along a run (count, seq_len)."""
-    fixed = replace(spec, streams_per_rank=1, shuffle_buffer=0, min_shards=1)
-    stream = LogicalStream(build_plan(fixed, 1), 0, Tokenize(tokenizer))
-    return torch.stack([torch.from_numpy(stream.next_block()[0].astype(np.int64)) for _ in range(count)])
-
-
-def validation_batches(blocks: torch.Tensor, micro_batch_size: int, rank: int, world: int) -> list[torch.Tensor]:
-    """This rank's share of the validation blocks, in micro-batches."""
-    mine = blocks[rank::world]
-    return list(mine.split(micro_batch_size))
-
-
-@torch.no_grad()
-def evaluate(engine, batches: list[torch.Tensor], device) -> float:
+def evaluate(engine, task, device) -> dict:
     engine.eval()
-    losses = [engine(input_ids=b.to(device), labels=b.to(device), use_cache=False).loss.float().item()
-              for b in batches]
-    engine.train()
-    return _mean_across_ranks(sum(losses) / len(losses), device)
+    try:
+        return task.evaluate(engine, device)
+    finally:
+        engine.train()
 
 
 @contextlib.contextmanager
@@ -152,15 +125,13 @@ def train(config: RunConfig) -> int:
     started = time.time()
     train_cfg, output_dir = config.train, config.output_dir
 
-    # -- model, data, engine ------------------------------------------------------------------------------------------
-    if rank == 0:  # bpe:N trains once, on rank 0 (a no-op when the launcher's preflight already did)
-        prepare_tokenizer(config.tokenizer, output_dir, config.data)
-    dist.barrier()
-    tokenizer = load_tokenizer(config.tokenizer, output_dir=output_dir)
-    plan = build_plan(config.data, world)
-    model_config = build_model_config(config.model, len(tokenizer), tokenizer.eos_token_id, config.data.seq_len)
+    # -- task (data, loss, evaluation), model, engine -----------------------------------------------------------------
+    task = build_task(config, rank, world, barrier=dist.barrier)
+    model_config = task.model_config
     torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
     model = build_model(model_config)
+    head = load_pretrained_weights(model, config.model.init_from) if config.model.init_from else None
+    trainable = freeze_backbone(model) if config.model.linear_probe else None
     parameter_count = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     if train_cfg.activation_checkpointing:
         model.gradient_checkpointing_enable()
@@ -191,36 +162,29 @@ def train(config: RunConfig) -> int:
         own = torch.load(checkpoints.root / tag_for(step) / f"crate_rank{rank}.pt", weights_only=False)
         data_state = own["data"]
         _set_rng_state(own["rng"])
-    loader = TextLoader(plan, tokenizer, rank, train_cfg.micro_batch_size, train_cfg.dataloader_workers,
-                        state=data_state)
+    loader = task.loader(state=data_state)
     batches = iter(loader)
-
-    # -- held-out text: validation loss and the white-box probe -------------------------------------------------------
-    held_out = held_out_spec(config)
-    validation = None
-    if held_out is not None and train_cfg.eval_every:
-        blocks = fixed_blocks(held_out, tokenizer, train_cfg.eval_batches * train_cfg.micro_batch_size * world)
-        validation = validation_batches(blocks, train_cfg.micro_batch_size, rank, world)
-    probe = (fixed_blocks(held_out or config.data, tokenizer, train_cfg.micro_batch_size)
-             if train_cfg.whitebox_every else None)
+    validation, probe = task.validation, task.probe  # fixed held-out samples
 
     # -- metrics ------------------------------------------------------------------------------------------------------
     precision = resolve_precision(config, device.type)
     peak, peak_source = device_peak_flops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
-    tokens_per_step = train_cfg.micro_batch_size * accumulation * world * config.data.seq_len
-    flops = training_flops_per_token(model_config, config.data.seq_len,
-                                     train_cfg.micro_batch_size * config.data.seq_len)
-    meter = ThroughputMeter(tokens_per_step, flops, peak, world_size=world, total_steps=train_cfg.max_steps)
+    samples_per_step = train_cfg.micro_batch_size * accumulation * world
+    tokens_per_step = samples_per_step * task.tokens_per_sample
+    meter = ThroughputMeter(tokens_per_step, task.flops_per_token, peak, world_size=world,
+                            total_steps=train_cfg.max_steps,
+                            samples_per_step=samples_per_step if task.unit == "images" else None)
     logger = MetricsLogger(output_dir, is_main=rank == 0, total_steps=train_cfg.max_steps)
     if step:
         logger.truncate_after(step)
-    logger.log(step, event="start", world_size=world, precision=precision, peak_flops=peak, peak_source=peak_source,
-               resumed=bool(step), params=parameter_count,
+    logger.log(step, event="start", task=task.kind, model_type=model_config.model_type, world_size=world,
+               precision=precision, peak_flops=peak, peak_source=peak_source, resumed=bool(step),
+               params=parameter_count, trainable_params=trainable, init_from=config.model.init_from, head=head,
                gradient_accumulation_steps=accumulation, tokens_per_step=tokens_per_step,
-               host=socket.gethostname(), slurm_node=os.environ.get("SLURMD_NODENAME"),
-               torch_threads=torch.get_num_threads())
+               samples_per_step=samples_per_step, host=socket.gethostname(),
+               slurm_node=os.environ.get("SLURMD_NODENAME"), torch_threads=torch.get_num_threads())
     if train_cfg.eval_every and validation is None:
-        logger.log(step, event="warning", message="no validation loss: the sources have no held-out split; "
+        logger.log(step, event="warning", message="no validation: the sources have no held-out split; "
                                                   "set eval_data")
 
     def save() -> None:
@@ -229,9 +193,9 @@ def train(config: RunConfig) -> int:
             torch.save({"data": loader.state_dict(), "rng": _rng_state()}, root / staging_tag / f"crate_rank{rank}.pt")
 
         checkpoints.save(step, write, {"world_size": world, "zero_stage": config.zero.stage,
-                                       "config": config.to_dict()})
+                                       "config": config.to_dict(), "model_config": model_config.to_dict()})
         if train_cfg.export_on_save:
-            export_hf(engine.module, tokenizer, os.path.join(output_dir, "hf"), is_main=rank == 0,
+            export_hf(engine.module, task.processor, os.path.join(output_dir, "hf"), is_main=rank == 0,
                       zero_stage=config.zero.stage)
 
     # -- the loop -----------------------------------------------------------------------------------------------------
@@ -242,8 +206,7 @@ def train(config: RunConfig) -> int:
         # while DeepSpeed's micro-step bookkeeping stays intact.
         losses, loss_is_finite = [], True
         for micro in range(accumulation):
-            input_ids = next(batches)["input_ids"].to(device)
-            loss = inject_faults(engine(input_ids=input_ids, labels=input_ids, use_cache=False).loss, step + 1)
+            loss = inject_faults(task.loss(engine, next(batches), device, step + 1, micro), step + 1)
             finite = not _agree(not math.isfinite(loss.item()), device)
             loss_is_finite &= finite
             engine.backward(loss if finite else loss * float("nan"))
@@ -284,12 +247,15 @@ def train(config: RunConfig) -> int:
             logger.log(step, loss=loss_value, lr=scheduler.get_last_lr()[0],
                        grad_norm=float(grad_norm) if grad_norm is not None else None, skipped_steps=skipped_total,
                        **meter.stats(step), **memory_stats(device))
-        if validation and step % train_cfg.eval_every == 0:
-            eval_loss = evaluate(engine, validation, device)
-            logger.log_eval(step, loss=eval_loss, perplexity=math.exp(min(eval_loss, 50)))
+        if validation and (step % train_cfg.eval_every == 0 or step == train_cfg.max_steps):
+            logger.log_eval(step, **evaluate(engine, task, device))
             meter.restart()
         if probe is not None and step % train_cfg.whitebox_every == 0:
             logger.log_whitebox(step, measure(engine.module, probe))  # every rank: ZeRO-3 gathers collectively
+            if task.unit == "images":  # every rank runs the forward pass (ZeRO-3); rank 0 draws
+                save_attention_figure(engine.module, probe[:8], os.path.join(output_dir, "whitebox",
+                                      f"attention-step{step:06d}.png"), is_main=rank == 0,
+                                      mean=task.config.data.mean, std=task.config.data.std)
             meter.restart()
         out_of_time = (train_cfg.wall_clock_minutes is not None
                        and time.time() - started > 60 * train_cfg.wall_clock_minutes)

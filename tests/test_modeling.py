@@ -53,7 +53,7 @@ def random_ids(batch: int, tokens: int, seed: int = 1, vocab: int = 512) -> torc
 # ---------------------------------------------------------------------------------------------------- sizes
 
 
-@pytest.mark.parametrize("name", [n for n in preset_names() if "published_params" in preset_info(n)])
+@pytest.mark.parametrize("name", [n for n in preset_names("crate") if "published_params" in preset_info(n)])
 def test_published_parameter_counts(name):
     info = preset_info(name)
     with torch.device("meta"):

@@ -1,0 +1,65 @@
+"""Figures of a run, drawn with matplotlib (Agg: no display needed) and written atomically.
+
+[`save_attention_figure`]: for a few images, the image and the CLS token's attention map of every head of the last
+layer (``crate_lm.whitebox.cls_attention_maps``), upsampled to the image — the maps in which supervised CRATE's
+heads segment objects while ViT's mostly do not.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(figure, path: str | os.PathLike) -> Path:
+    """Write ``figure`` as PNG beside ``path`` and move it into place (a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staged = path.with_name(f".{path.name}.tmp")
+    figure.savefig(staged, format="png", dpi=100, bbox_inches="tight")
+    os.replace(staged, path)
+    return path
+
+
+def save_attention_figure(model, pixel_values: torch.Tensor, path: str | os.PathLike, is_main: bool = True,
+                          mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,), layer: int = -1) -> Path | None:
+    """One row per image: the image (un-normalised with ``mean`` / ``std``), then each head's CLS attention map.
+    Every rank must call it under ZeRO-3 (the forward pass gathers parameters); only ``is_main`` draws."""
+    from crate_lm.whitebox import cls_attention_maps
+
+    maps = cls_attention_maps(model, pixel_values, layer=layer).cpu()
+    if not is_main:
+        return None
+    plt = _pyplot()
+    images = pixel_values.detach().float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
+    images = images.clamp(0, 1)
+    rows, heads = maps.shape[:2]
+    figure, axes = plt.subplots(rows, heads + 1, figsize=(1.4 * (heads + 1), 1.4 * rows), squeeze=False)
+    for row in range(rows):
+        image = images[row]
+        axes[row][0].imshow(image[0] if image.shape[0] == 1 else image.permute(1, 2, 0),
+                            cmap="gray" if image.shape[0] == 1 else None)
+        for head in range(heads):
+            axes[row][head + 1].imshow(maps[row, head], cmap="inferno")
+            if row == 0:
+                axes[row][head + 1].set_title(f"head {head}", fontsize=7)
+        for axis in axes[row]:
+            axis.set_axis_off()
+    kind = getattr(model.config, "model_type", "model")
+    figure.suptitle(f"{kind}: CLS attention, layer {layer if layer >= 0 else 'last'}", fontsize=8)
+    try:
+        return save_figure(figure, path)
+    finally:
+        plt.close(figure)

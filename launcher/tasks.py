@@ -1,0 +1,234 @@
+"""What a run trains on: the part of the loop that differs between language modelling and image classification.
+
+A task owns the data side of one rank — the model config it implies, the batches, the loss of a micro-batch, the
+held-out evaluation, the white-box probe, and the preprocessor saved with exports (a tokenizer or an image
+processor) — behind one small interface, so that ``launcher.train`` reads the same for both:
+
+* [`LanguageModelingTask`]: tokenize and pack the text stream, next-token loss; validation loss and perplexity on
+  fixed held-out blocks.
+* [`ImageClassificationTask`]: the streaming image pipeline; cross-entropy with label smoothing and optional
+  mixup / cutmix (their draws counter-based on ``(seed, step, rank, micro-step)``, so a resumed run mixes exactly as
+  an uninterrupted one); validation loss and top-1 accuracy on fixed held-out images.
+
+Validation sets are the first ``count`` samples of the held-out data read as one unshuffled stream: the same for
+any world size and any resume, so evaluations are comparable along a run and across runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from data_pipeline.image_sources import ImageDataSpec, ImageSourceSpec
+from data_pipeline.image_stream import ImageLoader, ImageStream, build_image_plan
+from data_pipeline.spec import SourceSpec, TextDataSpec
+from data_pipeline.text_stream import LogicalStream, TextLoader, Tokenize, build_plan
+
+from .config import RunConfig
+from .flops import image_tokens, training_flops_per_token
+from .models import build_model_config, build_vision_config
+from .tokenizers import load_tokenizer, prepare_tokenizer
+
+
+def _sum_across_ranks(values: list[float], device) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Language modelling
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def held_out_spec(config: RunConfig) -> TextDataSpec | ImageDataSpec | None:
+    """The validation data: ``eval_data`` if given, else the built-in sources' held-out split (text: validation,
+    images: test, without augmentation), else ``None``."""
+    if config.eval_data is not None:
+        return config.eval_data
+    if not all(source.kind == "builtin" for source in config.data.sources):
+        return None
+    if config.is_image:
+        sources = tuple(ImageSourceSpec(builtin=s.builtin, split="test", weight=s.weight) for s in config.data.sources)
+        return replace(config.data, sources=sources, split="test", train=False)
+    sources = tuple(SourceSpec(builtin=s.builtin, split="validation", weight=s.weight) for s in config.data.sources)
+    return replace(config.data, sources=sources)
+
+
+def fixed_blocks(spec: TextDataSpec, tokenizer, count: int) -> torch.Tensor:
+    """The first ``count`` packed blocks of ``spec`` read as one unshuffled stream (count, seq_len)."""
+    fixed = replace(spec, streams_per_rank=1, shuffle_buffer=0, min_shards=1)
+    stream = LogicalStream(build_plan(fixed, 1), 0, Tokenize(tokenizer))
+    return torch.stack([torch.from_numpy(stream.next_block()[0].astype(np.int64)) for _ in range(count)])
+
+
+class LanguageModelingTask:
+    """Causal language modelling on the packed text stream (CRATE LM or the GPT-2 baseline)."""
+
+    kind = "language-modeling"
+    unit = "tokens"
+
+    def __init__(self, config: RunConfig, rank: int, world: int, barrier=lambda: None):
+        if rank == 0:  # bpe:N trains once, on rank 0 (a no-op when the launcher's preflight already did)
+            prepare_tokenizer(config.tokenizer, config.output_dir, config.data)
+        barrier()
+        self.config, self.rank, self.world = config, rank, world
+        self.tokenizer = load_tokenizer(config.tokenizer, output_dir=config.output_dir)
+        self.processor = self.tokenizer
+        self.plan = build_plan(config.data, world)
+        self.model_config = build_model_config(config.model, len(self.tokenizer), self.tokenizer.eos_token_id,
+                                               config.data.seq_len)
+        self.tokens_per_sample = config.data.seq_len
+        micro = config.train.micro_batch_size
+        self.flops_per_token = training_flops_per_token(self.model_config, self.tokens_per_sample,
+                                                        micro * self.tokens_per_sample)
+        held_out, train_cfg = held_out_spec(config), config.train
+        self.validation = None
+        if held_out is not None and train_cfg.eval_every:
+            blocks = fixed_blocks(held_out, self.tokenizer, train_cfg.eval_batches * micro * world)
+            self.validation = list(blocks[rank::world].split(micro))
+        self.probe = fixed_blocks(held_out or config.data, self.tokenizer, micro) if train_cfg.whitebox_every else None
+
+    def loader(self, state: dict | None):
+        return TextLoader(self.plan, self.tokenizer, self.rank, self.config.train.micro_batch_size,
+                          self.config.train.dataloader_workers, state=state)
+
+    def loss(self, engine, batch: dict, device, step: int, micro: int) -> torch.Tensor:
+        input_ids = batch["input_ids"].to(device)
+        return engine(input_ids=input_ids, labels=input_ids, use_cache=False).loss
+
+    @torch.no_grad()
+    def evaluate(self, engine, device) -> dict:
+        losses = [engine(input_ids=b.to(device), labels=b.to(device), use_cache=False).loss.float().item()
+                  for b in self.validation]
+        total, count = _sum_across_ranks([sum(losses), len(losses)], device)
+        loss = total / count
+        return {"loss": loss, "perplexity": float(np.exp(min(loss, 50)))}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Image classification
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def image_processor_for(spec: ImageDataSpec):
+    """An HF ``ViTImageProcessor`` that does at inference what the run's eval transform does: resize the shorter side
+    (to ``image_size / eval_crop_fraction``), center-crop ``image_size``, scale and normalise with the run's mean and
+    std. Built-in Fashion-MNIST images are already ``28 x 28``: their resize goes to ``image_size`` itself, as the
+    eval transform's small-image rule does. Greyscale models take greyscale (``L``) images."""
+    from transformers import ViTImageProcessor
+
+    native_small = all(source.builtin == "fashion-mnist" for source in spec.sources) and spec.image_size >= 28
+    side = spec.image_size if native_small else max(spec.image_size, round(spec.image_size / spec.eval_crop_fraction))
+    return ViTImageProcessor(
+        do_resize=True, size={"shortest_edge": side}, resample=2, do_center_crop=True,
+        crop_size={"height": spec.image_size, "width": spec.image_size}, do_rescale=True, do_normalize=True,
+        image_mean=list(spec.mean), image_std=list(spec.std), do_convert_rgb=spec.channels == 3,
+    )
+
+
+def fixed_images(spec: ImageDataSpec, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``count`` images of ``spec`` (eval transform) read as one unshuffled stream, capped at one pass over
+    the data: ``(count, C, H, W)`` pixels and ``(count,)`` labels."""
+    fixed = replace(spec, streams_per_rank=1, shuffle_buffer=0, min_shards=1, train=False)
+    plan = build_image_plan(fixed, 1)
+    available = sum(shard.size or 0 for shards in plan.shards for shard in shards)
+    if available and all(shard.size for shards in plan.shards for shard in shards):
+        count = min(count, available)
+    stream = ImageStream(plan, 0)
+    pixels, labels = zip(*(stream.next_sample()[:2] for _ in range(count)))
+    return torch.from_numpy(np.stack(pixels)), torch.tensor(labels, dtype=torch.long)
+
+
+def mix_batch(pixels: torch.Tensor, labels: torch.Tensor, num_classes: int, label_smoothing: float,
+              mixup_alpha: float, cutmix_alpha: float, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft targets with label smoothing, and mixup or cutmix of the batch with its reverse (as timm pairs them).
+
+    Mixup: ``x = lam x + (1 - lam) x_rev`` with ``lam ~ Beta(a, a)``. Cutmix: a box of area ``(1 - lam) H W`` (centred
+    uniformly, clipped to the image) is pasted from ``x_rev`` and ``lam`` is corrected to the pasted area. With both
+    on, each batch takes one of them with probability 1/2. Targets mix with the same ``lam``."""
+    targets = F.one_hot(labels, num_classes).float() * (1 - label_smoothing) + label_smoothing / num_classes
+    if not mixup_alpha and not cutmix_alpha:
+        return pixels, targets
+    use_cutmix = cutmix_alpha > 0 and (mixup_alpha == 0 or rng.random() < 0.5)
+    lam = float(rng.beta(cutmix_alpha, cutmix_alpha) if use_cutmix else rng.beta(mixup_alpha, mixup_alpha))
+    partner = pixels.flip(0)
+    if use_cutmix:
+        height, width = pixels.shape[-2:]
+        cut_h, cut_w = int(height * np.sqrt(1 - lam)), int(width * np.sqrt(1 - lam))
+        cy, cx = int(rng.integers(height)), int(rng.integers(width))
+        top, bottom = np.clip([cy - cut_h // 2, cy + cut_h // 2], 0, height)
+        left, right = np.clip([cx - cut_w // 2, cx + cut_w // 2], 0, width)
+        pixels = pixels.clone()
+        pixels[..., top:bottom, left:right] = partner[..., top:bottom, left:right]
+        lam = 1.0 - (bottom - top) * (right - left) / (height * width)
+    else:
+        pixels = lam * pixels + (1 - lam) * partner
+    return pixels, lam * targets + (1 - lam) * targets.flip(0)
+
+
+def class_names(plan) -> list[str]:
+    """The class names of an image plan (from the first source that names them all), else ``class_<i>``."""
+    names = next((c.class_names for c in plan.catalogs if c.class_names and len(c.class_names) == plan.num_classes),
+                 None)
+    return list(names or (f"class_{i}" for i in range(plan.num_classes)))
+
+
+class ImageClassificationTask:
+    """Image classification on the streaming image pipeline (CRATE vision or the ViT baseline)."""
+
+    kind = "image-classification"
+    unit = "images"
+
+    def __init__(self, config: RunConfig, rank: int, world: int, barrier=lambda: None):
+        self.config, self.rank, self.world = config, rank, world
+        spec = config.data
+        self.plan = build_image_plan(spec, world)
+        self.class_names = class_names(self.plan)
+        self.model_config = build_vision_config(config.model, spec.image_size, spec.channels, self.class_names)
+        self.processor = image_processor_for(spec)
+        self.tokens_per_sample = image_tokens(self.model_config)
+        self.flops_per_token = training_flops_per_token(self.model_config, self.tokens_per_sample)
+        held_out, train_cfg, micro = held_out_spec(config), config.train, config.train.micro_batch_size
+        self.validation = None
+        if held_out is not None and train_cfg.eval_every:
+            pixels, labels = fixed_images(held_out, train_cfg.eval_batches * micro * world)
+            usable = max(micro * world, len(labels) // (micro * world) * micro * world)  # equal work on every rank
+            pixels, labels = pixels[:usable], labels[:usable]
+            self.validation = list(zip(pixels[rank::world].split(micro), labels[rank::world].split(micro)))
+        self.probe = (fixed_images(held_out or replace(spec, train=False), micro)[0]
+                      if train_cfg.whitebox_every else None)
+
+    def loader(self, state: dict | None):
+        return ImageLoader(self.plan, self.rank, self.config.train.micro_batch_size,
+                           self.config.train.dataloader_workers, state=state)
+
+    def loss(self, engine, batch: dict, device, step: int, micro: int) -> torch.Tensor:
+        train_cfg = self.config.train
+        rng = np.random.default_rng([train_cfg.seed, step, self.rank, micro])
+        pixels, targets = mix_batch(batch["pixel_values"], batch["labels"], self.model_config.num_labels,
+                                    train_cfg.label_smoothing, train_cfg.mixup_alpha, train_cfg.cutmix_alpha, rng)
+        logits = engine(pixel_values=pixels.to(device)).logits.float()
+        return -(targets.to(device) * logits.log_softmax(-1)).sum(-1).mean()
+
+    @torch.no_grad()
+    def evaluate(self, engine, device) -> dict:
+        loss_sum = correct = count = 0.0
+        for pixels, labels in self.validation:
+            logits = engine(pixel_values=pixels.to(device)).logits.float()
+            labels = labels.to(device)
+            loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+            correct += (logits.argmax(-1) == labels).sum().item()
+            count += len(labels)
+        loss_sum, correct, count = _sum_across_ranks([loss_sum, correct, count], device)
+        return {"loss": loss_sum / count, "accuracy": correct / count, "images": int(count)}
+
+
+def build_task(config: RunConfig, rank: int, world: int, barrier=lambda: None):
+    task_class = ImageClassificationTask if config.is_image else LanguageModelingTask
+    return task_class(config, rank, world, barrier)
