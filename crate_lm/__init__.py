@@ -7,6 +7,7 @@ a plain ``transformers`` install with ``trust_remote_code=True``.
 
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageClassification,
@@ -15,6 +16,7 @@ from transformers import (
 
 from .configuration_crate import VARIANT_KNOBS, CrateConfig
 from .configuration_crate_vision import CrateVisionConfig
+from .image_processing_crate import CrateImageProcessor
 from .modeling_crate import (
     CrateCache,
     CrateForCausalLM,
@@ -37,6 +39,7 @@ AutoModelForSequenceClassification.register(CrateConfig, CrateForSequenceClassif
 AutoConfig.register(CrateVisionConfig.model_type, CrateVisionConfig, exist_ok=True)
 AutoModel.register(CrateVisionConfig, CrateVisionModel, exist_ok=True)
 AutoModelForImageClassification.register(CrateVisionConfig, CrateForImageClassification, exist_ok=True)
+AutoImageProcessor.register(CrateVisionConfig, image_processor_classes={"pil": CrateImageProcessor}, exist_ok=True)
 
 CrateConfig.register_for_auto_class()
 CrateModel.register_for_auto_class("AutoModel")
@@ -45,6 +48,7 @@ CrateForSequenceClassification.register_for_auto_class("AutoModelForSequenceClas
 CrateVisionConfig.register_for_auto_class()
 CrateVisionModel.register_for_auto_class("AutoModel")
 CrateForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+CrateImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __version__ = "0.1.0"
 
@@ -54,6 +58,7 @@ __all__ = [
     "CrateForCausalLM",
     "CrateForImageClassification",
     "CrateForSequenceClassification",
+    "CrateImageProcessor",
     "CrateModel",
     "CrateVisionConfig",
     "CrateVisionModel",

@@ -358,7 +358,7 @@ def measure_vision(model: nn.Module, pixel_values: torch.Tensor, eps_sq: float =
     codes, code_handles = _captured([layer.mlp.activation_fn for layer in base.layers])
     try:
         with _EvalMode(model):
-            base(pixel_values, return_dict=True)
+            base(pixel_values, interpolate_pos_encoding=True, return_dict=True)  # any input size, as CRATE
             records = []
             for index in range(len(base.layers)):
                 batch, tokens, width = queries[index].shape
@@ -373,9 +373,9 @@ def measure_vision(model: nn.Module, pixel_values: torch.Tensor, eps_sq: float =
 @torch.no_grad()
 def cls_attention_maps(model: nn.Module, pixel_values: torch.Tensor, layer: int = -1) -> torch.Tensor:
     """The CLS token's attention over the patches in one layer (default: the last), per head, as images:
-    ``(batch, heads, grid_h, grid_w)``, each map summing to at most 1 (the CLS token's weight on itself is left
-    out). CRATE (MSSA) from ``output_attentions``; HF ViT likewise, run with eager attention for the call. ToST
-    forms no attention matrix: its map is each patch's membership ``Pi`` in the head."""
+    ``(batch, heads, grid_h, grid_w)``. CRATE (MSSA) from ``output_attentions``, each map summing to at most 1 (the
+    CLS token's weight on itself is left out); HF ViT likewise, run with eager attention for the call. ToST forms no
+    attention matrix: its map is each patch's membership ``Pi`` in the head (summing to 1 over the heads)."""
     pixel_values = pixel_values.to(next(model.parameters()).device)
     config = model.config
     grid = (pixel_values.shape[-2] // config.patch_size, pixel_values.shape[-1] // config.patch_size)
@@ -384,7 +384,8 @@ def cls_attention_maps(model: nn.Module, pixel_values: torch.Tensor, layer: int 
         model.set_attn_implementation("eager")
     try:
         with _EvalMode(model):
-            attentions = model.base_model(pixel_values, output_attentions=True, return_dict=True).attentions
+            attentions = model.base_model(pixel_values, output_attentions=True, interpolate_pos_encoding=True,
+                                          return_dict=True).attentions
     finally:
         if config.model_type == "vit" and previous != "eager":
             model.set_attn_implementation(previous)

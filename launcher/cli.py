@@ -69,6 +69,14 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_export_images(args: argparse.Namespace) -> int:
+    from data_pipeline.image_sources import export_fashion_mnist_folder
+
+    counts = export_fashion_mnist_folder(args.out, split=args.split, limit=args.limit, coarse=args.coarse)
+    print(f"wrote {sum(counts.values())} images to {args.out}: {counts}")
+    return 0
+
+
 def _cmd_data_inspect(args: argparse.Namespace) -> int:
     from data_pipeline.inspect import inspect_text
     from data_pipeline.spec import parse_text_data
@@ -219,6 +227,16 @@ def build_parser() -> argparse.ArgumentParser:
     prepare.add_argument("name", choices=BUILTIN_SOURCES)
     prepare.add_argument("--force", action="store_true", help="rebuild even if prepared")
     prepare.set_defaults(func=_cmd_data_prepare)
+    export_images = data_commands.add_parser(
+        "export-images", help="write Fashion-MNIST as an image folder (DIR/CLASS/*.png), optionally with 3 coarse "
+        "classes: a new label set for transfer")
+    export_images.add_argument("name", choices=["fashion-mnist"])
+    export_images.add_argument("out", help="the folder to write (replaced if it exists)")
+    export_images.add_argument("--split", choices=["train", "test"], default="train")
+    export_images.add_argument("--limit", type=int, default=None, help="only the split's first N images")
+    export_images.add_argument("--coarse", action="store_true",
+                               help="3 classes: tops, bottoms-and-dresses, footwear-and-bags")
+    export_images.set_defaults(func=_cmd_data_export_images)
     inspect = data_commands.add_parser("inspect", help="show what a run config's data section streams")
     inspect.add_argument("config", help="a run config (YAML) with a 'data' section and optionally 'tokenizer'")
     inspect.add_argument("--world-size", type=int, default=1, help="plan the shards for this many ranks")

@@ -58,7 +58,7 @@ def export_checkpoint(run_dir: str | os.PathLike, step: int | None = None, out: 
     from .checkpoint import CheckpointManager, tag_for
     from .config import ConfigError, parse_run_config
     from .models import build_model, build_model_config
-    from .tasks import image_processor_for
+    from .tasks import first_image_size, image_processor_for
     from .tokenizers import load_tokenizer
 
     run_dir = Path(run_dir)
@@ -78,7 +78,7 @@ def export_checkpoint(run_dir: str | os.PathLike, step: int | None = None, out: 
     manifest = checkpoints.manifest(step)
     config = parse_run_config(manifest["config"], source=str(checkpoints.root / tag_for(step) / "manifest.json"))
     if config.is_image:
-        processor = image_processor_for(config.data)
+        processor = image_processor_for(config.data, first_image_size(config.data))
     else:
         processor = load_tokenizer(config.tokenizer, output_dir=run_dir)
     if "model_config" in manifest:  # the exact model the run trained (any task, init_from or not)

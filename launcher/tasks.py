@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data_pipeline.image_sources import ImageDataSpec, ImageSourceSpec
-from data_pipeline.image_stream import ImageLoader, ImageStream, build_image_plan
+from data_pipeline.image_stream import ImageLoader, ImageStream, build_image_plan, decode_image
 from data_pipeline.spec import SourceSpec, TextDataSpec
 from data_pipeline.text_stream import LogicalStream, TextLoader, Tokenize, build_plan
 
@@ -116,20 +116,37 @@ class LanguageModelingTask:
 # ----------------------------------------------------------------------------------------------------------------------
 
 
-def image_processor_for(spec: ImageDataSpec):
-    """An HF ``ViTImageProcessor`` that does at inference what the run's eval transform does: resize the shorter side
-    (to ``image_size / eval_crop_fraction``), center-crop ``image_size``, scale and normalise with the run's mean and
-    std. Built-in Fashion-MNIST images are already ``28 x 28``: their resize goes to ``image_size`` itself, as the
-    eval transform's small-image rule does. Greyscale models take greyscale (``L``) images."""
+def image_processor_for(spec: ImageDataSpec, native_size: tuple[int, int] | None = None):
+    """An HF ``ViTImageProcessor`` (greyscale data: ``CrateImageProcessor``, which also converts RGB to luma) that does
+    at inference what the run's eval transform does: resize the shorter side to ``image_size / eval_crop_fraction``, center-crop
+    ``image_size``, scale, normalise with the run's mean and std. ``native_size``: the size of the data's images
+    (the first one); when its shorter side is already ``<= image_size`` the resize goes to ``image_size`` itself,
+    the eval transform's small-image rule (Fashion-MNIST's 28 x 28 pass through unchanged)."""
     from transformers import ViTImageProcessor
 
-    native_small = all(source.builtin == "fashion-mnist" for source in spec.sources) and spec.image_size >= 28
-    side = spec.image_size if native_small else max(spec.image_size, round(spec.image_size / spec.eval_crop_fraction))
-    return ViTImageProcessor(
-        do_resize=True, size={"shortest_edge": side}, resample=2, do_center_crop=True,
-        crop_size={"height": spec.image_size, "width": spec.image_size}, do_rescale=True, do_normalize=True,
-        image_mean=list(spec.mean), image_std=list(spec.std), do_convert_rgb=spec.channels == 3,
-    )
+    from crate_lm import CrateImageProcessor
+
+    small = native_size is not None and min(native_size) <= spec.image_size
+    side = spec.image_size if small else max(spec.image_size, round(spec.image_size / spec.eval_crop_fraction))
+    settings = dict(do_resize=True, size={"shortest_edge": side}, resample=2, do_center_crop=True,
+                    crop_size={"height": spec.image_size, "width": spec.image_size}, do_rescale=True,
+                    do_normalize=True, image_mean=list(spec.mean), image_std=list(spec.std), do_convert_rgb=True)
+    # RGB needs nothing beyond HF's own processor (no custom code in the export); greyscale needs the luma step.
+    return ViTImageProcessor(**settings) if spec.channels == 3 else CrateImageProcessor(num_channels=1, **settings)
+
+
+def first_image_size(spec: ImageDataSpec) -> tuple[int, int]:
+    """``(width, height)`` of the first image ``spec`` streams, as decoded (before any transform)."""
+    plan = build_image_plan(replace(spec, streams_per_rank=1, shuffle_buffer=0, min_shards=1, train=False), 1)
+    stream = ImageStream(plan, 0)
+    for _ in range(1000):  # skip bad records (the stream counts and reports them)
+        _, record = stream.next_record()
+        if record.bad is None:
+            try:
+                return decode_image(record.payload, spec.channels).size
+            except Exception:
+                continue
+    raise ValueError("data: no decodable image among the first 1000 records")
 
 
 def fixed_images(spec: ImageDataSpec, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +208,7 @@ class ImageClassificationTask:
         self.plan = build_image_plan(spec, world)
         self.class_names = class_names(self.plan)
         self.model_config = build_vision_config(config.model, spec.image_size, spec.channels, self.class_names)
-        self.processor = image_processor_for(spec)
+        self.processor = image_processor_for(spec, first_image_size(spec))
         self.tokens_per_sample = image_tokens(self.model_config)
         self.flops_per_token = training_flops_per_token(self.model_config, self.tokens_per_sample)
         held_out, train_cfg, micro = held_out_spec(config), config.train, config.train.micro_batch_size
