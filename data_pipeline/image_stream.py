@@ -26,7 +26,8 @@ Transforms (no torchvision; PIL + numpy, bilinear resampling with PIL's antialia
   area fraction in ``crop_scale`` and a log-uniform aspect ratio in ``crop_ratio``, else a center crop clamped to the
   ratio range — resized to ``image_size`` squared, then a horizontal flip with p 0.5 (``hflip``);
 * eval: resize the shorter side to ``round(image_size / eval_crop_fraction)`` (224 → 256), keeping the aspect
-  ratio, then cut the center ``image_size`` square. **Rule for small images:** when the shorter side is already
+  ratio, then cut the center ``image_size`` square (offset: the floor of half the margin, as HF's image processors
+  crop, so that the processor saved with an export reproduces this transform exactly). **Rule for small images:** when the shorter side is already
   ``<= image_size`` the margin is not added — the shorter side goes to exactly ``image_size`` — so an image of the
   output size (Fashion-MNIST at ``image_size: 28``) passes through unchanged, and a small image is never cropped
   beyond its aspect ratio.
@@ -179,7 +180,8 @@ def eval_transform(image: Image.Image, spec: ImageDataSpec) -> np.ndarray:
     if shape != image.size:
         image = image.resize(shape, Image.Resampling.BILINEAR)
     if image.size != (size, size):
-        left, top = int(round((image.width - size) / 2.0)), int(round((image.height - size) / 2.0))
+        # Floor of half the margin, as HF image processors crop: inference on an export sees the same pixels.
+        left, top = (image.width - size) // 2, (image.height - size) // 2
         image = image.crop((left, top, left + size, top + size))
     return _normalise(image, spec)
 
