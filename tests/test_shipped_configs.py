@@ -31,3 +31,31 @@ def test_shipped_config_validates_and_builds(path):
             assert crate_lm.count_parameters(model) == pytest.approx(published, rel=0.01)
     else:
         assert crate_lm.count_parameters(model) == pytest.approx(124e6, rel=0.01)
+
+
+VISION_CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs" / "vision").rglob("*.yaml")
+                        if not p.name.startswith("_"))
+PUBLISHED_VIT_PARAMS = {192: 5.72e6, 384: 22.05e6}  # ViT-T/16, ViT-S/16 at 224^2, 1000 classes
+
+
+@pytest.mark.parametrize("path", VISION_CONFIGS, ids=lambda p: p.stem)
+def test_shipped_vision_config_validates_and_builds(path):
+    from launcher.models import build_vision_config
+
+    config = load_run_config(path)
+    assert config.is_image
+    if config.model.init_from:  # fine-tuning configs name a checkpoint made by another config
+        assert config.model.init_from.startswith("runs/")
+        return
+    classes = [f"class_{i}" for i in range(config.data.num_classes or 10)]
+    model_config = build_vision_config(config.model, config.data.image_size, config.data.channels, classes)
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build_model(model_config).parameters())
+    if path.parent.name != "published":
+        return
+    assert config.train.global_batch_size == 1024 and config.optimizer.lr == 1e-3  # DeiT's recipe
+    assert (config.train.label_smoothing, config.train.mixup_alpha, config.train.cutmix_alpha) == (0.1, 0.8, 1.0)
+    if config.model.arch == "crate":
+        assert params == pytest.approx(crate_lm.preset_info(config.model.preset)["published_params"], rel=0.005)
+    else:
+        assert params == pytest.approx(PUBLISHED_VIT_PARAMS[model_config.hidden_size], rel=0.005)
