@@ -7,8 +7,8 @@
 1. Training images/s: forward, backward and AdamW on a fixed batch, CRATE (``CrateForImageClassification``) and the
    ViT baseline (``ViTForImageClassification``, MLP 4x, SDPA attention) built by ``launcher.models`` from the same
    size knobs. Rounds alternate (CRATE, ViT, CRATE, ...); each side keeps its median step time over its best round.
-   Shapes: the Fashion-MNIST config (28x28x1, patch 4: 50 tokens, d 96, 4 layers) and a wider one
-   (32x32x3, patch 4: 65 tokens, d 192, 6 layers, 3 heads: ViT-T's width).
+   Shapes: the Fashion-MNIST config (28x28x1, patch 7: 17 tokens, d 96, 4 layers), the same at patch 4 (50 tokens),
+   and a wider one (32x32x3, patch 4: 65 tokens, d 192, 6 layers, 3 heads: ViT-T's width).
 2. Accuracy after the same budget: ``crate pretrain configs/vision/crate-fmnist.yaml`` and ``vit-fmnist.yaml``
    (same data, steps, batch, recipe), then top-1 on the whole Fashion-MNIST test split (10,000 images).
 """
@@ -30,8 +30,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SHAPES = {
-    "fmnist (28x28x1, p4, d96, L4, K4)": dict(image_size=28, channels=1, patch_size=4, hidden_size=96,
+    "fmnist (28x28x1, p7, d96, L4, K4)": dict(image_size=28, channels=1, patch_size=7, hidden_size=96,
                                              num_hidden_layers=4, num_attention_heads=4),
+    "fmnist-p4 (28x28x1, p4, d96, L4, K4)": dict(image_size=28, channels=1, patch_size=4, hidden_size=96,
+                                                num_hidden_layers=4, num_attention_heads=4),
     "tiny-rgb (32x32x3, p4, d192, L6, K3)": dict(image_size=32, channels=3, patch_size=4, hidden_size=192,
                                                 num_hidden_layers=6, num_attention_heads=3),
 }
@@ -97,7 +99,7 @@ def pretrain(config: str, output_dir: Path, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=600, help="training steps of each accuracy run")
+    parser.add_argument("--steps", type=int, default=1000, help="training steps of each accuracy run")
     parser.add_argument("--timing-steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--skip-accuracy", action="store_true")

@@ -68,8 +68,8 @@ def test_text_runs_refuse_vision_options():
 
 
 def test_vision_config_from_knobs_presets_and_mismatches():
-    crate = build_vision_config(ModelSection(preset="crate-vision-tiny"), 32, 1, CLASSES)
-    assert (crate.model_type, crate.image_size, crate.num_channels, crate.num_labels) == ("crate_vision", 32, 1, 3)
+    crate = build_vision_config(ModelSection(preset="crate-vision-tiny"), 35, 1, CLASSES)
+    assert (crate.model_type, crate.image_size, crate.num_channels, crate.num_labels) == ("crate_vision", 35, 1, 3)
     assert crate.id2label == {0: "a", 1: "b", 2: "c"} and crate.hidden_size == 96
     vit = build_vision_config(ModelSection(arch="vit", hidden_size=96, num_hidden_layers=4, num_attention_heads=4,
                                            patch_size=4), 28, 1, CLASSES)
@@ -80,7 +80,7 @@ def test_vision_config_from_knobs_presets_and_mismatches():
         build_vision_config(ModelSection(vocab_size=100), 28, 1, CLASSES)
     with pytest.raises(ConfigError, match="model.overrides.nope: not a CrateVisionConfig field"):
         build_vision_config(ModelSection(overrides={"nope": 1}), 28, 1, CLASSES)
-    with pytest.raises(ConfigError, match="image_size=30 is invalid: must be a multiple of patch_size=4"):
+    with pytest.raises(ConfigError, match="image_size=30 is invalid: must be a multiple of patch_size=7"):
         build_vision_config(ModelSection(preset="crate-vision-tiny"), 30, 1, CLASSES)
 
 
@@ -195,10 +195,10 @@ def test_fixed_images_are_capped_at_one_pass(tmp_path):
 def test_vision_flops_count_layers_patches_and_head():
     crate = build_vision_config(ModelSection(preset="crate-vision-tiny"), 28, 1, CLASSES)
     vit = build_vision_config(ModelSection(arch="vit", hidden_size=96, num_hidden_layers=4, num_attention_heads=4,
-                                           patch_size=4), 28, 1, CLASSES)
+                                           patch_size=7), 28, 1, CLASSES)
     tokens, d = image_tokens(crate), 96
-    assert tokens == 50
-    edges = (2 * 16 * d * 49 + 2 * d * 3) / tokens
-    # CRATE layer (4 d^2 projections + 4 T d attention + 4 d^2 ISTA: 50 tokens < 2d) vs ViT layer (24 d^2 + 4 T d).
+    assert tokens == 17
+    edges = (2 * 49 * d * 16 + 2 * d * 3) / tokens
+    # CRATE layer (4 d^2 projections + 4 T d attention + 4 d^2 ISTA: 17 tokens < 2d) vs ViT layer (24 d^2 + 4 T d).
     assert forward_flops_per_token(crate, tokens) == pytest.approx(4 * (8 * d * d + 4 * tokens * d) + edges)
     assert forward_flops_per_token(vit, tokens) == pytest.approx(4 * (24 * d * d + 4 * tokens * d) + edges)
