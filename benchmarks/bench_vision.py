@@ -80,10 +80,11 @@ def throughput(rounds: int, steps: int, batch: int) -> list[tuple[str, float, fl
     return results
 
 
-def pretrain(config: str, output_dir: Path, steps: int) -> float:
+def pretrain(config: str, output_dir: Path, steps: int, seed: int) -> tuple[float, int]:
     from launcher.metrics import read_metrics
 
     overrides = [f"output_dir={output_dir}", f"train.max_steps={steps}", f"train.eval_every={steps}",
+                 f"train.seed={seed}", f"data.seed={seed}",
                  "train.eval_batches=157", "train.whitebox_every=0", f"train.save_every={steps}",
                  "train.export_on_save=false"]
     command = [sys.executable, "-m", "launcher.cli", "pretrain", config, *overrides]
@@ -102,6 +103,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1000, help="training steps of each accuracy run")
     parser.add_argument("--timing-steps", type=int, default=10)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--seeds", type=int, default=1, help="accuracy runs per model (init and data order seeds)")
     parser.add_argument("--skip-accuracy", action="store_true")
     args = parser.parse_args()
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
@@ -117,11 +119,20 @@ def main() -> None:
     if args.skip_accuracy:
         return
     print(f"\n2. Fashion-MNIST top-1 after the same budget ({args.steps} steps of 64 images, one process)")
+    accuracies: dict[str, list[float]] = {"crate": [], "vit": []}
     with tempfile.TemporaryDirectory() as tmp:
-        crate_acc, images = pretrain("configs/vision/crate-fmnist.yaml", Path(tmp) / "crate", args.steps)
-        vit_acc, _ = pretrain("configs/vision/vit-fmnist.yaml", Path(tmp) / "vit", args.steps)
-    print(f"CRATE {100 * crate_acc:.2f}%  ViT {100 * vit_acc:.2f}%  on {images} test images  "
-          f"(CRATE - ViT: {100 * (crate_acc - vit_acc):+.2f} points)")
+        for seed in range(args.seeds):
+            for arch in accuracies:
+                accuracy, images = pretrain(f"configs/vision/{arch}-fmnist.yaml", Path(tmp) / f"{arch}-{seed}",
+                                            args.steps, seed)
+                accuracies[arch].append(accuracy)
+    for arch, values in accuracies.items():
+        spread = f" ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else ""
+        print(f"{arch:6s} {100 * statistics.mean(values):.2f}%{spread}  (seeds: "
+              f"{', '.join(f'{100 * v:.2f}' for v in values)}) on {images} test images")
+    gaps = [c - v for c, v in zip(accuracies["crate"], accuracies["vit"])]
+    print(f"CRATE - ViT: {100 * statistics.mean(gaps):+.2f} points (per seed: "
+          f"{', '.join(f'{100 * g:+.2f}' for g in gaps)})")
 
 
 if __name__ == "__main__":
