@@ -16,8 +16,13 @@ import csv
 import functools
 import hashlib
 import io
+import json
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from .fetch import fetch_rotten_tomatoes
+from .spec import DataSpecError, _check_type
 
 ROTTEN_TOMATOES_LABELS = ("rotten", "fresh")
 SPLITS = ("train", "validation", "test")
@@ -46,3 +51,238 @@ def rotten_tomatoes(split: str = "train") -> list[dict]:
     if split not in SPLITS:
         raise ValueError(f"rotten-tomatoes split {split!r} is not one of {list(SPLITS)}")
     return [row for row in _rotten_tomatoes_rows() if movie_split(row["movie"]) == split]
+
+
+# ---------------------------------------------------------------------------------------------------- labelled data
+
+
+LABELLED_BUILTINS = ("rotten-tomatoes",)
+LABELLED_FORMATS = ("csv", "jsonl", "json")
+
+
+@dataclass(frozen=True)
+class LabelledSourceSpec:
+    """One source of ``(text, label)`` examples. Exactly one of ``builtin``, ``path`` or ``hf`` is set."""
+
+    builtin: str | None = None
+    path: str | None = None  # a .csv, .jsonl or .json file
+    hf: str | None = None
+    config: str | None = None
+    split: str | None = None  # builtin / hf split; default: data.split
+    text_field: str | None = None  # default: data.text_field
+    label_field: str | None = None  # default: data.label_field
+
+    @property
+    def kind(self) -> str:
+        return "builtin" if self.builtin else "path" if self.path else "hf"
+
+    @property
+    def name(self) -> str:
+        return self.builtin or self.path or f"{self.hf}{'/' + self.config if self.config else ''}:{self.split}"
+
+
+@dataclass(frozen=True)
+class LabelledTextSpec:
+    """The ``data`` section of a text-classification run: sources of labelled text, read whole (downstream sets
+    are small), tokenized to at most ``max_length`` tokens."""
+
+    sources: tuple[LabelledSourceSpec, ...]
+    max_length: int = 128
+    labels: tuple[str, ...] | None = None
+    split: str = "train"
+    text_field: str = "text"
+    label_field: str = "label"
+    seed: int = 0
+    max_bad_fraction: float = 0.01
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+def is_labelled_text(raw: Any) -> bool:
+    """Whether a ``data`` mapping describes labelled text (``max_length`` / ``label_field`` / ``labels`` set, or a
+    built-in labelled source) rather than a pretraining stream."""
+    if not isinstance(raw, dict):
+        return False
+    if any(key in raw for key in ("max_length", "label_field", "labels")):
+        return True
+    for source in raw.get("sources") or []:
+        name = source if isinstance(source, str) else source.get("builtin") if isinstance(source, dict) else None
+        if name in LABELLED_BUILTINS:
+            return True
+    return False
+
+
+def parse_labelled_text(raw: Any, where: str = "data") -> LabelledTextSpec:
+    """Validate a labelled-text ``data`` mapping; one-line errors name the field."""
+    if not isinstance(raw, dict):
+        raise DataSpecError(f"{where}: must be a mapping, got {raw!r}")
+    allowed = {f.name for f in fields(LabelledTextSpec)} - {"extra"}
+    for key in raw:
+        if key not in allowed:
+            raise DataSpecError(f"{where}.{key}: unknown key; allowed keys are {sorted(allowed)}")
+    values = {key: raw[key] for key in allowed - {"sources"} if key in raw}
+    for key in ("max_length", "seed"):
+        if key in values:
+            _check_type(f"{where}.{key}", values[key], int, "an integer")
+    if values.get("max_length", 2) < 2:
+        raise DataSpecError(f"{where}.max_length: must be >= 2, got {values['max_length']}")
+    for key in ("split", "text_field", "label_field"):
+        if key in values:
+            _check_type(f"{where}.{key}", values[key], str, "a string")
+    if values.get("labels") is None:
+        values.pop("labels", None)
+    else:
+        labels = values["labels"]
+        if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels) \
+                or len(set(labels)) != len(labels):
+            raise DataSpecError(f"{where}.labels: must be a list of at least 2 distinct names, got {labels!r}")
+        values["labels"] = tuple(labels)
+    if "max_bad_fraction" in values:
+        _check_type(f"{where}.max_bad_fraction", values["max_bad_fraction"], (int, float), "a number")
+    sources = raw.get("sources")
+    if not isinstance(sources, list) or not sources:
+        raise DataSpecError(f"{where}.sources: must be a non-empty list of sources")
+    parsed = []
+    for index, source in enumerate(sources):
+        at = f"{where}.sources[{index}]"
+        if isinstance(source, str):
+            source = {"builtin": source} if source in LABELLED_BUILTINS else {"path": source}
+        if not isinstance(source, dict):
+            raise DataSpecError(f"{at}: must be a mapping with one of builtin/path/hf, got {source!r}")
+        known = {f.name for f in fields(LabelledSourceSpec)}
+        for key in source:
+            if key not in known:
+                raise DataSpecError(f"{at}.{key}: unknown key; allowed keys are {sorted(known)}")
+            if source[key] is not None:
+                _check_type(f"{at}.{key}", source[key], str, "a string")
+        chosen = [key for key in ("builtin", "path", "hf") if source.get(key)]
+        if len(chosen) != 1:
+            raise DataSpecError(f"{at}: give exactly one of builtin, path or hf (got {chosen or 'none'})")
+        if source.get("builtin") and source["builtin"] not in LABELLED_BUILTINS:
+            raise DataSpecError(f"{at}.builtin: unknown labelled built-in {source['builtin']!r}: allowed values are "
+                                f"{list(LABELLED_BUILTINS)}")
+        if source.get("path"):
+            suffix = os.path.splitext(source["path"])[1].lstrip(".").lower()
+            if suffix not in LABELLED_FORMATS:
+                raise DataSpecError(f"{at}.path: {source['path']!r} is not a {', '.join(LABELLED_FORMATS)} file")
+        split = source.get("split") or values.get("split", "train")
+        parsed.append(LabelledSourceSpec(**{**source, "split": split}))
+    return LabelledTextSpec(sources=tuple(parsed), **values)
+
+
+@dataclass
+class LabelledExamples:
+    """Examples read from a [`LabelledTextSpec`]: texts, label ids, the label names (ids index them) and the bad
+    records skipped (``{reason: count}`` and the first few ``file:line`` locations)."""
+
+    texts: list[str]
+    labels: list[int]
+    label_names: tuple[str, ...]
+    bad: dict[str, int]
+    bad_locations: list[str]
+
+
+def _records(source: LabelledSourceSpec, spec: LabelledTextSpec):
+    """``(location, text, label)`` of every record of one source, unvalidated."""
+    text_field = source.text_field or spec.text_field
+    label_field = source.label_field or spec.label_field
+    if source.builtin:
+        for index, row in enumerate(rotten_tomatoes(source.split)):
+            yield f"{source.builtin}:{source.split}[{index}]", row["text"], row["label"]
+        return
+    if source.hf:
+        import datasets
+
+        dataset = datasets.load_dataset(source.hf, source.config, split=source.split)
+        for index, row in enumerate(dataset):
+            yield f"{source.name}[{index}]", row.get(text_field), row.get(label_field)
+        return
+    path = source.path
+    if not os.path.isfile(path):
+        raise DataSpecError(f"data: {path!r} is not a file")
+    suffix = os.path.splitext(path)[1].lower()
+    with open(path, encoding="utf-8", newline="") as handle:
+        if suffix == ".csv":
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or text_field not in reader.fieldnames \
+                    or label_field not in reader.fieldnames:
+                raise DataSpecError(f"{path}: the CSV header must name the columns {text_field!r} and "
+                                    f"{label_field!r} (got {reader.fieldnames})")
+            for row in reader:
+                yield f"{path}:{reader.line_num}", row.get(text_field), row.get(label_field)
+        elif suffix == ".jsonl":
+            for number, line in enumerate(handle, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    yield f"{path}:{number}", None, None
+                    continue
+                row = row if isinstance(row, dict) else {}
+                yield f"{path}:{number}", row.get(text_field), row.get(label_field)
+        else:
+            rows = json.load(handle)
+            if not isinstance(rows, list):
+                raise DataSpecError(f"{path}: a .json file must hold a list of records")
+            for index, row in enumerate(rows):
+                row = row if isinstance(row, dict) else {}
+                yield f"{path}[{index}]", row.get(text_field), row.get(label_field)
+
+
+def read_labelled(spec: LabelledTextSpec, label_names: tuple[str, ...] | None = None) -> LabelledExamples:
+    """Read every source of ``spec``. Labels are ids (integers, or strings given as numbers) indexing the names, or
+    names; the names are ``label_names`` (e.g. the training set's, for its evaluation set), else ``spec.labels``,
+    else the built-in's, else the sorted distinct names (or ``"0".."K-1"`` for integer labels). Records with an
+    empty text or an unknown label are skipped and counted; more than ``max_bad_fraction`` of them is an error
+    naming the first one."""
+    rows = [(location, text, label) for source in spec.sources for location, text, label in _records(source, spec)]
+    names = label_names or spec.labels
+    if names is None and all(source.builtin for source in spec.sources):
+        names = ROTTEN_TOMATOES_LABELS
+    if names is None:
+        values = {label for _, _, label in rows if label is not None and str(label).strip()}
+        if values and all(_as_int(value) is not None for value in values):
+            names = tuple(str(i) for i in range(max(_as_int(value) for value in values) + 1))
+        else:
+            names = tuple(sorted(str(value) for value in values))
+    texts, labels, bad, locations = [], [], {}, []
+    for location, text, label in rows:
+        label_id = _label_id(label, names)
+        reason = ("empty_text" if not isinstance(text, str) or not text.strip() else
+                  "bad_label" if label_id is None else None)
+        if reason:
+            bad[reason] = bad.get(reason, 0) + 1
+            if len(locations) < 5:
+                locations.append(f"{location} ({reason})")
+            continue
+        texts.append(text)
+        labels.append(label_id)
+    if not texts:
+        raise DataSpecError(f"data: no usable examples in {[s.name for s in spec.sources]} ({bad or 'empty'})")
+    if sum(bad.values()) > spec.max_bad_fraction * len(rows):
+        raise DataSpecError(f"data: {sum(bad.values())} of {len(rows)} records are bad ({bad}), more than "
+                            f"data.max_bad_fraction={spec.max_bad_fraction}; first: {locations[0]}")
+    if len(names) < 2:
+        raise DataSpecError(f"data.labels: the data has {len(names)} label(s) {list(names)}; need at least 2")
+    return LabelledExamples(texts, labels, tuple(names), bad, locations)
+
+
+def _as_int(value) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value.strip())
+    return None
+
+
+def _label_id(value, names: tuple[str, ...]) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, str) and value.strip() in names:
+        return names.index(value.strip())
+    number = _as_int(value)
+    return number if number is not None and 0 <= number < len(names) else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -117,6 +118,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import json
+
+    from launcher.evaluate import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.model, args.data, args.max_length, args.stride, args.batch_size)
+    text = json.dumps(result, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     from launcher.submit import JobSpec, submit
 
@@ -161,6 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--nproc-per-node", type=int, default=1,
                              help="local processes to start (ignored under torchrun / deepspeed / srun)")
         command.set_defaults(func=_cmd_pretrain)
+
+    evaluate = commands.add_parser("eval", help="evaluate an HF checkpoint: perplexity of a causal LM on text "
+                                   "(sliding window), or accuracy / macro-F1 of a classifier on a labelled file; JSON")
+    evaluate.add_argument("model", help="an HF model directory (e.g. runs/crate-tiny/hf)")
+    evaluate.add_argument("--data", required=True, help="LM: a .txt / .jsonl file or a built-in corpus (its "
+                          "validation split); classifier: a .csv / .jsonl / .json file or rotten-tomatoes (test)")
+    evaluate.add_argument("--max-length", type=int, default=None, help="tokens per window / example (default: "
+                          "the model's max_position_embeddings)")
+    evaluate.add_argument("--stride", type=int, default=None, help="window stride (default: max_length / 2)")
+    evaluate.add_argument("--batch-size", type=int, default=8)
+    evaluate.add_argument("--out", default=None, help="also write the JSON to this file")
+    evaluate.set_defaults(func=_cmd_eval)
 
     submit = commands.add_parser("submit", help="submit a run (or a sweep: a job array) to Slurm: N nodes x G GPUs, "
                                  "requeued on preemption, resumed from the newest checkpoint")

@@ -32,6 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from data_pipeline.image_sources import ImageDataSpec, is_image_data, parse_image_data
+from data_pipeline.labelled import LabelledTextSpec, is_labelled_text, parse_labelled_text
 from data_pipeline.spec import DataSpecError, TextDataSpec, parse_text_data
 
 from .config_files import load_config_tree, read_yaml_value
@@ -128,8 +129,8 @@ class RunConfig(_Section):
     output_dir: str
     tokenizer: str = "gpt2"
     model: ModelSection = Field(default_factory=ModelSection)
-    data: TextDataSpec | ImageDataSpec
-    eval_data: TextDataSpec | ImageDataSpec | None = None  # held-out sources; seq_len / image shape: the training one
+    data: TextDataSpec | ImageDataSpec | LabelledTextSpec
+    eval_data: TextDataSpec | ImageDataSpec | LabelledTextSpec | None = None  # held-out; shape inherited from data
     train: TrainSection
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     zero: ZeroSection = Field(default_factory=ZeroSection)
@@ -146,14 +147,20 @@ class RunConfig(_Section):
     @field_validator("data", "eval_data", mode="before")
     @classmethod
     def _parse_data(cls, value):
-        if value is None or isinstance(value, (TextDataSpec, ImageDataSpec)):
+        if value is None or isinstance(value, (TextDataSpec, ImageDataSpec, LabelledTextSpec)):
             return value
-        return parse_image_data(value) if is_image_data(value) else parse_text_data(value)
+        return parse_data(value)
 
     @property
     def is_image(self) -> bool:
-        """An image classification run (else a language-model run)."""
+        """An image classification run."""
         return isinstance(self.data, ImageDataSpec)
+
+    @property
+    def task(self) -> str:
+        """``causal-lm`` (a text stream), ``image-classification`` or ``sequence-classification`` (labelled text)."""
+        return ("image-classification" if self.is_image else
+                "sequence-classification" if isinstance(self.data, LabelledTextSpec) else "causal-lm")
 
     @model_validator(mode="after")
     def _consistent_data(self):
@@ -166,6 +173,12 @@ class RunConfig(_Section):
                                      f"({getattr(self.data, key)}); leave it out to inherit it")
             if self.model.arch == "gpt2":
                 raise ValueError("model.arch: gpt2 is a language model; image data takes crate or vit")
+        elif self.task == "sequence-classification":
+            if self.model.arch == "vit":
+                raise ValueError("model.arch: vit classifies images; text data takes crate or gpt2")
+            for key in ("label_smoothing", "mixup_alpha", "cutmix_alpha"):
+                if getattr(self.train, key):
+                    raise ValueError(f"train.{key}: applies to image classification only")
         else:
             if self.eval_data is not None and self.eval_data.seq_len != self.data.seq_len:
                 raise ValueError(f"eval_data.seq_len ({self.eval_data.seq_len}) must equal data.seq_len "
@@ -194,7 +207,16 @@ class RunConfig(_Section):
         return raw
 
 
-def _data_to_dict(spec: TextDataSpec | ImageDataSpec) -> dict:
+def parse_data(raw: Any, where: str = "data") -> TextDataSpec | ImageDataSpec | LabelledTextSpec:
+    """A ``data`` mapping of any kind: images, labelled text (classification) or a text stream (pretraining)."""
+    if is_image_data(raw):
+        return parse_image_data(raw, where)
+    if is_labelled_text(raw):
+        return parse_labelled_text(raw, where)
+    return parse_text_data(raw, where)
+
+
+def _data_to_dict(spec: TextDataSpec | ImageDataSpec | LabelledTextSpec) -> dict:
     """The spec as plain YAML data that parses back to the same spec (source fields at their defaults left out)."""
     from dataclasses import fields
 
@@ -246,13 +268,22 @@ def parse_run_config(raw: dict, source: str = "config") -> RunConfig:
     try:
         data = raw.get("data")
         if isinstance(data, dict):  # its own validator names its keys (data.sources[0].path: ...)
-            data = parse_image_data(data) if is_image_data(data) else parse_text_data(data)
+            data = parse_data(data)
             raw = {**raw, "data": data}
+        model = raw.get("model")
+        if "tokenizer" not in raw and isinstance(model, dict) and isinstance(model.get("init_from"), str):
+            raw = {**raw, "tokenizer": model["init_from"]}  # fine-tuning: the checkpoint's own tokenizer
         if isinstance(raw.get("eval_data"), dict):
             if isinstance(data, ImageDataSpec):  # the training image shape and normalisation, no augmentation
                 inherited = {"image_size": data.image_size, "channels": data.channels, "mean": list(data.mean),
                              "std": list(data.std), "split": "test"}
                 held_out = parse_image_data({**inherited, **raw["eval_data"]}, where="eval_data")
+            elif isinstance(data, LabelledTextSpec):  # the training fields, length and label names
+                inherited = {"max_length": data.max_length, "text_field": data.text_field,
+                             "label_field": data.label_field, "split": "validation"}
+                if data.labels:
+                    inherited["labels"] = list(data.labels)
+                held_out = parse_labelled_text({**inherited, **raw["eval_data"]}, where="eval_data")
             else:
                 held_out = parse_text_data({"seq_len": getattr(data, "seq_len", 1024), **raw["eval_data"]},
                                            where="eval_data")

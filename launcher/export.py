@@ -81,12 +81,14 @@ def export_checkpoint(run_dir: str | os.PathLike, step: int | None = None, out: 
         processor = image_processor_for(config.data, first_image_size(config.data))
     else:
         processor = load_tokenizer(config.tokenizer, output_dir=run_dir)
+        if config.task == "sequence-classification" and processor.pad_token is None:
+            processor.pad_token = processor.eos_token  # as the run set it
     if "model_config" in manifest:  # the exact model the run trained (any task, init_from or not)
         saved = dict(manifest["model_config"])
         model_config = AutoConfig.for_model(saved.pop("model_type"), **saved)
     else:  # checkpoints written before the manifest recorded it: language models only
         model_config = build_model_config(config.model, len(processor), processor.eos_token_id, config.data.seq_len)
-    model = build_model(model_config)
+    model = build_model(model_config, config.task)
     state = consolidated_state_dict(checkpoints.root / tag_for(step), manifest.get("zero_stage", config.zero.stage))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) - set(getattr(model, "_tied_weights_keys", None) or ()):

@@ -7,11 +7,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageClassification, GPT2Config,
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageClassification,
+                          AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification,
                           GPT2LMHeadModel, PretrainedConfig, ViTConfig, ViTForImageClassification)
 
 import crate_lm
-from crate_lm import CrateConfig, CrateForCausalLM, CrateForImageClassification, CrateVisionConfig
+from crate_lm import (CrateConfig, CrateForCausalLM, CrateForImageClassification, CrateForSequenceClassification,
+                      CrateVisionConfig)
 from crate_lm.modeling_crate_vision import interpolate_position_table
 
 from .config import ConfigError, ModelSection
@@ -139,13 +141,32 @@ def build_model_config(section: ModelSection, vocab_size: int, eos_token_id: int
     return config
 
 
-MODEL_CLASSES = {"crate": CrateForCausalLM, "gpt2": GPT2LMHeadModel, "crate_vision": CrateForImageClassification,
-                 "vit": ViTForImageClassification}
+def build_classifier_config(section: ModelSection, vocab_size: int, tokenizer, label_names: tuple[str, ...],
+                            max_length: int) -> PretrainedConfig:
+    """The HF config of a text classifier: the ``init_from`` language model's (or the section's, for a classifier
+    trained from scratch) with the run's labels and the tokenizer's pad token."""
+    config = build_model_config(section, vocab_size, tokenizer.eos_token_id, max_length)
+    labels = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
+              "label2id": {name: index for index, name in enumerate(label_names)},
+              "pad_token_id": tokenizer.pad_token_id}
+    if max_length > config.max_position_embeddings:
+        raise ConfigError(f"data.max_length: {max_length} exceeds the model's max_position_embeddings "
+                          f"({config.max_position_embeddings})")
+    return type(config)(**{**config.to_dict(), **labels})
 
 
-def build_model(config: PretrainedConfig) -> nn.Module:
-    """A freshly initialised task model: causal LM (crate, gpt2) or image classifier (crate_vision, vit)."""
-    return MODEL_CLASSES[config.model_type](config)
+MODEL_CLASSES = {
+    "causal-lm": {"crate": CrateForCausalLM, "gpt2": GPT2LMHeadModel},
+    "image-classification": {"crate_vision": CrateForImageClassification, "vit": ViTForImageClassification},
+    "sequence-classification": {"crate": CrateForSequenceClassification, "gpt2": GPT2ForSequenceClassification},
+}
+
+
+def build_model(config: PretrainedConfig, task: str | None = None) -> nn.Module:
+    """A freshly initialised model for ``task`` (default: causal LM for crate / gpt2 configs, image classifier for
+    crate_vision / vit)."""
+    task = task or ("image-classification" if config.model_type in VISION_CLASSES else "causal-lm")
+    return MODEL_CLASSES[task][config.model_type](config)
 
 
 def load_pretrained_weights(model: nn.Module, path: str) -> str:
@@ -154,7 +175,18 @@ def load_pretrained_weights(model: nn.Module, path: str) -> str:
 
     Image classifiers: the backbone is copied (its position table interpolated to the model's patch grid when the
     image size changed); the classifier too when the label set is the checkpoint's ("kept"), otherwise it keeps
-    its fresh initialisation ("new"). Language models: every weight is copied ("kept")."""
+    its fresh initialisation ("new"). Text classifiers: the transformer of the checkpoint (a causal LM or a text
+    classifier) is copied, the ``score`` head only from a classifier with the same labels. Language models: every
+    weight is copied ("kept")."""
+    if isinstance(model, (CrateForSequenceClassification, GPT2ForSequenceClassification)):
+        architecture = (AutoConfig.from_pretrained(path).architectures or [""])[0]
+        is_classifier = architecture.endswith("ForSequenceClassification")
+        source = (AutoModelForSequenceClassification if is_classifier else AutoModelForCausalLM).from_pretrained(path)
+        model.base_model.load_state_dict(source.base_model.state_dict())
+        same_labels = is_classifier and dict(source.config.id2label) == dict(model.config.id2label)
+        if same_labels:
+            model.score.load_state_dict(source.score.state_dict())
+        return "kept" if same_labels else "new"
     if model.config.model_type not in VISION_CLASSES:
         source = AutoModelForCausalLM.from_pretrained(path)
         model.load_state_dict(source.state_dict())
@@ -176,9 +208,10 @@ def load_pretrained_weights(model: nn.Module, path: str) -> str:
 
 
 def freeze_backbone(model: nn.Module) -> int:
-    """Linear probe: only the classifier head trains. Returns the number of trainable parameters."""
+    """Linear probe: only the classifier head (``classifier`` or ``score``) trains. Returns the number of trainable
+    parameters."""
     for name, parameter in model.named_parameters():
-        parameter.requires_grad = name.startswith("classifier.")
+        parameter.requires_grad = name.startswith(("classifier.", "score."))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 

@@ -34,6 +34,12 @@ def preflight(config: RunConfig, world_size: int) -> None:
         plan = build_image_plan(config.data, world_size)
         build_vision_config(config.model, config.data.image_size, config.data.channels, class_names(plan))
         return
+    if config.task == "sequence-classification":  # small data: read it all once, as the ranks will
+        from .tasks import SequenceClassificationTask
+
+        SequenceClassificationTask(config.model_copy(update={"train": config.train.model_copy(
+            update={"eval_every": 0, "whitebox_every": 0})}), 0, world_size)
+        return
     prepare_tokenizer(config.tokenizer, config.output_dir, config.data)
     tokenizer = load_tokenizer(config.tokenizer, output_dir=config.output_dir)
     build_plan(config.data, world_size)

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data_pipeline.image_sources import ImageDataSpec, ImageSourceSpec
+from data_pipeline.labelled import LabelledTextSpec
 from data_pipeline.image_stream import ImageLoader, ImageStream, build_image_plan, decode_image
 from data_pipeline.spec import SourceSpec, TextDataSpec
 from data_pipeline.text_stream import LogicalStream, TextLoader, Tokenize, build_plan
@@ -70,7 +71,7 @@ def fixed_blocks(spec: TextDataSpec, tokenizer, count: int) -> torch.Tensor:
 class LanguageModelingTask:
     """Causal language modelling on the packed text stream (CRATE LM or the GPT-2 baseline)."""
 
-    kind = "language-modeling"
+    kind = "causal-lm"
     unit = "tokens"
 
     def __init__(self, config: RunConfig, rank: int, world: int, barrier=lambda: None):
@@ -246,6 +247,168 @@ class ImageClassificationTask:
         return {"loss": loss_sum / count, "accuracy": correct / count, "images": int(count)}
 
 
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Sequence classification
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def held_out_labelled(config: RunConfig) -> LabelledTextSpec | None:
+    """The evaluation examples: ``eval_data``, else the built-in sources' ``validation`` split, else ``None``."""
+    if config.eval_data is not None:
+        return config.eval_data
+    if not all(source.builtin for source in config.data.sources):
+        return None
+    return replace(config.data, sources=tuple(replace(s, split="validation") for s in config.data.sources),
+                   split="validation")
+
+
+class ExampleLoader:
+    """A rank's micro-batches of tokenized examples, epoch after epoch: each epoch is a permutation drawn from
+    ``(seed, epoch)``, cut to a multiple of the world size and dealt to the ranks in turn, so every rank takes the
+    same number of steps. The cursor ``{"epoch", "position"}`` resumes exactly (``state=``)."""
+
+    def __init__(self, encoded: list[list[int]], labels: list[int], rank: int, world: int, micro_batch_size: int,
+                 pad_token_id: int, seed: int, state: dict | None = None):
+        self.encoded, self.labels, self.rank, self.world = encoded, labels, rank, world
+        self.micro, self.pad, self.seed = micro_batch_size, pad_token_id, seed
+        self.per_rank = len(encoded) // world
+        if self.per_rank < micro_batch_size:
+            raise ValueError(f"data: {len(encoded)} examples are fewer than micro_batch_size ({micro_batch_size}) x "
+                             f"world size ({world})")
+        self.epoch, self.position = (state["epoch"], state["position"]) if state else (0, 0)
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def _mine(self) -> np.ndarray:
+        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.encoded))
+        return order[: self.per_rank * self.world][self.rank::self.world]
+
+    def __iter__(self):
+        mine = self._mine()
+        while True:
+            if self.position + self.micro > len(mine):
+                self.epoch, self.position = self.epoch + 1, 0
+                mine = self._mine()
+            chosen = mine[self.position:self.position + self.micro]
+            self.position += self.micro
+            yield pad_batch([self.encoded[i] for i in chosen], [self.labels[i] for i in chosen], self.pad)
+
+
+def pad_batch(encoded: list[list[int]], labels: list[int], pad_token_id: int) -> dict:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` tensors of one micro-batch."""
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor(labels)}
+
+
+def macro_f1(confusion: np.ndarray) -> float:
+    """Mean over classes of F1 = 2 TP / (2 TP + FP + FN), from a (true, predicted) confusion matrix; a class with
+    no true and no predicted example counts as F1 = 1 (nothing to get wrong)."""
+    tp = np.diag(confusion).astype(np.float64)
+    fp, fn = confusion.sum(0) - tp, confusion.sum(1) - tp
+    denominator = 2 * tp + fp + fn
+    return float(np.mean(np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 1.0)))
+
+
+class SequenceClassificationTask:
+    """Text classification (``CrateForSequenceClassification`` or ``GPT2ForSequenceClassification``, usually from a
+    pretrained LM via ``model.init_from``): cross-entropy on the last real token; evaluation loss, accuracy and
+    macro-F1 over every held-out example."""
+
+    kind = "sequence-classification"
+    unit = "examples"
+
+    def __init__(self, config: RunConfig, rank: int, world: int, barrier=lambda: None):
+        from data_pipeline.labelled import read_labelled
+
+        from .models import build_classifier_config
+
+        self.config, self.rank, self.world = config, rank, world
+        if config.tokenizer.startswith("bpe:"):
+            raise ValueError("tokenizer: bpe:N trains on pretraining text; a classifier takes its checkpoint's "
+                             "tokenizer (the default with model.init_from) or a tokenizer directory")
+        self.tokenizer = load_tokenizer(config.tokenizer, output_dir=config.output_dir)
+        if self.tokenizer.pad_token is None:  # GPT-2-style tokenizers have none; padding is masked anyway
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.processor = self.tokenizer
+        spec = config.data
+        train = read_labelled(spec)
+        self.label_names = train.label_names
+        self.model_config = build_classifier_config(config.model, len(self.tokenizer), self.tokenizer,
+                                                    self.label_names, spec.max_length)
+        self.bad_records = train.bad
+        self.encoded = self._encode(train.texts)
+        self.labels = train.labels
+        self.tokens_per_sample = spec.max_length
+        self.flops_per_token = training_flops_per_token(self.model_config, spec.max_length)
+        self.validation = None
+        held_out = held_out_labelled(config)
+        if held_out is not None and config.train.eval_every:
+            examples = read_labelled(held_out, self.label_names)
+            self.validation = self._validation_batches(self._encode(examples.texts), examples.labels)
+        self.probe = None
+        if config.train.whitebox_every:
+            first = self.encoded[: config.train.micro_batch_size]
+            self.probe = pad_batch(first, self.labels[: len(first)], self.tokenizer.pad_token_id)["input_ids"]
+
+    def _encode(self, texts: list[str]) -> list[list[int]]:
+        encoded = self.tokenizer(texts, truncation=True, max_length=self.config.data.max_length)["input_ids"]
+        return [ids or [self.tokenizer.eos_token_id] for ids in encoded]
+
+    def _validation_batches(self, encoded, labels) -> list[dict]:
+        """This rank's share of every held-out example; ranks with fewer run padding examples of weight 0, so all
+        ranks take the same number of forward passes (ZeRO-3 gathers collectively)."""
+        micro = self.config.train.micro_batch_size
+        mine = list(range(self.rank, len(encoded), self.world))
+        batches = -(-(-(-len(encoded) // self.world)) // micro)  # ceil(ceil(n / world) / micro)
+        out = []
+        for b in range(batches):
+            chosen = mine[b * micro:(b + 1) * micro]
+            weight = [1.0] * len(chosen) + [0.0] * (micro - len(chosen))
+            chosen = chosen + [0] * (micro - len(chosen))
+            batch = pad_batch([encoded[i] for i in chosen], [labels[i] for i in chosen], self.tokenizer.pad_token_id)
+            batch["weight"] = torch.tensor(weight)
+            out.append(batch)
+        return out
+
+    def loader(self, state: dict | None):
+        return ExampleLoader(self.encoded, self.labels, self.rank, self.world, self.config.train.micro_batch_size,
+                             self.tokenizer.pad_token_id, self.config.data.seed, state=state)
+
+    def loss(self, engine, batch: dict, device, step: int, micro: int) -> torch.Tensor:
+        return engine(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                      labels=batch["labels"].to(device)).loss
+
+    @torch.no_grad()
+    def evaluate(self, engine, device) -> dict:
+        classes = len(self.label_names)
+        loss_sum = count = 0.0
+        confusion = np.zeros((classes, classes))
+        for batch in self.validation:
+            logits = engine(input_ids=batch["input_ids"].to(device),
+                            attention_mask=batch["attention_mask"].to(device)).logits.float().cpu()
+            weight = batch["weight"]
+            losses = F.cross_entropy(logits, batch["labels"], reduction="none")
+            loss_sum += float((losses * weight).sum())
+            count += float(weight.sum())
+            for truth, guess, w in zip(batch["labels"].tolist(), logits.argmax(-1).tolist(), weight.tolist()):
+                confusion[truth, guess] += w
+        totals = _sum_across_ranks([loss_sum, count, *confusion.ravel().tolist()], device)
+        loss_sum, count, confusion = totals[0], totals[1], np.asarray(totals[2:]).reshape(classes, classes)
+        return {"loss": loss_sum / count, "accuracy": float(np.trace(confusion) / count),
+                "macro_f1": macro_f1(confusion), "examples": int(count)}
+
+
+TASKS = {"causal-lm": LanguageModelingTask, "image-classification": ImageClassificationTask,
+         "sequence-classification": SequenceClassificationTask}
+
+
 def build_task(config: RunConfig, rank: int, world: int, barrier=lambda: None):
-    task_class = ImageClassificationTask if config.is_image else LanguageModelingTask
-    return task_class(config, rank, world, barrier)
+    return TASKS[config.task](config, rank, world, barrier)

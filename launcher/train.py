@@ -129,7 +129,7 @@ def train(config: RunConfig) -> int:
     task = build_task(config, rank, world, barrier=dist.barrier)
     model_config = task.model_config
     torch.manual_seed(train_cfg.seed)  # identical initial weights on every rank
-    model = build_model(model_config)
+    model = build_model(model_config, task.kind)
     head = load_pretrained_weights(model, config.model.init_from) if config.model.init_from else None
     trainable = freeze_backbone(model) if config.model.linear_probe else None
     parameter_count = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them

@@ -30,3 +30,102 @@ def test_rotten_tomatoes_splits_by_movie_about_80_10_10():
 def test_unknown_split_is_one_line():
     with pytest.raises(ValueError, match="rotten-tomatoes split 'dev' is not one of"):
         rotten_tomatoes("dev")
+
+
+# ---------------------------------------------------------------------------------------------------- labelled files
+
+import numpy as np  # noqa: E402
+
+from data_pipeline.labelled import parse_labelled_text, read_labelled  # noqa: E402
+from data_pipeline.spec import DataSpecError  # noqa: E402
+from launcher.config import ConfigError, parse_run_config  # noqa: E402
+from launcher.tasks import ExampleLoader, macro_f1, pad_batch  # noqa: E402
+
+
+def write(path, text):
+    path.write_text(text)
+    return str(path)
+
+
+def test_csv_jsonl_and_json_sources_with_string_and_integer_labels(tmp_path):
+    csv_file = write(tmp_path / "a.csv", "review,stars\ngreat,pos\nawful,neg\n\"long, quoted\",pos\n")
+    jsonl = write(tmp_path / "b.jsonl", '{"review": "meh", "stars": "neg"}\n\n{"review": "wow", "stars": "pos"}\n')
+    spec = parse_labelled_text({"sources": [csv_file, jsonl], "text_field": "review", "label_field": "stars"})
+    examples = read_labelled(spec)
+    assert examples.label_names == ("neg", "pos")  # sorted names when none are given
+    assert examples.texts == ["great", "awful", "long, quoted", "meh", "wow"]
+    assert examples.labels == [1, 0, 1, 0, 1] and examples.bad == {}
+    numbers = write(tmp_path / "c.json", '[{"text": "x", "label": 2}, {"text": "y", "label": "0"}]')
+    examples = read_labelled(parse_labelled_text({"sources": [numbers], "max_bad_fraction": 0.0}))
+    assert examples.label_names == ("0", "1", "2") and examples.labels == [2, 0]
+
+
+def test_bad_records_are_skipped_counted_and_located(tmp_path):
+    rows = "text,label\n" + "".join(f"fine {i},a\n" for i in range(20)) + ",a\nno label,\nunknown,zzz\n"
+    path = write(tmp_path / "bad.csv", rows)
+    spec = parse_labelled_text({"sources": [path], "labels": ["a", "b"], "max_bad_fraction": 0.2})
+    examples = read_labelled(spec)
+    assert len(examples.texts) == 20 and examples.bad == {"empty_text": 1, "bad_label": 2}
+    assert examples.bad_locations[0] == f"{path}:22 (empty_text)"
+    strict = parse_labelled_text({"sources": [path], "labels": ["a", "b"], "max_bad_fraction": 0.01})
+    with pytest.raises(DataSpecError, match=r"3 of 23 records are bad .* first: .*bad.csv:22 \(empty_text\)"):
+        read_labelled(strict)
+
+
+@pytest.mark.parametrize("raw, message", [
+    ({"sources": ["x.txt"], "max_length": 8}, r"data.sources\[0\].path: 'x.txt' is not a csv, jsonl, json file"),
+    ({"sources": ["rotten-tomatoes"], "max_length": 1}, "data.max_length: must be >= 2"),
+    ({"sources": ["rotten-tomatoes"], "labels": ["one"]}, "data.labels: must be a list of at least 2 distinct"),
+    ({"sources": [{"builtin": "imdb"}], "max_length": 8}, r"data.sources\[0\].builtin: unknown labelled built-in"),
+    ({"sources": ["rotten-tomatoes"], "shuffle": True}, "data.shuffle: unknown key"),
+])
+def test_bad_labelled_specs_fail_in_one_line(raw, message):
+    with pytest.raises(DataSpecError, match=message):
+        parse_labelled_text(raw)
+
+
+def test_a_labelled_run_config_is_a_sequence_classification_task(tmp_path):
+    raw = {"output_dir": str(tmp_path), "model": {"init_from": "runs/x/hf"}, "data": {"sources": ["rotten-tomatoes"]},
+           "eval_data": {"sources": ["rotten-tomatoes"]}, "train": {"max_steps": 5}}
+    config = parse_run_config(raw)
+    assert config.task == "sequence-classification"
+    assert config.tokenizer == "runs/x/hf"  # fine-tuning defaults to the checkpoint's tokenizer
+    assert config.eval_data.sources[0].split == "validation" and config.eval_data.max_length == 128
+    assert parse_run_config(config.to_dict()) == config
+    with pytest.raises(ConfigError, match="train.mixup_alpha: applies to image classification only"):
+        parse_run_config({**raw, "train": {"max_steps": 5, "mixup_alpha": 0.2}})
+
+
+def test_example_loader_deals_equal_disjoint_shares_and_resumes_exactly():
+    encoded = [[i + 1] * (1 + i % 3) for i in range(10)]
+    labels = [i % 2 for i in range(10)]
+    ranks = [ExampleLoader(encoded, labels, rank, 2, 2, 0, seed=7) for rank in range(2)]
+    first = [next(iter(loader)) for loader in ranks]
+    seen = [set(batch["input_ids"][:, 0].tolist()) for batch in first]
+    assert not seen[0] & seen[1]
+    loader = ExampleLoader(encoded, labels, 0, 2, 2, 0, seed=7)
+    stream = iter(loader)
+    batches = [next(stream) for _ in range(7)]  # crosses an epoch (5 examples per rank: 2 batches, then a new epoch)
+    resumed = iter(ExampleLoader(encoded, labels, 0, 2, 2, 0, seed=7, state={"epoch": 0, "position": 0}))
+    assert all(torch_equal(a, next(resumed)) for a in batches)
+    state = None
+    fresh = ExampleLoader(encoded, labels, 0, 2, 2, 0, seed=7)
+    it = iter(fresh)
+    for _ in range(3):
+        next(it)
+    state = fresh.state_dict()
+    again = iter(ExampleLoader(encoded, labels, 0, 2, 2, 0, seed=7, state=state))
+    assert all(torch_equal(a, next(again)) for a in batches[3:])
+
+
+def torch_equal(a: dict, b: dict) -> bool:
+    return all(bool((a[key] == b[key]).all()) for key in ("input_ids", "attention_mask", "labels"))
+
+
+def test_pad_batch_and_macro_f1():
+    batch = pad_batch([[5, 6, 7], [8]], [1, 0], pad_token_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    confusion = np.array([[3, 1], [2, 4]])  # rows: truth, columns: prediction
+    f1_0, f1_1 = 2 * 3 / (6 + 2 + 1), 2 * 4 / (8 + 1 + 2)
+    assert macro_f1(confusion) == pytest.approx((f1_0 + f1_1) / 2)

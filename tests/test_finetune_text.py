@@ -1,0 +1,73 @@
+"""`crate finetune` for text classification end to end: a tiny CRATE LM pretrained here, fine-tuned on the built-in
+Rotten Tomatoes task by 2 processes with real DeepSpeed; the export used through HF; the GPT-2 baseline path."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from launcher.metrics import read_metrics
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_LM = REPO / "configs" / "lm" / "crate-tiny.yaml"
+ROTTEN = REPO / "configs" / "text" / "finetune-rotten-tomatoes.yaml"
+
+pytestmark = pytest.mark.slow
+
+
+def crate(command: str, config: Path, output_dir: Path, *overrides: str, nproc: int = 1):
+    args = [sys.executable, "-m", "launcher.cli", command, str(config), f"output_dir={output_dir}", *overrides,
+            f"--nproc-per-node={nproc}"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def pretrained_lm(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("lm") / "run"
+    crate("pretrain", TINY_LM, out, "tokenizer=bpe:2048", "model.num_hidden_layers=2", "train.max_steps=100",
+          "train.eval_every=0", "train.whitebox_every=0", "train.save_every=100", "data.seq_len=64")
+    return out / "hf"
+
+
+def test_crate_lm_finetuned_on_rotten_tomatoes_beats_the_majority_class(pretrained_lm, tmp_path):
+    from data_pipeline.labelled import rotten_tomatoes
+
+    out = tmp_path / "rt"
+    crate("finetune", ROTTEN, out, f"model.init_from={pretrained_lm}", "train.max_steps=150", "train.eval_every=150",
+          "train.save_every=150", "optimizer.lr=1e-3", "train.micro_batch_size=16", nproc=2)
+    start = next(row for row in read_metrics(out, kind="train") if row.get("event") == "start")
+    assert (start["task"], start["head"], start["world_size"]) == ("sequence-classification", "new", 2)
+    result = read_metrics(out, kind="eval")[-1]
+    validation = rotten_tomatoes("validation")
+    majority = max(sum(r["label"] for r in validation), sum(1 - r["label"] for r in validation)) / len(validation)
+    assert result["examples"] == len(validation)
+    assert result["accuracy"] > majority + 0.02, (result, majority)
+    assert result["macro_f1"] > 0.5, result
+
+    import crate_lm  # noqa: F401
+    from transformers import AutoModelForSequenceClassification, pipeline
+
+    model = AutoModelForSequenceClassification.from_pretrained(out / "hf")
+    assert type(model).__name__ == "CrateForSequenceClassification"
+    assert model.config.id2label == {0: "rotten", 1: "fresh"} and model.config.pad_token_id is not None
+    classifier = pipeline("text-classification", model=str(out / "hf"))
+    outputs = classifier(["A triumph: moving, funny and beautifully made.", "A dull, lifeless mess."])
+    assert all(output["label"] in ("rotten", "fresh") and 0.5 <= output["score"] <= 1 for output in outputs)
+
+
+def test_gpt2_classifier_through_the_same_path(tmp_path):
+    out = tmp_path / "gpt2"
+    crate("pretrain", ROTTEN, out, "model.init_from=null", "model.arch=gpt2",
+          "model.hidden_size=64", "model.num_hidden_layers=2", "model.num_attention_heads=4",
+          "model.max_position_embeddings=64", "tokenizer=gpt2", "train.max_steps=10", "train.eval_every=10",
+          "train.save_every=10")
+    result = read_metrics(out, kind="eval")[-1]
+    assert 0 <= result["accuracy"] <= 1 and result["examples"] > 1000
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(out / "hf")
+    assert type(model).__name__ == "GPT2ForSequenceClassification" and model.config.num_labels == 2
