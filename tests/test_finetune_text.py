@@ -28,8 +28,8 @@ def crate(command: str, config: Path, output_dir: Path, *overrides: str, nproc: 
 @pytest.fixture(scope="module")
 def pretrained_lm(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("lm") / "run"
-    crate("pretrain", TINY_LM, out, "tokenizer=bpe:2048", "model.num_hidden_layers=2", "train.max_steps=100",
-          "train.eval_every=0", "train.whitebox_every=0", "train.save_every=100", "data.seq_len=64")
+    crate("pretrain", TINY_LM, out, "tokenizer=bpe:2048", "train.max_steps=200", "train.eval_every=0",
+          "train.whitebox_every=0", "train.save_every=200")
     return out / "hf"
 
 
@@ -37,8 +37,8 @@ def test_crate_lm_finetuned_on_rotten_tomatoes_beats_the_majority_class(pretrain
     from data_pipeline.labelled import rotten_tomatoes
 
     out = tmp_path / "rt"
-    crate("finetune", ROTTEN, out, f"model.init_from={pretrained_lm}", "train.max_steps=150", "train.eval_every=150",
-          "train.save_every=150", "optimizer.lr=1e-3", "train.micro_batch_size=16", nproc=2)
+    crate("finetune", ROTTEN, out, f"model.init_from={pretrained_lm}", "train.max_steps=300", "train.eval_every=300",
+          "train.save_every=300", "train.micro_batch_size=16", nproc=2)
     start = next(row for row in read_metrics(out, kind="train") if row.get("event") == "start")
     assert (start["task"], start["head"], start["world_size"]) == ("sequence-classification", "new", 2)
     result = read_metrics(out, kind="eval")[-1]
