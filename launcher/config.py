@@ -163,6 +163,14 @@ class RunConfig(_Section):
                 "sequence-classification" if isinstance(self.data, LabelledTextSpec) else "causal-lm")
 
     @model_validator(mode="after")
+    def _checkpoint_tokenizer(self):
+        if self.model.init_from and self.tokenizer.startswith("bpe:"):
+            raise ValueError(f"tokenizer: {self.tokenizer} would train a new vocabulary; a run from model.init_from "
+                             f"uses the checkpoint's tokenizer (leave tokenizer out, or set it to "
+                             f"{self.model.init_from})")
+        return self
+
+    @model_validator(mode="after")
     def _consistent_data(self):
         if self.eval_data is not None and type(self.eval_data) is not type(self.data):
             raise ValueError("eval_data: must be the same kind of data (text or images) as data")
@@ -271,8 +279,11 @@ def parse_run_config(raw: dict, source: str = "config") -> RunConfig:
             data = parse_data(data)
             raw = {**raw, "data": data}
         model = raw.get("model")
-        if "tokenizer" not in raw and isinstance(model, dict) and isinstance(model.get("init_from"), str):
-            raw = {**raw, "tokenizer": model["init_from"]}  # fine-tuning: the checkpoint's own tokenizer
+        if raw.get("tokenizer") is None:  # absent or null: the checkpoint's own tokenizer when fine-tuning
+            init_from = model.get("init_from") if isinstance(model, dict) else None
+            raw = {key: value for key, value in raw.items() if key != "tokenizer"}
+            if isinstance(init_from, str):
+                raw["tokenizer"] = init_from
         if isinstance(raw.get("eval_data"), dict):
             if isinstance(data, ImageDataSpec):  # the training image shape and normalisation, no augmentation
                 inherited = {"image_size": data.image_size, "channels": data.channels, "mean": list(data.mean),

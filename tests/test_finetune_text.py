@@ -71,3 +71,19 @@ def test_gpt2_classifier_through_the_same_path(tmp_path):
 
     model = AutoModelForSequenceClassification.from_pretrained(out / "hf")
     assert type(model).__name__ == "GPT2ForSequenceClassification" and model.config.num_labels == 2
+
+
+def test_causal_lm_fine_tuning_on_new_text_keeps_the_checkpoint_tokenizer(pretrained_lm, tmp_path):
+    from data_pipeline.labelled import rotten_tomatoes
+
+    corpus = tmp_path / "reviews.txt"
+    corpus.write_text("\n".join(row["text"] for row in rotten_tomatoes("train")[:2000]))
+    held_out = tmp_path / "held-out.txt"
+    held_out.write_text("\n".join(row["text"] for row in rotten_tomatoes("validation")[:300]))
+    out = tmp_path / "lm"
+    crate("finetune", TINY_LM, out, "model.preset=null", f"model.init_from={pretrained_lm}", "tokenizer=null",
+          f"data.sources=[{corpus}]", f"eval_data.sources=[{held_out}]", "train.max_steps=20", "train.eval_every=10",
+          "train.save_every=20", "train.whitebox_every=0")
+    evals = read_metrics(out, kind="eval")
+    assert [row["step"] for row in evals] == [10, 20] and evals[1]["loss"] < evals[0]["loss"]
+    assert (out / "hf" / "tokenizer.json").read_text() == (pretrained_lm / "tokenizer.json").read_text()

@@ -94,6 +94,9 @@ def test_a_labelled_run_config_is_a_sequence_classification_task(tmp_path):
     assert parse_run_config(config.to_dict()) == config
     with pytest.raises(ConfigError, match="train.mixup_alpha: applies to image classification only"):
         parse_run_config({**raw, "train": {"max_steps": 5, "mixup_alpha": 0.2}})
+    with pytest.raises(ConfigError, match="tokenizer: bpe:4096 would train a new vocabulary; a run from "
+                                          "model.init_from uses the checkpoint's tokenizer"):
+        parse_run_config({**raw, "tokenizer": "bpe:4096"})
 
 
 def test_example_loader_deals_equal_disjoint_shares_and_resumes_exactly():
