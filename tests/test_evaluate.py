@@ -89,3 +89,32 @@ def test_crate_eval_cli_writes_json(model_dir, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "launcher.cli", "eval", str(model_dir), "--data", "nowhere"],
                          capture_output=True, text=True, cwd=REPO, timeout=300)
     assert bad.returncode == 2 and "is neither a file nor a built-in corpus" in bad.stderr
+
+
+def test_classifier_accuracy_and_macro_f1_on_a_labelled_file(tmp_path):
+    from crate_lm import CrateForSequenceClassification
+
+    from launcher.tasks import macro_f1
+
+    tokenizer = gpt2_tokenizer_from_tiktoken(fetch_gpt2_ranks())
+    torch.manual_seed(0)
+    config = config_from_preset("crate-test", vocab_size=len(tokenizer), bos_token_id=50256, eos_token_id=50256,
+                                pad_token_id=50256, num_labels=2, id2label={0: "neg", 1: "pos"},
+                                label2id={"neg": 0, "pos": 1})
+    model = CrateForSequenceClassification(config).eval()
+    model.save_pretrained(tmp_path / "clf")
+    tokenizer.save_pretrained(tmp_path / "clf")
+    rows = [("a fine film", "pos"), ("dreadful", "neg"), ("not bad at all", "pos"), ("boring and long", "neg"),
+            ("superb", "pos"), ("a mess", "neg")]
+    (tmp_path / "dev.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
+    result = evaluate_checkpoint(str(tmp_path / "clf"), str(tmp_path / "dev.csv"), max_length=16)
+    import numpy as np
+
+    confusion = np.zeros((2, 2))
+    for text, label in rows:  # one example at a time, no padding: the same predictions as the padded batch
+        with torch.no_grad():
+            guess = int(model(input_ids=torch.tensor([tokenizer(text)["input_ids"]])).logits.argmax(-1))
+        confusion[["neg", "pos"].index(label), guess] += 1
+    assert result["examples"] == 6 and result["labels"] == ["neg", "pos"]
+    assert result["accuracy"] == pytest.approx(np.trace(confusion) / 6)
+    assert result["macro_f1"] == pytest.approx(macro_f1(confusion))
