@@ -33,7 +33,25 @@ DICTIONARY_RATIOS = (1, 4)
 ISTA_STEPS = (1, 2)
 
 
-class CrateConfig(PretrainedConfig):
+class CrateLayerKnobs:
+    """Derived sizes of the CRATE layer knobs, shared by the language and vision configs."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def dictionary_size(self) -> int:
+        """Width of the sparse code (the number of dictionary atoms)."""
+        return self.ista_dictionary_ratio * self.hidden_size
+
+    @property
+    def variant(self) -> str:
+        """The published family member this configuration is, or ``"custom"``."""
+        return structural_variant(self)
+
+
+class CrateConfig(CrateLayerKnobs, PretrainedConfig):
     r"""Configuration of [`CrateModel`], [`CrateForCausalLM`] and [`CrateForSequenceClassification`].
 
     The defaults build Causal-CRATE-Base (59.9M parameters, nanoGPT counting): GPT-2 skeleton (learned absolute
@@ -120,20 +138,6 @@ class CrateConfig(PretrainedConfig):
             **kwargs,
         )
         self.validate_crate()
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def dictionary_size(self) -> int:
-        """Width of the sparse code (the number of dictionary atoms)."""
-        return self.ista_dictionary_ratio * self.hidden_size
-
-    @property
-    def variant(self) -> str:
-        """The published family member this configuration is, or ``"custom"``."""
-        return structural_variant(self)
 
     @property
     def causal_attention(self) -> bool:

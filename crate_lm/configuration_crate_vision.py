@@ -17,13 +17,13 @@ This file is copied into every saved checkpoint (``trust_remote_code`` loading),
 
 from transformers import PretrainedConfig
 
-from .configuration_crate import structural_variant, validate_crate_fields
+from .configuration_crate import CrateLayerKnobs, validate_crate_fields
 
 POOLINGS = ("cls", "mean")
 PATCH_EMBEDDINGS = ("linear", "conv")
 
 
-class CrateVisionConfig(PretrainedConfig):
+class CrateVisionConfig(CrateLayerKnobs, PretrainedConfig):
     r"""Configuration of [`CrateVisionModel`] and [`CrateForImageClassification`].
 
     The defaults build CRATE-T/16 (6.09M parameters at 224x224 with 1000 classes): patchify -> LN -> Linear -> LN
@@ -103,26 +103,12 @@ class CrateVisionConfig(PretrainedConfig):
         self.validate_crate()
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
-
-    @property
-    def dictionary_size(self) -> int:
-        """Width of the sparse code (the number of dictionary atoms)."""
-        return self.ista_dictionary_ratio * self.hidden_size
-
-    @property
     def num_patches(self) -> int:
         return (self.image_size // self.patch_size) ** 2
 
     @property
     def causal_attention(self) -> bool:
         return False
-
-    @property
-    def variant(self) -> str:
-        """The published family member this configuration is, or ``"custom"``."""
-        return structural_variant(self)
 
     def validate_crate(self) -> None:
         """Raise a one-line ``ValueError`` naming the field for any value the models cannot build."""

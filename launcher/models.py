@@ -35,6 +35,21 @@ def _check_overrides(section: ModelSection, config_class: type[PretrainedConfig]
             raise ConfigError(f"model.overrides.{key}: not a {config_class.__name__} field")
 
 
+def _base_fields(section: ModelSection, config_class: type[PretrainedConfig], model_type: str) -> dict:
+    """The fields a config starts from: ``config_path``'s, a preset's (which must be of ``model_type``), or none."""
+    if section.config_path:
+        path = Path(section.config_path)
+        return config_class.from_pretrained(path if path.is_dir() else path.parent).to_dict()
+    if not section.preset:
+        return {}
+    info = crate_lm.preset_info(section.preset)
+    if info.get("model_type", "crate") != model_type:
+        kind, other = ("a vision", "text") if model_type == "crate" else ("a language-model", "image")
+        raise ConfigError(f"model.preset: {section.preset!r} is {kind} preset; {other} data takes "
+                          f"{crate_lm.preset_names(model_type)}")
+    return info["config"]
+
+
 def _pretrained_config(section: ModelSection) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(section.init_from)
@@ -69,17 +84,7 @@ def build_vision_config(section: ModelSection, image_size: int, channels: int,
             return type(base)(**{**base.to_dict(), **section.overrides, **shape, **labels})
         config_class = CrateVisionConfig if section.arch == "crate" else ViTConfig
         _check_overrides(section, config_class)
-        if section.config_path:
-            path = Path(section.config_path)
-            base = config_class.from_pretrained(path if path.is_dir() else path.parent).to_dict()
-        elif section.preset:
-            info = crate_lm.preset_info(section.preset)
-            if info.get("model_type") != "crate_vision":
-                raise ConfigError(f"model.preset: {section.preset!r} is a language-model preset; image data takes "
-                                  f"{crate_lm.preset_names('crate_vision')}")
-            base = info["config"]
-        else:
-            base = {}
+        base = _base_fields(section, config_class, "crate_vision")
         if section.arch == "crate":
             return CrateVisionConfig(**{**base, **knobs, **section.overrides, **shape, **labels})
         # The ViT baseline: HF's ViT at the same width, depth, heads and patches, MLP 4x, no dropout (as CRATE).
@@ -116,17 +121,7 @@ def build_model_config(section: ModelSection, vocab_size: int, eos_token_id: int
     config_class = CrateConfig if section.arch == "crate" else GPT2Config
     _check_overrides(section, config_class)
     try:
-        if section.config_path:
-            path = Path(section.config_path)
-            base = config_class.from_pretrained(path if path.is_dir() else path.parent).to_dict()
-        elif section.preset:
-            info = crate_lm.preset_info(section.preset)
-            if info.get("model_type") == "crate_vision":
-                raise ConfigError(f"model.preset: {section.preset!r} is a vision preset; text data takes "
-                                  f"{crate_lm.preset_names('crate')}")
-            base = info["config"]
-        else:
-            base = {}
+        base = _base_fields(section, config_class, "crate")
         if section.arch == "crate":
             config = CrateConfig(**{**base, **knobs, **section.overrides})
         else:
