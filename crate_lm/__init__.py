@@ -17,6 +17,7 @@ from transformers import (
 from .configuration_crate import VARIANT_KNOBS, CrateConfig
 from .configuration_crate_vision import CrateVisionConfig
 from .image_processing_crate import CrateImageProcessor
+from .lora import ISTA_TARGET_PARAMETERS, LORA_TARGET_MODULES, register_peft_defaults
 from .modeling_crate import (
     CrateCache,
     CrateForCausalLM,
@@ -50,6 +51,8 @@ CrateVisionModel.register_for_auto_class("AutoModel")
 CrateForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 CrateImageProcessor.register_for_auto_class("AutoImageProcessor")
 
+register_peft_defaults()
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -64,6 +67,8 @@ __all__ = [
     "CrateVisionModel",
     "CrateVisionPreTrainedModel",
     "CratePreTrainedModel",
+    "ISTA_TARGET_PARAMETERS",
+    "LORA_TARGET_MODULES",
     "VARIANT_KNOBS",
     "config_from_preset",
     "count_parameters",
@@ -71,4 +76,5 @@ __all__ = [
     "model_for_config",
     "preset_info",
     "preset_names",
+    "register_peft_defaults",
 ]

@@ -43,3 +43,18 @@ def builtin_datasets() -> dict[str, Path]:
     from data_pipeline.builtin import BUILTIN_SOURCES, prepare
 
     return {name: prepare(name) for name in BUILTIN_SOURCES}
+
+
+# --- A pretrained tiny language model ---------------------------------------------------------------------------------
+# crate-tiny with its own 2048-token BPE, pretrained for 200 steps on the default corpus and exported (hf/): the
+# starting point of the fine-tuning tests (launcher, HF Trainer, PEFT). About a minute, once per session.
+
+@pytest.fixture(scope="session")
+def pretrained_lm(tmp_path_factory) -> Path:
+    """The HF export of a briefly pretrained crate-tiny (tokenizer included)."""
+    from tests.crate_cli import REPO, run_crate
+
+    out = tmp_path_factory.mktemp("pretrained-lm") / "run"
+    run_crate("pretrain", REPO / "configs" / "lm" / "crate-tiny.yaml", out, "tokenizer=bpe:2048",
+              "train.max_steps=200", "train.eval_every=0", "train.whitebox_every=0", "train.save_every=200")
+    return out / "hf"

@@ -3,34 +3,18 @@ Rotten Tomatoes task by 2 processes with real DeepSpeed; the export used through
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from launcher.metrics import read_metrics
+from tests.crate_cli import run_crate as crate
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_LM = REPO / "configs" / "lm" / "crate-tiny.yaml"
 ROTTEN = REPO / "configs" / "text" / "finetune-rotten-tomatoes.yaml"
+TINY_LM = REPO / "configs" / "lm" / "crate-tiny.yaml"
 
 pytestmark = pytest.mark.slow
-
-
-def crate(command: str, config: Path, output_dir: Path, *overrides: str, nproc: int = 1):
-    args = [sys.executable, "-m", "launcher.cli", command, str(config), f"output_dir={output_dir}", *overrides,
-            f"--nproc-per-node={nproc}"]
-    result = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
-@pytest.fixture(scope="module")
-def pretrained_lm(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("lm") / "run"
-    crate("pretrain", TINY_LM, out, "tokenizer=bpe:2048", "train.max_steps=200", "train.eval_every=0",
-          "train.whitebox_every=0", "train.save_every=200")
-    return out / "hf"
 
 
 def test_crate_lm_finetuned_on_rotten_tomatoes_beats_the_majority_class(pretrained_lm, tmp_path):
