@@ -111,10 +111,11 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from launcher.export import export_checkpoint
+    from launcher.export import adapter_dir_for, export_checkpoint
 
     out = export_checkpoint(args.run_dir, args.step, args.out)
-    print(f"exported {out}")
+    adapter = adapter_dir_for(out)
+    print(f"exported {out}" + (f" (merged; LoRA adapter: {adapter})" if adapter.is_dir() else ""))
     return 0
 
 

@@ -15,6 +15,7 @@ eval_data: {sources: [...]}        # held-out data; default: the built-in source
 train: {max_steps: 200, micro_batch_size: 8, global_batch_size: 16, ...}
 optimizer: {lr: 6.0e-4, min_lr: 6.0e-5, warmup_steps: 20, weight_decay: 0.1, betas: [0.9, 0.95]}
 zero: {stage: 2, offload_optimizer: false, offload_params: false}
+lora: {r: 8, alpha: 16}            # fine-tuning only: LoRA adapters through PEFT (docs/finetuning.md)
 precision: auto                    # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16
 ```
 
@@ -125,6 +126,21 @@ class ZeroSection(_Section):
         return self
 
 
+class LoraSection(_Section):
+    """LoRA through PEFT on a run from ``model.init_from``: the pretrained weights stay frozen; the low-rank adapters
+    (and a classifier's head, trained whole) learn. ``hf/`` gets the merged model; ``save_adapter`` also writes
+    PEFT's adapter folder (``adapter/``, loadable onto the ``init_from`` checkpoint)."""
+
+    r: int = Field(default=8, ge=1)
+    alpha: int = Field(default=16, ge=1)  # the update is scaled by alpha / r
+    dropout: float = Field(default=0.0, ge=0, lt=1)
+    # None: PEFT's default for the model type (CRATE: the attention's subspace_proj and out_proj; GPT-2: c_attn);
+    # "all-linear": every linear layer but the output head; or module-name suffixes.
+    target_modules: list[str] | Literal["all-linear"] | None = None
+    target_parameters: list[str] | None = None  # parameters adapted too, e.g. [dictionary]: CRATE's ISTA dictionary
+    save_adapter: bool = True
+
+
 class RunConfig(_Section):
     output_dir: str
     tokenizer: str = "gpt2"
@@ -134,6 +150,7 @@ class RunConfig(_Section):
     train: TrainSection
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     zero: ZeroSection = Field(default_factory=ZeroSection)
+    lora: LoraSection | None = None
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     deepspeed_config: str | None = None  # a DeepSpeed JSON whose keys override the generated ones
 
@@ -168,6 +185,15 @@ class RunConfig(_Section):
             raise ValueError(f"tokenizer: {self.tokenizer} would train a new vocabulary; a run from model.init_from "
                              f"uses the checkpoint's tokenizer (leave tokenizer out, or set it to "
                              f"{self.model.init_from})")
+        return self
+
+    @model_validator(mode="after")
+    def _lora_fine_tunes(self):
+        if self.lora is not None:
+            if not self.model.init_from:
+                raise ValueError("lora: adapts a pretrained model; set model.init_from")
+            if self.model.linear_probe:
+                raise ValueError("lora: a linear probe trains the head only; drop model.linear_probe or lora")
         return self
 
     @model_validator(mode="after")

@@ -1,6 +1,7 @@
 """HF export: ``<output_dir>/hf/`` holds safetensors, config, generation config, the preprocessor (the tokenizer, or
 for image runs the image processor) and, for CRATE, the modeling code (``auto_map``), so
-``AutoModelForCausalLM`` / ``AutoModelForImageClassification.from_pretrained(<output_dir>/hf)`` just works.
+``AutoModelForCausalLM`` / ``AutoModelForImageClassification.from_pretrained(<output_dir>/hf)`` just works. A LoRA
+run's export is merged; its adapter folder (PEFT's) goes to ``<output_dir>/adapter/``.
 
 ZeRO-3 partitions the parameters over ranks: every rank enters the gather, rank 0 writes. The directory is written
 beside the old one and swapped in, so a crash mid-export never leaves a half-written ``hf/``.
@@ -14,7 +15,49 @@ import shutil
 from pathlib import Path
 
 
-def export_hf(model, processor, out_dir: str | os.PathLike, is_main: bool, zero_stage: int = 0) -> None:
+def adapter_dir_for(out_dir: str | os.PathLike) -> Path:
+    """Where a LoRA run's adapter goes beside its merged export: ``adapter/`` beside ``hf/``, else ``<name>-adapter``."""
+    out = Path(out_dir)
+    return out.with_name("adapter" if out.name == "hf" else f"{out.name}-adapter")
+
+
+def _replace_directory(out: Path, write) -> None:
+    """``write(staging)`` fills a new directory that then replaces ``out`` in one rename (the old one kept until)."""
+    staging = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    write(staging)
+    previous = out.with_name(f".{out.name}.old")
+    shutil.rmtree(previous, ignore_errors=True)
+    if out.exists():
+        os.replace(out, previous)
+    os.replace(staging, out)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _detached_peft_copy(model):
+    """A PEFT model's copy outside any engine: the same architecture and adapter config on the meta device, given
+    this model's (gathered) weights. Merging it leaves the training model untouched."""
+    import copy
+
+    import torch
+    from peft import get_peft_model
+
+    base = model.get_base_model()
+    adapter = copy.deepcopy(model.peft_config["default"])
+    with torch.device("meta"):
+        fresh = type(base)(base.config)
+        fresh.name_or_path = base.name_or_path
+        fresh = get_peft_model(fresh, adapter)
+    fresh.load_state_dict({name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()},
+                          assign=True)
+    fresh.get_base_model().tie_weights()  # the copied state holds tied weights as two tensors
+    return fresh
+
+
+def export_hf(model, processor, out_dir: str | os.PathLike, is_main: bool, zero_stage: int = 0,
+              save_adapter: bool = False) -> None:
+    """Write ``model`` and its preprocessor as an HF checkpoint. A PEFT (LoRA) model is written merged into its base
+    weights; with ``save_adapter`` its adapter folder (PEFT's ``save_pretrained``) goes to ``adapter_dir_for``."""
     out = Path(out_dir)
     gather = contextlib.nullcontext()
     if zero_stage == 3:
@@ -22,17 +65,17 @@ def export_hf(model, processor, out_dir: str | os.PathLike, is_main: bool, zero_
 
         gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
     with gather:
-        if is_main:
-            staging = out.with_name(f".{out.name}.tmp")
-            shutil.rmtree(staging, ignore_errors=True)
-            model.save_pretrained(staging, safe_serialization=True)
-            processor.save_pretrained(staging)
-            previous = out.with_name(f".{out.name}.old")
-            shutil.rmtree(previous, ignore_errors=True)
-            if out.exists():
-                os.replace(out, previous)
-            os.replace(staging, out)
-            shutil.rmtree(previous, ignore_errors=True)
+        if not is_main:
+            return
+        if hasattr(model, "peft_config"):
+            adapted = _detached_peft_copy(model)
+            if save_adapter:
+                _replace_directory(adapter_dir_for(out), lambda staging: (adapted.save_pretrained(staging),
+                                                                          processor.save_pretrained(staging)))
+            model = adapted.merge_and_unload()
+            model.tie_weights()
+        _replace_directory(out, lambda staging: (model.save_pretrained(staging, safe_serialization=True),
+                                                 processor.save_pretrained(staging)))
 
 
 def consolidated_state_dict(checkpoint_dir: Path, zero_stage: int) -> dict:
@@ -57,7 +100,7 @@ def export_checkpoint(run_dir: str | os.PathLike, step: int | None = None, out: 
 
     from .checkpoint import CheckpointManager, tag_for
     from .config import ConfigError, parse_run_config
-    from .models import build_model, build_model_config
+    from .models import apply_lora, build_model, build_model_config, unwrap_peft
     from .tasks import first_image_size, image_processor_for
     from .tokenizers import load_tokenizer
 
@@ -89,13 +132,16 @@ def export_checkpoint(run_dir: str | os.PathLike, step: int | None = None, out: 
     else:  # checkpoints written before the manifest recorded it: language models only
         model_config = build_model_config(config.model, len(processor), processor.eos_token_id, config.data.seq_len)
     model = build_model(model_config, config.task)
+    if config.lora is not None:  # the checkpoint holds the PEFT model: base weights and adapters
+        model = apply_lora(model, config.lora, config.task, config.model.init_from)
     state = consolidated_state_dict(checkpoints.root / tag_for(step), manifest.get("zero_stage", config.zero.stage))
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - set(getattr(model, "_tied_weights_keys", None) or ()):
+    tied = tuple(getattr(model, "_tied_weights_keys", None) or ())  # a PEFT wrapper's keys end with its model's
+    if unexpected or [key for key in missing if not any(key == t or key.endswith("." + t) for t in tied)]:
         raise ConfigError(f"{run_dir}: checkpoint of step {step} does not match the run's model "
                           f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    model.tie_weights()
+    unwrap_peft(model).tie_weights()
     if out is None:
         out = run_dir / ("hf" if step == steps[-1] else f"hf-step{step}")
-    export_hf(model, processor, out, is_main=True)
+    export_hf(model, processor, out, is_main=True, save_adapter=config.lora is not None and config.lora.save_adapter)
     return Path(out)

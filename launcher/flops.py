@@ -94,3 +94,9 @@ def forward_flops_per_token(config, seq_len: int, tokens_per_call: int | None = 
 
 def training_flops_per_token(config, seq_len: int, tokens_per_call: int | None = None) -> float:
     return 3 * forward_flops_per_token(config, seq_len, tokens_per_call)
+
+
+# Training FLOPs done with frozen weights, as a fraction of full training's (forward 1 : input gradients 1 : weight
+# gradients 1): LoRA still back-propagates through every layer but computes no gradient of the frozen weights; a
+# linear probe runs no backward through the backbone at all. The adapters' and head's own FLOPs are negligible.
+FROZEN_FLOPS_FRACTION = {"lora": 2 / 3, "linear_probe": 1 / 3}

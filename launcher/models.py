@@ -16,7 +16,7 @@ from crate_lm import (CrateConfig, CrateForCausalLM, CrateForImageClassification
                       CrateVisionConfig)
 from crate_lm.modeling_crate_vision import interpolate_position_table
 
-from .config import ConfigError, ModelSection
+from .config import ConfigError, LoraSection, ModelSection
 
 SIZE_KNOBS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings", "vocab_size")
 VISION_SIZE_KNOBS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size")
@@ -208,6 +208,33 @@ def freeze_backbone(model: nn.Module) -> int:
     for name, parameter in model.named_parameters():
         parameter.requires_grad = name.startswith(("classifier.", "score."))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS"}
+
+
+def apply_lora(model: nn.Module, section: LoraSection, task: str, init_from: str) -> nn.Module:
+    """Wrap ``model`` (its pretrained weights loaded) in PEFT LoRA adapters: every original weight is frozen, the
+    adapters train, and so does a classifier's head (``score`` / ``classifier``: PEFT's ``modules_to_save``). The
+    adapter records ``init_from`` (absolute) as its base model. Adapter weights are drawn from the torch RNG, so
+    equal seeds give equal adapters on every rank."""
+    from peft import LoraConfig, get_peft_model
+
+    heads = ["classifier"] if task == "image-classification" else None
+    lora = LoraConfig(r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,
+                      target_modules=section.target_modules, target_parameters=section.target_parameters,
+                      task_type=PEFT_TASK_TYPES.get(task), modules_to_save=heads)
+    model.name_or_path = str(Path(init_from).resolve())  # what PEFT records as the adapter's base model
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as error:  # e.g. target modules that match nothing
+        key = "lora.target_parameters" if "parameter" in str(error).lower() else "lora.target_modules"
+        raise ConfigError(f"{key}: {str(error).splitlines()[0]}") from None
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (adapters still attached); ``model`` itself otherwise."""
+    return model.get_base_model() if hasattr(model, "peft_config") else model
 
 
 def no_weight_decay(name: str, parameter: nn.Parameter) -> bool:

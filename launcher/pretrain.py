@@ -32,18 +32,25 @@ def preflight(config: RunConfig, world_size: int) -> None:
         from data_pipeline.image_stream import build_image_plan
 
         plan = build_image_plan(config.data, world_size)
-        build_vision_config(config.model, config.data.image_size, config.data.channels, class_names(plan))
-        return
-    if config.task == "sequence-classification":  # small data: read it all once, as the ranks will
+        model_config = build_vision_config(config.model, config.data.image_size, config.data.channels,
+                                           class_names(plan))
+    elif config.task == "sequence-classification":  # small data: read it all once, as the ranks will
         from .tasks import SequenceClassificationTask
 
-        SequenceClassificationTask(config.model_copy(update={"train": config.train.model_copy(
-            update={"eval_every": 0, "whitebox_every": 0})}), 0, world_size)
-        return
-    prepare_tokenizer(config.tokenizer, config.output_dir, config.data)
-    tokenizer = load_tokenizer(config.tokenizer, output_dir=config.output_dir)
-    build_plan(config.data, world_size)
-    build_model_config(config.model, len(tokenizer), tokenizer.eos_token_id, config.data.seq_len)
+        model_config = SequenceClassificationTask(config.model_copy(update={"train": config.train.model_copy(
+            update={"eval_every": 0, "whitebox_every": 0})}), 0, world_size).model_config
+    else:
+        prepare_tokenizer(config.tokenizer, config.output_dir, config.data)
+        tokenizer = load_tokenizer(config.tokenizer, output_dir=config.output_dir)
+        build_plan(config.data, world_size)
+        model_config = build_model_config(config.model, len(tokenizer), tokenizer.eos_token_id, config.data.seq_len)
+    if config.lora is not None:  # the adapters' targets exist: checked on weightless (meta) tensors
+        import torch
+
+        from .models import apply_lora, build_model
+
+        with torch.device("meta"):
+            apply_lora(build_model(model_config, config.task), config.lora, config.task, config.model.init_from)
 
 
 def _free_port() -> int:

@@ -29,8 +29,9 @@ from .engine import deepspeed_config, learning_rate, resolve_precision
 from .export import export_hf
 from .faults import FaultInjector
 from .figures import save_attention_figure
+from .flops import FROZEN_FLOPS_FRACTION
 from .metrics import MetricsLogger, ThroughputMeter, device_peak_flops, memory_stats, model_state_bytes
-from .models import build_model, freeze_backbone, load_pretrained_weights, parameter_groups
+from .models import apply_lora, build_model, freeze_backbone, load_pretrained_weights, parameter_groups, unwrap_peft
 from .tasks import build_task
 
 
@@ -135,6 +136,11 @@ def train(config: RunConfig) -> int:
     parameter_count = sum(p.numel() for p in model.parameters())  # before ZeRO-3 partitions them
     if train_cfg.activation_checkpointing:
         model.gradient_checkpointing_enable()
+    if config.lora is not None:  # frozen pretrained weights, trainable adapters (and classifier head)
+        if train_cfg.activation_checkpointing:
+            model.enable_input_require_grads()  # checkpointed layers need an input that requires grad
+        model = apply_lora(model, config.lora, task.kind, config.model.init_from)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     ds_config = deepspeed_config(config, world, device.type)
     accumulation = ds_config["gradient_accumulation_steps"]
     # The schedule follows the loop's step count (skipped steps included), so it ends at max_steps on every stage.
@@ -171,7 +177,9 @@ def train(config: RunConfig) -> int:
     peak, peak_source = device_peak_flops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     samples_per_step = train_cfg.micro_batch_size * accumulation * world
     tokens_per_step = samples_per_step * task.tokens_per_sample
-    meter = ThroughputMeter(tokens_per_step, task.flops_per_token, peak, world_size=world,
+    frozen = "lora" if config.lora is not None else "linear_probe" if config.model.linear_probe else None
+    flops_per_token = task.flops_per_token * FROZEN_FLOPS_FRACTION.get(frozen, 1.0)
+    meter = ThroughputMeter(tokens_per_step, flops_per_token, peak, world_size=world,
                             total_steps=train_cfg.max_steps,
                             samples_per_step=samples_per_step if task.unit == "images" else None)
     logger = MetricsLogger(output_dir, is_main=rank == 0, total_steps=train_cfg.max_steps)
@@ -196,7 +204,7 @@ def train(config: RunConfig) -> int:
                                        "config": config.to_dict(), "model_config": model_config.to_dict()})
         if train_cfg.export_on_save:
             export_hf(engine.module, task.processor, os.path.join(output_dir, "hf"), is_main=rank == 0,
-                      zero_stage=config.zero.stage)
+                      zero_stage=config.zero.stage, save_adapter=config.lora is not None and config.lora.save_adapter)
 
     # -- the loop -----------------------------------------------------------------------------------------------------
     skipped_in_a_row, skipped_total, start_step = 0, 0, step
@@ -251,9 +259,9 @@ def train(config: RunConfig) -> int:
             logger.log_eval(step, **evaluate(engine, task, device))
             meter.restart()
         if probe is not None and step % train_cfg.whitebox_every == 0:
-            logger.log_whitebox(step, measure(engine.module, probe))  # every rank: ZeRO-3 gathers collectively
+            logger.log_whitebox(step, measure(unwrap_peft(engine.module), probe))  # every rank: ZeRO-3 gathers collectively
             if task.unit == "images":  # every rank runs the forward pass (ZeRO-3); rank 0 draws
-                save_attention_figure(engine.module, probe[:8], os.path.join(output_dir, "whitebox",
+                save_attention_figure(unwrap_peft(engine.module), probe[:8], os.path.join(output_dir, "whitebox",
                                       f"attention-step{step:06d}.png"), is_main=rank == 0,
                                       mean=task.config.data.mean, std=task.config.data.std)
             meter.restart()

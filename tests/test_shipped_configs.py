@@ -59,3 +59,14 @@ def test_shipped_vision_config_validates_and_builds(path):
         assert params == pytest.approx(crate_lm.preset_info(config.model.preset)["published_params"], rel=0.005)
     else:
         assert params == pytest.approx(PUBLISHED_VIT_PARAMS[model_config.hidden_size], rel=0.005)
+
+
+TEXT_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "text").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", TEXT_CONFIGS, ids=lambda p: p.stem)
+def test_shipped_fine_tuning_config_validates(path):
+    config = load_run_config(path)
+    assert config.task == "sequence-classification" and config.model.init_from
+    if "lora" in path.stem:
+        assert config.lora is not None and config.lora.target_parameters == ["dictionary"]
