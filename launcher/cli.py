@@ -146,6 +146,25 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from launcher.sweep import load_sweep, run_locally, submit_sweep, write_manifest
+
+    sweep = load_sweep(args.sweep)
+    if args.dry_run:
+        for run in sweep.runs:
+            print(f"{run.name}: crate {sweep.command} {run.config_path} {' '.join(run.overrides)}")
+        if args.slurm:
+            print(submit_sweep(sweep, dry_run=True))
+        return 0
+    print(f"sweep {sweep.name}: {len(sweep.runs)} runs; manifest {write_manifest(sweep)}")
+    if args.slurm:
+        print(f"submitted job array {submit_sweep(sweep)} ({len(sweep.runs)} tasks)")
+        return 0
+    failures = run_locally(sweep, args.nproc_per_node)
+    print(f"sweep {sweep.name}: {len(sweep.runs) - failures} of {len(sweep.runs)} runs finished")
+    return 1 if failures else 0
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from launcher.generate import generate
 
@@ -212,6 +231,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="environment for the job, e.g. --env NCCL_IB_DISABLE=1 (repeatable)")
     submit.add_argument("--dry-run", action="store_true", help="print the batch script; submit nothing")
     submit.set_defaults(func=_cmd_submit)
+
+    sweep = commands.add_parser("sweep", help="a grid of runs (architecture x size x seed ...) from a sweep file: "
+                                "one after another here (finished runs skipped), or a Slurm job array")
+    sweep.add_argument("sweep", help="sweep file (YAML), e.g. configs/sweeps/lm-scaling-cpu.yaml")
+    sweep.add_argument("--slurm", action="store_true", help="submit one job array (options: the file's slurm:)")
+    sweep.add_argument("--nproc-per-node", type=int, default=1, help="local processes per run")
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs (and the batch script with --slurm)")
+    sweep.set_defaults(func=_cmd_sweep)
 
     export = commands.add_parser("export", help="write the HF model of a run's checkpoint (ZeRO shards merged): "
                                  "AutoModelForCausalLM.from_pretrained loads it")

@@ -143,7 +143,12 @@ def submit(configs: list[str], overrides: list[str], job: JobSpec, sweeps: list[
            ) -> str:
     """Validate, save the resolved configs and the script, call sbatch. Returns the job id, or the script for
     ``dry_run`` (nothing is written then)."""
-    runs = resolve_runs(configs, overrides, list(sweeps), job)
+    return submit_runs(resolve_runs(configs, overrides, list(sweeps), job), job, dry_run)
+
+
+def submit_runs(runs: list[RunConfig], job: JobSpec, dry_run: bool = False) -> str:
+    """Submit validated run configs as one job (an array when there are several). Returns the job id, or the
+    script for ``dry_run``."""
     config_files = [Path(run.output_dir).resolve() / "config.yaml" for run in runs]
     log_dir = Path(runs[0].output_dir).resolve() / "slurm"
     script = render(job, config_files, log_dir)

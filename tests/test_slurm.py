@@ -4,6 +4,7 @@ uninterrupted run, and a job array. Where Slurm cannot be installed they skip wi
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -145,3 +146,30 @@ def test_slurm_preemption_by_a_higher_priority_job_requeues_and_resumes(tmp_path
     assert stops and stops[0]["reason"] == "stop_file" and 5 <= stops[0]["step"] < 30, job_log(run)[-4000:]
     assert [row["resumed"] for row in rows if row.get("event") == "start"] == [False, True]
     assert (run / "checkpoints" / "global_step30").is_dir() and (run / "hf" / "model.safetensors").exists()
+
+
+def test_crate_sweep_submits_a_two_element_job_array_of_crate_and_gpt2(tmp_path):
+    import yaml
+
+    root = tmp_path / "sweep"
+    small = dict(item.split("=", 1) for item in SMALL)
+    sweep_file = tmp_path / "sweep.yaml"
+    sweep_file.write_text(yaml.safe_dump({
+        "name": "arch", "output_root": str(root), "config": str(TINY),
+        "overrides": {**{key: yaml.safe_load(value) for key, value in small.items()},
+                      "train.max_steps": 3, "train.save_every": 3},
+        "axes": {"arch": {"crate": {}, "gpt2": {"config": str(REPO / "configs" / "lm" / "gpt2-tiny.yaml")}}},
+        "slurm": {"nodes": 1, "time": "15"},
+    }))
+    result = subprocess.run([sys.executable, "-m", "launcher.cli", "sweep", str(sweep_file), "--slurm"],
+                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    job = result.stdout.split("submitted job array ")[1].split()[0]
+    finished(job, root / "crate")
+    from transformers import AutoConfig
+
+    import crate_lm  # noqa: F401
+
+    assert AutoConfig.from_pretrained(root / "crate" / "hf").model_type == "crate", job_log(root / "crate")[-4000:]
+    assert AutoConfig.from_pretrained(root / "gpt2" / "hf").model_type == "gpt2", job_log(root / "crate")[-4000:]
+    assert json.loads((root / "sweep.json").read_text())["runs"][1]["labels"] == {"arch": "gpt2"}
