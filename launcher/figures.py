@@ -63,3 +63,40 @@ def save_attention_figure(model, pixel_values: torch.Tensor, path: str | os.Path
         return save_figure(figure, path)
     finally:
         plt.close(figure)
+
+
+LAYER_MEASURES = {  # white-box row key -> axis label (crate_lm.whitebox's per-layer records)
+    "rc": "compression term R^c (lower: more compressed)",
+    "delta_r": "rate reduction ΔR = R − R^c",
+    "sparsity_l0": "sparsity: fraction of zeros",
+    "hoyer": "Hoyer sparsity (scale-free)",
+}
+
+
+def save_layer_curves(series: dict[str, list[dict]], path: str | os.PathLike,
+                      measures: Sequence[str] = ("rc", "sparsity_l0"), title: str = "") -> Path:
+    """One panel per measure: its value against layer for each labelled series of per-layer records (e.g. CRATE
+    and GPT-2 side by side). An ``rc`` panel shows ``rc_std`` as error bars where present."""
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(measures), figsize=(4.2 * len(measures), 3.2), squeeze=False)
+    for axis, measure in zip(axes[0], measures):
+        for label, rows in series.items():
+            rows = sorted((row for row in rows if row.get(measure) is not None), key=lambda row: row["layer"])
+            if not rows:
+                continue
+            layers = [row["layer"] + 1 for row in rows]
+            values = [row[measure] for row in rows]
+            errors = [row.get(f"{measure}_std", 0.0) for row in rows] if measure == "rc" else None
+            axis.errorbar(layers, values, yerr=errors, marker="o", markersize=3, capsize=2, label=label)
+        axis.set_xlabel("layer")
+        axis.xaxis.get_major_locator().set_params(integer=True)
+        axis.set_ylabel(LAYER_MEASURES.get(measure, measure), fontsize=8)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    if title:
+        figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    try:
+        return save_figure(figure, path)
+    finally:
+        plt.close(figure)
