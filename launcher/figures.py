@@ -68,7 +68,7 @@ def save_attention_figure(model, pixel_values: torch.Tensor, path: str | os.Path
 LAYER_MEASURES = {  # white-box row key -> axis label (crate_lm.whitebox's per-layer records)
     "rc": "compression term R^c (lower: more compressed)",
     "delta_r": "rate reduction ΔR = R − R^c",
-    "sparsity_l0": "sparsity: fraction of zeros",
+    "sparsity_l0": "ℓ0: fraction of non-zeros (lower: sparser)",
     "hoyer": "Hoyer sparsity (scale-free)",
 }
 

@@ -1,0 +1,331 @@
+"""``crate compare RUN_DIR... --out REPORT_DIR``: one markdown report, with PNG figures, comparing runs trained by
+this harness (CRATE variants and their baselines, any sizes and seeds).
+
+Each run directory is read through the run-directory contract (``config.yaml``, ``metrics.jsonl``, ``hf/``); a
+sweep's ``output_root`` may be given instead of its runs (its ``sweep.json`` lists them and their labels). Runs are
+grouped into **families**: the sweep's ``arch`` label when there is one, else the architecture (``crate`` /
+``crate-lm`` / ``crate-alpha`` / ``tost`` for CRATE's variants, ``gpt2``, ``vit``, ``crate_vision``).
+
+Figures: loss against tokens (train and eval); final eval loss against non-embedding parameters and against
+training FLOPs, log-log, with a power law ``L = a x^-alpha`` fitted per family that has 3 or more distinct sizes
+(``launcher.scaling``); throughput and memory; downstream accuracy where the runs evaluated a classifier; the
+per-layer white-box curves (R^c, ΔR, ℓ0 non-zero fraction, Hoyer sparsity) of the last white-box step of every run side by side. The summary
+table holds each run's numbers. Training FLOPs are the tokens trained times the analytic FLOPs per token of the
+model (``launcher.flops``: 6N plus attention, CRATE's own formulas), as MFU uses.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .metrics import read_metrics
+
+EMBEDDING_PARAMETERS = re.compile(r"(embed_tokens|\bwte\b|\bwpe\b|position|lm_head|cls_token)")
+
+
+@dataclass
+class RunSummary:
+    """What the report needs of one run."""
+
+    name: str
+    path: Path
+    family: str
+    model_type: str
+    task: str
+    params: int | None = None
+    non_embedding_params: int | None = None
+    tokens: float | None = None  # trained (the last train row's count)
+    flops: float | None = None
+    steps: int | None = None
+    train_loss: float | None = None  # mean of the last 3 logged losses
+    eval: dict = field(default_factory=dict)  # the last eval row (loss, perplexity, accuracy, ...)
+    tokens_per_s: float | None = None  # median over the logged steps
+    samples_per_s: float | None = None
+    mfu: float | None = None
+    peak_memory_gib: float | None = None
+    model_state_gib: float | None = None
+    train_curve: list[tuple[float, float]] = field(default_factory=list)  # (tokens, loss)
+    eval_curve: list[tuple[float, float]] = field(default_factory=list)
+    whitebox: list[dict] = field(default_factory=list)  # per-layer rows of the last white-box step
+    labels: dict = field(default_factory=dict)
+
+
+def _median(values: list[float]) -> float | None:
+    values = sorted(v for v in values if v is not None and math.isfinite(v))
+    return values[len(values) // 2] if values else None
+
+
+def _model_facts(run_dir: Path, config) -> tuple[str, str, int | None, float | None]:
+    """(model_type, family, non-embedding parameters, training FLOPs per token) from the run's export."""
+    import torch
+    from transformers import AutoConfig
+
+    import crate_lm
+
+    from .flops import image_tokens, training_flops_per_token
+    from .models import build_model
+
+    export = run_dir / "hf"
+    if not (export / "config.json").is_file():
+        return config.model.arch, config.model.arch, None, None
+    model_config = AutoConfig.from_pretrained(export)
+    model_type = model_config.model_type
+    family = crate_lm.configuration_crate.structural_variant(model_config) if model_type == "crate" else model_type
+    with torch.device("meta"):
+        model = build_model(model_config, config.task)
+    seen, non_embedding = set(), 0
+    for name, parameter in model.named_parameters():
+        if id(parameter) not in seen and not EMBEDDING_PARAMETERS.search(name):
+            non_embedding += parameter.numel()
+        seen.add(id(parameter))
+    if config.task == "image-classification":
+        per_token = training_flops_per_token(model_config, image_tokens(model_config))
+    else:
+        length = config.data.seq_len if config.task == "causal-lm" else config.data.max_length
+        per_token = training_flops_per_token(model_config, length)
+    return model_type, family, non_embedding, per_token
+
+
+def summarize_run(run_dir: str | Path, labels: dict | None = None) -> RunSummary:
+    """Read one run directory; a missing part (no export, no eval, no white-box rows) leaves its fields empty."""
+    from .config import load_run_config
+
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
+    config = load_run_config(run_dir / "config.yaml")
+    model_type, family, non_embedding, flops_per_token = _model_facts(run_dir, config)
+    train = read_metrics(run_dir, kind="train")
+    evals = [row for row in read_metrics(run_dir, kind="eval") if "loss" in row]
+    start = next((row for row in reversed(train) if row.get("event") == "start"), {})
+    logged = [row for row in train if "loss" in row and "event" not in row]
+    summary = RunSummary(name=run_dir.name, path=run_dir, family=(labels or {}).get("arch", family),
+                         model_type=model_type, task=config.task, labels=dict(labels or {}))
+    summary.params = start.get("params")
+    summary.non_embedding_params = non_embedding
+    if logged:
+        last = logged[-1]
+        summary.steps, summary.tokens = last["step"], last.get("tokens")
+        summary.train_loss = sum(row["loss"] for row in logged[-3:]) / len(logged[-3:])
+        summary.train_curve = [(row.get("tokens", row["step"]), row["loss"]) for row in logged]
+        summary.tokens_per_s = _median([row.get("tokens_per_s") for row in logged[1:] or logged])
+        summary.samples_per_s = _median([row.get("samples_per_s") for row in logged[1:] or logged])
+        summary.mfu = _median([row.get("mfu") for row in logged[1:] or logged])
+        memory = [row.get("mem_max_allocated_gib", row.get("mem_max_rss_gib")) for row in logged]
+        summary.peak_memory_gib = max((m for m in memory if m is not None), default=None)
+    tokens_per_step = start.get("tokens_per_step")
+    if evals:
+        summary.eval = {k: v for k, v in evals[-1].items() if k not in ("kind", "time")}
+        summary.eval_curve = [(row["step"] * tokens_per_step if tokens_per_step else row["step"], row["loss"])
+                              for row in evals]
+    if summary.tokens is not None and flops_per_token is not None:
+        summary.flops = summary.tokens * flops_per_token
+    state = [row for row in train if row.get("event") == "model_state"]
+    if state:
+        summary.model_state_gib = state[-1].get("max_model_state_gib")
+    whitebox = read_metrics(run_dir, kind="whitebox")
+    if whitebox:
+        last_step = whitebox[-1]["step"]
+        summary.whitebox = [row for row in whitebox if row["step"] == last_step]
+    return summary
+
+
+def collect_runs(paths: list[str | Path]) -> list[RunSummary]:
+    """Run directories, or sweep roots (``sweep.json``) standing for their runs, in the order given."""
+    runs = []
+    for path in map(Path, paths):
+        manifest = path / "sweep.json"
+        if manifest.is_file() and not (path / "config.yaml").is_file():
+            for run in json.loads(manifest.read_text())["runs"]:
+                if (Path(run["output_dir"]) / "config.yaml").is_file():
+                    runs.append(summarize_run(run["output_dir"], run["labels"]))
+            continue
+        runs.append(summarize_run(path))
+    if not runs:
+        raise ValueError("crate compare: no runs found in " + ", ".join(map(str, paths)))
+    names = [run.name for run in runs]
+    for run in runs:  # names must tell runs apart in legends and tables
+        if names.count(run.name) > 1:
+            run.name = f"{run.path.parent.name}/{run.name}"
+    return runs
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Figures
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _families(runs: list[RunSummary]) -> dict[str, list[RunSummary]]:
+    grouped: dict[str, list[RunSummary]] = {}
+    for run in runs:
+        grouped.setdefault(run.family, []).append(run)
+    return grouped
+
+
+def _loss_curves(runs: list[RunSummary], path: Path) -> Path:
+    from .figures import _pyplot, save_figure
+
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for run in runs:
+        if run.train_curve:
+            tokens, losses = zip(*run.train_curve)
+            axes[0].plot(tokens, losses, label=run.name, linewidth=1)
+        if run.eval_curve:
+            tokens, losses = zip(*run.eval_curve)
+            axes[1].plot(tokens, losses, marker="o", markersize=3, label=run.name)
+    for axis, title in zip(axes, ("train loss", "eval loss")):
+        axis.set_xlabel("tokens" if runs[0].task == "causal-lm" else "tokens (patches x images)")
+        axis.set_ylabel(title)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    try:
+        return save_figure(figure, path)
+    finally:
+        plt.close(figure)
+
+
+def _scaling_figure(runs: list[RunSummary], attribute: str, label: str, path: Path) -> tuple[Path, dict]:
+    """Final eval loss against ``attribute`` per family, log-log, and each family's power law (3+ sizes)."""
+    from .figures import _pyplot, save_figure
+    from .scaling import fit_power_law
+
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(5.5, 4))
+    fits = {}
+    for family, members in _families(runs).items():
+        points = [(getattr(run, attribute), run.eval["loss"]) for run in members
+                  if getattr(run, attribute) and run.eval.get("loss")]
+        if not points:
+            continue
+        xs, ys = zip(*points)
+        dots = axis.scatter(xs, ys, label=family, s=18)
+        if len(set(xs)) >= 3:
+            law = fit_power_law(xs, ys)
+            fits[family] = law
+            grid = [min(xs) * (max(xs) / min(xs)) ** (i / 50) for i in range(51)]
+            axis.plot(grid, law(grid), color=dots.get_facecolor()[0], linewidth=1,
+                      label=f"{family}: α = {law.exponent:.3f}")
+    axis.set_xscale("log")
+    axis.set_yscale("log")
+    axis.set_xlabel(label)
+    axis.set_ylabel("final eval loss")
+    axis.grid(alpha=0.3, which="both")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    try:
+        return save_figure(figure, path), fits
+    finally:
+        plt.close(figure)
+
+
+def _bars(runs: list[RunSummary], panels: list[tuple[str, str]], path: Path) -> Path:
+    """One bar panel per (attribute, title), a bar per run."""
+    from .figures import _pyplot, save_figure
+
+    plt = _pyplot()
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    names = [run.name for run in runs]
+    palette = {family: f"C{index % 10}" for index, family in enumerate(_families(runs))}
+    for axis, (attribute, title) in zip(axes[0], panels):
+        values = [getattr(run, attribute) if not attribute.startswith("eval.") else run.eval.get(attribute[5:])
+                  for run in runs]
+        axis.bar(range(len(runs)), [v if v is not None else 0 for v in values],
+                 color=[palette[run.family] for run in runs])
+        axis.set_xticks(range(len(runs)), names, rotation=45, ha="right", fontsize=7)
+        axis.set_title(title, fontsize=9)
+        axis.grid(alpha=0.3, axis="y")
+    figure.tight_layout()
+    try:
+        return save_figure(figure, path)
+    finally:
+        plt.close(figure)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Report
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _number(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, int) or (isinstance(value, float) and value.is_integer() and abs(value) >= 1e4):
+        value = float(value)
+        for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+            if abs(value) >= scale:
+                return f"{value / scale:.3g}{unit}"
+        return f"{value:.0f}"
+    return f"{value:.{digits}g}"
+
+
+def write_report(runs: list[RunSummary], out_dir: str | Path) -> Path:
+    """Write ``report.md``, ``summary.json`` and the figures into ``out_dir``; returns the report's path."""
+    from .figures import save_layer_curves
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    figures: list[tuple[str, str]] = [("Loss against tokens", _loss_curves(runs, out / "loss_vs_tokens.png").name)]
+    fits = {}
+    for attribute, label, file in (("non_embedding_params", "non-embedding parameters", "loss_vs_params.png"),
+                                   ("flops", "training FLOPs", "loss_vs_flops.png")):
+        if any(getattr(run, attribute) and run.eval.get("loss") for run in runs):
+            path, fitted = _scaling_figure(runs, attribute, label, out / file)
+            figures.append((f"Final eval loss against {label}", path.name))
+            fits[label] = fitted
+    speed = "samples_per_s" if runs[0].task == "image-classification" else "tokens_per_s"
+    panels = [(speed, speed.replace("_per_s", "/s")), ("mfu", "MFU"), ("peak_memory_gib", "peak memory (GiB)")]
+    figures.append(("Throughput and memory", _bars(runs, panels, out / "throughput_memory.png").name))
+    if any("accuracy" in run.eval for run in runs):
+        panels = [("eval.accuracy", "accuracy")] + ([("eval.macro_f1", "macro-F1")]
+                                                    if any("macro_f1" in run.eval for run in runs) else [])
+        figures.append(("Downstream accuracy", _bars(runs, panels, out / "accuracy.png").name))
+    if any(run.whitebox for run in runs):
+        series = {run.name: run.whitebox for run in runs if run.whitebox}
+        path = save_layer_curves(series, out / "whitebox_layers.png", ("rc", "delta_r", "sparsity_l0", "hoyer"),
+                                 title="per-layer white-box measures at each run's last white-box step")
+        figures.append(("White-box measures per layer (R^c, ΔR, sparsity)", path.name))
+
+    lines = ["# Comparison report", "", f"{len(runs)} runs: " + ", ".join(f"`{run.path}`" for run in runs), "",
+             "## Summary", ""]
+    accuracy = any("accuracy" in run.eval for run in runs)
+    header = ["run", "family", "params", "non-emb params", "tokens", "train FLOPs", "steps", "train loss",
+              "eval loss", "perplexity"] + (["accuracy"] if accuracy else []) + [speed.replace("_per_s", "/s"),
+                                                                                   "MFU", "peak mem GiB"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in runs:
+        row = [run.name, run.family, _number(run.params), _number(run.non_embedding_params), _number(run.tokens),
+               _number(run.flops), _number(run.steps), _number(run.train_loss), _number(run.eval.get("loss")),
+               _number(run.eval.get("perplexity"))]
+        if accuracy:
+            row.append(_number(run.eval.get("accuracy")))
+        row += [_number(getattr(run, speed), 3), _number(run.mfu, 3), _number(run.peak_memory_gib, 3)]
+        lines.append("| " + " | ".join(row) + " |")
+    if any(fits.values()):
+        lines += ["", "## Power-law fits", "", "Per family with 3 or more sizes: `L = a x^-α` (least squares in "
+                  "log-log space).", ""]
+        for label, fitted in fits.items():
+            for family, law in fitted.items():
+                lines.append(f"- {family}, loss against {label}: {law.describe('x')}")
+    if any(run.whitebox for run in runs):
+        lines += ["", "## White-box measures, first and last layer", "",
+                  "| run | step | R^c first → last | non-zero fraction (ℓ0) first → last |", "|---|---|---|---|"]
+        for run in runs:
+            if run.whitebox:
+                first, last = run.whitebox[0], run.whitebox[-1]
+                lines.append(f"| {run.name} | {first['step']} | {first['rc']:.4g} → {last['rc']:.4g} | "
+                             f"{first['sparsity_l0']:.3f} → {last['sparsity_l0']:.3f} |")
+    lines += ["", "## Figures", ""]
+    for title, name in figures:
+        lines += [f"### {title}", "", f"![{title}]({name})", ""]
+    (out / "summary.json").write_text(json.dumps([{
+        key: (str(value) if isinstance(value, Path) else value) for key, value in vars(run).items()
+        if key not in ("train_curve", "eval_curve")} for run in runs], indent=1))
+    report = out / "report.md"
+    report.write_text("\n".join(lines) + "\n")
+    return report
