@@ -11,9 +11,9 @@ axes:                                     # the cartesian product, in this order
   arch:                                   # labelled points: label -> overrides; `config` swaps the run config
     crate: {model.preset: crate-tiny}
     gpt2: {config: ../lm/gpt2-tiny.yaml}
-  size:
-    s: {model.hidden_size: 64}
-    m: {model.hidden_size: 128}
+  size:                                   # `when`: extra overrides for runs that also carry another axis's label
+    s: {model.hidden_size: 64, when: {gpt2: {model.hidden_size: 32}}}    # e.g. matching parameter counts
+    m: {model.hidden_size: 128, when: {gpt2: {model.hidden_size: 64}}}
   seed: {train.seed: [0, 1]}              # a value axis: one dotted key, a list of values (labels seed0, seed1)
 exclude:                                  # optional: points to leave out, by labels (every label given must match)
   - {arch: gpt2, size: s}
@@ -70,31 +70,48 @@ def _yaml_value(value: Any) -> str:
 
 
 def _override_items(where: str, mapping: Any) -> tuple[str | None, list[str]]:
-    """``{config: path, a.b: value, ...}`` -> (config path or None, ["a.b=value", ...])."""
+    """``{config: path, a.b: value, ...}`` -> (config path or None, ["a.b=value", ...]); ``when`` is left out."""
     if not isinstance(mapping, dict):
         raise ConfigError(f"{where}: must be a mapping of dotted keys to values (got {mapping!r})")
     config = mapping.get("config")
     if config is not None and not isinstance(config, str):
         raise ConfigError(f"{where}.config: must be a path to a run config (got {config!r})")
-    return config, [f"{key}={_yaml_value(value)}" for key, value in mapping.items() if key != "config"]
+    return config, [f"{key}={_yaml_value(value)}" for key, value in mapping.items() if key not in ("config", "when")]
 
 
-def _axis_points(axis: str, raw: Any, where: str) -> list[tuple[str, str | None, list[str]]]:
-    """An axis's points as (label, config path or None, overrides)."""
+def _conditional_items(where: str, mapping: Any) -> dict[str, list[str]]:
+    """A point's ``when: {label: {a.b: value}}``: overrides applied only together with that label."""
+    when = mapping.get("when") if isinstance(mapping, dict) else None
+    if when is None:
+        return {}
+    if not isinstance(when, dict):
+        raise ConfigError(f"{where}.when: must map labels of other axes to overrides (got {when!r})")
+    conditional = {}
+    for label, overrides in when.items():
+        config, items = _override_items(f"{where}.when.{label}", overrides)
+        if config is not None:
+            raise ConfigError(f"{where}.when.{label}.config: swap configs on an axis point, not under when")
+        conditional[str(label)] = items
+    return conditional
+
+
+def _axis_points(axis: str, raw: Any, where: str) -> list[tuple[str, str | None, list[str], dict]]:
+    """An axis's points as (label, config path or None, overrides, conditional overrides)."""
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{where}: must be a non-empty mapping (labelled points, or one key with a list of values)")
     if len(raw) == 1 and isinstance(next(iter(raw.values())), list):  # a value axis
         key, values = next(iter(raw.items()))
         if not values:
             raise ConfigError(f"{where}.{key}: the list of values is empty")
-        return [(f"{axis}{value}", None, [f"{key}={_yaml_value(value)}"]) for value in values]
+        return [(f"{axis}{value}", None, [f"{key}={_yaml_value(value)}"], {}) for value in values]
     points = []
     for label, mapping in raw.items():
         label = str(label)
         if not LABEL.match(label):
             raise ConfigError(f"{where}.{label}: a label names a directory: letters, digits, '_', '.', '+', '-'")
-        config, overrides = _override_items(f"{where}.{label}", mapping if mapping is not None else {})
-        points.append((label, config, overrides))
+        mapping = mapping if mapping is not None else {}
+        config, overrides = _override_items(f"{where}.{label}", mapping)
+        points.append((label, config, overrides, _conditional_items(f"{where}.{label}", mapping)))
     return points
 
 
@@ -134,18 +151,27 @@ def load_sweep(path: str | Path) -> Sweep:
                 raise ConfigError(f"{path}: exclude: {axis}={label!r} is not a label of that axis")
     output_root = Path(raw["output_root"])
     runs = []
+    all_labels = {point[1] for points in grid for point in points}
+    for points in grid:
+        for axis, label, _, _, conditional in points:
+            for other in conditional:
+                if other not in all_labels:
+                    raise ConfigError(f"{path}: axes.{axis}.{label}.when: {other!r} is not a label of any axis")
     for combination in itertools.product(*grid):
-        labels = {axis: label for axis, label, _, _ in combination}
+        labels = {axis: label for axis, label, _, _, _ in combination}
         if any(all(labels[axis] == str(label) for axis, label in item.items()) for item in excluded):
             continue
-        configs = [config for _, _, config, _ in combination if config] or [base_config]
+        configs = [config for _, _, config, _, _ in combination if config] or [base_config]
         if len(configs) > 1 or configs[0] is None:
             raise ConfigError(f"{path}: run {'-'.join(labels.values())}: "
                               f"{'two axes set config' if len(configs) > 1 else 'no run config (set config)'}")
         config_path = (path.parent / configs[0]).resolve()
         name = "-".join(labels.values())
         output_dir = output_root / name
-        overrides = (*common, *(item for _, _, _, items in combination for item in items),
+        chosen = set(labels.values())
+        overrides = (*common, *(item for _, _, _, items, _ in combination for item in items),
+                     *(item for *_, conditional in combination for label, items in conditional.items()
+                       if label in chosen for item in items),
                      f"output_dir={output_dir}")
         try:
             load_run_config(config_path, list(overrides))

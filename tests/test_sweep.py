@@ -44,7 +44,21 @@ def test_grid_expands_in_axis_order_with_labels_config_swaps_and_exclusions(tmp_
     assert manifest["runs"][4]["labels"] == {"arch": "gpt2", "size": "m", "seed": "seed0"}
 
 
+def test_when_adds_overrides_only_beside_the_named_label(tmp_path):
+    path = sweep_file(tmp_path, axes={
+        "arch": {"crate": {}, "gpt2": {"config": str(LM / "gpt2-tiny.yaml")}},
+        "size": {"s": {"model.hidden_size": 128, "when": {"gpt2": {"model.hidden_size": 64}}}},
+    })
+    crate, gpt2 = load_sweep(path).runs
+    assert "model.hidden_size=64" not in crate.overrides
+    assert gpt2.overrides.index("model.hidden_size=64") > gpt2.overrides.index("model.hidden_size=128")
+    from launcher.sweep import run_config
+
+    assert run_config(gpt2).model.hidden_size == 64 and run_config(crate).model.hidden_size == 128
+
+
 @pytest.mark.parametrize("raw, message", [
+    ({"axes": {"size": {"s": {"when": {"nope": {"model.hidden_size": 1}}}}}}, r"when: 'nope' is not a label"),
     ({"axes": {"size": {"s": {"model.hidden_size": 0}}}}, r"run s: .*model.hidden_size: Input should be greater than or equal to 1"),
     ({"axes": {"size": {"s": {"model.not_a_key": 1}}}}, r"run s: .*model.not_a_key: unknown key"),
     ({"axes": {"size": {"s/x": {}}}}, r"axes.size.s/x: a label names a directory"),
@@ -69,3 +83,13 @@ def test_the_slurm_array_has_one_index_per_run(tmp_path):
         assert str(tmp_path / "runs" / f"seed{seed}" / "config.yaml") in script
     with pytest.raises(ConfigError, match=r"slurm.gpus: unknown key"):
         submit_sweep(load_sweep(sweep_file(tmp_path, axes={"seed": {"train.seed": [0]}}, slurm={"gpus": 1})))
+
+
+SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_shipped_sweeps_expand_and_validate(path):
+    sweep = load_sweep(path)
+    assert len(sweep.runs) >= 3 and len({run.output_dir for run in sweep.runs}) == len(sweep.runs)
+    assert "arch" in sweep.runs[0].labels  # crate compare groups families by it
