@@ -132,6 +132,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_whitebox(args: argparse.Namespace) -> int:
+    from launcher.whitebox_report import console_text, whitebox_report
+
+    result = whitebox_report(args.model, args.data, out=args.out, samples=args.samples, max_length=args.max_length,
+                             batch_size=args.batch_size, compare=args.compare)
+    print(console_text(result))
+    return 0
+
+
 def _cmd_submit(args: argparse.Namespace) -> int:
     from launcher.submit import JobSpec, submit
 
@@ -163,6 +172,16 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     failures = run_locally(sweep, args.nproc_per_node)
     print(f"sweep {sweep.name}: {len(sweep.runs) - failures} of {len(sweep.runs)} runs finished")
     return 1 if failures else 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from launcher.compare import collect_runs, write_report
+
+    runs = collect_runs(args.runs)
+    report = write_report(runs, args.out)
+    print(report.read_text().split("\n## Figures")[0])
+    print(f"report: {report}")
+    return 0
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -208,6 +227,23 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default=None, help="also write the JSON to this file")
     evaluate.set_defaults(func=_cmd_eval)
 
+    whitebox = commands.add_parser("whitebox", help="per-layer white-box report of an HF checkpoint (CRATE, GPT-2, "
+                                   "CRATE vision, ViT): compression R^c and sparsity against depth; JSON, figures, "
+                                   "markdown")
+    whitebox.add_argument("model", help="an HF model directory (e.g. runs/crate-tiny/hf)")
+    whitebox.add_argument("--data", required=True, help="text: a .txt / .jsonl file or a built-in corpus (its "
+                          "validation split); images: a folder DIR/CLASS/*.png or fashion-mnist (test split)")
+    whitebox.add_argument("--out", default=None, help="directory to write (default: whitebox/ beside the model "
+                          "directory, i.e. in its run directory)")
+    whitebox.add_argument("--samples", type=int, default=16, help="token blocks or images, evenly spaced over the "
+                          "data (default 16)")
+    whitebox.add_argument("--max-length", type=int, default=None, help="tokens per block (default: 128, or the "
+                          "model's max_position_embeddings if smaller)")
+    whitebox.add_argument("--batch-size", type=int, default=8)
+    whitebox.add_argument("--compare", nargs="+", action="extend", default=[], metavar="OTHER_MODEL",
+                          help="other HF model directories measured on the same data and drawn beside it")
+    whitebox.set_defaults(func=_cmd_whitebox)
+
     submit = commands.add_parser("submit", help="submit a run (or a sweep: a job array) to Slurm: N nodes x G GPUs, "
                                  "requeued on preemption, resumed from the newest checkpoint")
     submit.add_argument("items", nargs="+", metavar="CONFIG|KEY=VALUE",
@@ -239,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--nproc-per-node", type=int, default=1, help="local processes per run")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs (and the batch script with --slurm)")
     sweep.set_defaults(func=_cmd_sweep)
+
+    compare = commands.add_parser("compare", help="a markdown report with figures comparing runs: loss vs tokens, "
+                                  "scaling with power-law fits, throughput, memory, accuracy, white-box curves")
+    compare.add_argument("runs", nargs="+", help="run directories, or a sweep's output_root (its sweep.json)")
+    compare.add_argument("--out", required=True, help="report directory (report.md, PNG figures, summary.json)")
+    compare.set_defaults(func=_cmd_compare)
 
     export = commands.add_parser("export", help="write the HF model of a run's checkpoint (ZeRO shards merged): "
                                  "AutoModelForCausalLM.from_pretrained loads it")

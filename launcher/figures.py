@@ -49,10 +49,10 @@ def save_attention_figure(model, pixel_values: torch.Tensor, path: str | os.Path
     figure, axes = plt.subplots(rows, heads + 1, figsize=(1.4 * (heads + 1), 1.4 * rows), squeeze=False)
     for row in range(rows):
         image = images[row]
-        axes[row][0].imshow(image[0] if image.shape[0] == 1 else image.permute(1, 2, 0),
+        axes[row][0].imshow((image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)).numpy(),
                             cmap="gray" if image.shape[0] == 1 else None)
         for head in range(heads):
-            axes[row][head + 1].imshow(maps[row, head], cmap="inferno")
+            axes[row][head + 1].imshow(maps[row, head].numpy(), cmap="inferno")
             if row == 0:
                 axes[row][head + 1].set_title(f"head {head}", fontsize=7)
         for axis in axes[row]:
