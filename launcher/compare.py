@@ -66,7 +66,7 @@ def _model_facts(run_dir: Path, config) -> tuple[str, str, int | None, float | N
 
     import crate_lm
 
-    from .flops import image_tokens, training_flops_per_token
+    from .flops import frozen_flops_fraction, image_tokens, training_flops_per_token
     from .models import build_model
 
     export = run_dir / "hf"
@@ -87,7 +87,7 @@ def _model_facts(run_dir: Path, config) -> tuple[str, str, int | None, float | N
     else:
         length = config.data.seq_len if config.task == "causal-lm" else config.data.max_length
         per_token = training_flops_per_token(model_config, length)
-    return model_type, family, non_embedding, per_token
+    return model_type, family, non_embedding, per_token * frozen_flops_fraction(config)
 
 
 def summarize_run(run_dir: str | Path, labels: dict | None = None) -> RunSummary:

@@ -100,3 +100,10 @@ def training_flops_per_token(config, seq_len: int, tokens_per_call: int | None =
 # gradients 1): LoRA still back-propagates through every layer but computes no gradient of the frozen weights; a
 # linear probe runs no backward through the backbone at all. The adapters' and head's own FLOPs are negligible.
 FROZEN_FLOPS_FRACTION = {"lora": 2 / 3, "linear_probe": 1 / 3}
+
+
+def frozen_flops_fraction(run_config) -> float:
+    """The fraction of full training's FLOPs a run does (1 unless LoRA or a linear probe freezes weights)."""
+    if getattr(run_config, "lora", None) is not None:
+        return FROZEN_FLOPS_FRACTION["lora"]
+    return FROZEN_FLOPS_FRACTION["linear_probe"] if run_config.model.linear_probe else 1.0

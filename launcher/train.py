@@ -29,7 +29,7 @@ from .engine import deepspeed_config, learning_rate, resolve_precision
 from .export import export_hf
 from .faults import FaultInjector
 from .figures import save_attention_figure
-from .flops import FROZEN_FLOPS_FRACTION
+from .flops import frozen_flops_fraction
 from .metrics import MetricsLogger, ThroughputMeter, device_peak_flops, memory_stats, model_state_bytes
 from .models import apply_lora, build_model, freeze_backbone, load_pretrained_weights, parameter_groups, unwrap_peft
 from .tasks import build_task
@@ -177,8 +177,7 @@ def train(config: RunConfig) -> int:
     peak, peak_source = device_peak_flops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
     samples_per_step = train_cfg.micro_batch_size * accumulation * world
     tokens_per_step = samples_per_step * task.tokens_per_sample
-    frozen = "lora" if config.lora is not None else "linear_probe" if config.model.linear_probe else None
-    flops_per_token = task.flops_per_token * FROZEN_FLOPS_FRACTION.get(frozen, 1.0)
+    flops_per_token = task.flops_per_token * frozen_flops_fraction(config)
     meter = ThroughputMeter(tokens_per_step, flops_per_token, peak, world_size=world,
                             total_steps=train_cfg.max_steps,
                             samples_per_step=samples_per_step if task.unit == "images" else None)
