@@ -706,6 +706,10 @@ class CrateForSequenceClassification(CratePreTrainedModel):
     whole text only there. The last token is found from ``attention_mask`` when given (left or right padding),
     else from ``pad_token_id`` as GPT-2 does."""
 
+    # The loss is the mean over this process's batch, not a sum over the global item count
+    # (``num_items_in_batch``); without this, HF Trainer multiplies it by the number of processes.
+    accepts_loss_kwargs = False
+
     def __init__(self, config: CrateConfig):
         super().__init__(config)
         self.num_labels = config.num_labels

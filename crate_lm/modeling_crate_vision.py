@@ -203,6 +203,10 @@ class CrateVisionModel(CrateVisionPreTrainedModel):
 class CrateForImageClassification(CrateVisionPreTrainedModel):
     """[`CrateVisionModel`] and a linear classifier on its pooled output (the head ``LN -> Linear``)."""
 
+    # The loss is the mean over this process's batch, not a sum over the global item count
+    # (``num_items_in_batch``); without this, HF Trainer multiplies it by the number of processes.
+    accepts_loss_kwargs = False
+
     def __init__(self, config: CrateVisionConfig):
         super().__init__(config)
         self.num_labels = config.num_labels

@@ -58,10 +58,11 @@ CPU notes: what each path needed to run on a machine without GPUs, and why.
 * DeepSpeed JIT-builds its small CPU comm op on first use (about a minute, cached in ``~/.cache/torch_extensions``).
   ``configs/deepspeed/trainer-zero2.json`` sets ``"torch_adam": true``: torch's AdamW, as the non-DeepSpeed path
   uses; without it DeepSpeed JIT-builds its CPU ``FusedAdam`` op as well (that works too).
-* Not CPU-specific: for a classifier, ``average_tokens_across_devices=False``. Trainer multiplies the loss by the
-  number of processes when the model's ``forward`` takes ``**kwargs`` (it expects the model to divide by the item
-  count of the global batch); sequence classifiers, ours and HF's own, take the mean over their own batch, so the
-  logged loss and the gradients would be N times too large.
+* Not CPU-specific: Trainer multiplies the loss by the number of processes when the model's ``forward`` takes
+  ``**kwargs`` (it expects the model to divide by the item count of the global batch). Our classifiers take the
+  mean over their own batch and say so (``accepts_loss_kwargs = False``); the causal LM does divide by
+  ``num_items_in_batch``. HF's own classifiers (the GPT-2 baseline) do not declare it, so for classification the
+  script also passes ``average_tokens_across_devices=False``.
 """
 
 from __future__ import annotations
@@ -305,8 +306,8 @@ def build_trainer(args):
         deepspeed=args.deepspeed,
         disable_tqdm=True,
         ddp_find_unused_parameters=False,  # every trainable weight takes part in each forward pass
-        # Trainer multiplies the loss by the world size when the model's forward takes **kwargs, expecting it to
-        # divide by the item count of the whole batch; sequence classifiers (ours and HF's own) ignore that count
+        # Ours declare it (accepts_loss_kwargs = False), but HF's own classifiers (the GPT-2 baseline) do not, and
+        # Trainer would multiply their per-process mean loss by the number of processes
         average_tokens_across_devices=args.task == "causal-lm",
         **distributed_setup(args),
     )

@@ -396,6 +396,30 @@ def test_sequence_classification_pools_the_last_real_token():
     assert out.loss.item() > 0 and out.logits.shape == (2, 3)
 
 
+def test_trainer_reads_which_heads_divide_by_the_global_item_count(tmp_path):
+    """Trainer multiplies the loss by the process count for models whose loss divides by ``num_items_in_batch``;
+    the classifiers average over their own batch and must say so, also under PEFT."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainingArguments
+
+    from crate_lm import CrateForImageClassification, CrateVisionConfig
+
+    def accepts_loss_kwargs(model) -> bool:
+        args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+        return Trainer(model=model, args=args).model_accepts_loss_kwargs
+
+    classifier = CrateForSequenceClassification(config_from_preset("crate-test", num_labels=2))
+    vision = CrateForImageClassification(CrateVisionConfig(
+        image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_labels=3))
+    assert not accepts_loss_kwargs(classifier) and not accepts_loss_kwargs(vision)
+    assert not accepts_loss_kwargs(get_peft_model(classifier, LoraConfig(r=2, task_type="SEQ_CLS")))
+    assert accepts_loss_kwargs(tiny_model())  # its loss does divide by num_items_in_batch
+    ids = random_ids(2, 9)
+    model = tiny_model()
+    summed = model(ids, labels=ids, num_items_in_batch=torch.tensor(4)).loss
+    torch.testing.assert_close(summed, model(ids, labels=ids).loss * 16 / 4)  # 2 x 8 predicted tokens
+
+
 # ---------------------------------------------------------------------------------------------------- save / load
 
 

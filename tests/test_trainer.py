@@ -174,6 +174,7 @@ def test_accelerate_launch_two_processes_with_deepspeed_zero2(pretrained_lm, rev
                                 "--max-steps", "4", "--batch-size", "8", "--deepspeed", str(ZERO2))
     assert (metrics["world_size"], metrics["distributed_type"], metrics["steps"]) == (2, "DEEPSPEED", 4)
     assert all(math.isfinite(metrics[key]) for key in ("train_loss", "eval_loss", "eval_accuracy"))
+    assert metrics["train_loss"] < 1.0  # a fresh two-way head starts near ln 2 = 0.69, not at 2 x ln 2
     model = AutoModelForSequenceClassification.from_pretrained(out)
     assert model.config.id2label == {0: "fresh", 1: "rotten"}  # the CSV's label names, sorted
     assert logits_of(model, AutoTokenizer.from_pretrained(out)).isfinite().all()
