@@ -175,10 +175,12 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from launcher.compare import collect_runs, write_report
+    from launcher.compare import best_over, collect_runs, write_report
 
-    runs = collect_runs(args.runs)
-    report = write_report(runs, args.out)
+    runs, tuning = collect_runs(args.runs), None
+    if args.best_over:
+        runs, tuning = best_over(runs, args.best_over)
+    report = write_report(runs, args.out, tuning)
     print(report.read_text().split("\n## Figures")[0])
     print(f"report: {report}")
     return 0
@@ -280,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "scaling with power-law fits, throughput, memory, accuracy, white-box curves")
     compare.add_argument("runs", nargs="+", help="run directories, or a sweep's output_root (its sweep.json)")
     compare.add_argument("--out", required=True, help="report directory (report.md, PNG figures, summary.json)")
+    compare.add_argument("--best-over", action="append", default=[], metavar="AXIS",
+                         help="sweep axis tuned over (e.g. lr): of runs differing only in it, keep the lowest eval "
+                              "loss (repeatable)")
     compare.set_defaults(func=_cmd_compare)
 
     export = commands.add_parser("export", help="write the HF model of a run's checkpoint (ZeRO shards merged): "

@@ -154,6 +154,34 @@ def collect_runs(paths: list[str | Path]) -> list[RunSummary]:
     return runs
 
 
+def best_over(runs: list[RunSummary], axes: list[str]) -> tuple[list[RunSummary], list[dict]]:
+    """Per group of runs that differ only in the sweep labels ``axes`` (a learning-rate axis, say), the run with the
+    lowest final eval loss: a scaling comparison puts each size at its own best setting, not at one shared guess.
+    Returns the kept runs, in the order of their groups, and one tuning row per group (every candidate's eval loss
+    and the choice). Runs without a sweep label for an axis, or groups without any eval loss, are refused."""
+    groups: dict[tuple, list[RunSummary]] = {}
+    for run in runs:
+        missing = [axis for axis in axes if axis not in run.labels]
+        if missing:
+            known = ", ".join(run.labels) or "none: not from a sweep's output_root"
+            raise ValueError(f"crate compare --best-over {missing[0]}: run {run.name} has no label {missing[0]!r} "
+                             f"(its labels: {known})")
+        key = tuple((name, label) for name, label in run.labels.items() if name not in axes)
+        groups.setdefault(key, []).append(run)
+    kept, tuning = [], []
+    for key, members in groups.items():
+        group = "-".join(label for _, label in key) or "all"
+        scored = [run for run in members if run.eval.get("loss") is not None]
+        if not scored:
+            raise ValueError(f"crate compare --best-over: no run of group {group} has an eval loss")
+        best = min(scored, key=lambda run: run.eval["loss"])
+        kept.append(best)
+        tuning.append({"group": group, "chosen": best.name,
+                       "candidates": {"-".join(run.labels[axis] for axis in axes): run.eval.get("loss")
+                                      for run in members}})
+    return kept, tuning
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Figures
 # ----------------------------------------------------------------------------------------------------------------------
@@ -264,8 +292,9 @@ def _number(value, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
-def write_report(runs: list[RunSummary], out_dir: str | Path) -> Path:
-    """Write ``report.md``, ``summary.json`` and the figures into ``out_dir``; returns the report's path."""
+def write_report(runs: list[RunSummary], out_dir: str | Path, tuning: list[dict] | None = None) -> Path:
+    """Write ``report.md``, ``summary.json`` and the figures into ``out_dir``; returns the report's path. ``tuning``
+    (from ``best_over``) adds the table of every candidate's eval loss and ``tuning.json``."""
     from .figures import save_layer_curves
 
     out = Path(out_dir)
@@ -306,6 +335,14 @@ def write_report(runs: list[RunSummary], out_dir: str | Path) -> Path:
             row.append(_number(run.eval.get("accuracy")))
         row += [_number(getattr(run, speed), 3), _number(run.mfu, 3), _number(run.peak_memory_gib, 3)]
         lines.append("| " + " | ".join(row) + " |")
+    if tuning:
+        values = list(dict.fromkeys(value for row in tuning for value in row["candidates"]))
+        lines += ["", "## Tuning: final eval loss of every candidate (the lowest of each row is kept above)", "",
+                  "| group | " + " | ".join(values) + " | kept |", "|" + "---|" * (len(values) + 2)]
+        for row in tuning:
+            cells = [_number(row["candidates"].get(value)) if value in row["candidates"] else "–" for value in values]
+            lines.append(f"| {row['group']} | " + " | ".join(cells) + f" | {row['chosen']} |")
+        (out / "tuning.json").write_text(json.dumps(tuning, indent=1))
     if any(fits.values()):
         lines += ["", "## Power-law fits", "", "Per family with 3 or more sizes: `L = a x^-α` (least squares in "
                   "log-log space).", ""]

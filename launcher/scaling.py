@@ -30,7 +30,9 @@ class PowerLaw:
 
     def describe(self, variable: str = "N") -> str:
         offset = f"{self.offset:.3g} + " if self.offset else ""
-        return f"L = {offset}{self.coefficient:.3g}·{variable}^-{self.exponent:.3f} (R² {self.r2:.3f}, {self.points} pts)"
+        # the exponent as written, -alpha: a loss that rises with x shows a positive power, not "^--"
+        return (f"L = {offset}{self.coefficient:.3g}·{variable}^{-self.exponent:+.3f} "
+                f"(R² {self.r2:.3f}, {self.points} pts)")
 
 
 def _line(log_x: np.ndarray, log_y: np.ndarray) -> tuple[float, float, float, float]:

@@ -67,3 +67,25 @@ def test_a_sweep_root_stands_for_its_runs_with_its_labels(two_runs, tmp_path):
     assert [(run.name, run.family) for run in runs] == [("crate", "crate-family"), ("gpt2", "gpt2-family")]
     with pytest.raises(FileNotFoundError, match="not a run directory"):
         collect_runs([tmp_path])
+
+
+def test_best_over_keeps_each_groups_lowest_eval_loss_and_reports_every_candidate(two_runs, tmp_path):
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    # one group ("tiny") tuned over "lr": the two real runs stand for its two candidates
+    (sweep / "sweep.json").write_text(json.dumps({"name": "x", "command": "pretrain", "runs": [
+        {"name": f"tiny-{lr}", "labels": {"size": "tiny", "lr": lr}, "output_dir": str(two_runs / name)}
+        for name, lr in (("crate", "lr1"), ("gpt2", "lr2"))]}))
+    out = tmp_path / "report"
+    result = subprocess.run([sys.executable, "-m", "launcher.cli", "compare", str(sweep), "--best-over", "lr",
+                             "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    tuning = json.loads((out / "tuning.json").read_text())
+    assert len(summary) == 1 and tuning[0]["group"] == "tiny" and set(tuning[0]["candidates"]) == {"lr1", "lr2"}
+    assert summary[0]["eval"]["loss"] == min(tuning[0]["candidates"].values())
+    assert summary[0]["name"] == tuning[0]["chosen"] and "| tiny | " in (out / "report.md").read_text()
+    result = subprocess.run([sys.executable, "-m", "launcher.cli", "compare", str(two_runs / "crate"),
+                             "--best-over", "lr", "--out", str(tmp_path / "refused")],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode != 0 and "run crate has no label 'lr'" in result.stderr

@@ -39,3 +39,9 @@ def test_noisy_points_give_a_close_exponent():
 def test_bad_points_are_refused(x, y, offset, message):
     with pytest.raises(ValueError, match=message):
         fit_power_law(x, y, with_offset=offset)
+
+
+def test_description_writes_the_exponent_with_its_sign():
+    x = np.array([1.0, 10.0, 100.0])
+    assert "·N^-0.100 " in fit_power_law(x, 2.0 * x ** -0.1).describe()
+    assert "·N^+0.050 " in fit_power_law(x, 2.0 * x ** 0.05).describe()  # a loss that rises with size
