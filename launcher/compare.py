@@ -224,6 +224,8 @@ def _scaling_figure(runs: list[RunSummary], attribute: str, label: str, path: Pa
     from .scaling import fit_power_law
 
     plt = _pyplot()
+    from matplotlib.ticker import FormatStrFormatter, NullFormatter
+
     figure, axis = plt.subplots(figsize=(5.5, 4))
     fits = {}
     for family, members in _families(runs).items():
@@ -241,6 +243,10 @@ def _scaling_figure(runs: list[RunSummary], attribute: str, label: str, path: Pa
                       label=f"{family}: α = {law.exponent:.3f}")
     axis.set_xscale("log")
     axis.set_yscale("log")
+    # losses span well under a decade: plain numbers on the y axis, and no crowded minor labels on either axis
+    axis.yaxis.set_major_formatter(FormatStrFormatter("%.2f"))
+    axis.yaxis.set_minor_formatter(FormatStrFormatter("%.2f"))
+    axis.xaxis.set_minor_formatter(NullFormatter())
     axis.set_xlabel(label)
     axis.set_ylabel("final eval loss")
     axis.grid(alpha=0.3, which="both")
