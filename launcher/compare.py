@@ -346,7 +346,7 @@ def write_report(runs: list[RunSummary], out_dir: str | Path, tuning: list[dict]
         lines += ["", "## Tuning: final eval loss of every candidate (the lowest of each row is kept above)", "",
                   "| group | " + " | ".join(values) + " | kept |", "|" + "---|" * (len(values) + 2)]
         for row in tuning:
-            cells = [_number(row["candidates"].get(value)) if value in row["candidates"] else "–" for value in values]
+            cells = [_number(row["candidates"].get(value)) for value in values]  # "–" where a value was not run
             lines.append(f"| {row['group']} | " + " | ".join(cells) + f" | {row['chosen']} |")
         (out / "tuning.json").write_text(json.dumps(tuning, indent=1))
     if any(fits.values()):
