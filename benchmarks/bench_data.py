@@ -115,7 +115,7 @@ def main() -> None:
     from data_pipeline.builtin import ensure_prepared
     from data_pipeline.spec import parse_text_data
     from data_pipeline.text_stream import build_plan
-    from launcher.tokenizers import load_tokenizer
+    from launcher.models.tokenizers import load_tokenizer
 
     tokenizer = load_tokenizer("gpt2")
     files = sorted(str(p) for p in (ensure_prepared(args.source) / "train").glob("*.jsonl"))

@@ -27,7 +27,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import crate_lm
 from crate_lm.configuration_crate import VARIANT_KNOBS
-from launcher.flops import training_flops_per_token
+from launcher.models.flops import training_flops_per_token
 
 
 def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:

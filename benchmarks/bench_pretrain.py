@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO))
 
 
 def pretrain(config: str, output_dir: Path, overrides: list[str], nproc: int = 1) -> list[dict]:
-    from launcher.metrics import read_metrics
+    from launcher.metrics.logger import read_metrics
 
     command = [sys.executable, "-m", "launcher.cli", "pretrain", config, f"output_dir={output_dir}", *overrides,
                f"--nproc-per-node={nproc}"]
@@ -50,7 +50,7 @@ def ours_step_times(rows: list[dict], warmup: int) -> list[float]:
 
 def bare_step_times(config, tokenizer, batches: list[torch.Tensor], warmup: int) -> list[float]:
     """The bare PyTorch loop on the same model (same init seed), batches and optimizer settings."""
-    from launcher.models import build_model, build_model_config, parameter_groups
+    from launcher.models.build import build_model, build_model_config, parameter_groups
 
     model_config = build_model_config(config.model, len(tokenizer), tokenizer.eos_token_id, config.data.seq_len)
     torch.manual_seed(config.train.seed)
@@ -79,8 +79,8 @@ def same_batches(config, tokenizer, count: int) -> list[torch.Tensor]:
 
 
 def throughput(args, scratch: Path) -> dict:
-    from launcher.config import load_run_config
-    from launcher.tokenizers import load_tokenizer, prepare_tokenizer
+    from launcher.config.run import load_run_config
+    from launcher.models.tokenizers import load_tokenizer, prepare_tokenizer
 
     overrides = [f"train.max_steps={args.steps}", f"train.log_every={args.log_every}", "train.eval_every=0", "train.save_every=0",
                  "train.whitebox_every=0", "train.export_on_save=false", *args.overrides]

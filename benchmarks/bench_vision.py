@@ -5,7 +5,7 @@
     python benchmarks/bench_vision.py --steps 1200            # a longer accuracy budget
 
 1. Training images/s: forward, backward and AdamW on a fixed batch, CRATE (``CrateForImageClassification``) and the
-   ViT baseline (``ViTForImageClassification``, MLP 4x, SDPA attention) built by ``launcher.models`` from the same
+   ViT baseline (``ViTForImageClassification``, MLP 4x, SDPA attention) built by ``launcher.models.build`` from the same
    size knobs. Rounds alternate (CRATE, ViT, CRATE, ...); each side keeps its median step time over its best round.
    Shapes: the Fashion-MNIST config (28x28x1, patch 7: 17 tokens, d 96, 4 layers), the same at patch 4 (50 tokens),
    and a wider one (32x32x3, patch 4: 65 tokens, d 192, 6 layers, 3 heads: ViT-T's width).
@@ -40,8 +40,8 @@ SHAPES = {
 
 
 def build(arch: str, shape: dict, classes: int = 10):
-    from launcher.config import ModelSection
-    from launcher.models import build_model, build_vision_config
+    from launcher.config.run import ModelSection
+    from launcher.models.build import build_model, build_vision_config
 
     knobs = {k: shape[k] for k in ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads")}
     config = build_vision_config(ModelSection(arch=arch, **knobs), shape["image_size"], shape["channels"],
@@ -81,7 +81,7 @@ def throughput(rounds: int, steps: int, batch: int) -> list[tuple[str, float, fl
 
 
 def pretrain(config: str, output_dir: Path, steps: int, seed: int) -> tuple[float, int]:
-    from launcher.metrics import read_metrics
+    from launcher.metrics.logger import read_metrics
 
     overrides = [f"output_dir={output_dir}", f"train.max_steps={steps}", f"train.eval_every={steps}",
                  f"train.seed={seed}", f"data.seed={seed}",

@@ -67,6 +67,8 @@ from typing import Any
 
 from . import fetch
 
+from .errors import BadDataError, DataSpecError, MissingDataError
+
 VERSION = 1
 """Version of the conversion; bump it whenever the documents or the layout written by :func:`prepare` change."""
 
@@ -302,7 +304,7 @@ def load_manifest(name: str) -> dict[str, Any]:
     path = dataset_dir(name)
     manifest = _current_manifest(path)
     if manifest is None:
-        raise FileNotFoundError(
+        raise MissingDataError(
             f"built-in source {name!r} is not prepared (version {VERSION}) in {path}: run `crate data prepare {name}`"
         )
     return manifest
@@ -311,7 +313,7 @@ def load_manifest(name: str) -> dict[str, Any]:
 def split_files(name: str, split: str = "train") -> list[Path]:
     """Absolute paths of the JSONL shards of ``split`` of prepared source ``name`` (in order)."""
     if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}: allowed values are {list(SPLITS)}")
+        raise DataSpecError(f"unknown split {split!r}: allowed values are {list(SPLITS)}")
     manifest = load_manifest(name)
     root = dataset_dir(name)
     return [root / entry["path"] for entry in manifest["splits"][split]["files"]]
@@ -366,9 +368,9 @@ def prepare(
     if num_shards is None:
         num_shards = source.default_train_shards
     if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
-        raise ValueError(f"num_shards must be a positive integer, got {num_shards!r}")
+        raise DataSpecError(f"num_shards must be a positive integer, got {num_shards!r}")
     if not 0.0 < validation_fraction < 1.0:
-        raise ValueError(f"validation_fraction must be between 0 and 1 (exclusive), got {validation_fraction!r}")
+        raise DataSpecError(f"validation_fraction must be between 0 and 1 (exclusive), got {validation_fraction!r}")
     parameters = {"num_shards": num_shards, "validation_fraction": validation_fraction}
 
     final = dataset_dir(name)
@@ -380,9 +382,9 @@ def prepare(
     docs, skipped = source.convert(source.fetch())
     ids = [doc["id"] for doc in docs]
     if len(set(ids)) != len(ids):
-        raise RuntimeError(f"{name}: document ids are not unique")
+        raise BadDataError(f"{name}: document ids are not unique")
     if len(docs) < 2:
-        raise RuntimeError(f"{name}: need at least 2 documents for a train/validation split, got {len(docs)}")
+        raise BadDataError(f"{name}: need at least 2 documents for a train/validation split, got {len(docs)}")
     held_out = _validation_ids(ids, validation_fraction)
     train = [doc for doc in docs if doc["id"] not in held_out]
     validation = [doc for doc in docs if doc["id"] in held_out]
@@ -419,7 +421,7 @@ def prepare(
 
 def _check_name(name: str) -> None:
     if name not in BUILTIN_SOURCES:
-        raise ValueError(f"unknown built-in source {name!r}: allowed values are {list(BUILTIN_SOURCES)}")
+        raise DataSpecError(f"unknown built-in source {name!r}: allowed values are {list(BUILTIN_SOURCES)}")
 
 
 def _current_manifest(path: Path) -> dict[str, Any] | None:

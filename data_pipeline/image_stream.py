@@ -63,7 +63,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 from .image_sources import (Catalog, ImageDataSpec, ImageShard, RawRecord, is_image_data, open_catalog,
                             parse_image_data)
 from .sources import fingerprint
-from .spec import DataSpecError
+from .errors import DataSpecError
 from .text_stream import (FIRST_BAD_LOCATIONS, BadDataError, StreamAssignment,
                           StreamLoader, _epoch_order, _uniform, check_bad_fraction, check_every_stream_gets_data, merge_stats, new_stats)
 

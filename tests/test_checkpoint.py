@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from launcher.checkpoint import CheckpointManager
+from launcher.train.checkpoint import CheckpointManager
 
 
 def writer(payload: bytes):

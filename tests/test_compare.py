@@ -21,8 +21,8 @@ TINY = ["model.preset=null", "model.hidden_size=32", "model.num_hidden_layers=2"
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    from launcher.config import load_run_config
-    from launcher.tokenizers import prepare_tokenizer, trained_tokenizer_dir
+    from launcher.config.run import load_run_config
+    from launcher.models.tokenizers import prepare_tokenizer, trained_tokenizer_dir
 
     root = tmp_path_factory.mktemp("compare")
     config = REPO / "configs" / "lm" / "crate-tiny.yaml"
@@ -56,7 +56,7 @@ def test_compare_writes_the_report_with_every_figure(two_runs, tmp_path):
 
 
 def test_a_sweep_root_stands_for_its_runs_with_its_labels(two_runs, tmp_path):
-    from launcher.compare import collect_runs
+    from launcher.analysis.compare import collect_runs
 
     sweep = tmp_path / "sweep"
     sweep.mkdir()

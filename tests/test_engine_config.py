@@ -5,8 +5,10 @@ import json
 
 import pytest
 
-from launcher.config import ConfigError, apply_overrides, parse_run_config
-from launcher.engine import deepspeed_config, learning_rate, resolve_precision
+from launcher.config.run import apply_overrides, parse_run_config
+
+from launcher.errors import ConfigError
+from launcher.train.engine import deepspeed_config, learning_rate, resolve_precision
 
 BASE = {"output_dir": "/tmp/run", "data": {"sources": [{"builtin": "shakespeare"}], "seq_len": 64},
         "train": {"max_steps": 100, "micro_batch_size": 4, "global_batch_size": 16}}

@@ -14,7 +14,7 @@ import torch
 from crate_lm import CrateForCausalLM, config_from_preset
 from crate_lm.tokenization import gpt2_tokenizer_from_tiktoken
 from data_pipeline.fetch import fetch_gpt2_ranks
-from launcher.evaluate import evaluate_checkpoint, perplexity
+from launcher.analysis.evaluate import evaluate_checkpoint, perplexity
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
@@ -94,7 +94,7 @@ def test_crate_eval_cli_writes_json(model_dir, tmp_path):
 def test_classifier_accuracy_and_macro_f1_on_a_labelled_file(tmp_path):
     from crate_lm import CrateForSequenceClassification
 
-    from launcher.tasks import macro_f1
+    from launcher.train.tasks import macro_f1
 
     tokenizer = gpt2_tokenizer_from_tiktoken(fetch_gpt2_ranks())
     torch.manual_seed(0)

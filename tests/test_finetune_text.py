@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from launcher.metrics import read_metrics
+from launcher.metrics.logger import read_metrics
 from tests.crate_cli import run_crate as crate
 
 REPO = Path(__file__).resolve().parents[1]

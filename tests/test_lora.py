@@ -11,9 +11,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 import crate_lm
 from crate_lm import CrateForCausalLM, CrateForSequenceClassification, config_from_preset
-from launcher.config import ConfigError, parse_run_config
-from launcher.export import export_hf
-from launcher.models import apply_lora
+from launcher.config.run import parse_run_config
+from launcher.errors import ConfigError
+from launcher.train.export import export_hf
+from launcher.models.build import apply_lora
 from tests.crate_cli import REPO, run_crate
 
 
@@ -87,7 +88,7 @@ def test_only_adapters_and_head_train_and_the_adapter_saves_loads_and_merges(tmp
 
 
 def test_export_writes_the_merged_model_and_the_adapter_without_touching_the_training_model(tmp_path, gpt2_ranks_path):
-    from launcher.tokenizers import load_tokenizer
+    from launcher.models.tokenizers import load_tokenizer
 
     tokenizer = load_tokenizer("gpt2")
     config = tiny(vocab_size=256)
@@ -133,8 +134,8 @@ def test_lora_section_is_validated_with_one_line_errors():
 def test_lora_fine_tuning_with_zero3_trains_only_adapters_and_exports_merged_and_adapter(pretrained_lm, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from launcher.export import export_checkpoint
-    from launcher.metrics import read_metrics
+    from launcher.train.export import export_checkpoint
+    from launcher.metrics.logger import read_metrics
 
     out = tmp_path / "lora"
     run_crate("finetune", REPO / "configs" / "text" / "finetune-rotten-tomatoes.yaml", out,

@@ -1,4 +1,4 @@
-"""launcher.metrics: metrics.jsonl rows, resume truncation, TensorBoard, throughput / MFU arithmetic, device peaks."""
+"""launcher.metrics.logger: metrics.jsonl rows, resume truncation, TensorBoard, throughput / MFU arithmetic, device peaks."""
 
 import json
 import math
@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 
-from launcher import metrics
-from launcher.metrics import (MetricsLogger, ThroughputMeter, device_peak_flops, lookup_peak_flops, memory_stats,
+from launcher.metrics import logger as metrics
+from launcher.metrics.logger import (MetricsLogger, ThroughputMeter, device_peak_flops, lookup_peak_flops, memory_stats,
                               read_metrics)
 
 

@@ -4,8 +4,9 @@ import pytest
 from transformers import GPT2LMHeadModel
 
 from crate_lm import CrateForCausalLM
-from launcher.config import ConfigError, ModelSection
-from launcher.models import build_model, build_model_config, parameter_groups
+from launcher.config.run import ModelSection
+from launcher.errors import ConfigError
+from launcher.models.build import build_model, build_model_config, parameter_groups
 
 
 def test_crate_preset_with_knobs_and_tokenizer_vocabulary():

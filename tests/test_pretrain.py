@@ -28,8 +28,8 @@ pytestmark = pytest.mark.slow
 def shared_tokenizer(tmp_path_factory):
     """crate-tiny's bpe:N tokenizer trained once for the module (each run would retrain it in its own output_dir);
     the gpt2 baseline test keeps the bpe:N path itself covered."""
-    from launcher.config import load_run_config
-    from launcher.tokenizers import prepare_tokenizer, trained_tokenizer_dir
+    from launcher.config.run import load_run_config
+    from launcher.models.tokenizers import prepare_tokenizer, trained_tokenizer_dir
 
     root = tmp_path_factory.mktemp("tokenizer")
     prepare_tokenizer("bpe:1024", root, load_run_config(TINY).data)
@@ -52,7 +52,7 @@ def crate(*args: str, timeout: int = 300):
 
 
 def train_losses(output_dir: Path) -> list[float]:
-    from launcher.metrics import read_metrics
+    from launcher.metrics.logger import read_metrics
 
     return [row["loss"] for row in read_metrics(output_dir, kind="train") if "loss" in row]
 
@@ -68,7 +68,7 @@ def test_zero_stages_train_export_and_reload_with_identical_logits(stage, tmp_pa
     assert result.returncode == 0, result.stderr[-4000:]
     losses = train_losses(tmp_path)
     assert losses[-1] < losses[0] - 0.75, losses  # from ln(1024) = 6.9 on real text
-    from launcher.metrics import read_metrics
+    from launcher.metrics.logger import read_metrics
 
     whitebox = read_metrics(tmp_path, kind="whitebox")  # every rank entered the measure (ZeRO-3 gathers)
     assert [(row["step"], row["layer"]) for row in whitebox] == [(10, 0), (10, 1), (20, 0), (20, 1)]
@@ -161,7 +161,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
     resumed = pretrain(tmp_path, "train.max_steps=12", "train.save_every=0")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert "global_step10 is unusable (truncated file" in resumed.stderr
-    from launcher.metrics import read_metrics
+    from launcher.metrics.logger import read_metrics
 
     starts = [row for row in read_metrics(tmp_path, kind="train") if row.get("event") == "start"]
     assert starts[-1]["resumed"] and starts[-1]["step"] == 5
@@ -176,7 +176,7 @@ def test_gpt2_baseline_trains_through_the_same_command(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     assert train_losses(tmp_path)[-1] < train_losses(tmp_path)[0]
     assert (tmp_path / "tokenizer" / "tokenizer.json").exists() and (tmp_path / "hf" / "tokenizer.json").exists()
-    from launcher.metrics import read_metrics
+    from launcher.metrics.logger import read_metrics
 
     assert len(read_metrics(tmp_path, kind="whitebox")) == 2  # one row per layer
     sample = crate("generate", str(tmp_path / "hf"), "--prompt", "ROMEO:", "--max-new-tokens", "8")
@@ -194,7 +194,7 @@ def test_nonfinite_loss_or_gradient_skips_the_step_on_every_rank(stage, tmp_path
     result = pretrain(tmp_path, "train.max_steps=5", "train.save_every=1", "train.keep_last=10", "train.log_every=1",
                       f"zero.stage={stage}", env={"CRATE_INJECT_FAULTS": "nan_grad@3:1,nan_loss@4"})
     assert result.returncode == 0, result.stderr[-4000:]
-    from launcher.metrics import read_metrics
+    from launcher.metrics.logger import read_metrics
 
     skipped = [(row["step"], row["reason"]) for row in read_metrics(tmp_path, kind="train")
                if row.get("event") == "nonfinite_step_skipped"]
@@ -231,7 +231,7 @@ def test_eval_data_gives_validation_loss_for_local_files(tmp_path):
                       f"data.sources=[{{path: {corpus / 'train.jsonl'}}}]",
                       f"eval_data={{sources: [{{path: {corpus / 'held_out.jsonl'}}}]}}")
     assert result.returncode == 0, result.stderr[-4000:]
-    from launcher.metrics import read_metrics
+    from launcher.metrics.logger import read_metrics
 
     evals = read_metrics(tmp_path / "run", kind="eval")
     assert [row["step"] for row in evals] == [2, 4] and all(math.isfinite(row["loss"]) for row in evals)

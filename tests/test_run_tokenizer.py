@@ -5,7 +5,7 @@ import json
 import pytest
 
 from data_pipeline.spec import parse_text_data
-from launcher.tokenizers import load_tokenizer, prepare_tokenizer, trained_tokenizer_dir
+from launcher.models.tokenizers import load_tokenizer, prepare_tokenizer, trained_tokenizer_dir
 
 
 def test_bpe_is_trained_on_the_runs_text_once_then_reused(tmp_path):

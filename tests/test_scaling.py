@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from launcher.scaling import fit_power_law
+from launcher.analysis.scaling import fit_power_law
 
 
 def test_pure_power_law_is_recovered_exactly():

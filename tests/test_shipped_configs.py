@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import crate_lm
-from launcher.config import load_run_config
-from launcher.models import build_model, build_model_config
+from launcher.config.run import load_run_config
+from launcher.models.build import build_model, build_model_config
 
 CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[1] / "configs" / "lm").rglob("*.yaml")
                  if not p.name.startswith("_"))
@@ -40,7 +40,7 @@ PUBLISHED_VIT_PARAMS = {192: 5.72e6, 384: 22.05e6}  # ViT-T/16, ViT-S/16 at 224^
 
 @pytest.mark.parametrize("path", VISION_CONFIGS, ids=lambda p: p.stem)
 def test_shipped_vision_config_validates_and_builds(path):
-    from launcher.models import build_vision_config
+    from launcher.models.build import build_vision_config
 
     config = load_run_config(path)
     assert config.is_image

@@ -36,8 +36,8 @@ def cluster(tmp_path_factory):
         if os.environ.get("CI"):
             raise
         pytest.skip(f"no local Slurm cluster: {str(error).splitlines()[0]}")
-    from launcher.config import load_run_config
-    from launcher.tokenizers import prepare_tokenizer, trained_tokenizer_dir
+    from launcher.config.run import load_run_config
+    from launcher.models.tokenizers import prepare_tokenizer, trained_tokenizer_dir
 
     root = tmp_path_factory.mktemp("tokenizer")  # trained once, not by every job
     prepare_tokenizer("bpe:512", root, load_run_config(TINY).data)
@@ -71,7 +71,7 @@ def test_two_node_deepspeed_run_completes_and_its_export_loads(tmp_path):
     run = tmp_path / "run"
     finished(submit(run, "train.max_steps=6", "train.save_every=3", "--nodes=2", "--partition=debug",
                     "--time=15"), run)
-    from launcher.metrics import read_metrics
+    from launcher.metrics.logger import read_metrics
 
     start = next(row for row in read_metrics(run, kind="train") if row.get("event") == "start")
     assert start["world_size"] == 2
@@ -98,7 +98,7 @@ def test_preempted_run_requeues_resumes_and_equals_an_uninterrupted_run(tmp_path
     log = job_log(preempted)
     assert "USR1: asking the trainers to save and stop" in log and "requeueing job" in log, log[-6000:]
     assert "(restart 1)" in log, log[-6000:]
-    from launcher.metrics import read_metrics
+    from launcher.metrics.logger import read_metrics
 
     rows = read_metrics(preempted, kind="train")
     stops = [row for row in rows if row.get("event") == "stopped"]
@@ -120,7 +120,7 @@ def test_sweep_runs_as_a_job_array(tmp_path):
     for value in ("1e-2", "5e-3"):
         member = run / f"optimizer.lr={value}"
         assert (member / "hf" / "model.safetensors").exists(), job_log(run)[-4000:]
-        from launcher.config import load_run_config
+        from launcher.config.run import load_run_config
 
         assert load_run_config(member / "config.yaml").optimizer.lr == float(value)
 
@@ -139,7 +139,7 @@ def test_slurm_preemption_by_a_higher_priority_job_requeues_and_resumes(tmp_path
                             capture_output=True, text=True, check=True).stdout.strip()
     assert wait_for_job(urgent, JOB_TIMEOUT) == "COMPLETED"
     finished(job, run)
-    from launcher.metrics import read_metrics
+    from launcher.metrics.logger import read_metrics
 
     rows = read_metrics(run, kind="train")
     stops = [row for row in rows if row.get("event") == "stopped"]

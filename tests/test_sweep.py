@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.config import ConfigError
-from launcher.sweep import load_sweep, submit_sweep, write_manifest
+from launcher.errors import ConfigError
+from launcher.cluster.sweep import load_sweep, submit_sweep, write_manifest
 from tests.crate_cli import REPO
 
 LM = REPO / "configs" / "lm"
@@ -52,7 +52,7 @@ def test_when_adds_overrides_only_beside_the_named_label(tmp_path):
     crate, gpt2 = load_sweep(path).runs
     assert "model.hidden_size=64" not in crate.overrides
     assert gpt2.overrides.index("model.hidden_size=64") > gpt2.overrides.index("model.hidden_size=128")
-    from launcher.sweep import run_config
+    from launcher.cluster.sweep import run_config
 
     assert run_config(gpt2).model.hidden_size == 64 and run_config(crate).model.hidden_size == 128
 

@@ -11,10 +11,11 @@ from PIL import Image
 from crate_lm import CrateForImageClassification, config_from_preset
 from data_pipeline.image_sources import export_fashion_mnist_folder, fashion_mnist, parse_image_data
 from data_pipeline.image_stream import eval_transform
-from launcher.config import ConfigError, ModelSection, parse_run_config
-from launcher.flops import forward_flops_per_token, image_tokens
-from launcher.models import build_model, build_vision_config, freeze_backbone, load_pretrained_weights
-from launcher.tasks import fixed_images, held_out_spec, image_processor_for, mix_batch
+from launcher.config.run import ModelSection, parse_run_config
+from launcher.errors import ConfigError
+from launcher.models.flops import forward_flops_per_token, image_tokens
+from launcher.models.build import build_model, build_vision_config, freeze_backbone, load_pretrained_weights
+from launcher.train.tasks import fixed_images, held_out_spec, image_processor_for, mix_batch
 
 CLASSES = ["a", "b", "c"]
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launcher.metrics import read_metrics
+from launcher.metrics.logger import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 CRATE = REPO / "configs" / "vision" / "crate-fmnist.yaml"
@@ -77,8 +77,8 @@ def test_two_process_crate_learns_fashion_mnist_and_exports_an_hf_classifier(pre
     from transformers import AutoModelForImageClassification, pipeline
 
     from data_pipeline.image_sources import fashion_mnist
-    from launcher.config import load_run_config
-    from launcher.tasks import fixed_images, held_out_spec
+    from launcher.config.run import load_run_config
+    from launcher.train.tasks import fixed_images, held_out_spec
 
     model = AutoModelForImageClassification.from_pretrained(pretrained / "hf").eval()
     assert type(model).__name__ == "CrateForImageClassification" and model.config.id2label[9] == "Ankle boot"

@@ -15,7 +15,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from crate_lm import CrateForCausalLM, CrateForImageClassification, CrateImageProcessor, config_from_preset
 from crate_lm.whitebox import measure
 from launcher.cli import main
-from launcher.whitebox_report import combine, whitebox_report
+from launcher.analysis.whitebox_report import combine, whitebox_report
 
 REPO = Path(__file__).resolve().parents[1]
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -33,7 +33,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def tokenizer(gpt2_ranks_path):
-    from launcher.tokenizers import load_tokenizer
+    from launcher.models.tokenizers import load_tokenizer
 
     return load_tokenizer("gpt2")
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from launcher.errors import InputError, MissingInputError
 
 
 def _texts(data: str) -> list[str]:
@@ -30,21 +31,21 @@ def _texts(data: str) -> list[str]:
     from data_pipeline.builtin import BUILTIN_SOURCES, iter_documents
 
     if data not in BUILTIN_SOURCES:
-        raise ValueError(f"--data: {data!r} is neither a file nor a built-in corpus ({list(BUILTIN_SOURCES)})")
+        raise InputError(f"--data: {data!r} is neither a file nor a built-in corpus ({list(BUILTIN_SOURCES)})")
     return [document["text"] for document in iter_documents(data, "validation")]
 
 
 @torch.no_grad()
 def perplexity(model, tokenizer, texts: list[str], max_length: int, stride: int, batch_size: int = 8) -> dict:
     if not 1 <= stride <= max_length:
-        raise ValueError(f"--stride must be in [1, --max-length={max_length}], got {stride}")
+        raise InputError(f"--stride must be in [1, --max-length={max_length}], got {stride}")
     ids: list[int] = []
     for text in texts:
         ids.extend(tokenizer(text)["input_ids"])
         ids.append(tokenizer.eos_token_id)
     ids = ids[:-1]
     if len(ids) < 2:
-        raise ValueError("--data: fewer than 2 tokens to score")
+        raise InputError("--data: fewer than 2 tokens to score")
     windows, scored_until = [], 0
     for begin in range(0, len(ids) - 1, stride):
         end = min(begin + max_length, len(ids))
@@ -81,7 +82,7 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int, stride: int,
 def classification(model, tokenizer, data: str, max_length: int, batch_size: int = 32) -> dict:
     from data_pipeline.labelled import parse_labelled_text, read_labelled
 
-    from .tasks import macro_f1, pad_batch
+    from launcher.train.tasks import macro_f1, pad_batch
 
     names = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
     source = data if data != "rotten-tomatoes" else {"builtin": data, "split": "test"}
@@ -105,7 +106,7 @@ def evaluate_checkpoint(model_dir: str, data: str, max_length: int | None = None
                         batch_size: int = 8) -> dict:
     """``crate eval``: the right measure for the checkpoint's head (causal LM or sequence classifier)."""
     if not (Path(model_dir) / "config.json").is_file():
-        raise FileNotFoundError(f"{model_dir}: no config.json (export a run first: crate export RUN_DIR)")
+        raise MissingInputError(f"{model_dir}: no config.json (export a run first: crate export RUN_DIR)")
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     import crate_lm  # noqa: F401  (registers the CRATE classes)
@@ -115,7 +116,7 @@ def evaluate_checkpoint(model_dir: str, data: str, max_length: int | None = None
     positions = getattr(config, "max_position_embeddings", 1024)
     max_length = max_length or positions
     if max_length > positions:
-        raise ValueError(f"--max-length {max_length} exceeds the model's max_position_embeddings ({positions})")
+        raise InputError(f"--max-length {max_length} exceeds the model's max_position_embeddings ({positions})")
     architecture = (config.architectures or [""])[0]
     if architecture.endswith("ForSequenceClassification"):
         model = AutoModelForSequenceClassification.from_pretrained(model_dir)

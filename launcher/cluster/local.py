@@ -11,7 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, load_run_config, save_run_config
+from launcher.config.run import RunConfig, load_run_config, save_run_config
+
+from launcher.errors import ConfigError
 
 
 def _under_a_launcher() -> bool:
@@ -23,9 +25,9 @@ def preflight(config: RunConfig, world_size: int) -> None:
     prepared here, once), model."""
     from data_pipeline.text_stream import build_plan
 
-    from .models import build_model_config, build_vision_config
-    from .tasks import class_names
-    from .tokenizers import load_tokenizer, prepare_tokenizer
+    from launcher.models.build import build_model_config, build_vision_config
+    from launcher.train.tasks import class_names
+    from launcher.models.tokenizers import load_tokenizer, prepare_tokenizer
 
     config.check_world(world_size)
     if config.is_image:
@@ -35,7 +37,7 @@ def preflight(config: RunConfig, world_size: int) -> None:
         model_config = build_vision_config(config.model, config.data.image_size, config.data.channels,
                                            class_names(plan))
     elif config.task == "sequence-classification":  # small data: read it all once, as the ranks will
-        from .tasks import SequenceClassificationTask
+        from launcher.train.tasks import SequenceClassificationTask
 
         model_config = SequenceClassificationTask(config.model_copy(update={"train": config.train.model_copy(
             update={"eval_every": 0, "whitebox_every": 0})}), 0, world_size).model_config
@@ -47,7 +49,7 @@ def preflight(config: RunConfig, world_size: int) -> None:
     if config.lora is not None:  # the adapters' targets exist: checked on weightless (meta) tensors
         import torch
 
-        from .models import apply_lora, build_model
+        from launcher.models.build import apply_lora, build_model
 
         with torch.device("meta"):
             apply_lora(build_model(model_config, config.task), config.lora, config.task, config.model.init_from)
@@ -66,7 +68,7 @@ def pretrain(config_path: str, overrides: list[str], nproc_per_node: int = 1, co
         raise ConfigError(f"{config_path}: model.init_from: required by crate finetune (the HF checkpoint to start "
                           f"from)")
     if _under_a_launcher():
-        from .train import train
+        from launcher.train.loop import train
 
         return train(config)
     preflight(config, nproc_per_node)
@@ -74,7 +76,7 @@ def pretrain(config_path: str, overrides: list[str], nproc_per_node: int = 1, co
     if nproc_per_node == 1:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
-        from .train import train
+        from launcher.train.loop import train
 
         return train(config)
     return spawn_local([sys.executable, "-m", "launcher.cli", command, config_path, *overrides], nproc_per_node)

@@ -26,6 +26,7 @@ precision: auto                    # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -36,12 +37,22 @@ from data_pipeline.image_sources import ImageDataSpec, is_image_data, parse_imag
 from data_pipeline.labelled import LabelledTextSpec, is_labelled_text, parse_labelled_text
 from data_pipeline.spec import DataSpecError, TextDataSpec, parse_text_data
 
-from .config_files import load_config_tree, read_yaml_value
-from .tokenizers import check_tokenizer_name
+from launcher.config.files import load_config_tree, read_yaml_value
+from launcher.errors import ConfigError
 
 
-class ConfigError(ValueError):
-    """A run config that cannot be used; the message is one line naming the key."""
+BPE_PATTERN = re.compile(r"^bpe:(\d+)$")
+MIN_BPE_VOCAB = 257  # 256 bytes + <|endoftext|>
+
+
+def check_tokenizer_name(name: str) -> str:
+    """Config-time check (no files touched): the one-line error names the key."""
+    match = BPE_PATTERN.match(name)
+    if match and int(match.group(1)) < MIN_BPE_VOCAB:
+        raise ValueError(f"bpe:N needs N >= {MIN_BPE_VOCAB} (256 bytes + <|endoftext|>), got {name!r}")
+    if name.startswith("bpe") and not match:
+        raise ValueError(f"expected bpe:N with an integer N (bpe:4096), got {name!r}")
+    return name
 
 
 class _Section(BaseModel):

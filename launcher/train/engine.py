@@ -6,8 +6,10 @@ import json
 import math
 from pathlib import Path
 
-from .config import ConfigError, OptimizerSection, RunConfig
-from .config_files import deep_merge
+from launcher.config.run import OptimizerSection, RunConfig
+
+from launcher.errors import ConfigError
+from launcher.config.files import deep_merge
 
 NEVER = 10**9  # DeepSpeed's own step printing: off (our metrics component reports)
 

@@ -11,6 +11,8 @@ import os
 
 import torch
 
+from launcher.errors import ConfigError
+
 ENV = "CRATE_INJECT_FAULTS"
 KINDS = ("nan_loss", "nan_grad")
 
@@ -36,9 +38,9 @@ def _parse(text: str) -> list[tuple[str, int, int, int | None]]:
             first, _, last = steps.partition("-")
             fault = (kind, int(first), int(last or first), int(rank) if rank else None)
         except ValueError:
-            raise ValueError(f"{ENV}: cannot read {item!r} (expected KIND@STEP[-STEP][:RANK])") from None
+            raise ConfigError(f"{ENV}: cannot read {item!r} (expected KIND@STEP[-STEP][:RANK])") from None
         if kind not in KINDS:
-            raise ValueError(f"{ENV}: unknown fault {kind!r} in {item!r} (known: {', '.join(KINDS)})")
+            raise ConfigError(f"{ENV}: unknown fault {kind!r} in {item!r} (known: {', '.join(KINDS)})")
         faults.append(fault)
     return faults
 

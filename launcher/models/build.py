@@ -16,7 +16,9 @@ from crate_lm import (CrateConfig, CrateForCausalLM, CrateForImageClassification
                       CrateVisionConfig)
 from crate_lm.modeling_crate_vision import interpolate_position_table
 
-from .config import ConfigError, LoraSection, ModelSection
+from launcher.config.run import LoraSection, ModelSection
+
+from launcher.errors import ConfigError
 
 SIZE_KNOBS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings", "vocab_size")
 VISION_SIZE_KNOBS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size")

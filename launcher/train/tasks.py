@@ -2,7 +2,7 @@
 
 A task owns the data side of one rank — the model config it implies, the batches, the loss of a micro-batch, the
 held-out evaluation, the white-box probe, and the preprocessor saved with exports (a tokenizer or an image
-processor) — behind one small interface, so that ``launcher.train`` reads the same for both:
+processor) — behind one small interface, so that ``launcher.train.loop`` reads the same for both:
 
 * [`LanguageModelingTask`]: tokenize and pack the text stream, next-token loss; validation loss and perplexity on
   fixed held-out blocks.
@@ -29,10 +29,12 @@ from data_pipeline.image_stream import ImageLoader, ImageStream, build_image_pla
 from data_pipeline.spec import SourceSpec, TextDataSpec
 from data_pipeline.text_stream import LogicalStream, TextLoader, Tokenize, build_plan
 
-from .config import RunConfig
-from .flops import image_tokens, training_flops_per_token
-from .models import build_model_config, build_vision_config
-from .tokenizers import load_tokenizer, prepare_tokenizer
+from launcher.config.run import RunConfig
+from launcher.models.flops import image_tokens, training_flops_per_token
+from launcher.models.build import build_model_config, build_vision_config
+from launcher.models.tokenizers import load_tokenizer, prepare_tokenizer
+from data_pipeline.errors import BadDataError
+from launcher.errors import ConfigError
 
 
 def _sum_across_ranks(values: list[float], device) -> list[float]:
@@ -147,7 +149,7 @@ def first_image_size(spec: ImageDataSpec) -> tuple[int, int]:
                 return decode_image(record.payload, spec.channels).size
             except Exception:
                 continue
-    raise ValueError("data: no decodable image among the first 1000 records")
+    raise BadDataError("data: no decodable image among the first 1000 records")
 
 
 def fixed_images(spec: ImageDataSpec, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,7 +277,7 @@ class ExampleLoader:
         self.micro, self.pad, self.seed = micro_batch_size, pad_token_id, seed
         self.per_rank = len(encoded) // world
         if self.per_rank < micro_batch_size:
-            raise ValueError(f"data: {len(encoded)} examples are fewer than micro_batch_size ({micro_batch_size}) x "
+            raise ConfigError(f"data: {len(encoded)} examples are fewer than micro_batch_size ({micro_batch_size}) x "
                              f"world size ({world})")
         self.epoch, self.position = (state["epoch"], state["position"]) if state else (0, 0)
 
@@ -328,11 +330,11 @@ class SequenceClassificationTask:
     def __init__(self, config: RunConfig, rank: int, world: int, barrier=lambda: None):
         from data_pipeline.labelled import read_labelled
 
-        from .models import build_classifier_config
+        from launcher.models.build import build_classifier_config
 
         self.config, self.rank, self.world = config, rank, world
         if config.tokenizer.startswith("bpe:"):
-            raise ValueError("tokenizer: bpe:N trains on pretraining text; a classifier takes its checkpoint's "
+            raise ConfigError("tokenizer: bpe:N trains on pretraining text; a classifier takes its checkpoint's "
                              "tokenizer (the default with model.init_from) or a tokenizer directory")
         self.tokenizer = load_tokenizer(config.tokenizer, output_dir=config.output_dir)
         if self.tokenizer.pad_token is None:  # GPT-2-style tokenizers have none; padding is masked anyway

@@ -98,26 +98,27 @@ def export_checkpoint(run_dir: str | os.PathLike, step: int | None = None, out: 
     process group: ZeRO-3 shards are merged from the files. Returns the directory written."""
     from transformers import AutoConfig
 
-    from .checkpoint import CheckpointManager, tag_for
-    from .config import ConfigError, parse_run_config
-    from .models import apply_lora, build_model, build_model_config, unwrap_peft
-    from .tasks import first_image_size, image_processor_for
-    from .tokenizers import load_tokenizer
+    from launcher.train.checkpoint import CheckpointManager, tag_for
+    from launcher.config.run import parse_run_config
+    from launcher.errors import CheckpointError
+    from launcher.models.build import apply_lora, build_model, build_model_config, unwrap_peft
+    from launcher.train.tasks import first_image_size, image_processor_for
+    from launcher.models.tokenizers import load_tokenizer
 
     run_dir = Path(run_dir)
     checkpoints = CheckpointManager(run_dir, keep_last=1)
     steps = checkpoints.complete_steps()
     if not steps:
-        raise ConfigError(f"{run_dir}: no checkpoints in {checkpoints.root}")
+        raise CheckpointError(f"{run_dir}: no checkpoints in {checkpoints.root}")
     if step is None:
         found = checkpoints.newest_valid()
         if found is None:
-            raise ConfigError(f"{run_dir}: no intact checkpoint among steps {steps}")
+            raise CheckpointError(f"{run_dir}: no intact checkpoint among steps {steps}")
         step = found[0]
     elif step not in steps:
-        raise ConfigError(f"--step {step}: no checkpoint of that step in {checkpoints.root} (have {steps})")
+        raise CheckpointError(f"--step {step}: no checkpoint of that step in {checkpoints.root} (have {steps})")
     elif (problem := checkpoints.verify(step)) is not None:
-        raise ConfigError(f"--step {step}: checkpoint {checkpoints.root / tag_for(step)} is unusable ({problem})")
+        raise CheckpointError(f"--step {step}: checkpoint {checkpoints.root / tag_for(step)} is unusable ({problem})")
     manifest = checkpoints.manifest(step)
     config = parse_run_config(manifest["config"], source=str(checkpoints.root / tag_for(step) / "manifest.json"))
     if config.is_image:
@@ -138,7 +139,7 @@ def export_checkpoint(run_dir: str | os.PathLike, step: int | None = None, out: 
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = tuple(getattr(model, "_tied_weights_keys", None) or ())  # a PEFT wrapper's keys end with its model's
     if unexpected or [key for key in missing if not any(key == t or key.endswith("." + t) for t in tied)]:
-        raise ConfigError(f"{run_dir}: checkpoint of step {step} does not match the run's model "
+        raise CheckpointError(f"{run_dir}: checkpoint of step {step} does not match the run's model "
                           f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     unwrap_peft(model).tie_weights()
     if out is None:

@@ -22,9 +22,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, RunConfig, load_run_config, save_run_config
+from launcher.config.run import RunConfig, load_run_config, save_run_config
 
-REPO = Path(__file__).resolve().parents[1]
+from launcher.errors import ConfigError
+from launcher.errors import ClusterError
+
+REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "slurm" / "train.sbatch"
 FIELD = re.compile(r"\{\{(\w+)\}\}")
 TIME_PATTERN = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # Slurm's --time: minutes, H:M:S, D-H[:M[:S]]
@@ -155,7 +158,7 @@ def submit_runs(runs: list[RunConfig], job: JobSpec, dry_run: bool = False) -> s
     if dry_run:
         return script
     if shutil.which("sbatch") is None:
-        raise RuntimeError("sbatch not found: run crate submit on a Slurm login node (or use --dry-run)")
+        raise ClusterError("sbatch not found: run crate submit on a Slurm login node (or use --dry-run)")
     for run, path in zip(runs, config_files):
         save_run_config(run, path)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -163,7 +166,7 @@ def submit_runs(runs: list[RunConfig], job: JobSpec, dry_run: bool = False) -> s
     script_path.write_text(script)
     result = subprocess.run(["sbatch", "--parsable", str(script_path)], capture_output=True, text=True)
     if result.returncode:
-        raise RuntimeError(f"sbatch failed: {result.stderr.strip().splitlines()[-1] if result.stderr else ''}")
+        raise ClusterError(f"sbatch failed: {result.stderr.strip().splitlines()[-1] if result.stderr else ''}")
     job_id = result.stdout.strip().split(";")[0]
     (log_dir / f"job-{job_id}.sbatch").write_text(script)
     script_path.unlink()

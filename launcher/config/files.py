@@ -7,6 +7,8 @@ from pathlib import Path
 
 import yaml
 
+from launcher.errors import ConfigError, MissingInputError
+
 
 class YamlLoader(yaml.SafeLoader):
     """PyYAML's safe loader, but ``3e-4`` is a float as in YAML 1.2 (YAML 1.1 reads it as a string)."""
@@ -27,15 +29,15 @@ def read_yaml_value(text: str):
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such config file")
+        raise MissingInputError(f"{path}: no such config file")
     try:
         data = yaml.load(path.read_text(), Loader=YamlLoader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
-        raise ValueError(f"{where}: invalid YAML ({getattr(error, 'problem', error)})") from None
+        raise ConfigError(f"{where}: invalid YAML ({getattr(error, 'problem', error)})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: the top level must be a mapping")
+        raise ConfigError(f"{path}: the top level must be a mapping")
     return data
 
 
@@ -56,8 +58,8 @@ def load_config_tree(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     if base is None:
         return raw
     if not isinstance(base, str):
-        raise ValueError(f"{path}: base: must be a path to another YAML config (got {base!r})")
+        raise ConfigError(f"{path}: base: must be a path to another YAML config (got {base!r})")
     base_path = (path.parent / base).resolve()
     if base_path in _seen or base_path == path.resolve():
-        raise ValueError(f"{path}: base: {base} includes itself")
+        raise ConfigError(f"{path}: base: {base} includes itself")
     return deep_merge(load_config_tree(base_path, (*_seen, path.resolve())), raw)

@@ -37,8 +37,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, RunConfig, load_run_config
-from .config_files import load_yaml
+from launcher.config.run import RunConfig, load_run_config
+
+from launcher.errors import ConfigError
+from launcher.config.files import load_yaml
 
 LABEL = re.compile(r"^[A-Za-z0-9_.+-]+$")
 SWEEP_KEYS = ("name", "output_root", "command", "config", "overrides", "axes", "exclude", "slurm")
@@ -202,7 +204,7 @@ def run_config(run: SweepRun) -> RunConfig:
 
 def finished(run: SweepRun) -> bool:
     """Whether the run has a complete checkpoint at its ``max_steps``."""
-    from .checkpoint import CheckpointManager
+    from launcher.train.checkpoint import CheckpointManager
 
     steps = CheckpointManager(run.output_dir, keep_last=1).complete_steps()
     return bool(steps) and steps[-1] >= run_config(run).train.max_steps
@@ -227,7 +229,7 @@ def run_locally(sweep: Sweep, nproc_per_node: int = 1, log=print) -> int:
 
 def submit_sweep(sweep: Sweep, dry_run: bool = False) -> str:
     """One Slurm job array, one index per run (``crate submit``'s machinery)."""
-    from .submit import JobSpec, submit_runs
+    from launcher.cluster.submit import JobSpec, submit_runs
 
     allowed = {f.name for f in fields(JobSpec)} - {"command"}
     for key in sweep.slurm:

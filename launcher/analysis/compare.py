@@ -8,10 +8,10 @@ grouped into **families**: the sweep's ``arch`` label when there is one, else th
 
 Figures: loss against tokens (train and eval); final eval loss against non-embedding parameters and against
 training FLOPs, log-log, with a power law ``L = a x^-alpha`` fitted per family that has 3 or more distinct sizes
-(``launcher.scaling``); throughput and memory; downstream accuracy where the runs evaluated a classifier; the
+(``launcher.analysis.scaling``); throughput and memory; downstream accuracy where the runs evaluated a classifier; the
 per-layer white-box curves (R^c, ΔR, ℓ0 non-zero fraction, Hoyer sparsity) of the last white-box step of every run side by side. The summary
 table holds each run's numbers. Training FLOPs are the tokens trained times the analytic FLOPs per token of the
-model (``launcher.flops``: 6N plus attention, CRATE's own formulas), as MFU uses.
+model (``launcher.models.flops``: 6N plus attention, CRATE's own formulas), as MFU uses.
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .metrics import read_metrics
+from launcher.metrics.logger import read_metrics
+from launcher.errors import InputError, MissingInputError
 
 EMBEDDING_PARAMETERS = re.compile(r"(embed_tokens|\bwte\b|\bwpe\b|position|lm_head|cls_token)")
 
@@ -66,8 +67,8 @@ def _model_facts(run_dir: Path, config) -> tuple[str, str, int | None, float | N
 
     import crate_lm
 
-    from .flops import frozen_flops_fraction, image_tokens, training_flops_per_token
-    from .models import build_model
+    from launcher.models.flops import frozen_flops_fraction, image_tokens, training_flops_per_token
+    from launcher.models.build import build_model
 
     export = run_dir / "hf"
     if not (export / "config.json").is_file():
@@ -92,11 +93,11 @@ def _model_facts(run_dir: Path, config) -> tuple[str, str, int | None, float | N
 
 def summarize_run(run_dir: str | Path, labels: dict | None = None) -> RunSummary:
     """Read one run directory; a missing part (no export, no eval, no white-box rows) leaves its fields empty."""
-    from .config import load_run_config
+    from launcher.config.run import load_run_config
 
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run_dir}: not a run directory (no config.yaml)")
+        raise MissingInputError(f"{run_dir}: not a run directory (no config.yaml)")
     config = load_run_config(run_dir / "config.yaml")
     model_type, family, non_embedding, flops_per_token = _model_facts(run_dir, config)
     train = read_metrics(run_dir, kind="train")
@@ -146,7 +147,7 @@ def collect_runs(paths: list[str | Path]) -> list[RunSummary]:
             continue
         runs.append(summarize_run(path))
     if not runs:
-        raise ValueError("crate compare: no runs found in " + ", ".join(map(str, paths)))
+        raise InputError("crate compare: no runs found in " + ", ".join(map(str, paths)))
     names = [run.name for run in runs]
     for run in runs:  # names must tell runs apart in legends and tables
         if names.count(run.name) > 1:
@@ -164,7 +165,7 @@ def best_over(runs: list[RunSummary], axes: list[str]) -> tuple[list[RunSummary]
         missing = [axis for axis in axes if axis not in run.labels]
         if missing:
             known = ", ".join(run.labels) or "none: not from a sweep's output_root"
-            raise ValueError(f"crate compare --best-over {missing[0]}: run {run.name} has no label {missing[0]!r} "
+            raise InputError(f"crate compare --best-over {missing[0]}: run {run.name} has no label {missing[0]!r} "
                              f"(its labels: {known})")
         key = tuple((name, label) for name, label in run.labels.items() if name not in axes)
         groups.setdefault(key, []).append(run)
@@ -173,7 +174,7 @@ def best_over(runs: list[RunSummary], axes: list[str]) -> tuple[list[RunSummary]
         group = "-".join(label for _, label in key) or "all"
         scored = [run for run in members if run.eval.get("loss") is not None]
         if not scored:
-            raise ValueError(f"crate compare --best-over: no run of group {group} has an eval loss")
+            raise InputError(f"crate compare --best-over: no run of group {group} has an eval loss")
         best = min(scored, key=lambda run: run.eval["loss"])
         kept.append(best)
         tuning.append({"group": group, "chosen": best.name,
@@ -195,7 +196,7 @@ def _families(runs: list[RunSummary]) -> dict[str, list[RunSummary]]:
 
 
 def _loss_curves(runs: list[RunSummary], path: Path) -> Path:
-    from .figures import _pyplot, save_figure
+    from launcher.metrics.figures import _pyplot, save_figure
 
     plt = _pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -220,8 +221,8 @@ def _loss_curves(runs: list[RunSummary], path: Path) -> Path:
 
 def _scaling_figure(runs: list[RunSummary], attribute: str, label: str, path: Path) -> tuple[Path, dict]:
     """Final eval loss against ``attribute`` per family, log-log, and each family's power law (3+ sizes)."""
-    from .figures import _pyplot, save_figure
-    from .scaling import fit_power_law
+    from launcher.metrics.figures import _pyplot, save_figure
+    from launcher.analysis.scaling import fit_power_law
 
     plt = _pyplot()
     from matplotlib.ticker import FormatStrFormatter, NullFormatter
@@ -260,7 +261,7 @@ def _scaling_figure(runs: list[RunSummary], attribute: str, label: str, path: Pa
 
 def _bars(runs: list[RunSummary], panels: list[tuple[str, str]], path: Path) -> Path:
     """One bar panel per (attribute, title), a bar per run."""
-    from .figures import _pyplot, save_figure
+    from launcher.metrics.figures import _pyplot, save_figure
 
     plt = _pyplot()
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
@@ -301,7 +302,7 @@ def _number(value, digits: int = 4) -> str:
 def write_report(runs: list[RunSummary], out_dir: str | Path, tuning: list[dict] | None = None) -> Path:
     """Write ``report.md``, ``summary.json`` and the figures into ``out_dir``; returns the report's path. ``tuning``
     (from ``best_over``) adds the table of every candidate's eval loss and ``tuning.json``."""
-    from .figures import save_layer_curves
+    from launcher.metrics.figures import save_layer_curves
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

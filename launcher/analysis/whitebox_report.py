@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from launcher.errors import InputError, MissingInputError
 
 TEXT_TYPES = ("crate", "gpt2")
 VISION_TYPES = ("crate_vision", "vit")
@@ -103,7 +104,7 @@ def _label(path: str) -> str:
 
 def _require_config(path: str) -> None:
     if not (Path(path) / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: no config.json (an HF model directory is expected; export a run first: "
+        raise MissingInputError(f"{path}: no config.json (an HF model directory is expected; export a run first: "
                                 f"crate export RUN_DIR)")
 
 
@@ -117,7 +118,7 @@ def open_checkpoint(path: str) -> Checkpoint:
 
     config = AutoConfig.from_pretrained(path)
     if config.model_type not in TEXT_TYPES + VISION_TYPES:
-        raise ValueError(f"{path}: model type {config.model_type!r} is not supported (white-box measures exist for "
+        raise InputError(f"{path}: model type {config.model_type!r} is not supported (white-box measures exist for "
                          f"{', '.join(TEXT_TYPES + VISION_TYPES)})")
     vision = config.model_type in VISION_TYPES
     try:
@@ -131,7 +132,7 @@ def open_checkpoint(path: str) -> Checkpoint:
             processor = AutoTokenizer.from_pretrained(path)
     except OSError as error:  # nothing saved beside the model
         what = "image processor" if vision else "tokenizer"
-        raise ValueError(f"{path}: cannot load its {what} ({str(error).splitlines()[0]})") from error
+        raise InputError(f"{path}: cannot load its {what} ({str(error).splitlines()[0]})") from error
     return Checkpoint(str(path), config, processor, _label(path))
 
 
@@ -157,7 +158,7 @@ def text_blocks(tokenizer, texts: list[str], samples: int, max_length: int) -> t
         ids.extend(tokenizer(text, verbose=False)["input_ids"])
     total = len(ids) // max_length
     if total == 0:
-        raise ValueError(f"--data: {len(ids)} tokens, too few for one block of --max-length {max_length}")
+        raise InputError(f"--data: {len(ids)} tokens, too few for one block of --max-length {max_length}")
     starts = [block * max_length for block in _evenly_spaced(total, samples)]
     blocks = torch.tensor([ids[start:start + max_length] for start in starts], dtype=torch.long)
     return blocks, {"blocks": starts, "stream_tokens": len(ids)}
@@ -171,7 +172,7 @@ def image_files(data: str) -> list:
 
         return list(fashion_mnist("test")[0])
     if not Path(data).is_dir():
-        raise ValueError(f"--data: {data!r} is not an image folder (DIR/CLASS/*.png) nor fashion-mnist")
+        raise InputError(f"--data: {data!r} is not an image folder (DIR/CLASS/*.png) nor fashion-mnist")
     from data_pipeline.image_sources import FolderCatalog
 
     catalog = FolderCatalog(data, "--data")
@@ -261,7 +262,7 @@ def _inputs(checkpoint: Checkpoint, texts, files, samples: int, max_length: int 
     positions = getattr(checkpoint.config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH
     length = max_length or min(DEFAULT_MAX_LENGTH, positions)
     if length > positions:
-        raise ValueError(f"--max-length {length} exceeds {checkpoint.path}'s max_position_embeddings ({positions})")
+        raise InputError(f"--max-length {length} exceeds {checkpoint.path}'s max_position_embeddings ({positions})")
     blocks, info = text_blocks(checkpoint.processor, texts, samples, length)
     info.update(samples=len(blocks), max_length=length, tokens=blocks.numel())
     return blocks, info
@@ -276,7 +277,7 @@ def save_heads_figure(series: dict[str, list[dict]], path: str | os.PathLike) ->
     """Per-head R^c as a heat map (layers down, heads across), one panel per labelled series."""
     import numpy as np
 
-    from .figures import _pyplot, save_figure
+    from launcher.metrics.figures import _pyplot, save_figure
 
     plt = _pyplot()
     panels = len(series)
@@ -369,11 +370,11 @@ def whitebox_report(checkpoint: str, data: str, out: str | None = None, samples:
     """Measure ``checkpoint`` (and each of ``compare``) on ``data``, write the report files; returns the JSON dict
     (with ``figures`` and ``files``: the paths written)."""
     if samples < 1:
-        raise ValueError(f"--samples must be >= 1, got {samples}")
+        raise InputError(f"--samples must be >= 1, got {samples}")
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        raise InputError(f"--batch-size must be >= 1, got {batch_size}")
     if max_length is not None and max_length < 1:
-        raise ValueError(f"--max-length must be >= 1, got {max_length}")
+        raise InputError(f"--max-length must be >= 1, got {max_length}")
     for path in (checkpoint, *compare):  # every one-line error before any model loads
         _require_config(path)
     main = open_checkpoint(checkpoint)
@@ -381,13 +382,13 @@ def whitebox_report(checkpoint: str, data: str, out: str | None = None, samples:
     for other in others:
         if other.is_vision != main.is_vision:
             kinds = {True: "an image model", False: "a language model"}
-            raise ValueError(f"--compare {other.path} is {kinds[other.is_vision]}, {checkpoint} "
+            raise InputError(f"--compare {other.path} is {kinds[other.is_vision]}, {checkpoint} "
                              f"{kinds[main.is_vision]}: they cannot be measured on the same data")
     texts = files = None
     if main.is_vision:
         files = image_files(data)
     else:
-        from .evaluate import _texts
+        from launcher.analysis.evaluate import _texts
 
         texts = _texts(data)
 
@@ -408,7 +409,7 @@ def whitebox_report(checkpoint: str, data: str, out: str | None = None, samples:
         entries.append((item, inputs, entry))
 
     series = {f"{entry['model_type']} {entry['label']}": entry["layers"] for _, _, entry in entries}
-    from .figures import save_attention_figure, save_layer_curves
+    from launcher.metrics.figures import save_attention_figure, save_layer_curves
 
     figures = {
         "layers": str(save_layer_curves(series, out_dir / "layers.png", measures=("rc", "delta_r", "sparsity_l0",

@@ -1,10 +1,10 @@
 """The pretraining loop (one process per rank), nanoGPT-style: read it top to bottom.
 
-Components with small interfaces do the side jobs: ``launcher.config`` (the validated run config),
-``launcher.tasks`` (language modelling or image classification: model config, batches, loss, evaluation),
-``launcher.models`` (model + decay groups), ``launcher.engine`` (DeepSpeed JSON, LR schedule),
-``data_pipeline`` (the streams and their cursors), ``launcher.checkpoint`` (atomic, verified checkpoints),
-``launcher.metrics`` (metrics.jsonl, TensorBoard, progress, MFU), ``launcher.export`` (the HF checkpoint).
+Components with small interfaces do the side jobs: ``launcher.config.run`` (the validated run config),
+``launcher.train.tasks`` (language modelling or image classification: model config, batches, loss, evaluation),
+``launcher.models.build`` (model + decay groups), ``launcher.train.engine`` (DeepSpeed JSON, LR schedule),
+``data_pipeline`` (the streams and their cursors), ``launcher.train.checkpoint`` (atomic, verified checkpoints),
+``launcher.metrics.logger`` (metrics.jsonl, TensorBoard, progress, MFU), ``launcher.train.export`` (the HF checkpoint).
 """
 
 from __future__ import annotations
@@ -23,20 +23,17 @@ import torch.distributed as dist
 
 from crate_lm.whitebox import measure
 
-from .checkpoint import CheckpointManager, tag_for
-from .config import RunConfig
-from .engine import deepspeed_config, learning_rate, resolve_precision
-from .export import export_hf
-from .faults import FaultInjector
-from .figures import save_attention_figure
-from .flops import frozen_flops_fraction
-from .metrics import MetricsLogger, ThroughputMeter, device_peak_flops, memory_stats, model_state_bytes
-from .models import apply_lora, build_model, freeze_backbone, load_pretrained_weights, parameter_groups, unwrap_peft
-from .tasks import build_task
-
-
-class NonFiniteError(RuntimeError):
-    """Too many steps in a row skipped for a non-finite loss or gradient."""
+from launcher.train.checkpoint import CheckpointManager, tag_for
+from launcher.config.run import RunConfig
+from launcher.errors import NonFiniteError
+from launcher.train.engine import deepspeed_config, learning_rate, resolve_precision
+from launcher.train.export import export_hf
+from launcher.train.faults import FaultInjector
+from launcher.metrics.figures import save_attention_figure
+from launcher.models.flops import frozen_flops_fraction
+from launcher.metrics.logger import MetricsLogger, ThroughputMeter, device_peak_flops, memory_stats, model_state_bytes
+from launcher.models.build import apply_lora, build_model, freeze_backbone, load_pretrained_weights, parameter_groups, unwrap_peft
+from launcher.train.tasks import build_task
 
 
 STOP_FILE = "STOP"  # <output_dir>/STOP asks a run to save and stop, like SIGUSR1 (works through any launcher)

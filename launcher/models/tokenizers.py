@@ -10,23 +10,13 @@
 
 from __future__ import annotations
 
-import re
 import tempfile
 from pathlib import Path
 
-BPE_PATTERN = re.compile(r"^bpe:(\d+)$")
+from launcher.config.run import BPE_PATTERN
+from launcher.errors import ConfigError
+
 BPE_TRAINING_BYTES = 32 << 20
-MIN_BPE_VOCAB = 257  # 256 bytes + <|endoftext|>
-
-
-def check_tokenizer_name(name: str) -> str:
-    """Config-time check (no files touched): the one-line error names the key."""
-    match = BPE_PATTERN.match(name)
-    if match and int(match.group(1)) < MIN_BPE_VOCAB:
-        raise ValueError(f"bpe:N needs N >= {MIN_BPE_VOCAB} (256 bytes + <|endoftext|>), got {name!r}")
-    if name.startswith("bpe") and not match:
-        raise ValueError(f"expected bpe:N with an integer N (bpe:4096), got {name!r}")
-    return name
 
 
 def trained_tokenizer_dir(output_dir: str | Path) -> Path:
@@ -77,8 +67,8 @@ def load_tokenizer(name: str, where: str = "tokenizer", output_dir: str | Path |
     if BPE_PATTERN.match(name):
         saved = trained_tokenizer_dir(output_dir) if output_dir is not None else None
         if saved is None or not (saved / "tokenizer.json").is_file():
-            raise ValueError(f"{where}: {name!r} has not been trained for this run yet ({saved} is missing)")
+            raise ConfigError(f"{where}: {name!r} has not been trained for this run yet ({saved} is missing)")
         return AutoTokenizer.from_pretrained(saved)
     if not Path(name).is_dir():
-        raise ValueError(f"{where}: {name!r} is neither 'gpt2', bpe:N nor a directory holding a tokenizer")
+        raise ConfigError(f"{where}: {name!r} is neither 'gpt2', bpe:N nor a directory holding a tokenizer")
     return AutoTokenizer.from_pretrained(name)
