@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from launcher.metrics.logger import read_metrics
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 CRATE = REPO / "configs" / "vision" / "crate-fmnist.yaml"
 VIT = REPO / "configs" / "vision" / "vit-fmnist.yaml"
 PROBE = REPO / "configs" / "vision" / "finetune-fmnist-linear-probe.yaml"

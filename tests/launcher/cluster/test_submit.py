@@ -10,7 +10,7 @@ import pytest
 from launcher.errors import ConfigError
 from launcher.cluster.submit import JobSpec, render, resolve_runs, submit
 
-TINY = str(Path(__file__).resolve().parents[1] / "configs" / "lm" / "crate-tiny.yaml")
+TINY = str(Path(__file__).resolve().parents[3] / "configs" / "lm" / "crate-tiny.yaml")
 
 
 def test_gpu_script_has_rendezvous_requeue_signal_and_cluster_options(tmp_path):

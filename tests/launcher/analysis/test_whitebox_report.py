@@ -17,7 +17,7 @@ from crate_lm.whitebox import measure
 from launcher.cli import main
 from launcher.analysis.whitebox_report import combine, whitebox_report
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 PNG = b"\x89PNG\r\n\x1a\n"
 MAX_POSITIONS = 64  # crate-test's max_position_embeddings: the default block length (< 128)
 

@@ -16,7 +16,7 @@ from crate_lm.tokenization import gpt2_tokenizer_from_tiktoken
 from data_pipeline.fetch import fetch_gpt2_ranks
 from launcher.analysis.evaluate import evaluate_checkpoint, perplexity
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
         "foolishness, it was the epoch of belief, it was the epoch of incredulity. ") * 4
 

@@ -10,7 +10,7 @@ import pytest
 from launcher.metrics.logger import read_metrics
 from tests.crate_cli import run_crate as crate
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[3]
 ROTTEN = REPO / "configs" / "text" / "finetune-rotten-tomatoes.yaml"
 TINY_LM = REPO / "configs" / "lm" / "crate-tiny.yaml"
 
