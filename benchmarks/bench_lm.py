@@ -10,7 +10,7 @@ Reported (each a ratio of medians over interleaved rounds, so both models see th
   (a CRATE layer has 3d^2 + 5d parameters, a GPT-2 layer 12d^2 + 13d);
 * greedy generation tokens/s with each model's cache, and the bytes that cache holds at the end;
 * MFU of a full training step (forward, backward, AdamW) against the fp32 matmul peak measured here, from the
-  analytic FLOPs in ``launcher/flops.py``.
+  analytic FLOPs in ``launcher/architectures/flops.py``.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 import crate_lm
 from crate_lm.configuration_crate import VARIANT_KNOBS
-from launcher.models.flops import training_flops_per_token
+from launcher.architectures.registry import training_flops_per_token
 
 
 def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:

@@ -21,6 +21,8 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+import torch
+
 from .fetch import fetch_rotten_tomatoes
 from .errors import DataSpecError
 from .spec import _check_type
@@ -287,3 +289,14 @@ def _label_id(value, names: tuple[str, ...]) -> int | None:
         return names.index(value.strip())
     number = _as_int(value)
     return number if number is not None and 0 <= number < len(names) else None
+
+
+def pad_batch(encoded: list[list[int]], labels: list[int], pad_token_id: int) -> dict:
+    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` tensors of one micro-batch."""
+    width = max(len(ids) for ids in encoded)
+    input_ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
+    for row, ids in enumerate(encoded):
+        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, :len(ids)] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor(labels)}

@@ -222,8 +222,8 @@ def load_model(args, tokenizer, label_names: tuple[str, ...] | None = None):
 
 
 def classification_metrics(eval_pred) -> dict:
-    """Accuracy and macro-F1 (``launcher.tasks.macro_f1``, as ``crate finetune`` reports them)."""
-    from launcher.train.tasks import macro_f1
+    """Accuracy and macro-F1 (``launcher.metrics.classification.macro_f1``, as ``crate finetune`` reports them)."""
+    from launcher.metrics.classification import macro_f1
 
     logits, labels = eval_pred.predictions, eval_pred.label_ids
     logits = logits[0] if isinstance(logits, tuple) else logits

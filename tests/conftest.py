@@ -58,3 +58,20 @@ def pretrained_lm(tmp_path_factory) -> Path:
     run_crate("pretrain", REPO / "configs" / "lm" / "crate-tiny.yaml", out, "tokenizer=bpe:2048",
               "train.max_steps=200", "train.eval_every=0", "train.whitebox_every=0", "train.save_every=200")
     return out / "hf"
+
+
+# --- Markers ------------------------------------------------------------------------------------------------------
+# `gpu`: the test needs a CUDA device. Without one (this project's CI, the developers' machines) it is skipped with
+# the reason; on a GPU machine `python -m pytest -m gpu` runs only those.
+
+def pytest_collection_modifyitems(config, items):
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_tests:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (marker gpu); none here")
+    for item in gpu_tests:
+        item.add_marker(skip)

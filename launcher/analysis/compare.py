@@ -11,21 +11,19 @@ training FLOPs, log-log, with a power law ``L = a x^-alpha`` fitted per family t
 (``launcher.analysis.scaling``); throughput and memory; downstream accuracy where the runs evaluated a classifier; the
 per-layer white-box curves (R^c, ΔR, ℓ0 non-zero fraction, Hoyer sparsity) of the last white-box step of every run side by side. The summary
 table holds each run's numbers. Training FLOPs are the tokens trained times the analytic FLOPs per token of the
-model (``launcher.models.flops``: 6N plus attention, CRATE's own formulas), as MFU uses.
+model (``launcher.architectures.flops``: 6N plus attention, CRATE's own formulas), as MFU uses.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from launcher.metrics.logger import read_metrics
 from launcher.errors import InputError, MissingInputError
 
-EMBEDDING_PARAMETERS = re.compile(r"(embed_tokens|\bwte\b|\bwpe\b|position|lm_head|cls_token)")
 
 
 @dataclass
@@ -65,9 +63,8 @@ def _model_facts(run_dir: Path, config) -> tuple[str, str, int | None, float | N
     import torch
     from transformers import AutoConfig
 
-    import crate_lm
-
-    from launcher.models.flops import frozen_flops_fraction, image_tokens, training_flops_per_token
+    from launcher.architectures.flops import frozen_flops_fraction, image_tokens
+    from launcher.architectures.registry import architecture, training_flops_per_token
     from launcher.models.build import build_model
 
     export = run_dir / "hf"
@@ -75,12 +72,13 @@ def _model_facts(run_dir: Path, config) -> tuple[str, str, int | None, float | N
         return config.model.arch, config.model.arch, None, None
     model_config = AutoConfig.from_pretrained(export)
     model_type = model_config.model_type
-    family = crate_lm.configuration_crate.structural_variant(model_config) if model_type == "crate" else model_type
+    entry = architecture(model_type)
+    family = entry.family_of(model_config)
     with torch.device("meta"):
         model = build_model(model_config, config.task)
     seen, non_embedding = set(), 0
     for name, parameter in model.named_parameters():
-        if id(parameter) not in seen and not EMBEDDING_PARAMETERS.search(name):
+        if id(parameter) not in seen and not entry.embedding_parameters.search(name):
             non_embedding += parameter.numel()
         seen.add(id(parameter))
     if config.task == "image-classification":
@@ -88,6 +86,10 @@ def _model_facts(run_dir: Path, config) -> tuple[str, str, int | None, float | N
     else:
         length = config.data.seq_len if config.task == "causal-lm" else config.data.max_length
         per_token = training_flops_per_token(model_config, length)
+    if per_token is None:  # no formula: the FLOPs the run counted on its first step (already for the frozen share)
+        counted = [row["flops_per_token"] for row in read_metrics(run_dir, kind="train")
+                   if row.get("event") == "flops_counted"]
+        return model_type, family, non_embedding, counted[-1] if counted else None
     return model_type, family, non_embedding, per_token * frozen_flops_fraction(config)
 
 
@@ -196,9 +198,9 @@ def _families(runs: list[RunSummary]) -> dict[str, list[RunSummary]]:
 
 
 def _loss_curves(runs: list[RunSummary], path: Path) -> Path:
-    from launcher.metrics.figures import _pyplot, save_figure
+    from launcher.metrics.figures import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for run in runs:
         if run.train_curve:
@@ -221,10 +223,10 @@ def _loss_curves(runs: list[RunSummary], path: Path) -> Path:
 
 def _scaling_figure(runs: list[RunSummary], attribute: str, label: str, path: Path) -> tuple[Path, dict]:
     """Final eval loss against ``attribute`` per family, log-log, and each family's power law (3+ sizes)."""
-    from launcher.metrics.figures import _pyplot, save_figure
+    from launcher.metrics.figures import pyplot, save_figure
     from launcher.analysis.scaling import fit_power_law
 
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.ticker import FormatStrFormatter, NullFormatter
 
     figure, axis = plt.subplots(figsize=(5.5, 4))
@@ -261,9 +263,9 @@ def _scaling_figure(runs: list[RunSummary], attribute: str, label: str, path: Pa
 
 def _bars(runs: list[RunSummary], panels: list[tuple[str, str]], path: Path) -> Path:
     """One bar panel per (attribute, title), a bar per run."""
-    from launcher.metrics.figures import _pyplot, save_figure
+    from launcher.metrics.figures import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     names = [run.name for run in runs]
     palette = {family: f"C{index % 10}" for index, family in enumerate(_families(runs))}

@@ -19,7 +19,7 @@ import torch
 from launcher.errors import InputError, MissingInputError
 
 
-def _texts(data: str) -> list[str]:
+def read_evaluation_texts(data: str) -> list[str]:
     """Documents of a text file (one), a JSONL file (its ``text`` fields) or a built-in corpus's validation split."""
     path = Path(data)
     if path.is_file():
@@ -82,7 +82,8 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int, stride: int,
 def classification(model, tokenizer, data: str, max_length: int, batch_size: int = 32) -> dict:
     from data_pipeline.labelled import parse_labelled_text, read_labelled
 
-    from launcher.train.tasks import macro_f1, pad_batch
+    from data_pipeline.labelled import pad_batch
+    from launcher.metrics.classification import macro_f1
 
     names = tuple(model.config.id2label[i] for i in range(model.config.num_labels))
     source = data if data != "rotten-tomatoes" else {"builtin": data, "split": "test"}
@@ -123,4 +124,4 @@ def evaluate_checkpoint(model_dir: str, data: str, max_length: int | None = None
         return {"model": model_dir, "data": data, **classification(model, tokenizer, data, max_length)}
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     return {"model": model_dir, "data": data,
-            **perplexity(model, tokenizer, _texts(data), max_length, stride or max_length // 2, batch_size)}
+            **perplexity(model, tokenizer, read_evaluation_texts(data), max_length, stride or max_length // 2, batch_size)}

@@ -19,7 +19,7 @@ samples; batches of ``batch_size`` are combined weighted by their size, ``rc_std
 deviation over all samples).
 
 Text data: a ``.txt`` file, a ``.jsonl`` file (``text`` fields) or a built-in corpus (its validation split) — the
-documents of ``launcher.evaluate._texts`` — tokenized with the checkpoint's tokenizer, joined by EOS and cut into
+documents of ``launcher.analysis.evaluate.read_evaluation_texts`` — tokenized with the checkpoint's tokenizer, joined by EOS and cut into
 disjoint blocks; ``samples`` of them are taken evenly spaced over the stream (all of them when there are fewer).
 Image data: a folder ``DIR/CLASS/*.png`` (or ``fashion-mnist``, its test split), ``samples`` images evenly spaced
 over the class-sorted files, made into ``pixel_values`` by the checkpoint's own image processor.
@@ -40,10 +40,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from launcher.architectures.registry import ARCHITECTURES, architecture
 from launcher.errors import InputError, MissingInputError
 
-TEXT_TYPES = ("crate", "gpt2")
-VISION_TYPES = ("crate_vision", "vit")
 DEFAULT_MAX_LENGTH = 128
 SCALAR_KEYS = ("rc", "rate", "delta_r", "sparsity_l0", "hoyer", "pi_entropy")
 
@@ -64,7 +63,7 @@ class Checkpoint:
 
     @property
     def is_vision(self) -> bool:
-        return self.model_type in VISION_TYPES
+        return architecture(self.model_type).modality == "image"
 
     def load_model(self) -> torch.nn.Module:
         """The model (an LM or classifier head on top; the measures use its base model), in eval mode."""
@@ -117,10 +116,11 @@ def open_checkpoint(path: str) -> Checkpoint:
     import crate_lm  # noqa: F401  (registers the CRATE auto classes)
 
     config = AutoConfig.from_pretrained(path)
-    if config.model_type not in TEXT_TYPES + VISION_TYPES:
+    measured = [entry.model_type for entry in ARCHITECTURES.values() if entry.whitebox is not None]
+    if config.model_type not in measured:
         raise InputError(f"{path}: model type {config.model_type!r} is not supported (white-box measures exist for "
-                         f"{', '.join(TEXT_TYPES + VISION_TYPES)})")
-    vision = config.model_type in VISION_TYPES
+                         f"{', '.join(measured)})")
+    vision = architecture(config.model_type).modality == "image"
     try:
         if vision:
             from transformers import AutoImageProcessor
@@ -222,9 +222,9 @@ def combine(batches: list[tuple[int, list[dict]]]) -> list[dict]:
 
 
 def measure_batches(model, inputs: torch.Tensor, batch_size: int) -> list[dict]:
-    """``crate_lm.whitebox.measure`` over ``inputs`` in batches of ``batch_size``, combined ([`combine`])."""
-    from crate_lm.whitebox import measure
-
+    """The architecture's white-box measures (its registry entry's adapter) over ``inputs`` in batches of
+    ``batch_size``, combined ([`combine`])."""
+    measure = architecture(model.config.model_type).whitebox
     return combine([(len(chunk), measure(model, chunk)) for chunk in inputs.split(batch_size)])
 
 
@@ -277,9 +277,9 @@ def save_heads_figure(series: dict[str, list[dict]], path: str | os.PathLike) ->
     """Per-head R^c as a heat map (layers down, heads across), one panel per labelled series."""
     import numpy as np
 
-    from launcher.metrics.figures import _pyplot, save_figure
+    from launcher.metrics.figures import pyplot, save_figure
 
-    plt = _pyplot()
+    plt = pyplot()
     panels = len(series)
     heads = max(len(rows[0]["rc_per_head"]) for rows in series.values())
     layers = max(len(rows) for rows in series.values())
@@ -388,9 +388,9 @@ def whitebox_report(checkpoint: str, data: str, out: str | None = None, samples:
     if main.is_vision:
         files = image_files(data)
     else:
-        from launcher.analysis.evaluate import _texts
+        from launcher.analysis.evaluate import read_evaluation_texts
 
-        texts = _texts(data)
+        texts = read_evaluation_texts(data)
 
     prepared, labels = [], set()
     for item in [main, *others]:  # every data error before any model loads

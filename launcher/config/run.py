@@ -37,6 +37,7 @@ from data_pipeline.image_sources import ImageDataSpec, is_image_data, parse_imag
 from data_pipeline.labelled import LabelledTextSpec, is_labelled_text, parse_labelled_text
 from data_pipeline.spec import DataSpecError, TextDataSpec, parse_text_data
 
+from launcher.architectures.registry import arch_names, archs_for, for_arch
 from launcher.config.files import load_config_tree, read_yaml_value
 from launcher.errors import ConfigError
 
@@ -60,7 +61,7 @@ class _Section(BaseModel):
 
 
 class ModelSection(_Section):
-    arch: Literal["crate", "gpt2", "vit"] = "crate"
+    arch: str = "crate"  # an architecture of launcher.architectures.registry (crate, gpt2, vit)
     preset: str | None = None
     config_path: str | None = None  # an HF config.json, or a directory holding one
     init_from: str | None = None  # an HF checkpoint directory whose weights the run starts from (fine-tuning)
@@ -72,6 +73,13 @@ class ModelSection(_Section):
     vocab_size: int | None = Field(default=None, ge=1)  # default: the tokenizer's size
     patch_size: int | None = Field(default=None, ge=1)  # vision; image_size and channels come from the data
     overrides: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("arch")
+    @classmethod
+    def _registered_arch(cls, value):
+        if value not in arch_names():
+            raise ValueError(f"unknown architecture {value!r}: allowed values are {arch_names()}")
+        return value
 
     @model_validator(mode="after")
     def _one_origin(self):
@@ -216,11 +224,9 @@ class RunConfig(_Section):
                 if self.eval_data is not None and getattr(self.eval_data, key) != getattr(self.data, key):
                     raise ValueError(f"eval_data.{key} ({getattr(self.eval_data, key)}) must equal data.{key} "
                                      f"({getattr(self.data, key)}); leave it out to inherit it")
-            if self.model.arch == "gpt2":
-                raise ValueError("model.arch: gpt2 is a language model; image data takes crate or vit")
+            _check_modality(self.model.arch, "image")
         elif self.task == "sequence-classification":
-            if self.model.arch == "vit":
-                raise ValueError("model.arch: vit classifies images; text data takes crate or gpt2")
+            _check_modality(self.model.arch, "text")
             for key in ("label_smoothing", "mixup_alpha", "cutmix_alpha"):
                 if getattr(self.train, key):
                     raise ValueError(f"train.{key}: applies to image classification only")
@@ -228,11 +234,17 @@ class RunConfig(_Section):
             if self.eval_data is not None and self.eval_data.seq_len != self.data.seq_len:
                 raise ValueError(f"eval_data.seq_len ({self.eval_data.seq_len}) must equal data.seq_len "
                                  f"({self.data.seq_len}); leave it out to inherit it")
-            if self.model.arch == "vit":
-                raise ValueError("model.arch: vit classifies images; text data takes crate or gpt2")
+            _check_modality(self.model.arch, "text")
             for key in ("label_smoothing", "mixup_alpha", "cutmix_alpha"):
                 if getattr(self.train, key):
                     raise ValueError(f"train.{key}: applies to image classification only")
+        return self
+
+    @model_validator(mode="after")
+    def _whitebox_measured(self):
+        entry = for_arch(self.model.arch, "image" if self.is_image else "text")
+        if self.train.whitebox_every and not self.model.init_from and entry is not None and entry.whitebox is None:
+            raise ValueError(f"train.whitebox_every: {self.model.arch} has no white-box measures; set it to 0")
         return self
 
     def check_world(self, world_size: int) -> int:
@@ -250,6 +262,13 @@ class RunConfig(_Section):
         if self.eval_data is not None:
             raw["eval_data"] = _data_to_dict(self.eval_data)
         return raw
+
+
+def _check_modality(arch: str, modality: str) -> None:
+    """The run's ``model.arch`` has a model for its data's modality (``text`` or ``image``)."""
+    if for_arch(arch, modality) is None:
+        what = "is a language model" if modality == "image" else "classifies images"
+        raise ValueError(f"model.arch: {arch} {what}; {modality} data takes {' or '.join(archs_for(modality))}")
 
 
 def parse_data(raw: Any, where: str = "data") -> TextDataSpec | ImageDataSpec | LabelledTextSpec:

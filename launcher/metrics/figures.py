@@ -14,7 +14,8 @@ from typing import Sequence
 import torch
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib's pyplot on the Agg backend (figures are files; no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,7 +43,7 @@ def save_attention_figure(model, pixel_values: torch.Tensor, path: str | os.Path
     maps = cls_attention_maps(model, pixel_values, layer=layer).cpu()
     if not is_main:
         return None
-    plt = _pyplot()
+    plt = pyplot()
     images = pixel_values.detach().float().cpu() * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]
     images = images.clamp(0, 1)
     rows, heads = maps.shape[:2]
@@ -77,7 +78,7 @@ def save_layer_curves(series: dict[str, list[dict]], path: str | os.PathLike,
                       measures: Sequence[str] = ("rc", "sparsity_l0"), title: str = "") -> Path:
     """One panel per measure: its value against layer for each labelled series of per-layer records (e.g. CRATE
     and GPT-2 side by side). An ``rc`` panel shows ``rc_std`` as error bars where present."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, len(measures), figsize=(4.2 * len(measures), 3.2), squeeze=False)
     for axis, measure in zip(axes[0], measures):
         for label, rows in series.items():

@@ -8,13 +8,12 @@ from pathlib import Path
 
 from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageClassification,
-                          AutoModelForSequenceClassification, GPT2Config, GPT2ForSequenceClassification,
-                          GPT2LMHeadModel, PretrainedConfig, ViTConfig, ViTForImageClassification)
+                          AutoModelForSequenceClassification, PretrainedConfig)
 
 import crate_lm
-from crate_lm import (CrateConfig, CrateForCausalLM, CrateForImageClassification, CrateForSequenceClassification,
-                      CrateVisionConfig)
 from crate_lm.modeling_crate_vision import interpolate_position_table
+from launcher.architectures.registry import (SEQUENCE_CLASSIFICATION, Architecture, architecture, default_task,
+                                             for_arch, model_types)
 
 from launcher.config.run import LoraSection, ModelSection
 
@@ -22,7 +21,6 @@ from launcher.errors import ConfigError
 
 SIZE_KNOBS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings", "vocab_size")
 VISION_SIZE_KNOBS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "patch_size")
-VISION_CLASSES = ("crate_vision", "vit")
 
 
 def _known_fields(config_class: type[PretrainedConfig]) -> set[str]:
@@ -37,18 +35,26 @@ def _check_overrides(section: ModelSection, config_class: type[PretrainedConfig]
             raise ConfigError(f"model.overrides.{key}: not a {config_class.__name__} field")
 
 
-def _base_fields(section: ModelSection, config_class: type[PretrainedConfig], model_type: str) -> dict:
-    """The fields a config starts from: ``config_path``'s, a preset's (which must be of ``model_type``), or none."""
+def _entry(section: ModelSection, modality: str) -> Architecture:
+    entry = for_arch(section.arch, modality)
+    if entry is None:  # the run config's own check names the data kind; this is its backstop
+        raise ConfigError(f"model.arch: {section.arch} has no {modality} model")
+    return entry
+
+
+def _base_fields(section: ModelSection, entry: Architecture) -> dict:
+    """The fields a config starts from: ``config_path``'s, a preset's (which must be of the entry's model type), or
+    none."""
     if section.config_path:
         path = Path(section.config_path)
-        return config_class.from_pretrained(path if path.is_dir() else path.parent).to_dict()
+        return entry.config_class.from_pretrained(path if path.is_dir() else path.parent).to_dict()
     if not section.preset:
         return {}
     info = crate_lm.preset_info(section.preset)
-    if info.get("model_type", "crate") != model_type:
-        kind, other = ("a vision", "text") if model_type == "crate" else ("a language-model", "image")
+    if info.get("model_type", "crate") != entry.model_type:
+        kind, other = ("a vision", "text") if entry.modality == "text" else ("a language-model", "image")
         raise ConfigError(f"model.preset: {section.preset!r} is {kind} preset; {other} data takes "
-                          f"{crate_lm.preset_names(model_type)}")
+                          f"{crate_lm.preset_names(entry.model_type)}")
     return info["config"]
 
 
@@ -75,24 +81,20 @@ def build_vision_config(section: ModelSection, image_size: int, channels: int,
     try:
         if section.init_from:
             base = _pretrained_config(section)
-            if base.model_type not in VISION_CLASSES:
+            if base.model_type not in model_types("image"):
                 raise ConfigError(f"model.init_from: {section.init_from!r} is a {base.model_type!r} model, not an "
-                                  f"image model ({list(VISION_CLASSES)})")
+                                  f"image model ({model_types('image')})")
             if base.num_channels != channels:
                 raise ConfigError(f"data.channels: {channels}, but the init_from model takes {base.num_channels}")
             if knobs:
                 raise ConfigError(f"model.{next(iter(knobs))}: the size comes from init_from; leave it out")
             _check_overrides(section, type(base))
             return type(base)(**{**base.to_dict(), **section.overrides, **shape, **labels})
-        config_class = CrateVisionConfig if section.arch == "crate" else ViTConfig
-        _check_overrides(section, config_class)
-        base = _base_fields(section, config_class, "crate_vision")
-        if section.arch == "crate":
-            return CrateVisionConfig(**{**base, **knobs, **section.overrides, **shape, **labels})
-        # The ViT baseline: HF's ViT at the same width, depth, heads and patches, MLP 4x, no dropout (as CRATE).
-        width = knobs.get("hidden_size", base.get("hidden_size", 768))
-        defaults = {"intermediate_size": 4 * width, "attn_implementation": "sdpa"}
-        return ViTConfig(**{**defaults, **base, **knobs, **section.overrides, **shape, **labels})
+        entry = _entry(section, "image")
+        _check_overrides(section, entry.config_class)
+        base = _base_fields(section, entry)
+        defaults = entry.baseline_defaults({**base, **knobs})
+        return entry.config_class(**{**defaults, **base, **knobs, **section.overrides, **shape, **labels})
     except ValueError as error:
         if isinstance(error, ConfigError):
             raise
@@ -107,7 +109,7 @@ def build_model_config(section: ModelSection, vocab_size: int, eos_token_id: int
         raise ConfigError("model.patch_size: applies to image models only")
     if section.init_from:
         base = _pretrained_config(section)
-        if base.model_type not in ("crate", "gpt2"):
+        if base.model_type not in model_types("text"):
             raise ConfigError(f"model.init_from: {section.init_from!r} is a {base.model_type!r} model, not a "
                               f"language model")
         _check_overrides(section, type(base))
@@ -120,16 +122,12 @@ def build_model_config(section: ModelSection, vocab_size: int, eos_token_id: int
     knobs.setdefault("vocab_size", vocab_size)
     if eos_token_id is not None:
         knobs.update(bos_token_id=eos_token_id, eos_token_id=eos_token_id)
-    config_class = CrateConfig if section.arch == "crate" else GPT2Config
-    _check_overrides(section, config_class)
+    entry = _entry(section, "text")
+    _check_overrides(section, entry.config_class)
     try:
-        base = _base_fields(section, config_class, "crate")
-        if section.arch == "crate":
-            config = CrateConfig(**{**base, **knobs, **section.overrides})
-        else:
-            # The baseline keeps GPT-2's shape and drops dropout, as CRATE trains without it: a fair comparison.
-            defaults = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "attn_implementation": "sdpa"}
-            config = GPT2Config(**{**defaults, **base, **knobs, **section.overrides})
+        base = _base_fields(section, entry)
+        defaults = entry.baseline_defaults({**base, **knobs})
+        config = entry.config_class(**{**defaults, **base, **knobs, **section.overrides})
     except (ValueError, OSError) as error:
         raise ConfigError(f"model: {str(error).splitlines()[0]}") from None
     if seq_len > config.max_position_embeddings:
@@ -152,18 +150,10 @@ def build_classifier_config(section: ModelSection, vocab_size: int, tokenizer, l
     return type(config)(**{**config.to_dict(), **labels})
 
 
-MODEL_CLASSES = {
-    "causal-lm": {"crate": CrateForCausalLM, "gpt2": GPT2LMHeadModel},
-    "image-classification": {"crate_vision": CrateForImageClassification, "vit": ViTForImageClassification},
-    "sequence-classification": {"crate": CrateForSequenceClassification, "gpt2": GPT2ForSequenceClassification},
-}
-
-
 def build_model(config: PretrainedConfig, task: str | None = None) -> nn.Module:
-    """A freshly initialised model for ``task`` (default: causal LM for crate / gpt2 configs, image classifier for
-    crate_vision / vit)."""
-    task = task or ("image-classification" if config.model_type in VISION_CLASSES else "causal-lm")
-    return MODEL_CLASSES[task][config.model_type](config)
+    """A freshly initialised model for ``task`` (default: causal LM for text architectures, image classifier for
+    image ones), of the class the architecture registry names."""
+    return architecture(config.model_type).model_class(task or default_task(config.model_type))(config)
 
 
 def load_pretrained_weights(model: nn.Module, path: str) -> str:
@@ -175,16 +165,17 @@ def load_pretrained_weights(model: nn.Module, path: str) -> str:
     its fresh initialisation ("new"). Text classifiers: the transformer of the checkpoint (a causal LM or a text
     classifier) is copied, the ``score`` head only from a classifier with the same labels. Language models: every
     weight is copied ("kept")."""
-    if isinstance(model, (CrateForSequenceClassification, GPT2ForSequenceClassification)):
-        architecture = (AutoConfig.from_pretrained(path).architectures or [""])[0]
-        is_classifier = architecture.endswith("ForSequenceClassification")
+    entry = architecture(model.config.model_type)
+    if entry.modality == "text" and isinstance(model, entry.model_classes.get(SEQUENCE_CLASSIFICATION, ())):
+        saved_class = (AutoConfig.from_pretrained(path).architectures or [""])[0]
+        is_classifier = saved_class.endswith("ForSequenceClassification")
         source = (AutoModelForSequenceClassification if is_classifier else AutoModelForCausalLM).from_pretrained(path)
         model.base_model.load_state_dict(source.base_model.state_dict())
         same_labels = is_classifier and dict(source.config.id2label) == dict(model.config.id2label)
         if same_labels:
             model.score.load_state_dict(source.score.state_dict())
         return "kept" if same_labels else "new"
-    if model.config.model_type not in VISION_CLASSES:
+    if entry.modality == "text":
         source = AutoModelForCausalLM.from_pretrained(path)
         model.load_state_dict(source.state_dict())
         return "kept"
@@ -239,15 +230,12 @@ def unwrap_peft(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "peft_config") else model
 
 
-def no_weight_decay(name: str, parameter: nn.Parameter) -> bool:
-    """Norms, biases, embeddings and ToST's temperatures / position biases / LayerScales are not decayed."""
-    return (parameter.ndim < 2 or ("embed" in name and "patch_embeddings" not in name) or name.startswith(("transformer.wte", "transformer.wpe"))
-            or name.endswith(("position_bias", "temperature", ".scale", "cls_token")))
-
-
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's two groups: decayed matrices, and what the architecture's rule leaves undecayed (vectors such as
+    norms and biases, embeddings and position tables, ToST's temperatures, position biases and LayerScales)."""
+    entry = architecture(unwrap_peft(model).config.model_type)
     decay, plain = [], []
     for name, parameter in model.named_parameters():
         if parameter.requires_grad:
-            (plain if no_weight_decay(name, parameter) else decay).append(parameter)
+            (decay if entry.decays(name, parameter) else plain).append(parameter)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]

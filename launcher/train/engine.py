@@ -1,4 +1,5 @@
-"""The DeepSpeed side of a run: its JSON config generated from the run config, precision, and the LR schedule."""
+"""The DeepSpeed side of a run: its JSON config generated from the run config, precision, the LR schedule, and the
+engine itself."""
 
 from __future__ import annotations
 
@@ -32,8 +33,6 @@ def deepspeed_config(config: RunConfig, world_size: int, device_type: str) -> di
         zero["offload_optimizer"] = {"device": "cpu"}
     if config.zero.offload_params:
         zero["offload_param"] = {"device": "cpu"}
-    if config.zero.stage == 3:
-        zero["stage3_gather_16bit_weights_on_model_save"] = True  # consolidated weights for the HF export
     adamw = {"lr": optimizer.lr, "betas": list(optimizer.betas), "eps": optimizer.eps,
              "weight_decay": optimizer.weight_decay}
     if device_type == "cpu":
@@ -73,3 +72,31 @@ def learning_rate(step: int, optimizer: OptimizerSection, max_steps: int) -> flo
         return optimizer.lr * (step + 1) / optimizer.warmup_steps
     progress = min(1.0, (step - optimizer.warmup_steps) / max(1, max_steps - optimizer.warmup_steps))
     return optimizer.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (optimizer.lr - optimizer.min_lr)
+
+
+def initialize_engine(model, config: RunConfig, world_size: int, device_type: str):
+    """``deepspeed.initialize`` on ``model`` with the run's JSON and AdamW over the model's decay groups.
+
+    Without ZeRO the optimizer is the loop's own [`HoldableAdamW`] (torch's AdamW, fused on CUDA), because only
+    ZeRO 1-3 skip a non-finite step by themselves; with ZeRO, DeepSpeed builds AdamW from the JSON. The learning
+    rate is set by the loop before every update (``learning_rate``), so no scheduler state needs saving."""
+    import deepspeed
+
+    from launcher.models.build import parameter_groups
+    from launcher.train.step import HoldableAdamW
+
+    ds_config = deepspeed_config(config, world_size, device_type)
+    groups = parameter_groups(model, config.optimizer.weight_decay)
+    optimizer = None
+    if config.zero.stage == 0:
+        settings = ds_config.pop("optimizer")
+        if settings.get("type") != "AdamW":
+            raise ConfigError(f"deepspeed_config: optimizer.type {settings.get('type')!r}: without ZeRO the run uses "
+                              "its own AdamW (it holds back non-finite steps); choose another optimizer with "
+                              "zero.stage >= 1")
+        params = {key: value for key, value in settings["params"].items() if key != "torch_adam"}
+        params["betas"] = tuple(params["betas"])
+        optimizer = HoldableAdamW(groups, **params, fused=device_type == "cuda")
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=None if optimizer else groups,
+                                      optimizer=optimizer, config=ds_config)
+    return engine, ds_config["gradient_accumulation_steps"]

@@ -24,17 +24,19 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from data_pipeline.image_sources import ImageDataSpec, ImageSourceSpec
-from data_pipeline.labelled import LabelledTextSpec
+from data_pipeline.labelled import LabelledTextSpec, pad_batch
 from data_pipeline.image_stream import ImageLoader, ImageStream, build_image_plan, decode_image
 from data_pipeline.spec import SourceSpec, TextDataSpec
 from data_pipeline.text_stream import LogicalStream, TextLoader, Tokenize, build_plan
 
 from launcher.config.run import RunConfig
-from launcher.models.flops import image_tokens, training_flops_per_token
+from launcher.architectures.flops import image_tokens
+from launcher.architectures.registry import training_flops_per_token
 from launcher.models.build import build_model_config, build_vision_config
 from launcher.models.tokenizers import load_tokenizer, prepare_tokenizer
 from data_pipeline.errors import BadDataError
 from launcher.errors import ConfigError
+from launcher.metrics.classification import macro_f1
 
 
 def _sum_across_ranks(values: list[float], device) -> list[float]:
@@ -297,26 +299,6 @@ class ExampleLoader:
             chosen = mine[self.position:self.position + self.micro]
             self.position += self.micro
             yield pad_batch([self.encoded[i] for i in chosen], [self.labels[i] for i in chosen], self.pad)
-
-
-def pad_batch(encoded: list[list[int]], labels: list[int], pad_token_id: int) -> dict:
-    """Right-padded ``input_ids``, ``attention_mask`` and ``labels`` tensors of one micro-batch."""
-    width = max(len(ids) for ids in encoded)
-    input_ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
-    for row, ids in enumerate(encoded):
-        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, :len(ids)] = 1
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor(labels)}
-
-
-def macro_f1(confusion: np.ndarray) -> float:
-    """Mean over classes of F1 = 2 TP / (2 TP + FP + FN), from a (true, predicted) confusion matrix; a class with
-    no true and no predicted example counts as F1 = 1 (nothing to get wrong)."""
-    tp = np.diag(confusion).astype(np.float64)
-    fp, fn = confusion.sum(0) - tp, confusion.sum(1) - tp
-    denominator = 2 * tp + fp + fn
-    return float(np.mean(np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 1.0)))
 
 
 class SequenceClassificationTask:

@@ -40,7 +40,9 @@ from data_pipeline.labelled import parse_labelled_text, read_labelled  # noqa: E
 from data_pipeline.spec import DataSpecError  # noqa: E402
 from launcher.config.run import parse_run_config  # noqa: E402
 from launcher.errors import ConfigError  # noqa: E402
-from launcher.train.tasks import ExampleLoader, macro_f1, pad_batch  # noqa: E402
+from data_pipeline.labelled import pad_batch  # noqa: E402
+from launcher.metrics.classification import macro_f1  # noqa: E402
+from launcher.train.tasks import ExampleLoader  # noqa: E402
 
 
 def write(path, text):

@@ -94,7 +94,7 @@ def test_crate_eval_cli_writes_json(model_dir, tmp_path):
 def test_classifier_accuracy_and_macro_f1_on_a_labelled_file(tmp_path):
     from crate_lm import CrateForSequenceClassification
 
-    from launcher.train.tasks import macro_f1
+    from launcher.metrics.classification import macro_f1
 
     tokenizer = gpt2_tokenizer_from_tiktoken(fetch_gpt2_ranks())
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""launcher.metrics.logger: metrics.jsonl rows, resume truncation, TensorBoard, throughput / MFU arithmetic, device peaks."""
+"""launcher.metrics: metrics.jsonl rows, resume truncation, TensorBoard, throughput / MFU arithmetic, device peaks."""
 
 import json
 import math
@@ -9,8 +9,11 @@ import pytest
 import torch
 
 from launcher.metrics import logger as metrics
-from launcher.metrics.logger import (MetricsLogger, ThroughputMeter, device_peak_flops, lookup_peak_flops, memory_stats,
-                              read_metrics)
+from launcher.metrics import throughput
+from launcher.metrics.logger import MetricsLogger, read_metrics
+from launcher.metrics.memory import memory_stats
+from launcher.metrics.peaks import device_peak_flops, lookup_peak_flops
+from launcher.metrics.throughput import ThroughputMeter
 
 
 def lines_of(path):
@@ -171,7 +174,7 @@ def test_throughput_meter_arithmetic():
 
 def test_throughput_meter_tick_skips_the_first_interval(monkeypatch):
     clock = iter([100.0, 102.0, 103.0, 200.0, 201.0])
-    monkeypatch.setattr(metrics.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: next(clock))
     meter = ThroughputMeter(10, 1.0, total_steps=5)
     assert meter.tick() is None  # starts the clock
     assert meter.tick() == 2.0 and meter.tick() == 1.0

@@ -13,7 +13,8 @@ from data_pipeline.image_sources import export_fashion_mnist_folder, fashion_mni
 from data_pipeline.image_stream import eval_transform
 from launcher.config.run import ModelSection, parse_run_config
 from launcher.errors import ConfigError
-from launcher.models.flops import forward_flops_per_token, image_tokens
+from launcher.architectures.flops import image_tokens
+from launcher.architectures.registry import forward_flops_per_token
 from launcher.models.build import build_model, build_vision_config, freeze_backbone, load_pretrained_weights
 from launcher.train.tasks import fixed_images, held_out_spec, image_processor_for, mix_batch
 

@@ -6,7 +6,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import crate_lm
-from launcher.models.flops import forward_flops_per_token, training_flops_per_token
+from launcher.architectures.registry import forward_flops_per_token, training_flops_per_token
 
 VARIANTS = [{}, {"ista_dictionary_ratio": 4, "ista_steps": 2},
             {"ista_dictionary_ratio": 4, "ista_steps": 2, "ista_decoupled_decoder": True, "ista_residual": True},

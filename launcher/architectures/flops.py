@@ -1,4 +1,4 @@
-"""Analytic FLOPs of the language models, for throughput reports and MFU.
+"""FLOPs of the architectures, for throughput reports and MFU: analytic formulas, and an exact counter.
 
 Matrix-multiply FLOPs per token of one forward pass (a multiply-add is 2 FLOPs), with ``T`` the sequence length,
 ``d`` the width, ``s`` the dictionary width, ``V`` the vocabulary:
@@ -16,10 +16,16 @@ Matrix-multiply FLOPs per token of one forward pass (a multiply-add is 2 FLOPs),
 * Vision (CRATE, ViT): the same layers over ``T = 1 + patches`` tokens, plus the patch embedding (``2 P^2 C d``
   per patch) and the classifier (``2 d classes`` per image), both spread over the image's T tokens.
 
-Training costs three forward passes (the backward pass is two).
+Training costs three forward passes (the backward pass is two). The registry (``launcher.architectures.registry``)
+maps each architecture to its formula; one without a formula is counted with [`count_flops`].
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
 
 
 def crate_layers_flops_per_token(config, seq_len: int, tokens_per_call: int | None = None) -> float:
@@ -80,20 +86,15 @@ def vit_forward_flops_per_token(config, seq_len: int | None = None, tokens_per_c
     return layers + _vision_edges_per_token(config)
 
 
-FORWARD_FLOPS = {"crate": crate_forward_flops_per_token, "gpt2": gpt2_forward_flops_per_token,
-                 "crate_vision": crate_vision_forward_flops_per_token, "vit": vit_forward_flops_per_token}
+def count_flops(run: Callable[[], T]) -> tuple[T, int]:
+    """``run()``'s result and its FLOPs as torch's ``FlopCounterMode`` counts them (matrix multiplies, convolutions
+    and attention kernels; a multiply-add is 2): exact for any model. The loop counts a training step of an
+    architecture without a formula this way (frozen weights' missing gradients included)."""
+    from torch.utils.flop_counter import FlopCounterMode
 
-
-def forward_flops_per_token(config, seq_len: int, tokens_per_call: int | None = None) -> float:
-    """Dispatch on ``config.model_type`` (crate, gpt2, crate_vision, vit)."""
-    if config.model_type not in FORWARD_FLOPS:
-        raise ValueError(f"model_type={config.model_type!r} has no FLOP formula: allowed values are "
-                         f"{list(FORWARD_FLOPS)}")
-    return FORWARD_FLOPS[config.model_type](config, seq_len, tokens_per_call)
-
-
-def training_flops_per_token(config, seq_len: int, tokens_per_call: int | None = None) -> float:
-    return 3 * forward_flops_per_token(config, seq_len, tokens_per_call)
+    with FlopCounterMode(display=False) as counter:
+        result = run()
+    return result, counter.get_total_flops()
 
 
 # Training FLOPs done with frozen weights, as a fraction of full training's (forward 1 : input gradients 1 : weight

@@ -1,0 +1,117 @@
+"""One optimizer step: the micro-batches' forward and backward passes, the non-finite guard, and the update.
+
+A non-finite loss on any rank poisons the step's gradients (``loss x NaN``), so that one check — the gradient norm
+— decides for every rank and every ZeRO stage whether the update is applied, while DeepSpeed's micro-step
+bookkeeping stays intact. ZeRO 1-3 (and bf16) skip a step whose gradient norm is non-finite themselves; without ZeRO
+the loop's own optimizer ([`HoldableAdamW`]) holds the update back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from launcher.errors import OutOfMemoryError
+
+DEVICE_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+@dataclass(frozen=True)
+class StepOutcome:
+    """What one optimizer step did, for the side jobs. ``loss``: this rank's mean micro-batch loss."""
+
+    loss: float
+    applied: bool
+    nonfinite: str | None  # "loss" or "gradient" when the update was skipped
+    grad_norm: float | None
+
+
+class HoldableAdamW(torch.optim.AdamW):
+    """torch's AdamW whose next ``step()`` can be held back (``hold()``): the engine still clears the gradients and
+    counts the micro-steps, but no weight, moment or step count changes — a skipped step, as ZeRO skips one."""
+
+    _held = False
+
+    def hold(self) -> None:
+        self._held = True
+
+    def step(self, closure=None):
+        if self._held:
+            self._held = False
+            return None
+        return super().step(closure)
+
+
+@contextlib.contextmanager
+def memory_knobs_on_oom(what: str):
+    """An accelerator out-of-memory error inside becomes the project's ``OutOfMemoryError``: one line that names
+    what ran out (``what``) and the config knobs that lower the footprint (the original stays chained)."""
+    try:
+        yield
+    except DEVICE_OUT_OF_MEMORY as error:
+        raise OutOfMemoryError.during(what, error) from error
+
+
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank if it is true on any rank (one all-reduce)."""
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def full_gradient_norm(model) -> float | None:
+    """The 2-norm of the full gradients (ZeRO-0: every rank holds them, already all-reduced), before clipping."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    return torch.nn.utils.get_total_norm(grads).item() if grads else None
+
+
+def set_learning_rate(optimizer, lr: float) -> None:
+    """The learning rate of the next update, in every parameter group (ZeRO's wrappers share their groups)."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def train_step(engine, micro_losses: Callable[[int], torch.Tensor], accumulation: int, zero_stage: int, device,
+               before_update: Callable[[], None] | None = None) -> StepOutcome:
+    """Run ``accumulation`` micro-steps (``micro_losses(micro)`` returns a micro-batch's loss) and the update.
+
+    ``before_update`` runs after the last backward pass, just before the optimizer step (gradients reduced, the
+    optimizer's states there): the moment the model-state memory peaks."""
+    losses, loss_is_finite, held = [], True, False
+    for micro in range(accumulation):
+        loss = micro_losses(micro)
+        finite = not any_rank(not math.isfinite(loss.item()), device)
+        loss_is_finite &= finite
+        engine.backward(loss if finite else loss * float("nan"))
+        last = micro == accumulation - 1
+        grad_norm = None
+        if last and zero_stage == 0:
+            grad_norm = full_gradient_norm(engine.module)
+            if grad_norm is not None and not math.isfinite(grad_norm):
+                _basic_optimizer(engine.optimizer).hold()
+                held = True
+        if last and before_update is not None:
+            before_update()
+        engine.step()
+        losses.append(loss.item())
+    if zero_stage:
+        grad_norm = engine.get_global_grad_norm()
+    applied = engine.was_step_applied() and not held
+    return StepOutcome(loss=sum(losses) / len(losses), applied=applied,
+                       nonfinite=None if applied else ("loss" if not loss_is_finite else "gradient"),
+                       grad_norm=float(grad_norm) if grad_norm is not None else None)
+
+
+def _basic_optimizer(optimizer) -> HoldableAdamW:
+    """The [`HoldableAdamW`] under DeepSpeed's wrappers (bf16 wraps it; fp32 without ZeRO uses it directly)."""
+    while not isinstance(optimizer, HoldableAdamW):
+        inner = getattr(optimizer, "optimizer", None)
+        if inner is None:
+            raise TypeError(f"ZeRO-0 needs the loop's HoldableAdamW, found {type(optimizer).__name__}")
+        optimizer = inner
+    return optimizer
