@@ -6,12 +6,12 @@ The batch script is ``slurm/train.sbatch`` with its ``{{fields}}`` filled in, sa
 ``<output_dir>/slurm/job-<time>.sbatch`` (for a sweep, in the first run's directory), and passed to ``sbatch``.
 
 A sweep is a job array, one resolved config per index: several CONFIG files, and/or ``--sweep KEY=V1,V2`` (repeatable;
-the cartesian product), each combination in ``<output_dir>/<key>=<value>...``.
+the cartesian product), each combination in ``<output_dir>/<key>=<value>-...``. ``--sweep`` is a grid of value axes
+expanded by the sweep files' expander (``launcher.cluster.spec.expand``), its points named by their overrides.
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import shlex
@@ -19,87 +19,41 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
+from launcher.cluster.spec import Grid, JobSpec, expand, grid_key, override_name
 from launcher.config.run import RunConfig, load_run_config, save_run_config
-
-from launcher.errors import ConfigError
-from launcher.errors import ClusterError
+from launcher.config.validation import validate
+from launcher.errors import ClusterError, ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "slurm" / "train.sbatch"
 FIELD = re.compile(r"\{\{(\w+)\}\}")
-TIME_PATTERN = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # Slurm's --time: minutes, H:M:S, D-H[:M[:S]]
 
 
-@dataclass(frozen=True)
-class JobSpec:
-    nodes: int = 1
-    gpus_per_node: int = 0  # 0: a CPU partition; procs_per_node processes per node, gloo
-    procs_per_node: int = 1  # CPU only; with GPUs one process per GPU
-    cpus_per_task: int | None = None  # default: all of a node's cores we ask for (Slurm's default otherwise)
-    partition: str | None = None
-    account: str | None = None
-    time: str | None = None  # e.g. 1-00:00:00
-    array: str | None = None  # extra array syntax, e.g. "%2" to run two tasks at a time
-    signal_seconds: int = 300  # USR1 this long before the time limit: enough to save a checkpoint
-    job_name: str | None = None
-    command: str = "pretrain"  # the crate subcommand the job runs
-    extra_sbatch: tuple[str, ...] = field(default_factory=tuple)  # raw "--key=value" lines, e.g. --qos=high
-    env: tuple[str, ...] = field(default_factory=tuple)  # KEY=VALUE exported in the job
-
-    def __post_init__(self):
-        for name in ("nodes", "procs_per_node"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')}: must be >= 1 (got {getattr(self, name)})")
-        if self.gpus_per_node < 0:
-            raise ConfigError(f"--gpus-per-node: must be >= 0 (got {self.gpus_per_node})")
-        if self.time is not None and not TIME_PATTERN.match(self.time):
-            raise ConfigError(f"--time: {self.time!r} is not a Slurm time (minutes, H:M:S or D-H:M:S)")
-        if self.signal_seconds < 1:
-            raise ConfigError(f"--signal-seconds: must be >= 1 (got {self.signal_seconds})")
-        for item in self.env:
-            if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", item):
-                raise ConfigError(f"--env: expected KEY=VALUE, got {item!r}")
-        for item in self.extra_sbatch:
-            if not item.startswith("--"):
-                raise ConfigError(f"--sbatch: expected an sbatch option like --qos=high, got {item!r}")
-
-    @property
-    def ranks_per_node(self) -> int:
-        return self.gpus_per_node or self.procs_per_node
-
-    @property
-    def world_size(self) -> int:
-        return self.nodes * self.ranks_per_node
-
-
-def _sweep_points(sweeps: list[str]) -> list[list[str]]:
-    """``["optimizer.lr=1e-3,3e-4", "zero.stage=1,2"]`` -> the overrides of each point of the product."""
-    axes = []
+def sweep_grid(sweeps: list[str]) -> Grid:
+    """``["optimizer.lr=1e-3,3e-4", "zero.stage=1,2"]`` -> a grid of value axes, one a ``--sweep``, in order."""
+    axes = {}
     for item in sweeps:
         key, sep, values = item.partition("=")
         if not sep or not key or not values:
             raise ConfigError(f"--sweep {item!r}: expected KEY=V1,V2,...")
-        axes.append([f"{key}={value}" for value in values.split(",")])
-    return [list(point) for point in itertools.product(*axes)] if axes else [[]]
-
-
-def _point_name(point: list[str]) -> str:
-    return "-".join(re.sub(r"[^A-Za-z0-9_.=+-]", "_", item) for item in point)
+        # An axis is named by its key; a key swept twice still makes a second axis (the later value wins)
+        axes[key if key not in axes else f"{key} ({len(axes) + 1})"] = {key: values.split(",")}
+    return validate(Grid, {"axes": axes}, source="--sweep", name=grid_key)
 
 
 def resolve_runs(configs: list[str], overrides: list[str], sweeps: list[str], job: JobSpec) -> list[RunConfig]:
     """Every run of the job, validated for its world size (one-line errors naming the file and key)."""
     if not configs:
         raise ConfigError("crate submit: give at least one CONFIG file")
+    points = expand(sweep_grid(sweeps), name=override_name) if sweeps else [None]
     runs = []
     for config_path in configs:
-        for point in _sweep_points(sweeps):
-            config = load_run_config(config_path, [*overrides, *point])
+        for point in points:
+            config = load_run_config(config_path, [*overrides, *(point.overrides if point else ())])
             if point:  # each sweep member in its own directory under the run's
-                config = config.model_copy(update={"output_dir": str(Path(config.output_dir) / _point_name(point))})
+                config = config.model_copy(update={"output_dir": str(Path(config.output_dir) / point.name)})
             config.check_world(job.world_size)
             runs.append(config)
     directories = [Path(run.output_dir).resolve() for run in runs]
@@ -159,7 +113,7 @@ def submit_runs(runs: list[RunConfig], job: JobSpec, dry_run: bool = False) -> s
         return script
     if shutil.which("sbatch") is None:
         raise ClusterError("sbatch not found: run crate submit on a Slurm login node (or use --dry-run)")
-    for run, path in zip(runs, config_files):
+    for run, path in zip(runs, config_files, strict=True):
         save_run_config(run, path)
     log_dir.mkdir(parents=True, exist_ok=True)
     script_path = log_dir / f"job-{time.strftime('%Y%m%d-%H%M%S')}.sbatch"

@@ -39,6 +39,7 @@ from data_pipeline.spec import DataSpecError, TextDataSpec, parse_text_data
 
 from launcher.architectures.registry import arch_names, archs_for, for_arch
 from launcher.config.files import load_config_tree, read_yaml_value
+from launcher.config.validation import first_error
 from launcher.errors import ConfigError
 
 
@@ -314,20 +315,6 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def _first_error(error: ValidationError) -> str:
-    detail = error.errors()[0]
-    where = ".".join(str(part) for part in detail["loc"]) or "config"
-    message = detail["msg"].removeprefix("Value error, ")
-    if detail["type"] == "extra_forbidden":
-        message = "unknown key"
-    elif detail["type"] == "missing":
-        message = "required"
-    got = detail.get("input")
-    suffix = f" (got {got!r})" if detail["type"] not in ("missing", "extra_forbidden") and not isinstance(
-        got, dict) else ""
-    return f"{where}: {message}{suffix}"
-
-
 def parse_run_config(raw: dict, source: str = "config") -> RunConfig:
     try:
         data = raw.get("data")
@@ -357,7 +344,7 @@ def parse_run_config(raw: dict, source: str = "config") -> RunConfig:
             raw = {**raw, "eval_data": held_out}
         return RunConfig.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(f"{source}: {_first_error(error)}") from None
+        raise ConfigError(f"{source}: {first_error(error)}") from None
     except DataSpecError as error:
         raise ConfigError(f"{source}: {error}") from None
 

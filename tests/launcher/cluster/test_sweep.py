@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launcher.errors import ConfigError
+from launcher.cluster.spec import SweepFile, expand
 from launcher.cluster.sweep import load_sweep, submit_sweep, write_manifest
+from launcher.errors import ConfigError
 from tests.crate_cli import REPO
 
 LM = REPO / "configs" / "lm"
@@ -59,7 +60,8 @@ def test_when_adds_overrides_only_beside_the_named_label(tmp_path):
 
 @pytest.mark.parametrize("raw, message", [
     ({"axes": {"size": {"s": {"when": {"nope": {"model.hidden_size": 1}}}}}}, r"when: 'nope' is not a label"),
-    ({"axes": {"size": {"s": {"model.hidden_size": 0}}}}, r"run s: .*model.hidden_size: Input should be greater than or equal to 1"),
+    ({"axes": {"size": {"s": {"model.hidden_size": 0}}}},
+     r"run s: .*model.hidden_size: Input should be greater than or equal to 1"),
     ({"axes": {"size": {"s": {"model.not_a_key": 1}}}}, r"run s: .*model.not_a_key: unknown key"),
     ({"axes": {"size": {"s/x": {}}}}, r"axes.size.s/x: a label names a directory"),
     ({"axes": {"size": {"s": {}}}, "exclude": [{"arch": "x"}]}, r"exclude: 'arch' is not an axis"),
@@ -67,6 +69,7 @@ def test_when_adds_overrides_only_beside_the_named_label(tmp_path):
     ({"axes": {"seed": {"train.seed": []}}}, r"axes.seed.train.seed: the list of values is empty"),
     ({"axes": {"size": {"s": {}}}, "colour": "red"}, r"colour: unknown key"),
     ({"axes": {"a": {"x": {"config": "nope.yaml"}}}}, r"run x: config .*nope.yaml does not exist"),
+    ({"axes": {"size": {"s": {}}}, "slurm": {"nodes": 0}}, r"slurm.nodes: must be >= 1 \(got 0\)"),
 ])
 def test_every_run_is_validated_up_front_with_one_line_errors(tmp_path, raw, message):
     with pytest.raises(ConfigError, match=message):
@@ -93,3 +96,10 @@ def test_shipped_sweeps_expand_and_validate(path):
     sweep = load_sweep(path)
     assert len(sweep.runs) >= 3 and len({run.output_dir for run in sweep.runs}) == len(sweep.runs)
     assert "arch" in sweep.runs[0].labels  # crate compare groups families by it
+
+
+@pytest.mark.parametrize("path", SWEEPS, ids=lambda p: p.stem)
+def test_a_sweep_file_serialises_back_to_the_same_grid(path):
+    spec = SweepFile.model_validate(yaml.safe_load(path.read_text()))
+    again = SweepFile.model_validate(yaml.safe_load(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)))
+    assert again == spec and expand(again) == expand(spec)
