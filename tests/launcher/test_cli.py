@@ -59,3 +59,25 @@ def test_data_inspect_reports_a_bad_config_in_one_line(tmp_path):
     broken.write_text("data: [unclosed\n")
     result = crate("data", "inspect", str(broken))
     assert result.returncode == 2 and f"{broken}:" in result.stderr and "invalid YAML" in result.stderr
+
+
+def test_only_the_projects_own_errors_become_one_line(monkeypatch, capsys):
+    """A ConfigError (or a data error) is the user's to fix: one line, exit 2. Anything else is a bug: it propagates
+    with its traceback (exit 1 from the interpreter)."""
+    from data_pipeline.errors import BadDataError
+    from launcher import cli
+    from launcher.errors import ConfigError
+
+    def fails_with(error):
+        def command(args):
+            raise error
+        return command
+
+    for error in (ConfigError("train.max_steps: must be >= 1 (got 0)"), BadDataError("data.sources[0]: 90% bad")):
+        monkeypatch.setattr(cli, "_cmd_models", fails_with(error))
+        assert cli.main(["models"]) == 2
+        assert capsys.readouterr().err == f"crate models: error: {error}\n"
+    for bug in (KeyError("text"), ValueError("a bug"), RuntimeError("NCCL error"), FileNotFoundError("x")):
+        monkeypatch.setattr(cli, "_cmd_models", fails_with(bug))
+        with pytest.raises(type(bug)):
+            cli.main(["models"])
