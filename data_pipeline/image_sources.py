@@ -1,42 +1,11 @@
-"""Image data: the ``data`` section for images, sources → shards → raw records, and the built-in Fashion-MNIST.
-
-```yaml
-data:
-  image_size: 224             # output side (square)
-  split: train                # default split of the built-in and HF sources ("train" | "test")
-  train: true                 # augment (random-resized-crop + flip) or the eval transform; default: split == train
-  channels: 3                 # 1 or 3, images converted; default 1 when every source is fashion-mnist, else 3
-  mean: [0.485, 0.456, 0.406] # per channel; default Fashion-MNIST 0.2860 (1 channel) or ImageNet's (3 channels)
-  std: [0.229, 0.224, 0.225]  # default Fashion-MNIST 0.3530 (1 channel) or ImageNet's (3 channels)
-  crop_scale: [0.08, 1.0]     # random-resized-crop area fraction
-  crop_ratio: [0.75, 1.3333]  # random-resized-crop aspect ratio range
-  hflip: true                 # horizontal flip with p 0.5 (train only)
-  eval_crop_fraction: 0.875   # eval: shorter side -> round(image_size / this), then a center crop (see image_stream)
-  num_classes: 1000           # labels outside [0, num_classes) are bad records; default from the sources
-  seed: 0
-  streams_per_rank: 2
-  shuffle_buffer: 1024        # samples; the cursor keeps references to them, not pixels (see image_stream)
-  max_bad_fraction: 0.01
-  min_shards: 16              # folder / HF sources are cut into this many shards (see below)
-  sources:
-    - builtin: fashion-mnist  # Debian dataset-fashion-mnist, decoded once into the cache
-    - folder: /data/imagenet/train   # class-per-folder: DIR/CLASS/**/*.jpg, classes sorted -> label ids
-      weight: 2
-    - tar: /data/shards/train-*.tar  # webdataset-style: members KEY.{png,jpg,jpeg,...} + KEY.cls (an int)
-    - hf: imagefolder                # any `datasets` image dataset, streaming=True
-      data_dir: /data/pets
-      image_field: image
-      label_field: label
-```
-
-Every error is one line that names the field (``data.sources[1].weight: must be > 0``).
+"""Image sources → shards → raw records: what each kind of image source holds and how to
+read it (a [`Catalog`] per source; the spec is in ``image_spec``, Fashion-MNIST's files in ``fashion_mnist``).
 
 Shards (the unit given to a logical stream; never dependent on the world size):
 
 ``builtin: fashion-mnist``
     ``max(16, min_shards)`` (train) or ``max(4, min_shards)`` (test) contiguous index ranges of the 60,000 / 10,000
-    images. The IDX files are parsed once and cached as ``.npy`` in ``cache_dir()/datasets/fashion-mnist/``;
-    reads memory-map them (O(1) random access).
+    images, memory-mapped (data_pipeline.fashion_mnist).
 ``folder``
     Class directories (sorted names → label ids 0..K-1; hidden ones ignored) are walked recursively for image files
     (suffixes in :data:`IMAGE_SUFFIXES`, any case); the list sorted by (class, relative path) is cut into
@@ -61,319 +30,26 @@ Label problems are found when the record is read; an undecodable image when it i
 
 from __future__ import annotations
 
-import functools
 import glob as globlib
-import gzip
 import hashlib
 import math
 import os
-import shutil
 import tarfile
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .errors import CorruptFileError, DataSpecError
-from .spec import _check_type, normalized_weights
+from .errors import DataSpecError
+from .fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_SHARDS, fashion_mnist_paths, memmap_npy
+from .image_spec import ImageDataSpec, ImageSourceSpec
 
-BUILTIN_IMAGE_SOURCES: tuple[str, ...] = ("fashion-mnist",)
-SPLITS: tuple[str, ...] = ("train", "test")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 LABEL_SUFFIX = "cls"
 BAD_REASONS = ("undecodable_image", "missing_image", "missing_label", "invalid_label", "label_out_of_range",
                "corrupt_tar")
-
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                         "Ankle boot")
-FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-FASHION_MNIST_SHARDS = {"train": 16, "test": 4}
-FASHION_MNIST_COUNTS = {"train": 60_000, "test": 10_000}
-_IDX_FILES = {"train": "train", "test": "t10k"}
-
-
-# ---------------------------------------------------------------------------------------------------- spec
-
-
-@dataclass(frozen=True)
-class ImageSourceSpec:
-    """One weighted image source. Exactly one of ``builtin``, ``folder``, ``tar`` or ``hf`` is set."""
-
-    builtin: str | None = None
-    folder: str | None = None
-    tar: str | None = None
-    hf: str | None = None
-    config: str | None = None  # HF configuration name
-    split: str | None = None  # HF / builtin split; default: data.split
-    data_dir: str | None = None  # HF `data_dir` (e.g. with hf: imagefolder)
-    data_files: str | None = None  # HF `data_files`
-    image_field: str = "image"
-    label_field: str = "label"
-    weight: float = 1.0
-
-    @property
-    def kind(self) -> str:
-        return next(kind for kind in ("builtin", "folder", "tar", "hf") if getattr(self, kind))
-
-    @property
-    def label(self) -> str:
-        """A short human name for logs and metrics."""
-        if self.kind == "hf":
-            return f"{self.hf}{'/' + self.config if self.config else ''}:{self.split or 'train'}"
-        name = getattr(self, self.kind)
-        return f"{name}:{self.split}" if self.kind == "builtin" else name
-
-
-@dataclass(frozen=True)
-class ImageDataSpec:
-    sources: tuple[ImageSourceSpec, ...]
-    image_size: int = 224
-    split: str = "train"
-    train: bool = True
-    channels: int = 3
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    hflip: bool = True
-    eval_crop_fraction: float = 0.875
-    num_classes: int | None = None
-    seed: int = 0
-    streams_per_rank: int = 2
-    shuffle_buffer: int = 1024
-    max_bad_fraction: float = 0.01
-    min_shards: int = 16
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
-
-    @property
-    def weights(self) -> list[float]:
-        return normalized_weights(self.sources)
-
-
-def is_image_data(raw: Any) -> bool:
-    """Whether a config's ``data`` mapping describes images (``image_size`` set, or a folder / tar / built-in image
-    source) rather than text — for commands that accept both."""
-    if not isinstance(raw, dict):
-        return False
-    if "image_size" in raw:
-        return True
-    for source in raw.get("sources") or []:
-        if isinstance(source, str) and source in BUILTIN_IMAGE_SOURCES:
-            return True
-        if isinstance(source, dict) and (source.get("folder") or source.get("tar")
-                                         or source.get("builtin") in BUILTIN_IMAGE_SOURCES):
-            return True
-    return False
-
-
-def parse_image_source(raw: Any, where: str, default_split: str) -> ImageSourceSpec:
-    if isinstance(raw, str):  # shorthand: a built-in name, a tar file/glob, or a folder
-        if raw in BUILTIN_IMAGE_SOURCES:
-            raw = {"builtin": raw}
-        elif raw.endswith(".tar") or any(ch in raw for ch in "*?["):
-            raw = {"tar": raw}
-        else:
-            raw = {"folder": raw}
-    if not isinstance(raw, dict):
-        raise DataSpecError(f"{where}: must be a mapping with one of builtin/folder/tar/hf, got {raw!r}")
-    allowed = {f.name for f in fields(ImageSourceSpec)}
-    for key in raw:
-        if key not in allowed:
-            raise DataSpecError(f"{where}.{key}: unknown key; allowed keys are {sorted(allowed)}")
-    chosen = [key for key in ("builtin", "folder", "tar", "hf") if raw.get(key) is not None]
-    if len(chosen) != 1:
-        raise DataSpecError(f"{where}: give exactly one of builtin, folder, tar or hf (got {chosen or 'none'})")
-    for key in ("builtin", "folder", "tar", "hf", "config", "split", "data_dir", "data_files", "image_field",
-                "label_field"):
-        if raw.get(key) is not None:
-            _check_type(f"{where}.{key}", raw[key], str, "a string")
-    weight = raw.get("weight", 1.0)
-    _check_type(f"{where}.weight", weight, (int, float), "a number")
-    if not weight > 0:
-        raise DataSpecError(f"{where}.weight: must be > 0, got {weight!r}")
-    kind = chosen[0]
-    for key in ("config", "data_dir", "data_files", "image_field", "label_field"):
-        if key in raw and kind != "hf":
-            raise DataSpecError(f"{where}.{key}: only applies to hf sources")
-    if "split" in raw and kind not in ("hf", "builtin"):
-        raise DataSpecError(f"{where}.split: only applies to builtin and hf sources")
-    values = dict(raw)
-    if kind == "builtin":
-        if raw["builtin"] not in BUILTIN_IMAGE_SOURCES:
-            raise DataSpecError(f"{where}.builtin: unknown built-in image source {raw['builtin']!r}: allowed values "
-                                f"are {list(BUILTIN_IMAGE_SOURCES)}")
-        values["split"] = raw.get("split") or default_split
-        if values["split"] not in SPLITS:
-            raise DataSpecError(f"{where}.split: {values['split']!r} is not one of {list(SPLITS)}")
-    if kind == "hf":
-        values["split"] = raw.get("split") or default_split
-    return ImageSourceSpec(**{**values, "weight": float(weight)})
-
-
-def _number_list(where: str, value: Any, length: int | None) -> tuple[float, ...]:
-    if not isinstance(value, (list, tuple)) or not value or (length is not None and len(value) != length):
-        size = f"{length} numbers" if length is not None else "a non-empty list of numbers"
-        raise DataSpecError(f"{where}: must be a list of {size}, got {value!r}")
-    for item in value:
-        _check_type(where, item, (int, float), "a list of numbers")
-    return tuple(float(item) for item in value)
-
-
-def parse_image_data(raw: Any, where: str = "data") -> ImageDataSpec:
-    """Validate the ``data`` mapping of an image run config into an [`ImageDataSpec`]."""
-    if not isinstance(raw, dict):
-        raise DataSpecError(f"{where}: must be a mapping, got {raw!r}")
-    allowed = {f.name for f in fields(ImageDataSpec)} - {"extra"}
-    for key in raw:
-        if key not in allowed:
-            raise DataSpecError(f"{where}.{key}: unknown key; allowed keys are {sorted(allowed)}")
-    values = {key: raw[key] for key in allowed - {"sources"} if key in raw}
-    split = values.get("split", "train")
-    _check_type(f"{where}.split", split, str, "a string")
-    if split not in SPLITS:
-        raise DataSpecError(f"{where}.split: {split!r} is not one of {list(SPLITS)}")
-    sources = raw.get("sources")
-    if not isinstance(sources, list) or not sources:
-        raise DataSpecError(f"{where}.sources: must be a non-empty list of sources")
-    parsed = tuple(parse_image_source(source, f"{where}.sources[{i}]", split) for i, source in enumerate(sources))
-    positive = ("image_size", "streams_per_rank", "min_shards")
-    for key in positive + ("seed", "shuffle_buffer", "channels", "num_classes"):
-        if values.get(key) is not None:
-            _check_type(f"{where}.{key}", values[key], int, "an integer")
-    for key in positive + ("num_classes",):
-        if values.get(key) is not None and values[key] < 1:
-            raise DataSpecError(f"{where}.{key}: must be >= 1, got {values[key]}")
-    if values.get("shuffle_buffer", 0) < 0:
-        raise DataSpecError(f"{where}.shuffle_buffer: must be >= 0, got {values['shuffle_buffer']}")
-    for key in ("train", "hflip"):
-        if key in values:
-            _check_type(f"{where}.{key}", values[key], bool, "true or false")
-    values.setdefault("train", split == "train")
-    if values.get("channels") is None:
-        values["channels"] = 1 if all(s.builtin == "fashion-mnist" for s in parsed) else 3
-    channels = values["channels"]
-    if channels not in (1, 3):
-        raise DataSpecError(f"{where}.channels: must be 1 or 3, got {channels}")
-    grey = channels == 1
-    for key, default in (("mean", FASHION_MNIST_MEAN if grey else IMAGENET_MEAN),
-                         ("std", FASHION_MNIST_STD if grey else IMAGENET_STD)):
-        values[key] = _number_list(f"{where}.{key}", values[key], channels) if values.get(key) is not None else default
-    if any(s <= 0 for s in values["std"]):
-        raise DataSpecError(f"{where}.std: must be > 0, got {list(values['std'])}")
-    if "crop_scale" in values:
-        low, high = values["crop_scale"] = _number_list(f"{where}.crop_scale", values["crop_scale"], 2)
-        if not 0 < low <= high <= 1:
-            raise DataSpecError(f"{where}.crop_scale: need 0 < min <= max <= 1, got {[low, high]}")
-    if "crop_ratio" in values:
-        low, high = values["crop_ratio"] = _number_list(f"{where}.crop_ratio", values["crop_ratio"], 2)
-        if not 0 < low <= high:
-            raise DataSpecError(f"{where}.crop_ratio: need 0 < min <= max, got {[low, high]}")
-    for key, low, high in (("eval_crop_fraction", 0.0, 1.0), ("max_bad_fraction", 0.0, 1.0)):
-        if key in values:
-            _check_type(f"{where}.{key}", values[key], (int, float), "a number")
-            if not low <= values[key] <= high or (key == "eval_crop_fraction" and values[key] == 0):
-                raise DataSpecError(f"{where}.{key}: must be in {'(' if key == 'eval_crop_fraction' else '['}"
-                                    f"{low}, {high}], got {values[key]}")
-    return ImageDataSpec(sources=parsed, **values)
-
-
-# ---------------------------------------------------------------------------------------------------- Fashion-MNIST
-
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
-    """Decode an IDX file (two zero bytes, a dtype byte, a dimension count, big-endian uint32 sizes, raw data)."""
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise CorruptFileError(f"{name}: not an IDX file (bad magic {data[:4].hex()})")
-    dtype, ndim = data[2], data[3]
-    if dtype not in _IDX_DTYPES:
-        raise CorruptFileError(f"{name}: unknown IDX data type 0x{dtype:02x}")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise CorruptFileError(f"{name}: truncated IDX header")
-    shape = tuple(int(size) for size in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
-    array = np.frombuffer(data, dtype=_IDX_DTYPES[dtype], offset=header)
-    if array.size != math.prod(shape):
-        raise CorruptFileError(f"{name}: IDX header says {shape} ({math.prod(shape)} values), the file holds {array.size}")
-    return array.reshape(shape).astype(array.dtype.newbyteorder("="), copy=False)
-
-
-def _atomic_save(path: Path, array: np.ndarray) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
-        np.save(tmp, array)
-    os.chmod(tmp.name, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-    os.replace(tmp.name, path)
-
-
-def fashion_mnist_paths(split: str) -> tuple[Path, Path]:
-    """``(images.npy, labels.npy)`` of a Fashion-MNIST split in the cache, decoding the IDX files on first use."""
-    from .fetch import cache_dir, fetch_fashion_mnist
-
-    if split not in SPLITS:
-        raise DataSpecError(f"fashion-mnist: unknown split {split!r}: allowed values are {list(SPLITS)}")
-    target = cache_dir() / "datasets" / "fashion-mnist"
-    images, labels = target / f"{split}-images.npy", target / f"{split}-labels.npy"
-    if images.is_file() and labels.is_file():
-        return images, labels
-    target.mkdir(parents=True, exist_ok=True)
-    raw = fetch_fashion_mnist()
-    prefix = _IDX_FILES[split]
-    for kind, out, ndim in (("images-idx3", images, 3), ("labels-idx1", labels, 1)):
-        source = raw / f"{prefix}-{kind}-ubyte.gz"
-        array = parse_idx(gzip.decompress(source.read_bytes()), str(source))
-        if array.ndim != ndim or array.shape[0] != FASHION_MNIST_COUNTS[split]:
-            raise CorruptFileError(f"{source}: unexpected shape {array.shape}")
-        _atomic_save(out, np.ascontiguousarray(array, dtype=np.uint8))
-    return images, labels
-
-
-@functools.lru_cache(maxsize=8)
-def _memmap(path: str) -> np.ndarray:
-    return np.load(path, mmap_mode="r")
-
-
-def fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
-    """Memory-mapped ``(images uint8 (N, 28, 28), labels uint8 (N,))`` of a Fashion-MNIST split."""
-    images, labels = fashion_mnist_paths(split)
-    return _memmap(str(images)), _memmap(str(labels))
-
-
-# A coarser label set over the same images: a new task for transfer tests and demos (fine-tune or linear-probe a
-# Fashion-MNIST model on 3 classes it was never trained to name).
-FASHION_MNIST_COARSE = {"tops": (0, 2, 4, 6), "bottoms-and-dresses": (1, 3), "footwear-and-bags": (5, 7, 8, 9)}
-
-
-def export_fashion_mnist_folder(out: str | os.PathLike, split: str = "train", limit: int | None = None,
-                                coarse: bool = False) -> dict[str, int]:
-    """Write Fashion-MNIST ``split`` as an image folder ``out/CLASS/NNNNN.png`` (the ``folder`` source layout), with
-    its 10 classes or the 3 of [`FASHION_MNIST_COARSE`]; ``limit`` caps the images (the split's first ones). The
-    folder is written beside ``out`` and moved into place. Returns the images per class."""
-    from PIL import Image
-
-    images, labels = fashion_mnist(split)
-    count = len(labels) if limit is None else min(limit, len(labels))
-    if coarse:
-        names = {fine: name for name, fines in FASHION_MNIST_COARSE.items() for fine in fines}
-    else:
-        names = {index: f"{index}-{name.replace('/', '-')}" for index, name in enumerate(FASHION_MNIST_CLASSES)}
-    out = Path(out)
-    staging = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    counts: dict[str, int] = {}
-    for index in range(count):
-        name = names[int(labels[index])]
-        (staging / name).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.asarray(images[index]), mode="L").save(staging / name / f"{index:05d}.png")
-        counts[name] = counts.get(name, 0) + 1
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
-    return dict(sorted(counts.items()))
 
 
 # ---------------------------------------------------------------------------------------------------- records
@@ -474,14 +150,14 @@ class FashionMnistCatalog(Catalog):
         self.images_path, self.labels_path = str(images), str(labels)
 
     def shards(self, source_index: int, min_shards: int) -> list[ImageShard]:
-        count = len(_memmap(self.labels_path))
+        count = len(memmap_npy(self.labels_path))
         return [ImageShard(source_index, n, f"fashion-mnist/{self.split}#{start}-{end}", "idx", self.images_path,
                            start, end)
                 for n, (start, end) in enumerate(_ranges(count, max(FASHION_MNIST_SHARDS[self.split], min_shards)))]
 
     def record(self, index: int, next_position: int, num_classes: int | None) -> RawRecord:
-        label, bad = check_label(int(_memmap(self.labels_path)[index]), num_classes)
-        return RawRecord(index, next_position, np.array(_memmap(self.images_path)[index]), label, bad,
+        label, bad = check_label(int(memmap_npy(self.labels_path)[index]), num_classes)
+        return RawRecord(index, next_position, np.array(memmap_npy(self.images_path)[index]), label, bad,
                          self.images_path, f"record {index}")
 
 

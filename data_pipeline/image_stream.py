@@ -60,8 +60,9 @@ import torch
 from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .image_sources import (Catalog, ImageDataSpec, ImageShard, RawRecord, is_image_data, open_catalog,
-                            parse_image_data)
+from .data_spec import is_image_data
+from .image_sources import Catalog, ImageShard, RawRecord, open_catalog
+from .image_spec import ImageDataSpec, parse_image_data
 from .sources import fingerprint
 from .errors import DataSpecError
 from .text_stream import (FIRST_BAD_LOCATIONS, BadDataError, StreamAssignment,

@@ -18,14 +18,15 @@ import hashlib
 import io
 import json
 import os
-from dataclasses import dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import Field, ValidationInfo, field_validator
 
 import torch
-
-from .fetch import fetch_rotten_tomatoes
 from .errors import DataSpecError
-from .spec import _check_type
+from .fetch import fetch_rotten_tomatoes
+from .spec import DataModel, SourceModel, require_mapping, source_list, validate_spec, with_default_split
 
 ROTTEN_TOMATOES_LABELS = ("rotten", "fresh")
 SPLITS = ("train", "validation", "test")
@@ -63,9 +64,10 @@ LABELLED_BUILTINS = ("rotten-tomatoes",)
 LABELLED_FORMATS = ("csv", "jsonl", "json")
 
 
-@dataclass(frozen=True)
-class LabelledSourceSpec:
+class LabelledSourceSpec(SourceModel):
     """One source of ``(text, label)`` examples. Exactly one of ``builtin``, ``path`` or ``hf`` is set."""
+
+    ORIGINS = ("builtin", "path", "hf")
 
     builtin: str | None = None
     path: str | None = None  # a .csv, .jsonl or .json file
@@ -75,101 +77,68 @@ class LabelledSourceSpec:
     text_field: str | None = None  # default: data.text_field
     label_field: str | None = None  # default: data.label_field
 
-    @property
-    def kind(self) -> str:
-        return "builtin" if self.builtin else "path" if self.path else "hf"
+    @field_validator("builtin")
+    @classmethod
+    def _known_builtin(cls, value: str | None) -> str | None:
+        if value is not None and value not in LABELLED_BUILTINS:
+            raise ValueError(f"unknown labelled built-in {value!r}: allowed values are {list(LABELLED_BUILTINS)}")
+        return value
+
+    @field_validator("path")
+    @classmethod
+    def _known_format(cls, value: str | None) -> str | None:
+        if value is not None and os.path.splitext(value)[1].lstrip(".").lower() not in LABELLED_FORMATS:
+            raise ValueError(f"{value!r} is not a {', '.join(LABELLED_FORMATS)} file")
+        return value
 
     @property
     def name(self) -> str:
         return self.builtin or self.path or f"{self.hf}{'/' + self.config if self.config else ''}:{self.split}"
 
 
-@dataclass(frozen=True)
-class LabelledTextSpec:
+def _labelled_shorthand(name: str) -> dict:
+    """A source given as a string: a labelled built-in or a file."""
+    return {"builtin": name} if name in LABELLED_BUILTINS else {"path": name}
+
+
+class LabelledTextSpec(DataModel):
     """The ``data`` section of a text-classification run: sources of labelled text, read whole (downstream sets
     are small), tokenized to at most ``max_length`` tokens."""
 
-    sources: tuple[LabelledSourceSpec, ...]
-    max_length: int = 128
-    labels: tuple[str, ...] | None = None
+    kind: Literal["labelled"] = "labelled"
     split: str = "train"
+    sources: tuple[LabelledSourceSpec, ...]
+    max_length: int = Field(default=128, ge=2)
+    labels: tuple[str, ...] | None = None
     text_field: str = "text"
     label_field: str = "label"
     seed: int = 0
     max_bad_fraction: float = 0.01
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
 
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _sources(cls, value: Any) -> Any:
+        return source_list(value, _labelled_shorthand)
 
-def is_labelled_text(raw: Any) -> bool:
-    """Whether a ``data`` mapping describes labelled text (``max_length`` / ``label_field`` / ``labels`` set, or a
-    built-in labelled source) rather than a pretraining stream."""
-    if not isinstance(raw, dict):
-        return False
-    if any(key in raw for key in ("max_length", "label_field", "labels")):
-        return True
-    for source in raw.get("sources") or []:
-        name = source if isinstance(source, str) else source.get("builtin") if isinstance(source, dict) else None
-        if name in LABELLED_BUILTINS:
-            return True
-    return False
+    @field_validator("sources")
+    @classmethod
+    def _default_split(cls, sources: tuple[LabelledSourceSpec, ...], info: ValidationInfo):
+        return with_default_split(sources, info.data.get("split", "train"), LabelledSourceSpec.ORIGINS)
+
+    @field_validator("labels", mode="before")
+    @classmethod
+    def _label_names(cls, value: Any) -> Any:
+        if value is None:
+            return None
+        if not isinstance(value, (list, tuple)) or len(value) < 2 or not all(isinstance(x, str) for x in value) \
+                or len(set(value)) != len(value):
+            raise ValueError(f"must be a list of at least 2 distinct names, got {value!r}")
+        return tuple(value)
 
 
 def parse_labelled_text(raw: Any, where: str = "data") -> LabelledTextSpec:
     """Validate a labelled-text ``data`` mapping; one-line errors name the field."""
-    if not isinstance(raw, dict):
-        raise DataSpecError(f"{where}: must be a mapping, got {raw!r}")
-    allowed = {f.name for f in fields(LabelledTextSpec)} - {"extra"}
-    for key in raw:
-        if key not in allowed:
-            raise DataSpecError(f"{where}.{key}: unknown key; allowed keys are {sorted(allowed)}")
-    values = {key: raw[key] for key in allowed - {"sources"} if key in raw}
-    for key in ("max_length", "seed"):
-        if key in values:
-            _check_type(f"{where}.{key}", values[key], int, "an integer")
-    if values.get("max_length", 2) < 2:
-        raise DataSpecError(f"{where}.max_length: must be >= 2, got {values['max_length']}")
-    for key in ("split", "text_field", "label_field"):
-        if key in values:
-            _check_type(f"{where}.{key}", values[key], str, "a string")
-    if values.get("labels") is None:
-        values.pop("labels", None)
-    else:
-        labels = values["labels"]
-        if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels) \
-                or len(set(labels)) != len(labels):
-            raise DataSpecError(f"{where}.labels: must be a list of at least 2 distinct names, got {labels!r}")
-        values["labels"] = tuple(labels)
-    if "max_bad_fraction" in values:
-        _check_type(f"{where}.max_bad_fraction", values["max_bad_fraction"], (int, float), "a number")
-    sources = raw.get("sources")
-    if not isinstance(sources, list) or not sources:
-        raise DataSpecError(f"{where}.sources: must be a non-empty list of sources")
-    parsed = []
-    for index, source in enumerate(sources):
-        at = f"{where}.sources[{index}]"
-        if isinstance(source, str):
-            source = {"builtin": source} if source in LABELLED_BUILTINS else {"path": source}
-        if not isinstance(source, dict):
-            raise DataSpecError(f"{at}: must be a mapping with one of builtin/path/hf, got {source!r}")
-        known = {f.name for f in fields(LabelledSourceSpec)}
-        for key in source:
-            if key not in known:
-                raise DataSpecError(f"{at}.{key}: unknown key; allowed keys are {sorted(known)}")
-            if source[key] is not None:
-                _check_type(f"{at}.{key}", source[key], str, "a string")
-        chosen = [key for key in ("builtin", "path", "hf") if source.get(key)]
-        if len(chosen) != 1:
-            raise DataSpecError(f"{at}: give exactly one of builtin, path or hf (got {chosen or 'none'})")
-        if source.get("builtin") and source["builtin"] not in LABELLED_BUILTINS:
-            raise DataSpecError(f"{at}.builtin: unknown labelled built-in {source['builtin']!r}: allowed values are "
-                                f"{list(LABELLED_BUILTINS)}")
-        if source.get("path"):
-            suffix = os.path.splitext(source["path"])[1].lstrip(".").lower()
-            if suffix not in LABELLED_FORMATS:
-                raise DataSpecError(f"{at}.path: {source['path']!r} is not a {', '.join(LABELLED_FORMATS)} file")
-        split = source.get("split") or values.get("split", "train")
-        parsed.append(LabelledSourceSpec(**{**source, "split": split}))
-    return LabelledTextSpec(sources=tuple(parsed), **values)
+    return validate_spec(LabelledTextSpec, require_mapping(raw, where), where)
 
 
 @dataclass

@@ -1,10 +1,11 @@
-"""The data section of a run config: a list of weighted sources and how to stream them, validated once.
+"""The data section of a run config: validated pydantic models, one per kind of data, and the text stream's.
 
 ```yaml
 data:
+  kind: text                  # text | image | labelled (data_pipeline.data_spec); inferred when left out
   seq_len: 1024               # tokens per packed block
   seed: 0
-  streams_per_rank: 2         # logical streams per rank (DataLoader workers execute them; see text_stream.py)
+  streams_per_rank: 2         # logical streams per rank (DataLoader workers execute them; see stream.py)
   shuffle_buffer: 256         # blocks; 0 disables; its contents are saved in the cursor (exact resume)
   max_bad_fraction: 0.01      # a stream whose bad records exceed this fraction stops the run
   min_shards: 16              # line-oriented files are split into at least this many byte ranges
@@ -20,23 +21,156 @@ data:
       text_field: text
 ```
 
-Every error is one line that names the field (``data.sources[1].weight: must be > 0``).
+Every error is one line that names the field (``data.sources[1].weight: must be > 0, got 0``): the key dotted, list
+indices in brackets. This module also holds what the three kinds' models share: [`DataModel`] (frozen, strict,
+unknown keys refused), [`SourceModel`] (a source's dump leaves its fields at their defaults out) and
+[`validate_spec`], which turns pydantic's first error into that one line.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, ClassVar, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_serializer, model_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import DataSpecError
 
 FORMATS = ("jsonl", "json", "txt", "parquet")
 TXT_UNITS = ("file", "line")
 
+# pydantic's type errors, in the words the messages have always used
+_TYPE_WORDS = {"int_type": "an integer", "float_type": "a number", "string_type": "a string",
+               "bool_type": "true or false"}
+_FIELD_ERROR = "data_field"  # an error a model validator reports on one of its fields (ctx: field, message)
 
-@dataclass(frozen=True)
-class SourceSpec:
-    """One weighted source. Exactly one of ``builtin``, ``path`` or ``hf`` is set."""
+
+def field_error(field: str, message: str) -> PydanticCustomError:
+    """An error about ``field`` raised by a validator of the model holding it (its key goes into the location)."""
+    return PydanticCustomError(_FIELD_ERROR, "{message}", {"field": field, "message": message})
+
+
+def _key(where: str, loc: tuple) -> str:
+    text = where
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return text
+
+
+def _one_line(error: ValidationError, where: str) -> str:
+    """``key: what is wrong`` of the first error."""
+    detail = error.errors()[0]
+    loc, kind, got, ctx = tuple(detail["loc"]), detail["type"], detail.get("input"), detail.get("ctx") or {}
+    if kind == _FIELD_ERROR:
+        loc, message = loc + (ctx["field"],), ctx["message"]
+    elif kind in _TYPE_WORDS:
+        message = f"must be {_TYPE_WORDS[kind]}, got {got!r}"
+    elif kind == "greater_than_equal":
+        message = f"must be >= {ctx['ge']:g}, got {got!r}"
+    elif kind == "greater_than":
+        message = f"must be > {ctx['gt']:g}, got {got!r}"
+    elif kind == "value_error":
+        message = str(ctx["error"])
+    else:
+        message = f"{detail['msg']}, got {got!r}"
+    return f"{_key(where, loc)}: {message}"
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def validate_spec(model: type[Model], raw: Any, where: str = "data") -> Model:
+    """``model.model_validate(raw)``, its first error raised as a one-line [`DataSpecError`] naming the key."""
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        raise DataSpecError(_one_line(error, where)) from None
+
+
+class DataModel(BaseModel):
+    """A part of a data section: frozen, strict types, unknown keys refused (by name, with the allowed ones)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _check_raw_input(cls, raw: Any) -> Any:
+        return raw if isinstance(raw, cls) else cls.check_raw(raw)
+
+    @classmethod
+    def check_raw(cls, raw: Any) -> Any:
+        """Checks of the raw input before its fields are validated; subclasses extend it (in this order)."""
+        if isinstance(raw, dict):
+            allowed = sorted(cls.model_fields)
+            for key in raw:
+                if key not in allowed:
+                    raise field_error(key, f"unknown key; allowed keys are {allowed}")
+        return raw
+
+
+class SourceModel(DataModel):
+    """One weighted source; exactly one of the fields in ``ORIGINS`` says where its data is."""
+
+    ORIGINS: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def check_raw(cls, raw: Any) -> Any:
+        if not isinstance(raw, dict):
+            raise ValueError(f"must be a mapping with one of {'/'.join(cls.ORIGINS)}, got {raw!r}")
+        raw = super().check_raw(raw)
+        chosen = [key for key in cls.ORIGINS if raw.get(key) is not None]
+        if len(chosen) != 1:
+            names = f"{', '.join(cls.ORIGINS[:-1])} or {cls.ORIGINS[-1]}"
+            raise ValueError(f"give exactly one of {names} (got {chosen or 'none'})")
+        return raw
+
+    @property
+    def kind(self) -> str:
+        """Which of ``ORIGINS`` is set."""
+        return next(origin for origin in self.ORIGINS if getattr(self, origin) is not None)
+
+    @model_serializer(mode="wrap")
+    def _without_defaults(self, handler) -> dict:
+        """The fields at their defaults are left out (a short config.yaml, and no field of another origin)."""
+        fields = type(self).model_fields
+        return {key: value for key, value in handler(self).items() if getattr(self, key) != fields[key].default}
+
+
+def source_list(value: Any, shorthand) -> Any:
+    """A ``sources`` list as a tuple, each string replaced by ``shorthand(string)`` (a mapping)."""
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError("must be a non-empty list of sources")
+    return tuple(shorthand(item) if isinstance(item, str) else item for item in value)
+
+
+def with_default_split(sources: tuple, split: str, origins: tuple[str, ...]) -> tuple:
+    """The sources with ``split`` set where it was not given, for the origins that have splits."""
+    return tuple(source.model_copy(update={"split": split})
+                 if source.split is None and source.kind in origins else source for source in sources)
+
+
+def normalized_weights(sources) -> list[float]:
+    """Source weights scaled to sum to one."""
+    total = sum(source.weight for source in sources)
+    return [source.weight / total for source in sources]
+
+
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_in_range(value: Any, low: float, high: float, brackets: str = "[]") -> Any:
+    """A before-validator's range check of a number, the value as given in the message (the type is checked next)."""
+    inside = (low <= value if brackets[0] == "[" else low < value) and value <= high
+    if is_number(value) and not inside:
+        raise ValueError(f"must be in {brackets[0]}{low}, {high}{brackets[1]}, got {value}")
+    return value
+
+
+class SourceSpec(SourceModel):
+    """One weighted text source. Exactly one of ``builtin``, ``path`` or ``hf`` is set."""
+
+    ORIGINS = ("builtin", "path", "hf")
 
     builtin: str | None = None
     path: str | None = None
@@ -46,13 +180,32 @@ class SourceSpec:
     text_field: str = "text"
     format: str | None = None  # inferred from the file suffix when not given
     txt_unit: str = "file"  # a .txt document is a whole file, or one line
-    weight: float = 1.0
+    weight: float = Field(default=1.0, gt=0)
     data_dir: str | None = None  # HF `data_dir`
     data_files: str | None = None  # HF `data_files` (a path or glob), e.g. with hf: json / parquet / text
 
-    @property
-    def kind(self) -> str:
-        return "builtin" if self.builtin else "path" if self.path else "hf"
+    @field_validator("builtin")
+    @classmethod
+    def _known_builtin(cls, value: str | None) -> str | None:
+        from .builtin import BUILTIN_SOURCES
+
+        if value is not None and value not in BUILTIN_SOURCES:
+            raise ValueError(f"unknown built-in source {value!r}: allowed values are {list(BUILTIN_SOURCES)}")
+        return value
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str | None) -> str | None:
+        if value is not None and value not in FORMATS:
+            raise ValueError(f"{value!r} is not one of {list(FORMATS)}")
+        return value
+
+    @field_validator("txt_unit")
+    @classmethod
+    def _known_unit(cls, value: str) -> str:
+        if value not in TXT_UNITS:
+            raise ValueError(f"{value!r} is not one of {list(TXT_UNITS)}")
+        return value
 
     @property
     def label(self) -> str:
@@ -64,95 +217,47 @@ class SourceSpec:
         return f"{self.hf}{'/' + self.config if self.config else ''}:{self.split}"
 
 
-@dataclass(frozen=True)
-class TextDataSpec:
+def _text_shorthand(name: str) -> dict:
+    """A source given as a string: a built-in name or a path."""
+    from .builtin import BUILTIN_SOURCES
+
+    return {"builtin": name} if name in BUILTIN_SOURCES else {"path": name}
+
+
+class TextDataSpec(DataModel):
+    """The ``data`` section of a pretraining run: a packed, mixed, sharded token stream."""
+
+    kind: Literal["text"] = "text"
     sources: tuple[SourceSpec, ...]
-    seq_len: int = 1024
+    seq_len: int = Field(default=1024, ge=1)
     seed: int = 0
-    streams_per_rank: int = 2
-    shuffle_buffer: int = 256
+    streams_per_rank: int = Field(default=2, ge=1)
+    shuffle_buffer: int = Field(default=256, ge=0)
     max_bad_fraction: float = 0.01
-    min_shards: int = 16
-    tokenize_batch_docs: int = 64
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    min_shards: int = Field(default=16, ge=1)
+    tokenize_batch_docs: int = Field(default=64, ge=1)
+
+    @field_validator("sources", mode="before")
+    @classmethod
+    def _sources(cls, value: Any) -> Any:
+        return source_list(value, _text_shorthand)
+
+    @field_validator("max_bad_fraction", mode="before")
+    @classmethod
+    def _fraction(cls, value: Any) -> Any:
+        return check_in_range(value, 0, 1)
 
     @property
     def weights(self) -> list[float]:
         return normalized_weights(self.sources)
 
 
-def normalized_weights(sources) -> list[float]:
-    """Source weights scaled to sum to one."""
-    total = sum(source.weight for source in sources)
-    return [source.weight / total for source in sources]
-
-
-def _check_type(where: str, value: Any, kind: type | tuple[type, ...], text: str) -> None:
-    if isinstance(value, bool) and kind in (int, float, (int, float)):
-        raise DataSpecError(f"{where}: must be {text}, got {value!r}")
-    if not isinstance(value, kind):
-        raise DataSpecError(f"{where}: must be {text}, got {value!r}")
-
-
-def parse_source(raw: Any, where: str) -> SourceSpec:
-    if isinstance(raw, str):  # shorthand: a built-in name or a path
-        from .builtin import BUILTIN_SOURCES
-
-        raw = {"builtin": raw} if raw in BUILTIN_SOURCES else {"path": raw}
-    if not isinstance(raw, dict):
-        raise DataSpecError(f"{where}: must be a mapping with one of builtin/path/hf, got {raw!r}")
-    allowed = {f.name for f in fields(SourceSpec)}
-    for key in raw:
-        if key not in allowed:
-            raise DataSpecError(f"{where}.{key}: unknown key; allowed keys are {sorted(allowed)}")
-    chosen = [key for key in ("builtin", "path", "hf") if raw.get(key) is not None]
-    if len(chosen) != 1:
-        raise DataSpecError(f"{where}: give exactly one of builtin, path or hf (got {chosen or 'none'})")
-    for key in ("builtin", "path", "hf", "config", "split", "text_field", "format", "txt_unit", "data_dir",
-                "data_files"):
-        if raw.get(key) is not None:
-            _check_type(f"{where}.{key}", raw[key], str, "a string")
-    weight = raw.get("weight", 1.0)
-    _check_type(f"{where}.weight", weight, (int, float), "a number")
-    if not weight > 0:
-        raise DataSpecError(f"{where}.weight: must be > 0, got {weight!r}")
-    if raw.get("format") is not None and raw["format"] not in FORMATS:
-        raise DataSpecError(f"{where}.format: {raw['format']!r} is not one of {list(FORMATS)}")
-    if raw.get("txt_unit", "file") not in TXT_UNITS:
-        raise DataSpecError(f"{where}.txt_unit: {raw['txt_unit']!r} is not one of {list(TXT_UNITS)}")
-    if raw.get("builtin") is not None:
-        from .builtin import BUILTIN_SOURCES
-
-        if raw["builtin"] not in BUILTIN_SOURCES:
-            raise DataSpecError(f"{where}.builtin: unknown built-in source {raw['builtin']!r}: allowed values are "
-                                f"{list(BUILTIN_SOURCES)}")
-    return SourceSpec(**{**raw, "weight": float(weight)})
-
-
 def parse_text_data(raw: Any, where: str = "data") -> TextDataSpec:
     """Validate the ``data`` mapping of a run config into a [`TextDataSpec`]."""
+    return validate_spec(TextDataSpec, require_mapping(raw, where), where)
+
+
+def require_mapping(raw: Any, where: str) -> dict:
     if not isinstance(raw, dict):
         raise DataSpecError(f"{where}: must be a mapping, got {raw!r}")
-    allowed = {f.name for f in fields(TextDataSpec)} - {"extra"}
-    for key in raw:
-        if key not in allowed:
-            raise DataSpecError(f"{where}.{key}: unknown key; allowed keys are {sorted(allowed)}")
-    sources = raw.get("sources")
-    if not isinstance(sources, list) or not sources:
-        raise DataSpecError(f"{where}.sources: must be a non-empty list of sources")
-    parsed = tuple(parse_source(source, f"{where}.sources[{i}]") for i, source in enumerate(sources))
-    values = {key: raw[key] for key in allowed - {"sources"} if key in raw}
-    positive = ("seq_len", "streams_per_rank", "min_shards", "tokenize_batch_docs")
-    for key in positive + ("seed", "shuffle_buffer"):
-        if key in values:
-            _check_type(f"{where}.{key}", values[key], int, "an integer")
-    for key in positive:
-        if key in values and values[key] < 1:
-            raise DataSpecError(f"{where}.{key}: must be >= 1, got {values[key]}")
-    if values.get("shuffle_buffer", 0) < 0:
-        raise DataSpecError(f"{where}.shuffle_buffer: must be >= 0, got {values['shuffle_buffer']}")
-    if "max_bad_fraction" in values:
-        _check_type(f"{where}.max_bad_fraction", values["max_bad_fraction"], (int, float), "a number")
-        if not 0 <= values["max_bad_fraction"] <= 1:
-            raise DataSpecError(f"{where}.max_bad_fraction: must be in [0, 1], got {values['max_bad_fraction']}")
-    return TextDataSpec(sources=parsed, **values)
+    return raw

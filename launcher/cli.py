@@ -67,7 +67,7 @@ def _cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_export_images(args: argparse.Namespace) -> int:
-    from data_pipeline.image_sources import export_fashion_mnist_folder
+    from data_pipeline.fashion_mnist import export_fashion_mnist_folder
 
     counts = export_fashion_mnist_folder(args.out, split=args.split, limit=args.limit, coarse=args.coarse)
     print(f"wrote {sum(counts.values())} images to {args.out}: {counts}")
@@ -75,23 +75,23 @@ def _cmd_data_export_images(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    from data_pipeline.data_spec import parse_data
     from data_pipeline.inspect import inspect_text
-    from data_pipeline.spec import parse_text_data
     from launcher.config.files import load_yaml
     from launcher.models.tokenizers import load_tokenizer
 
     config = load_yaml(args.config)
     if "data" not in config:
         raise ConfigError(f"{args.config}: no 'data' section")
-    from data_pipeline.image_sources import is_image_data, parse_image_data
-
-    if is_image_data(config["data"]):
+    spec = parse_data(config["data"])
+    if spec.kind == "image":
         from data_pipeline.image_stream import inspect_images
 
-        print(inspect_images(parse_image_data(config["data"]), world_size=args.world_size, samples=args.blocks,
-                             seconds=args.seconds))
+        print(inspect_images(spec, world_size=args.world_size, samples=args.blocks, seconds=args.seconds))
         return 0
-    spec = parse_text_data(config["data"])
+    if spec.kind == "labelled":
+        raise ConfigError(f"{args.config}: data inspect reads streams (kind text or image); this data is "
+                          f"kind labelled")
     tokenizer = load_tokenizer(config.get("tokenizer", "gpt2"), where=f"{args.config}: tokenizer",
                                output_dir=config.get("output_dir"))
     print(inspect_text(spec, tokenizer, world_size=args.world_size, blocks=args.blocks, seconds=args.seconds))

@@ -168,7 +168,7 @@ def image_files(data: str) -> list:
     """The images of ``data`` in a fixed order: a class folder's files sorted by (class, path), or ``fashion-mnist``
     (its test split, as arrays)."""
     if data == "fashion-mnist":
-        from data_pipeline.image_sources import fashion_mnist
+        from data_pipeline.fashion_mnist import fashion_mnist
 
         return list(fashion_mnist("test")[0])
     if not Path(data).is_dir():

@@ -10,8 +10,9 @@ model:
   hidden_size: 128
   overrides: {ista_lambda: 0.1}    # any other CrateConfig / CrateVisionConfig / GPT2Config / ViTConfig field
   init_from: runs/x/hf             # start from an HF checkpoint (crate finetune); linear_probe: true trains the head only
-data: {...}                        # text (data_pipeline.spec) or images (image_size set / image sources): docs/data.md
-eval_data: {sources: [...]}        # held-out data; default: the built-in sources' validation (text) / test (images) split
+data: {kind: text, ...}            # kind: text | image | labelled (data_pipeline.data_spec; docs/data.md)
+eval_data: {sources: [...]}        # held-out data of data's kind; default: the built-in sources' validation (text) /
+                                   # test (images) split
 train: {max_steps: 200, micro_batch_size: 8, global_batch_size: 16, ...}
 optimizer: {lr: 6.0e-4, min_lr: 6.0e-5, warmup_steps: 20, weight_decay: 0.1, betas: [0.9, 0.95]}
 zero: {stage: 2, offload_optimizer: false, offload_params: false}
@@ -33,15 +34,15 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from data_pipeline.image_sources import ImageDataSpec, is_image_data, parse_image_data
-from data_pipeline.labelled import LabelledTextSpec, is_labelled_text, parse_labelled_text
-from data_pipeline.spec import DataSpecError, TextDataSpec, parse_text_data
-
+from data_pipeline.data_spec import DATA_SPECS, DataSpec, parse_data
+from data_pipeline.errors import DataSpecError
+from data_pipeline.image_spec import ImageDataSpec
+from data_pipeline.labelled import LabelledTextSpec
+from data_pipeline.spec import TextDataSpec
 from launcher.architectures.registry import arch_names, archs_for, for_arch
 from launcher.config.files import load_config_tree, read_yaml_value
 from launcher.config.validation import first_error
 from launcher.errors import ConfigError
-
 
 BPE_PATTERN = re.compile(r"^bpe:(\d+)$")
 MIN_BPE_VOCAB = 257  # 256 bytes + <|endoftext|>
@@ -165,8 +166,8 @@ class RunConfig(_Section):
     output_dir: str
     tokenizer: str = "gpt2"
     model: ModelSection = Field(default_factory=ModelSection)
-    data: TextDataSpec | ImageDataSpec | LabelledTextSpec
-    eval_data: TextDataSpec | ImageDataSpec | LabelledTextSpec | None = None  # held-out; shape inherited from data
+    data: DataSpec
+    eval_data: DataSpec | None = None  # held-out; its kind and shape inherited from data
     train: TrainSection
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     zero: ZeroSection = Field(default_factory=ZeroSection)
@@ -174,19 +175,12 @@ class RunConfig(_Section):
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     deepspeed_config: str | None = None  # a DeepSpeed JSON whose keys override the generated ones
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, arbitrary_types_allowed=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     @field_validator("tokenizer")
     @classmethod
     def _tokenizer_name(cls, value):
         return check_tokenizer_name(value)
-
-    @field_validator("data", "eval_data", mode="before")
-    @classmethod
-    def _parse_data(cls, value):
-        if value is None or isinstance(value, (TextDataSpec, ImageDataSpec, LabelledTextSpec)):
-            return value
-        return parse_data(value)
 
     @property
     def is_image(self) -> bool:
@@ -218,8 +212,9 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent_data(self):
-        if self.eval_data is not None and type(self.eval_data) is not type(self.data):
-            raise ValueError("eval_data: must be the same kind of data (text or images) as data")
+        if self.eval_data is not None and self.eval_data.kind != self.data.kind:
+            raise ValueError(f"eval_data: must be the same kind of data as data ({self.data.kind}), got "
+                             f"{self.eval_data.kind}")
         if self.is_image:
             for key in ("image_size", "channels"):
                 if self.eval_data is not None and getattr(self.eval_data, key) != getattr(self.data, key):
@@ -258,11 +253,8 @@ class RunConfig(_Section):
         return total // per_step
 
     def to_dict(self) -> dict:
-        raw = self.model_dump(mode="json", exclude={"data", "eval_data"})
-        raw["data"] = _data_to_dict(self.data)
-        if self.eval_data is not None:
-            raw["eval_data"] = _data_to_dict(self.eval_data)
-        return raw
+        """Plain YAML data (the data sections with their ``kind``) that parses back to an equal config."""
+        return self.model_dump(mode="json")
 
 
 def _check_modality(arch: str, modality: str) -> None:
@@ -270,28 +262,6 @@ def _check_modality(arch: str, modality: str) -> None:
     if for_arch(arch, modality) is None:
         what = "is a language model" if modality == "image" else "classifies images"
         raise ValueError(f"model.arch: {arch} {what}; {modality} data takes {' or '.join(archs_for(modality))}")
-
-
-def parse_data(raw: Any, where: str = "data") -> TextDataSpec | ImageDataSpec | LabelledTextSpec:
-    """A ``data`` mapping of any kind: images, labelled text (classification) or a text stream (pretraining)."""
-    if is_image_data(raw):
-        return parse_image_data(raw, where)
-    if is_labelled_text(raw):
-        return parse_labelled_text(raw, where)
-    return parse_text_data(raw, where)
-
-
-def _data_to_dict(spec: TextDataSpec | ImageDataSpec | LabelledTextSpec) -> dict:
-    """The spec as plain YAML data that parses back to the same spec (source fields at their defaults left out)."""
-    from dataclasses import fields
-
-    def plain(value):
-        return list(value) if isinstance(value, tuple) else value
-
-    raw = {f.name: plain(getattr(spec, f.name)) for f in fields(spec) if f.name not in ("sources", "extra")}
-    raw["sources"] = [{f.name: plain(getattr(source, f.name)) for f in fields(source)
-                       if getattr(source, f.name) != f.default} for source in spec.sources]
-    return raw
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -327,26 +297,31 @@ def parse_run_config(raw: dict, source: str = "config") -> RunConfig:
             raw = {key: value for key, value in raw.items() if key != "tokenizer"}
             if isinstance(init_from, str):
                 raw["tokenizer"] = init_from
-        if isinstance(raw.get("eval_data"), dict):
-            if isinstance(data, ImageDataSpec):  # the training image shape and normalisation, no augmentation
-                inherited = {"image_size": data.image_size, "channels": data.channels, "mean": list(data.mean),
-                             "std": list(data.std), "split": "test"}
-                held_out = parse_image_data({**inherited, **raw["eval_data"]}, where="eval_data")
-            elif isinstance(data, LabelledTextSpec):  # the training fields, length and label names
-                inherited = {"max_length": data.max_length, "text_field": data.text_field,
-                             "label_field": data.label_field, "split": "validation"}
-                if data.labels:
-                    inherited["labels"] = list(data.labels)
-                held_out = parse_labelled_text({**inherited, **raw["eval_data"]}, where="eval_data")
-            else:
-                held_out = parse_text_data({"seq_len": getattr(data, "seq_len", 1024), **raw["eval_data"]},
-                                           where="eval_data")
-            raw = {**raw, "eval_data": held_out}
+        if isinstance(raw.get("eval_data"), dict) and isinstance(data, DATA_SPECS):
+            raw = {**raw, "eval_data": _held_out_data(data, raw["eval_data"])}
         return RunConfig.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(f"{source}: {first_error(error)}") from None
     except DataSpecError as error:
         raise ConfigError(f"{source}: {error}") from None
+
+
+def _held_out_data(data: ImageDataSpec | LabelledTextSpec | TextDataSpec, raw: dict):
+    """``eval_data``: data's kind, with what must match the training data inherited unless given."""
+    kind = raw.get("kind", data.kind)
+    if kind != data.kind:
+        raise DataSpecError(f"eval_data.kind: must be the kind of data ({data.kind!r}), got {kind!r}")
+    if isinstance(data, ImageDataSpec):  # the training image shape and normalisation, no augmentation
+        inherited = {"image_size": data.image_size, "channels": data.channels, "mean": list(data.mean),
+                     "std": list(data.std), "split": "test"}
+    elif isinstance(data, LabelledTextSpec):  # the training fields, length and label names
+        inherited = {"max_length": data.max_length, "text_field": data.text_field, "label_field": data.label_field,
+                     "split": "validation"}
+        if data.labels:
+            inherited["labels"] = list(data.labels)
+    else:
+        inherited = {"seq_len": data.seq_len}
+    return parse_data({"kind": kind, **inherited, **raw}, where="eval_data")
 
 
 def load_run_config(path: str | Path, overrides: list[str] = ()) -> RunConfig:

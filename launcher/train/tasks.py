@@ -16,27 +16,24 @@ any world size and any resume, so evaluations are comparable along a run and acr
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data_pipeline.image_sources import ImageDataSpec, ImageSourceSpec
-from data_pipeline.labelled import LabelledTextSpec, pad_batch
+from data_pipeline.errors import BadDataError
+from data_pipeline.image_spec import ImageDataSpec, ImageSourceSpec
 from data_pipeline.image_stream import ImageLoader, ImageStream, build_image_plan, decode_image
+from data_pipeline.labelled import LabelledTextSpec, pad_batch
 from data_pipeline.spec import SourceSpec, TextDataSpec
 from data_pipeline.text_stream import LogicalStream, TextLoader, Tokenize, build_plan
-
 from launcher.config.run import RunConfig
 from launcher.architectures.flops import image_tokens
 from launcher.architectures.registry import training_flops_per_token
-from launcher.models.build import build_model_config, build_vision_config
-from launcher.models.tokenizers import load_tokenizer, prepare_tokenizer
-from data_pipeline.errors import BadDataError
 from launcher.errors import ConfigError
 from launcher.metrics.classification import macro_f1
+from launcher.models.build import build_model_config, build_vision_config
+from launcher.models.tokenizers import load_tokenizer, prepare_tokenizer
 
 
 def _sum_across_ranks(values: list[float], device) -> list[float]:
@@ -60,14 +57,14 @@ def held_out_spec(config: RunConfig) -> TextDataSpec | ImageDataSpec | None:
         return None
     if config.is_image:
         sources = tuple(ImageSourceSpec(builtin=s.builtin, split="test", weight=s.weight) for s in config.data.sources)
-        return replace(config.data, sources=sources, split="test", train=False)
+        return config.data.model_copy(update={"sources": sources, "split": "test", "train": False})
     sources = tuple(SourceSpec(builtin=s.builtin, split="validation", weight=s.weight) for s in config.data.sources)
-    return replace(config.data, sources=sources)
+    return config.data.model_copy(update={"sources": sources})
 
 
 def fixed_blocks(spec: TextDataSpec, tokenizer, count: int) -> torch.Tensor:
     """The first ``count`` packed blocks of ``spec`` read as one unshuffled stream (count, seq_len)."""
-    fixed = replace(spec, streams_per_rank=1, shuffle_buffer=0, min_shards=1)
+    fixed = spec.model_copy(update={"streams_per_rank": 1, "shuffle_buffer": 0, "min_shards": 1})
     stream = LogicalStream(build_plan(fixed, 1), 0, Tokenize(tokenizer))
     return torch.stack([torch.from_numpy(stream.next_block()[0].astype(np.int64)) for _ in range(count)])
 
@@ -140,9 +137,13 @@ def image_processor_for(spec: ImageDataSpec, native_size: tuple[int, int] | None
     return ViTImageProcessor(**settings) if spec.channels == 3 else CrateImageProcessor(num_channels=1, **settings)
 
 
+# one unshuffled stream, eval transform: the fixed images of validation and probes
+UNSHUFFLED_EVAL = {"streams_per_rank": 1, "shuffle_buffer": 0, "min_shards": 1, "train": False}
+
+
 def first_image_size(spec: ImageDataSpec) -> tuple[int, int]:
     """``(width, height)`` of the first image ``spec`` streams, as decoded (before any transform)."""
-    plan = build_image_plan(replace(spec, streams_per_rank=1, shuffle_buffer=0, min_shards=1, train=False), 1)
+    plan = build_image_plan(spec.model_copy(update=UNSHUFFLED_EVAL), 1)
     stream = ImageStream(plan, 0)
     for _ in range(1000):  # skip bad records (the stream counts and reports them)
         _, record = stream.next_record()
@@ -157,7 +158,7 @@ def first_image_size(spec: ImageDataSpec) -> tuple[int, int]:
 def fixed_images(spec: ImageDataSpec, count: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``count`` images of ``spec`` (eval transform) read as one unshuffled stream, capped at one pass over
     the data: ``(count, C, H, W)`` pixels and ``(count,)`` labels."""
-    fixed = replace(spec, streams_per_rank=1, shuffle_buffer=0, min_shards=1, train=False)
+    fixed = spec.model_copy(update=UNSHUFFLED_EVAL)
     plan = build_image_plan(fixed, 1)
     available = sum(shard.size or 0 for shards in plan.shards for shard in shards)
     if available and all(shard.size for shards in plan.shards for shard in shards):
@@ -223,7 +224,7 @@ class ImageClassificationTask:
             usable = max(micro * world, len(labels) // (micro * world) * micro * world)  # equal work on every rank
             pixels, labels = pixels[:usable], labels[:usable]
             self.validation = list(zip(pixels[rank::world].split(micro), labels[rank::world].split(micro)))
-        self.probe = (fixed_images(held_out or replace(spec, train=False), micro)[0]
+        self.probe = (fixed_images(held_out or spec.model_copy(update={"train": False}), micro)[0]
                       if train_cfg.whitebox_every else None)
 
     def loader(self, state: dict | None):
@@ -264,8 +265,8 @@ def held_out_labelled(config: RunConfig) -> LabelledTextSpec | None:
         return config.eval_data
     if not all(source.builtin for source in config.data.sources):
         return None
-    return replace(config.data, sources=tuple(replace(s, split="validation") for s in config.data.sources),
-                   split="validation")
+    sources = tuple(s.model_copy(update={"split": "validation"}) for s in config.data.sources)
+    return config.data.model_copy(update={"sources": sources, "split": "validation"})
 
 
 class ExampleLoader:
@@ -311,7 +312,6 @@ class SequenceClassificationTask:
 
     def __init__(self, config: RunConfig, rank: int, world: int, barrier=lambda: None):
         from data_pipeline.labelled import read_labelled
-
         from launcher.models.build import build_classifier_config
 
         self.config, self.rank, self.world = config, rank, world

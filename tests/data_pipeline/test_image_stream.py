@@ -20,8 +20,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
-from data_pipeline.image_sources import (FASHION_MNIST_CLASSES, BAD_REASONS, fashion_mnist, parse_idx,
-                                         parse_image_data)
+from data_pipeline.fashion_mnist import FASHION_MNIST_CLASSES, fashion_mnist, parse_idx
+from data_pipeline.image_sources import BAD_REASONS
+from data_pipeline.image_spec import parse_image_data
 from data_pipeline.image_stream import (BadDataError, ImageLoader, ImageStream, build_image_plan, decode_image,
                                         eval_resize_shape, eval_transform, inspect_images, random_resized_crop_box,
                                         train_transform)

@@ -204,7 +204,8 @@ def image_folder(tmp_path_factory) -> Path:
 def test_vision_report_with_attention_figure(image_folder, tmp_path):
     from PIL import Image
 
-    from data_pipeline.image_sources import FASHION_MNIST_MEAN, FASHION_MNIST_STD, FolderCatalog
+    from data_pipeline.image_sources import FolderCatalog
+    from data_pipeline.image_spec import FASHION_MNIST_MEAN, FASHION_MNIST_STD
 
     torch.manual_seed(0)
     config = config_from_preset("crate-vision-test", image_size=28, num_channels=1)

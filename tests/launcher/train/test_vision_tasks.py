@@ -9,7 +9,8 @@ import torch
 from PIL import Image
 
 from crate_lm import CrateForImageClassification, config_from_preset
-from data_pipeline.image_sources import export_fashion_mnist_folder, fashion_mnist, parse_image_data
+from data_pipeline.fashion_mnist import export_fashion_mnist_folder, fashion_mnist
+from data_pipeline.image_spec import parse_image_data
 from data_pipeline.image_stream import eval_transform
 from launcher.config.run import ModelSection, parse_run_config
 from launcher.errors import ConfigError

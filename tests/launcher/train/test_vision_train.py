@@ -52,7 +52,7 @@ def pretrained(tmp_path_factory) -> Path:
 def coarse_folders(tmp_path_factory) -> Path:
     """A new label set over the same kind of images: Fashion-MNIST folded into 3 classes, as image folders."""
     root = tmp_path_factory.mktemp("fmnist-coarse")
-    from data_pipeline.image_sources import export_fashion_mnist_folder
+    from data_pipeline.fashion_mnist import export_fashion_mnist_folder
 
     export_fashion_mnist_folder(root / "train", "train", limit=3000, coarse=True)
     export_fashion_mnist_folder(root / "test", "test", limit=1024, coarse=True)
@@ -76,7 +76,7 @@ def test_two_process_crate_learns_fashion_mnist_and_exports_an_hf_classifier(pre
     import crate_lm  # noqa: F401
     from transformers import AutoModelForImageClassification, pipeline
 
-    from data_pipeline.image_sources import fashion_mnist
+    from data_pipeline.fashion_mnist import fashion_mnist
     from launcher.config.run import load_run_config
     from launcher.train.tasks import fixed_images, held_out_spec
 
