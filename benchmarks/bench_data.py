@@ -37,7 +37,7 @@ def run_clm_tokens_per_second(files: list[str], tokenizer, block_size: int, max_
         return tokenizer(examples["text"])
 
     def group_texts(examples):
-        concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
+        concatenated = {k: list(chain(*examples[k])) for k in examples}
         total_length = len(concatenated[list(examples.keys())[0]])
         total_length = (total_length // block_size) * block_size
         result = {k: [t[i: i + block_size] for i in range(0, total_length, block_size)]

@@ -268,9 +268,10 @@ def distributed_setup(args) -> dict:
 
 def build_trainer(args):
     """Tokenizer, data, model and ``transformers.Trainer`` for ``args``; nothing trained yet."""
-    import crate_lm  # noqa: F401  (registers `crate` with the Auto classes and CRATE's LoRA targets with PEFT)
     from datasets import Dataset
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, default_data_collator, set_seed
+
+    import crate_lm  # noqa: F401  (registers `crate` with the Auto classes and CRATE's LoRA targets with PEFT)
 
     set_seed(args.seed)
     tokenizer = load_tokenizer(args.model)

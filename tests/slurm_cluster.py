@@ -88,8 +88,7 @@ def _sacct_states(job_id: str) -> list[str] | None:
     try:
         proc = subprocess.run(
             ["sacct", "-n", "-X", "-P", "-o", "State", "-j", str(job_id)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
+            capture_output=True,
             text=True,
             timeout=30,
         )

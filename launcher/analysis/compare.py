@@ -21,9 +21,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from launcher.metrics.logger import read_metrics
 from launcher.errors import InputError, MissingInputError
-
+from launcher.metrics.logger import read_metrics
 
 
 @dataclass
@@ -223,8 +222,8 @@ def _loss_curves(runs: list[RunSummary], path: Path) -> Path:
 
 def _scaling_figure(runs: list[RunSummary], attribute: str, label: str, path: Path) -> tuple[Path, dict]:
     """Final eval loss against ``attribute`` per family, log-log, and each family's power law (3+ sizes)."""
-    from launcher.metrics.figures import pyplot, save_figure
     from launcher.analysis.scaling import fit_power_law
+    from launcher.metrics.figures import pyplot, save_figure
 
     plt = pyplot()
     from matplotlib.ticker import FormatStrFormatter, NullFormatter

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from launcher.errors import InputError, MissingInputError
 
 
@@ -80,9 +81,7 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int, stride: int,
 
 @torch.no_grad()
 def classification(model, tokenizer, data: str, max_length: int, batch_size: int = 32) -> dict:
-    from data_pipeline.labelled import parse_labelled_text, read_labelled
-
-    from data_pipeline.labelled import pad_batch
+    from data_pipeline.labelled import pad_batch, parse_labelled_text, read_labelled
     from launcher.metrics.classification import macro_f1
 
     names = tuple(model.config.id2label[i] for i in range(model.config.num_labels))

@@ -4,6 +4,7 @@ path any HF user takes, so it also checks that the export is a complete HF model
 from __future__ import annotations
 
 from pathlib import Path
+
 from launcher.errors import InputError, MissingInputError
 
 

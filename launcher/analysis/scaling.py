@@ -9,8 +9,8 @@ wins. The search is deterministic and needs nothing beyond numpy.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

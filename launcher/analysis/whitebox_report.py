@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
 from launcher.architectures.registry import ARCHITECTURES, architecture
 from launcher.errors import InputError, MissingInputError
 
@@ -67,8 +68,11 @@ class Checkpoint:
 
     def load_model(self) -> torch.nn.Module:
         """The model (an LM or classifier head on top; the measures use its base model), in eval mode."""
-        from transformers import (AutoModelForCausalLM, AutoModelForImageClassification,
-                                  AutoModelForSequenceClassification)
+        from transformers import (
+            AutoModelForCausalLM,
+            AutoModelForImageClassification,
+            AutoModelForSequenceClassification,
+        )
         from transformers.utils import logging
 
         if self.is_vision:

@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 from launcher.config.run import RunConfig, load_run_config, save_run_config
-
 from launcher.errors import ConfigError
 
 
@@ -24,10 +23,9 @@ def preflight(config: RunConfig, world_size: int) -> None:
     """Every check that can fail before a process group exists: batch sizes, tokenizer, data (built-in corpora are
     prepared here, once), model."""
     from data_pipeline.text_stream import build_plan
-
     from launcher.models.build import build_model_config, build_vision_config
-    from launcher.train.tasks import class_names
     from launcher.models.tokenizers import load_tokenizer, prepare_tokenizer
+    from launcher.train.tasks import class_names
 
     config.check_world(world_size)
     if config.is_image:

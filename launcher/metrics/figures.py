@@ -8,8 +8,8 @@ heads segment objects while ViT's mostly do not.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

@@ -190,7 +190,7 @@ class MetricsLogger:
         self._progress = progress or None
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (open for the run; close() ends it)
 
     # -- rows ------------------------------------------------------------------------------------------------------
 
@@ -290,7 +290,7 @@ class MetricsLogger:
         finally:
             if staged is not None and os.path.exists(staged):
                 os.unlink(staged)
-            self._file = open(self.path, "a", encoding="utf-8")
+            self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (reopened for the run)
         return dropped
 
     # -- TensorBoard and progress ----------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import contextlib
 import time
 from collections import deque
 
+
 class ThroughputMeter:
     """Tokens/s, MFU and ETA over a sliding window of recent step times.
 

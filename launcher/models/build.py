@@ -7,16 +7,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForImageClassification,
-                          AutoModelForSequenceClassification, PretrainedConfig)
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    PretrainedConfig,
+)
 
 import crate_lm
 from crate_lm.modeling_crate_vision import interpolate_position_table
-from launcher.architectures.registry import (SEQUENCE_CLASSIFICATION, Architecture, architecture, default_task,
-                                             for_arch, model_types)
-
+from launcher.architectures.registry import (
+    SEQUENCE_CLASSIFICATION,
+    Architecture,
+    architecture,
+    default_task,
+    for_arch,
+    model_types,
+)
 from launcher.config.run import LoraSection, ModelSection
-
 from launcher.errors import ConfigError
 
 SIZE_KNOBS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "max_position_embeddings", "vocab_size")

@@ -22,7 +22,6 @@ from transformers import (
 )
 
 import crate_lm
-from crate_lm.configuration_crate import VARIANT_KNOBS
 from crate_lm import (
     CrateCache,
     CrateConfig,
@@ -34,6 +33,7 @@ from crate_lm import (
     preset_info,
     preset_names,
 )
+from crate_lm.configuration_crate import VARIANT_KNOBS
 from crate_lm.modeling_crate import CrateISTA
 
 VARIANTS = VARIANT_KNOBS

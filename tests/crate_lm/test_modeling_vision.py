@@ -388,7 +388,7 @@ def test_image_processor_and_pipeline(tmp_path):
     assert image.mode == "RGB" and image.size == (20, 30)
     pixels = processor(image, return_tensors="pt")["pixel_values"]
     assert pixels.shape == (1, 3, 16, 16)
-    assert -1.0 <= pixels.min() and pixels.max() <= 1.0
+    assert pixels.min() >= -1.0 and pixels.max() <= 1.0
 
     classifier = pipeline("image-classification", model=str(tmp_path))
     results = classifier(image, top_k=model.config.num_labels)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from crate_lm.configuration_crate import VARIANT_KNOBS
 from crate_lm import CrateForCausalLM, config_from_preset
+from crate_lm.configuration_crate import VARIANT_KNOBS
 from crate_lm.whitebox import (
     coding_rate,
     compression_rate,

@@ -57,8 +57,9 @@ def logits_of(model, tokenizer, texts=PROBE_TEXTS) -> torch.Tensor:
 
 
 def test_trainer_causal_lm_lowers_the_held_out_loss_and_the_export_generates(pretrained_lm, review_files, tmp_path):
-    import crate_lm  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import crate_lm  # noqa: F401
 
     out = tmp_path / "lm"
     metrics = example().main(["--model", str(pretrained_lm), "--task", "causal-lm",
@@ -77,10 +78,11 @@ def test_trainer_causal_lm_lowers_the_held_out_loss_and_the_export_generates(pre
 
 
 def test_lora_through_trainer_trains_only_the_adapter_and_reloads(pretrained_lm, review_files, tmp_path):
-    import crate_lm  # noqa: F401
     from peft import PeftModel
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
+
+    import crate_lm  # noqa: F401
 
     module = example()
     out = tmp_path / "lora"
@@ -128,9 +130,9 @@ def test_lora_through_trainer_trains_only_the_adapter_and_reloads(pretrained_lm,
 
 
 def test_trainer_classifier_beats_the_majority_class(pretrained_lm, tmp_path):
-    import crate_lm  # noqa: F401
     from transformers import AutoModelForSequenceClassification, pipeline
 
+    import crate_lm  # noqa: F401
     from data_pipeline.labelled import rotten_tomatoes
 
     out = tmp_path / "rt"
@@ -165,8 +167,9 @@ def accelerate_launch(*args: str, processes: int = 2) -> dict:
 
 
 def test_accelerate_launch_two_processes_with_deepspeed_zero2(pretrained_lm, review_files, tmp_path):
-    import crate_lm  # noqa: F401
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    import crate_lm  # noqa: F401
 
     out = tmp_path / "ds"
     metrics = accelerate_launch("--model", str(pretrained_lm), "--task", "sequence-classification",
@@ -181,8 +184,9 @@ def test_accelerate_launch_two_processes_with_deepspeed_zero2(pretrained_lm, rev
 
 
 def test_accelerate_launch_two_processes_ddp_causal_lm(pretrained_lm, review_files, tmp_path):
-    import crate_lm  # noqa: F401
     from transformers import AutoModelForCausalLM
+
+    import crate_lm  # noqa: F401
 
     out = tmp_path / "ddp"
     metrics = accelerate_launch("--model", str(pretrained_lm), "--task", "causal-lm",

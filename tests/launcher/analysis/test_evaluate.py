@@ -93,7 +93,6 @@ def test_crate_eval_cli_writes_json(model_dir, tmp_path):
 
 def test_classifier_accuracy_and_macro_f1_on_a_labelled_file(tmp_path):
     from crate_lm import CrateForSequenceClassification
-
     from launcher.metrics.classification import macro_f1
 
     tokenizer = gpt2_tokenizer_from_tiktoken(fetch_gpt2_ranks())

@@ -14,8 +14,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from crate_lm import CrateForCausalLM, CrateForImageClassification, CrateImageProcessor, config_from_preset
 from crate_lm.whitebox import measure
-from launcher.cli import main
 from launcher.analysis.whitebox_report import combine, whitebox_report
+from launcher.cli import main
 
 REPO = Path(__file__).resolve().parents[3]
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from launcher.errors import ConfigError
 from launcher.cluster.submit import JobSpec, render, resolve_runs, submit
+from launcher.errors import ConfigError
 
 TINY = str(Path(__file__).resolve().parents[3] / "configs" / "lm" / "crate-tiny.yaml")
 

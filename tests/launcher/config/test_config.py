@@ -5,7 +5,6 @@ import copy
 import pytest
 
 from launcher.config.run import apply_overrides, load_run_config, parse_run_config, save_run_config
-
 from launcher.errors import ConfigError
 
 BASE = {"output_dir": "/tmp/run", "data": {"sources": [{"builtin": "shakespeare"}], "seq_len": 64},

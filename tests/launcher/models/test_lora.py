@@ -13,8 +13,8 @@ import crate_lm
 from crate_lm import CrateForCausalLM, CrateForSequenceClassification, config_from_preset
 from launcher.config.run import parse_run_config
 from launcher.errors import ConfigError
-from launcher.train.export import export_hf
 from launcher.models.build import apply_lora
+from launcher.train.export import export_hf
 from tests.crate_cli import REPO, run_crate
 
 
@@ -134,8 +134,8 @@ def test_lora_section_is_validated_with_one_line_errors():
 def test_lora_fine_tuning_with_zero3_trains_only_adapters_and_exports_merged_and_adapter(pretrained_lm, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from launcher.train.export import export_checkpoint
     from launcher.metrics.logger import read_metrics
+    from launcher.train.export import export_checkpoint
 
     out = tmp_path / "lora"
     run_crate("finetune", REPO / "configs" / "text" / "finetune-rotten-tomatoes.yaml", out,

@@ -10,7 +10,7 @@ from launcher.models.tokenizers import load_tokenizer, prepare_tokenizer, traine
 
 def test_bpe_is_trained_on_the_runs_text_once_then_reused(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
-    words = "the quick brown fox jumps over the lazy dog while the cat sleeps".split()
+    words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "the", "cat", "sleeps"]
     corpus.write_text("".join(json.dumps({"text": " ".join(words[i:] + words[:i]) * 20}) + "\n"
                               for i in range(len(words))))
     spec = parse_text_data({"sources": [{"path": str(corpus)}], "min_shards": 1, "streams_per_rank": 1})

@@ -6,7 +6,6 @@ import json
 import pytest
 
 from launcher.config.run import apply_overrides, parse_run_config
-
 from launcher.errors import ConfigError
 from launcher.train.engine import deepspeed_config, learning_rate, resolve_precision
 

@@ -32,8 +32,9 @@ def test_crate_lm_finetuned_on_rotten_tomatoes_beats_the_majority_class(pretrain
     assert result["accuracy"] > majority + 0.02, (result, majority)
     assert result["macro_f1"] > 0.5, result
 
-    import crate_lm  # noqa: F401
     from transformers import AutoModelForSequenceClassification, pipeline
+
+    import crate_lm  # noqa: F401
 
     model = AutoModelForSequenceClassification.from_pretrained(out / "hf")
     assert type(model).__name__ == "CrateForSequenceClassification"

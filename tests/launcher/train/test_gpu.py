@@ -13,9 +13,9 @@ pytestmark = pytest.mark.gpu
 
 
 def test_device_out_of_memory_names_the_knobs():
-    with pytest.raises(OutOfMemoryError, match="out of memory during step 7 .*train.micro_batch_size") as info:
-        with memory_knobs_on_oom("step 7"):
-            torch.empty(1 << 50, dtype=torch.uint8, device="cuda")  # a petabyte
+    knobs = "out of memory during step 7 .*train.micro_batch_size"
+    with pytest.raises(OutOfMemoryError, match=knobs) as info, memory_knobs_on_oom("step 7"):
+        torch.empty(1 << 50, dtype=torch.uint8, device="cuda")  # a petabyte
     assert isinstance(info.value.__cause__, torch.OutOfMemoryError)
 
 

@@ -78,10 +78,10 @@ def test_zero_stages_train_export_and_reload_with_identical_logits(stage, tmp_pa
     # fp32 AdamW: weights, gradients and two moments are >= 16 B/parameter unpartitioned, at least half of it per rank
     assert 8 * params <= state["max_model_state_gib"] * 2**30 <= 40 * params
 
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from transformers import AutoModelForCausalLM
 
     import crate_lm  # noqa: F401
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     trained = AutoModelForCausalLM.from_config(exported.config).eval()

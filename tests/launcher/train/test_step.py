@@ -9,9 +9,8 @@ from launcher.train.step import DEVICE_OUT_OF_MEMORY, HoldableAdamW, memory_knob
 
 
 def test_out_of_memory_becomes_one_line_naming_the_knobs():
-    with pytest.raises(OutOfMemoryError) as info:
-        with memory_knobs_on_oom("step 3"):
-            raise DEVICE_OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
+    with pytest.raises(OutOfMemoryError) as info, memory_knobs_on_oom("step 3"):
+        raise DEVICE_OUT_OF_MEMORY("CUDA out of memory. Tried to allocate 20.00 GiB\nmore detail")
     message = str(info.value)
     assert isinstance(info.value, CrateError) and "\n" not in message
     assert message.startswith("out of memory during step 3 (CUDA out of memory. Tried to allocate 20.00 GiB)")

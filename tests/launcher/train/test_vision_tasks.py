@@ -12,10 +12,10 @@ from crate_lm import CrateForImageClassification, config_from_preset
 from data_pipeline.fashion_mnist import export_fashion_mnist_folder, fashion_mnist
 from data_pipeline.image_spec import parse_image_data
 from data_pipeline.image_stream import eval_transform
-from launcher.config.run import ModelSection, parse_run_config
-from launcher.errors import ConfigError
 from launcher.architectures.flops import image_tokens
 from launcher.architectures.registry import forward_flops_per_token
+from launcher.config.run import ModelSection, parse_run_config
+from launcher.errors import ConfigError
 from launcher.models.build import build_model, build_vision_config, freeze_backbone, load_pretrained_weights
 from launcher.train.tasks import fixed_images, held_out_spec, image_processor_for, mix_batch
 

@@ -73,9 +73,9 @@ def test_two_process_crate_learns_fashion_mnist_and_exports_an_hf_classifier(pre
     figure = pretrained / "whitebox" / "attention-step000100.png"
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    import crate_lm  # noqa: F401
     from transformers import AutoModelForImageClassification, pipeline
 
+    import crate_lm  # noqa: F401
     from data_pipeline.fashion_mnist import fashion_mnist
     from launcher.config.run import load_run_config
     from launcher.train.tasks import fixed_images, held_out_spec
