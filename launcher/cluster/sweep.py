@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.files import atomic_write
 from launcher.config.run import RunConfig, load_run_config
 
 from launcher.errors import ConfigError
@@ -191,10 +192,8 @@ def write_manifest(sweep: Sweep) -> Path:
     """``<output_root>/sweep.json``: the expansion, for ``crate compare`` and for people."""
     sweep.output_root.mkdir(parents=True, exist_ok=True)
     path = sweep.output_root / "sweep.json"
-    staged = path.with_suffix(".json.tmp")
-    staged.write_text(json.dumps({"name": sweep.name, "command": sweep.command,
-                                  "runs": [asdict(run) for run in sweep.runs]}, indent=1))
-    staged.replace(path)
+    atomic_write(path, json.dumps({"name": sweep.name, "command": sweep.command,
+                                   "runs": [asdict(run) for run in sweep.runs]}, indent=1))
     return path
 
 
