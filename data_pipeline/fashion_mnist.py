@@ -11,13 +11,12 @@ import functools
 import gzip
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from .errors import CorruptFileError, DataSpecError
+from .files import atomic_file, write_directory
 from .image_spec import SPLITS
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
@@ -47,13 +46,6 @@ def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
     return array.reshape(shape).astype(array.dtype.newbyteorder("="), copy=False)
 
 
-def _atomic_save(path: Path, array: np.ndarray) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False) as tmp:
-        np.save(tmp, array)
-    os.chmod(tmp.name, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-    os.replace(tmp.name, path)
-
-
 def fashion_mnist_paths(split: str) -> tuple[Path, Path]:
     """``(images.npy, labels.npy)`` of a Fashion-MNIST split in the cache, decoding the IDX files on first use."""
     from .fetch import cache_dir, fetch_fashion_mnist
@@ -72,7 +64,8 @@ def fashion_mnist_paths(split: str) -> tuple[Path, Path]:
         array = parse_idx(gzip.decompress(source.read_bytes()), str(source))
         if array.ndim != ndim or array.shape[0] != FASHION_MNIST_COUNTS[split]:
             raise CorruptFileError(f"{source}: unexpected shape {array.shape}")
-        _atomic_save(out, np.ascontiguousarray(array, dtype=np.uint8))
+        with atomic_file(out) as handle:
+            np.save(handle, np.ascontiguousarray(array, dtype=np.uint8))
     return images, labels
 
 
@@ -105,16 +98,15 @@ def export_fashion_mnist_folder(out: str | os.PathLike, split: str = "train", li
         names = {fine: name for name, fines in FASHION_MNIST_COARSE.items() for fine in fines}
     else:
         names = {index: f"{index}-{name.replace('/', '-')}" for index, name in enumerate(FASHION_MNIST_CLASSES)}
-    out = Path(out)
-    staging = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
     counts: dict[str, int] = {}
-    for index in range(count):
-        name = names[int(labels[index])]
-        (staging / name).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.asarray(images[index]), mode="L").save(staging / name / f"{index:05d}.png")
-        counts[name] = counts.get(name, 0) + 1
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(staging, out)
+
+    def write(staging: Path) -> None:
+        staging.mkdir(parents=True)
+        for index in range(count):
+            name = names[int(labels[index])]
+            (staging / name).mkdir(exist_ok=True)
+            Image.fromarray(np.asarray(images[index]), mode="L").save(staging / name / f"{index:05d}.png")
+            counts[name] = counts.get(name, 0) + 1
+
+    write_directory(out, write)
     return dict(sorted(counts.items()))

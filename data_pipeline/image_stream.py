@@ -1,13 +1,8 @@
 """The streaming image pipeline: decode, augment or eval-transform, normalise, shard, mix, shuffle, resume exactly.
 
-Layout, as for text (``text_stream``). Each rank runs ``streams_per_rank`` logical streams; stream ``g`` of ``G``
-owns shard ``i`` of every source when ``i % G == g``; DataLoader workers only execute logical streams, so batch ``n``
-of a rank always comes from stream ``n % S`` whatever the number of workers. Shards never depend on the world size
-(see ``image_sources``), so the set of samples of an epoch is the same for any number of ranks and workers.
-
-Mixing. A stream draws each sample from source ``j`` with the configured weights, by the counter-based hash
-``_uniform(seed, stream, mixed, 1)``; each source loops over its shards epoch after epoch (shard order permuted per
-epoch with ``_epoch_order``), so streams never run dry and every rank yields a batch at every step.
+Layout, mixing, the shuffle buffer's slots, the cursor and the loader are ``stream``'s, shared with text. Shards
+never depend on the world size (see ``image_sources``), so the set of samples of an epoch is the same for any number
+of ranks and workers.
 
 Shuffle buffer. ``shuffle_buffer`` samples are held between reading and decoding. In memory an entry is the
 undecoded record (a file path for folders, 784 bytes for Fashion-MNIST, the encoded bytes for tar and HF sources);
@@ -16,8 +11,8 @@ undecoded record (a file path for folders, 784 bytes for Fashion-MNIST, the enco
 builtin / folder / tar (an index, a path, a byte offset), one pass over the shard up to the newest reference for
 HF. The buffer therefore holds exactly what it held, in the same slots, and the resumed stream is bit-identical.
 
-Randomness. All of it is counter-based: the mixing draw, the buffer slot (``_uniform(seed, stream, emitted, 2)``)
-and the augmentation of the ``n``-th sample a stream emits (``_uniform(seed, stream, n, 3, k)`` for its k-th draw).
+Randomness. All of it is counter-based: the mixing draw, the buffer slot (``uniform(seed, stream, emitted, 2)``)
+and the augmentation of the ``n``-th sample a stream emits (``uniform(seed, stream, n, 3, k)`` for its k-th draw).
 No RNG state is saved, and a resumed stream draws the same crops and flips.
 
 Transforms (no torchvision; PIL + numpy, bilinear resampling with PIL's antialiasing):
@@ -27,10 +22,10 @@ Transforms (no torchvision; PIL + numpy, bilinear resampling with PIL's antialia
   ratio range — resized to ``image_size`` squared, then a horizontal flip with p 0.5 (``hflip``);
 * eval: resize the shorter side to ``round(image_size / eval_crop_fraction)`` (224 → 256), keeping the aspect
   ratio, then cut the center ``image_size`` square (offset: the floor of half the margin, as HF's image processors
-  crop, so that the processor saved with an export reproduces this transform exactly). **Rule for small images:** when the shorter side is already
-  ``<= image_size`` the margin is not added — the shorter side goes to exactly ``image_size`` — so an image of the
-  output size (Fashion-MNIST at ``image_size: 28``) passes through unchanged, and a small image is never cropped
-  beyond its aspect ratio.
+  crop, so that the processor saved with an export reproduces this transform exactly). **Rule for small images:**
+  when the shorter side is already ``<= image_size`` the margin is not added — the shorter side goes to exactly
+  ``image_size`` — so an image of the output size (Fashion-MNIST at ``image_size: 28``) passes through unchanged,
+  and a small image is never cropped beyond its aspect ratio.
 * both: convert to ``channels`` (L or RGB), scale to [0, 1], normalise with ``mean`` / ``std``: ``(C, H, W)``
   float32.
 
@@ -48,25 +43,29 @@ resuming costs O(1) in the step (no replay). A changed world size, ``streams_per
 
 from __future__ import annotations
 
-import copy
 import io
 import math
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import IterableDataset, get_worker_info
 
 from .data_spec import is_image_data
+from .errors import BadDataError, DataSpecError
 from .image_sources import Catalog, ImageShard, RawRecord, open_catalog
 from .image_spec import ImageDataSpec, parse_image_data
 from .sources import fingerprint
-from .errors import DataSpecError
-from .text_stream import (FIRST_BAD_LOCATIONS, BadDataError, StreamAssignment,
-                          StreamLoader, _epoch_order, _uniform, check_bad_fraction, check_every_stream_gets_data, merge_stats, new_stats)
+from .stream import (
+    MixedStream,
+    StreamAssignment,
+    StreamLoader,
+    check_every_stream_gets_data,
+    inspect_tail,
+    merge_stats,
+    uniform,
+)
 
 __all__ = ["ImageDataSpec", "ImageLoader", "ImagePlan", "ImageStream", "BadDataError", "build_image_plan",
            "parse_image_data", "eval_transform", "train_transform", "random_resized_crop_box", "eval_resize_shape",
@@ -190,7 +189,7 @@ def eval_transform(image: Image.Image, spec: ImageDataSpec) -> np.ndarray:
 def train_transform(image: Image.Image, spec: ImageDataSpec, stream: int, index: int) -> np.ndarray:
     """Random-resized-crop + flip + normalise, its randomness drawn from ``(seed, stream, index)`` (no state)."""
     def draw(k: int) -> float:
-        return _uniform(spec.seed, stream, index, 3, k)
+        return uniform(spec.seed, stream, index, 3, k)
 
     left, top, w, h = random_resized_crop_box(image.width, image.height, spec.crop_scale, spec.crop_ratio, draw)
     size = spec.image_size
@@ -205,22 +204,12 @@ def train_transform(image: Image.Image, spec: ImageDataSpec, stream: int, index:
 # ---------------------------------------------------------------------------------------------------- one stream
 
 
-def new_image_stats() -> dict:
-    return {"images": 0, "bad": {}, "bad_files": {}}
-
-
-def _count_bad(stats: dict, record: RawRecord) -> None:
-    stats["bad"][record.bad] = stats["bad"].get(record.bad, 0) + 1
-    per_file = stats["bad_files"].setdefault(record.where, {"counts": {}, "first": []})
-    per_file["counts"][record.bad] = per_file["counts"].get(record.bad, 0) + 1
-    if len(per_file["first"]) < FIRST_BAD_LOCATIONS:
-        per_file["first"].append(f"{record.location}: {record.bad}")
+IMAGE_COUNTERS = ("images",)
 
 
 def merge_image_stats(all_stats: list[dict]) -> dict:
-    """Sum the statistics of several streams (or ranks)."""
-    merged = merge_stats([{**new_stats(), "bad": s["bad"], "bad_files": s["bad_files"]} for s in all_stats])
-    return {"images": sum(s["images"] for s in all_stats), "bad": merged["bad"], "bad_files": merged["bad_files"]}
+    """Sum the statistics of several image streams (or ranks)."""
+    return merge_stats(all_stats, IMAGE_COUNTERS)
 
 
 def _shard_order(size: int, seed: int, source: int, shard: int, epoch: int) -> np.ndarray:
@@ -228,43 +217,38 @@ def _shard_order(size: int, seed: int, source: int, shard: int, epoch: int) -> n
     return np.random.Generator(np.random.PCG64([seed, source, shard, epoch, 1])).permutation(size)
 
 
-def initial_image_state(plan: ImagePlan) -> dict:
-    return {
-        "sources": [{"epoch": 0, "shard": 0, "position": None} for _ in plan.spec.sources],
-        "mixed": 0,  # samples drawn from the sources (the mixing counter)
-        "emitted": 0,  # samples taken out of the buffer (the shuffle and augmentation counter)
-        "buffer": np.zeros((0, 4), dtype=np.int64),  # (source, shard number, locator, epoch) per buffered sample
-        "stats": new_image_stats(),
-    }
+class ImageStream(MixedStream):
+    """One logical stream ``g`` of images: its sources' shards, mixed by weight, optionally shuffled, decoded and
+    transformed. Its items are well-labelled undecoded records ``(record, shard, source epoch)``."""
 
-
-class ImageStream:
-    """One logical stream ``g``: its sources' shards, mixed by weight, optionally shuffled, decoded and transformed."""
+    COUNTERS = IMAGE_COUNTERS
+    GOOD = "images"
+    ITEM = "sample"
 
     def __init__(self, plan: ImagePlan, stream: int, state: dict | None = None):
-        self.plan, self.stream, self.spec = plan, stream, plan.spec
-        self.state = copy.deepcopy(state) if state is not None else initial_image_state(plan)
-        self.buffer: list[tuple[tuple[int, int, int, int], RawRecord]] = self._restore_buffer(
-            np.asarray(self.state["buffer"], dtype=np.int64).reshape(-1, 4))  # a tensor after a DataLoader worker
-        self.sources = [self._source_records(j) for j in range(len(self.spec.sources))]
-        self.cumulative = np.cumsum(self.spec.weights)
         self._orders: dict[int, tuple[tuple[int, int], np.ndarray]] = {}
+        super().__init__(plan, stream, state)
 
-    def _restore_buffer(self, refs: np.ndarray) -> list:
+    def _buffer_state(self, buffer: list) -> dict:
+        refs = [(j, shard.number, record.locator, epoch) for (record, shard, epoch), j in buffer]
+        return {"buffer": np.asarray(refs, dtype=np.int64).reshape(-1, 4)}  # (source, shard, locator, epoch)
+
+    def _restore_buffer(self, state: dict) -> list:
         """Re-read the buffered records from their references (grouped per shard: one pass per shard)."""
+        refs = np.asarray(state["buffer"], dtype=np.int64).reshape(-1, 4).tolist()  # a tensor after a worker
         wanted: dict[tuple[int, int], list[int]] = {}
-        for source, shard, locator, _ in refs.tolist():
+        for source, shard, locator, _ in refs:
             wanted.setdefault((source, shard), []).append(locator)
         found = {key: self.plan.catalogs[key[0]].fetch(self.plan.shards[key[0]][key[1]], locators,
                                                        self.plan.num_classes)
                  for key, locators in wanted.items()}
         buffer = []
-        for source, shard, locator, epoch in refs.tolist():
+        for source, shard, locator, epoch in refs:
             record = found[(source, shard)].get(locator)
             if record is None or record.bad is not None:
                 raise DataSpecError(f"data cursor: buffered sample {locator} of {self.plan.shards[source][shard].key} "
                                     f"cannot be read back; the source changed since the checkpoint")
-            buffer.append(((source, shard, locator, epoch), record))
+            buffer.append(((record, self.plan.shards[source][shard], epoch), source))
         return buffer
 
     def _order(self, shard: ImageShard, epoch: int) -> np.ndarray | None:
@@ -277,78 +261,37 @@ class ImageStream:
                                                                             shard.source_index, *key))
         return cached[1]
 
-    def _source_records(self, j: int) -> Iterator[tuple[RawRecord, ImageShard, int]]:
-        """Endless well-labelled records of source ``j``, updating ``state['sources'][j]`` as they go."""
-        shards, catalog = self.plan.stream_shards(self.stream, j), self.plan.catalogs[j]
-        cursor = self.state["sources"][j]
-        whole_epoch = cursor["shard"] == 0 and cursor["position"] is None  # this pass sees every shard
-        while True:
-            order = _epoch_order(len(shards), self.spec.seed, j, self.stream, cursor["epoch"])
-            good = 0
-            while cursor["shard"] < len(shards):
-                shard = shards[order[cursor["shard"]]]
-                within = self._order(shard, cursor["epoch"])
-                for record in catalog.read(shard, cursor["position"], within, self.plan.num_classes):
-                    cursor["position"] = record.next_position
-                    if record.bad is not None:
-                        self._bad(record)
-                        continue
-                    good += 1
-                    yield record, shard, cursor["epoch"]
-                cursor.update(shard=cursor["shard"] + 1, position=None)
-            if whole_epoch and not good:  # looping on would never yield
-                raise BadDataError(f"data.sources[{j}]: {self.spec.sources[j].label!r}: stream {self.stream} read "
-                                   f"all its {len(shards)} shards and found no usable sample "
-                                   f"({self.state['stats']['bad']})")
-            whole_epoch = True
-            cursor.update(epoch=cursor["epoch"] + 1, shard=0)
-
-    def _bad(self, record: RawRecord) -> None:
-        stats = self.state["stats"]
-        _count_bad(stats, record)
-        check_bad_fraction(stats, self.spec.max_bad_fraction, good_key="images")
+    def _read(self, j: int, shard: ImageShard, cursor: dict) -> Iterator[tuple[RawRecord, ImageShard, int]]:
+        within = self._order(shard, cursor["epoch"])
+        for record in self.plan.catalogs[j].read(shard, cursor["position"], within, self.plan.num_classes):
+            cursor["position"] = record.next_position
+            if record.bad is not None:
+                self.count_bad(record.bad, record.where, record.location)
+                continue
+            yield record, shard, cursor["epoch"]
 
     def next_record(self) -> tuple[tuple[int, int, int, int], RawRecord]:
         """The next ``((source, shard number, locator, epoch), record)`` after mixing and shuffling, undecoded."""
-        while True:
-            u = _uniform(self.spec.seed, self.stream, self.state["mixed"], 1)
-            j = min(int(np.searchsorted(self.cumulative, u * self.cumulative[-1], side="right")), len(self.sources) - 1)
-            record, shard, epoch = next(self.sources[j])
-            self.state["mixed"] += 1
-            entry = ((j, shard.number, record.locator, epoch), record)
-            if self.spec.shuffle_buffer == 0:
-                return entry
-            if len(self.buffer) < self.spec.shuffle_buffer:
-                self.buffer.append(entry)
-                continue
-            slot = int(_uniform(self.spec.seed, self.stream, self.state["emitted"], 2) * len(self.buffer))
-            entry, self.buffer[slot] = self.buffer[slot], entry
-            return entry
+        (record, shard, epoch), j, _ = self.next_item()
+        return (j, shard.number, record.locator, epoch), record
 
     def next_sample(self) -> tuple[np.ndarray, int, int, int]:
         """``(pixels (C, H, W) float32, label, source, source epoch)`` of the next good sample."""
         while True:
-            (j, _, _, epoch), record = self.next_record()
-            index = self.state["emitted"]
-            self.state["emitted"] += 1
+            (record, _, epoch), j, index = self.next_item()
             try:
                 image = decode_image(record.payload, self.spec.channels)
             except Exception:  # PIL raises many types for bad bytes (OSError, SyntaxError, ValueError, ...)
                 record.bad = "undecodable_image"
-                self._bad(record)
+                self.count_bad(record.bad, record.where, record.location)
                 continue
             self.state["stats"]["images"] += 1
             pixels = (train_transform(image, self.spec, self.stream, index) if self.spec.train
                       else eval_transform(image, self.spec))
             return pixels, record.label, j, epoch
 
-    def snapshot(self) -> dict:
-        state = copy.deepcopy({k: v for k, v in self.state.items() if k != "buffer"})
-        state["buffer"] = np.asarray([ref for ref, _ in self.buffer], dtype=np.int64).reshape(-1, 4)
-        return state
-
     def next_batch(self, micro_batch_size: int) -> dict:
-        pixels, labels, sources, epochs = zip(*(self.next_sample() for _ in range(micro_batch_size)))
+        pixels, labels, sources, epochs = zip(*(self.next_sample() for _ in range(micro_batch_size)), strict=True)
         return {"pixel_values": torch.from_numpy(np.stack(pixels)), "labels": torch.tensor(labels, dtype=torch.long),
                 "source": torch.tensor(sources), "epoch": torch.tensor(epochs), "stream": self.stream,
                 "state": self.snapshot()}
@@ -357,46 +300,18 @@ class ImageStream:
 # ---------------------------------------------------------------------------------------------------- a rank's loader
 
 
-class _RankImageStreams(IterableDataset):
-    """The logical streams of one rank, run round-robin; worker ``w`` of ``W`` runs the streams ``s % W == w`` so
-    that batch ``n`` of the rank comes from stream ``(consumed + n) % S`` (as ``text_stream._RankStreams``)."""
-
-    def __init__(self, plan: ImagePlan, rank: int, micro_batch_size: int, states: dict, consumed: int):
-        self.plan, self.rank, self.micro_batch_size, self.states, self.consumed = (plan, rank, micro_batch_size,
-                                                                                   states, consumed)
-
-    def __iter__(self):
-        per_rank = self.plan.spec.streams_per_rank
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        order = [(self.consumed + worker + k * workers) % per_rank for k in range(per_rank // workers)]
-        streams = {s: ImageStream(self.plan, self.rank * per_rank + s, self.states.get(s)) for s in order}
-        while True:
-            for s in order:
-                yield streams[s].next_batch(self.micro_batch_size)
-
-
 class ImageLoader(StreamLoader):
     """A rank's image batches: ``{"pixel_values": FloatTensor (B, C, H, W), "labels": LongTensor (B,), "source",
     "epoch"}`` forever (per sample: the source it came from and that source's epoch in its stream). See
-    [`StreamLoader`] for the cursor."""
+    [`StreamLoader`] for the cursor; ``stats()``: images and bad records passed so far."""
 
     OUTPUT_KEYS = ("pixel_values", "labels", "source", "epoch")
-
-    def __init__(self, plan: ImagePlan, rank: int, micro_batch_size: int, num_workers: int = 0,
-                 state: dict | None = None):
-        super().__init__(plan, rank, micro_batch_size, num_workers, state)
+    COUNTERS = IMAGE_COUNTERS
+    _new_stream = ImageStream
 
     def _specific_meta(self) -> dict:
         spec = self.plan.spec
         return {"image_size": spec.image_size, "channels": spec.channels, "train": spec.train}
-
-    def _dataset(self) -> IterableDataset:
-        return _RankImageStreams(self.plan, self.rank, self.micro_batch_size, self.states, self.consumed)
-
-    def stats(self) -> dict:
-        """Images and bad records passed so far by this rank's streams."""
-        return merge_image_stats([state["stats"] for state in self.states.values()])
 
 
 # ---------------------------------------------------------------------------------------------------- inspect
@@ -412,7 +327,7 @@ def inspect_images(spec: ImageDataSpec, world_size: int = 1, samples: int = 3, s
              f"mean {list(spec.mean)} std {list(spec.std)}; {plan.num_classes} classes",
              f"{plan.num_streams} streams (world size {world_size} x {spec.streams_per_rank}); shuffle buffer "
              f"{spec.shuffle_buffer} samples"]
-    for index, (source, weight) in enumerate(zip(spec.sources, spec.weights)):
+    for index, (source, weight) in enumerate(zip(spec.sources, spec.weights, strict=True)):
         catalog = plan.catalogs[index]
         names = catalog.class_names
         classes = (f"{len(names)} classes ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names
@@ -427,15 +342,7 @@ def inspect_images(spec: ImageDataSpec, world_size: int = 1, samples: int = 3, s
         lines.append(f"sample {number}: label {label}{name}, source {source}, epoch {epoch}, shape "
                      f"{list(pixels.shape)}, mean {pixels.mean():+.3f} std {pixels.std():.3f} min {pixels.min():+.3f} "
                      f"max {pixels.max():+.3f}")
-    started, produced = time.perf_counter(), 0
-    while time.perf_counter() - started < seconds:
-        stream.next_sample()
-        produced += 1
-    elapsed = time.perf_counter() - started
-    stats = stream.state["stats"]
-    lines.append(f"throughput: {produced / elapsed:,.0f} images/s from one stream (one process)")
-    lines.append(f"passed so far: {stats['images']:,} images, {sum(stats['bad'].values())} bad records "
-                 f"{stats['bad'] or ''}")
-    for where, entry in stats["bad_files"].items():
-        lines.append(f"  {where}: {entry['counts']} first at {entry['first']}")
+    lines += inspect_tail(stream, stream.next_sample, seconds, lambda n, elapsed: f"{n / elapsed:,.0f} images/s",
+                          lambda stats: f"{stats['images']:,} images, {sum(stats['bad'].values())} bad records "
+                                        f"{stats['bad'] or ''}")
     return "\n".join(lines)

@@ -3,9 +3,8 @@ tokens/s of one stream on this machine."""
 
 from __future__ import annotations
 
-import time
-
 from .spec import TextDataSpec
+from .stream import inspect_tail
 from .text_stream import LogicalStream, Tokenize, build_plan
 
 
@@ -14,7 +13,7 @@ def inspect_text(spec: TextDataSpec, tokenizer, world_size: int = 1, blocks: int
     plan = build_plan(spec, world_size)
     lines = [f"fingerprint {plan.fingerprint}; seq_len {spec.seq_len}; {plan.num_streams} streams "
              f"(world size {world_size} x {spec.streams_per_rank}); shuffle buffer {spec.shuffle_buffer} blocks"]
-    for index, (source, weight) in enumerate(zip(spec.sources, spec.weights)):
+    for index, (source, weight) in enumerate(zip(spec.sources, spec.weights, strict=True)):
         shards = plan.shards[index]
         readers = sorted({shard.reader for shard in shards})
         lines.append(f"source {index}: {source.label} ({source.kind}, weight {weight:.3f}): {len(shards)} shards "
@@ -25,16 +24,8 @@ def inspect_text(spec: TextDataSpec, tokenizer, world_size: int = 1, blocks: int
         text = tokenizer.decode(block.tolist())
         lines.append(f"--- block {number} (source {source}, epoch {epoch}) ---")
         lines.append(text[:chars] + (" [...]" if len(text) > chars else ""))
-    started, produced = time.perf_counter(), 0
-    while time.perf_counter() - started < seconds:
-        stream.next_block()
-        produced += 1
-    elapsed = time.perf_counter() - started
-    stats = stream.state["stats"]
-    lines.append(f"throughput: {produced * spec.seq_len / elapsed:,.0f} tokens/s from one stream (one process)")
-    bad = sum(stats["bad"].values())
-    lines.append(f"passed so far: {stats['documents']:,} documents, {stats['tokens']:,} tokens, {bad} bad records "
-                 f"{stats['bad'] or ''}, {stats['tail_tokens']:,} shard-tail tokens dropped")
-    for where, entry in stats["bad_files"].items():
-        lines.append(f"  {where}: {entry['counts']} first at {entry['first']}")
+    lines += inspect_tail(
+        stream, stream.next_block, seconds, lambda n, elapsed: f"{n * spec.seq_len / elapsed:,.0f} tokens/s",
+        lambda stats: f"{stats['documents']:,} documents, {stats['tokens']:,} tokens, {sum(stats['bad'].values())} "
+                      f"bad records {stats['bad'] or ''}, {stats['tail_tokens']:,} shard-tail tokens dropped")
     return "\n".join(lines)

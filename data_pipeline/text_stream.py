@@ -1,75 +1,42 @@
-"""The packed text stream: tokenize on the fly, pack into fixed-length blocks, shard, resume exactly.
-
-Layout. Each rank runs ``streams_per_rank`` *logical streams*; stream ``g = rank * S + s`` of ``G = world * S`` owns
-shard ``i`` of every source when ``i % G == g``. DataLoader workers only execute logical streams (worker ``w`` of
-``W`` runs the streams ``s`` with ``s % W == w``), so the number of workers never changes the data a rank sees, and
-batch ``n`` of a rank always comes from stream ``n % S``.
+"""The packed text stream: tokenize on the fly, pack into fixed-length blocks; sharded, mixed and resumed by
+``stream`` (layout, mixing, shuffle buffer, cursor and loader are described there).
 
 Packing. Documents are tokenized in batches, each followed by EOS, and cut into blocks of exactly ``seq_len`` tokens
 with no padding (``labels = input_ids``: HF models shift inside). **Blocks never span shards**: a shard's last partial
 block is dropped and counted (``tail_tokens``). Because shards do not depend on the world size, the set of blocks of
 an epoch is the same for any number of ranks and workers.
 
-Mixing and shuffling. A stream draws each block from source ``j`` with the configured weights, by a counter-based
-hash of ``(seed, stream, block index)``; each source loops over its shards epoch after epoch (shard order permuted
-per epoch), so streams never run dry and every rank yields a batch at every step. An optional shuffle buffer of
-``shuffle_buffer`` blocks is kept in the cursor, so its effect on resume is exact.
-
-Cursor. After every batch the stream's state is attached: per source ``(epoch, shard index, position, skip)`` —
-where ``position`` is where the first not-fully-emitted document starts and ``skip`` how many of its tokens were
-emitted (``-1``: all) — plus the mixing counter, the shuffle buffer and the bad-record counts. [`TextLoader`] keeps
-the state of the last batch consumed from each stream; resuming seeks to those positions, re-tokenizes at most one
-batch of documents per source, and continues with exactly the next block. Cost is O(1) in the step.
-Resuming with another world size or ``streams_per_rank`` is refused (the shard → stream assignment would change);
-so is a changed source (fingerprint).
+Cursor. Per source ``(epoch, shard index, position, skip)`` — where ``position`` is where the first
+not-fully-emitted document starts and ``skip`` how many of its tokens were emitted (``-1``: all) — plus the mixing
+counter, the shuffle buffer (its blocks, with their ``(source, epoch)``) and the counts. Resuming seeks to those
+positions, re-tokenizes at most one batch of documents per source, and continues with exactly the next block.
 """
 
 from __future__ import annotations
 
-import copy
-import hashlib
+import functools
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .sources import Document, Shard, discover_shards, fingerprint, line_number, read_shard
 from .errors import BadDataError, DataSpecError
+from .sources import Document, Shard, discover_shards, fingerprint, line_number, read_shard
 from .spec import TextDataSpec
+from .stream import (
+    MixedStream,
+    StreamAssignment,
+    StreamLoader,
+    check_bad_fraction,
+    check_every_stream_gets_data,
+    count_bad,
+)
 
-FIRST_BAD_LOCATIONS = 5
-MIN_RECORDS_FOR_BAD_FRACTION = 200
+__all__ = ["BadDataError", "LogicalStream", "StreamPlan", "TextLoader", "Tokenize", "build_plan", "pack_shard"]
 
-
-# ---------------------------------------------------------------------------------------------------- plan
-
-
-class StreamAssignment:
-    """Shard ``i`` of a source belongs to logical stream ``i % num_streams`` (shared by the text and image plans,
-    which provide ``spec``, ``shards`` and ``world_size``)."""
-
-    @property
-    def num_streams(self) -> int:
-        return self.world_size * self.spec.streams_per_rank
-
-    def stream_shards(self, stream: int, source_index: int) -> list:
-        return [shard for i, shard in enumerate(self.shards[source_index]) if i % self.num_streams == stream]
-
-
-def check_every_stream_gets_data(spec, shards, world_size: int) -> None:
-    """One-line error, before training, when a source has fewer shards than the run has logical streams."""
-    if world_size < 1:
-        raise DataSpecError(f"world_size must be >= 1, got {world_size}")
-    streams = world_size * spec.streams_per_rank
-    for index, source_shards in enumerate(shards):
-        if len(source_shards) < streams:
-            raise DataSpecError(
-                f"data.sources[{index}]: {spec.sources[index].label!r} has {len(source_shards)} shards but the run "
-                f"has {streams} streams (world size {world_size} x data.streams_per_rank "
-                f"{spec.streams_per_rank}); lower data.streams_per_rank, raise data.min_shards, or add files")
+TEXT_COUNTERS = ("documents", "tokens", "blocks", "tail_tokens")
 
 
 @dataclass(frozen=True)
@@ -89,59 +56,10 @@ def build_plan(spec: TextDataSpec, world_size: int) -> StreamPlan:
     return StreamPlan(spec, shards, fingerprint(spec, [list(s) for s in shards]), world_size)
 
 
-# ---------------------------------------------------------------------------------------------------- helpers
-
-
-def _uniform(*keys: int) -> float:
-    """A deterministic uniform number in [0, 1) from integer keys (counter-based: no state to save)."""
-    digest = hashlib.blake2b(np.array(keys, dtype=np.int64).tobytes(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") / 2**64
-
-
-def _epoch_order(count: int, seed: int, source: int, stream: int, epoch: int) -> list[int]:
-    rng = np.random.Generator(np.random.PCG64([seed, source, stream, epoch]))
-    return rng.permutation(count).tolist()
-
-
-def new_stats() -> dict:
-    return {"documents": 0, "tokens": 0, "blocks": 0, "tail_tokens": 0, "bad": {}, "bad_files": {}}
-
-
-def _count_bad(stats: dict, shard: Shard, document: Document) -> None:
-    stats["bad"][document.bad] = stats["bad"].get(document.bad, 0) + 1
-    where = document.path or shard.path or shard.key
-    per_file = stats["bad_files"].setdefault(where, {"counts": {}, "first": []})
-    per_file["counts"][document.bad] = per_file["counts"].get(document.bad, 0) + 1
-    if len(per_file["first"]) < FIRST_BAD_LOCATIONS:
-        location = (f"line {line_number(shard.path, document.position)}" if shard.reader == "lines"
-                    else f"record {document.position}")
-        per_file["first"].append(f"{location}: {document.bad}")
-
-
-def check_bad_fraction(stats: dict, max_fraction: float, good_key: str) -> None:
-    """Stop the run (``BadDataError``) once enough records were seen and too many of them were bad."""
-    bad = sum(stats["bad"].values())
-    records = bad + stats[good_key]
-    if records >= MIN_RECORDS_FOR_BAD_FRACTION and bad > max_fraction * records:
-        worst = max(stats["bad_files"].items(), key=lambda item: sum(item[1]["counts"].values()))
-        raise BadDataError(f"data.max_bad_fraction={max_fraction} exceeded: {bad} bad of {records} records "
-                           f"({stats['bad']}); worst file {worst[0]}: {worst[1]['first']}")
-
-
-def merge_stats(all_stats: list[dict]) -> dict:
-    """Sum the statistics of several streams (or ranks)."""
-    total = new_stats()
-    for stats in all_stats:
-        for key in ("documents", "tokens", "blocks", "tail_tokens"):
-            total[key] += stats[key]
-        for reason, count in stats["bad"].items():
-            total["bad"][reason] = total["bad"].get(reason, 0) + count
-        for where, entry in stats["bad_files"].items():
-            merged = total["bad_files"].setdefault(where, {"counts": {}, "first": []})
-            for reason, count in entry["counts"].items():
-                merged["counts"][reason] = merged["counts"].get(reason, 0) + count
-            merged["first"] = (merged["first"] + entry["first"])[:FIRST_BAD_LOCATIONS]
-    return total
+def count_bad_document(stats: dict, shard: Shard, document: Document) -> None:
+    location = (f"line {line_number(shard.path, document.position)}" if shard.reader == "lines"
+                else f"record {document.position}")
+    count_bad(stats, document.bad, document.path or shard.path or shard.key, location)
 
 
 # ---------------------------------------------------------------------------------------------------- packing
@@ -229,7 +147,7 @@ def pack_shard(shard: Shard, tokenize: Tokenize, seq_len: int, stats: dict, posi
         nonlocal last_done
         while pending and pending[0][2] is not None:
             entry = pending.popleft()
-            _count_bad(stats, shard, entry[2])
+            count_bad_document(stats, shard, entry[2])
             last_done = (entry[0], -1)
 
     exhausted = False
@@ -249,7 +167,7 @@ def pack_shard(shard: Shard, tokenize: Tokenize, seq_len: int, stats: dict, posi
             if document.bad is None:
                 good.append(entry)
                 texts.append(document.text)
-        for entry, ids in zip(good, tokenize(texts) if texts else ()):
+        for entry, ids in zip(good, tokenize(texts) if texts else (), strict=True):
             entry[1] = len(ids)
             if skip > 0:  # the cursor's document: its first `skip` tokens were emitted before
                 ids, front_emitted, skip = ids[skip:], skip, 0
@@ -284,7 +202,7 @@ def pack_shard(shard: Shard, tokenize: Tokenize, seq_len: int, stats: dict, posi
     stats["tail_tokens"] += buffered
     for entry in pending:
         if entry[2] is not None:
-            _count_bad(stats, shard, entry[2])
+            count_bad_document(stats, shard, entry[2])
         else:
             stats["documents"] += 1
 
@@ -292,76 +210,46 @@ def pack_shard(shard: Shard, tokenize: Tokenize, seq_len: int, stats: dict, posi
 # ---------------------------------------------------------------------------------------------------- one stream
 
 
-def initial_stream_state(plan: StreamPlan) -> dict:
-    return {
-        "sources": [{"epoch": 0, "shard": 0, "position": None, "skip": 0} for _ in plan.spec.sources],
-        "mixed": 0,  # blocks drawn from the sources (the mixing counter)
-        "emitted": 0,  # blocks given out (the shuffle counter)
-        "buffer": np.zeros((0, plan.spec.seq_len), dtype=np.int32),  # shuffle buffer blocks
-        "buffer_origin": [],  # (source, epoch) of each buffered block
-        "stats": new_stats(),
-    }
+class LogicalStream(MixedStream):
+    """One logical stream ``g`` of packed blocks: its sources' shards, mixed by weight, optionally shuffled."""
 
-
-class LogicalStream:
-    """One logical stream ``g``: its sources' shards, mixed by weight, optionally shuffled; resumable."""
+    COUNTERS = TEXT_COUNTERS
+    GOOD = "documents"
+    ITEM = "block"
+    SHARD_START = {"position": None, "skip": 0}
+    BUFFER_KEYS = ("buffer", "buffer_origin")
 
     def __init__(self, plan: StreamPlan, stream: int, tokenize: Tokenize, state: dict | None = None):
-        self.plan, self.stream, self.tokenize = plan, stream, tokenize
-        self.spec = plan.spec
-        self.state = copy.deepcopy(state) if state is not None else initial_stream_state(plan)
-        self.buffer = [(block, *origin) for block, origin in zip(self.state["buffer"], self.state["buffer_origin"])]
-        self.sources = [self._source_blocks(j) for j in range(len(self.spec.sources))]
-        self.cumulative = np.cumsum(self.spec.weights)
+        self.tokenize = tokenize
+        super().__init__(plan, stream, state)
 
-    def _source_blocks(self, j: int) -> Iterator[tuple[np.ndarray, int]]:
-        """Endless blocks of source ``j`` for this stream, updating ``state['sources'][j]`` as they go."""
-        shards = self.plan.stream_shards(self.stream, j)
-        cursor = self.state["sources"][j]
-        while True:
-            order = _epoch_order(len(shards), self.spec.seed, j, self.stream, cursor["epoch"])
-            while cursor["shard"] < len(shards):
-                shard = shards[order[cursor["shard"]]]
-                blocks = pack_shard(shard, self.tokenize, self.spec.seq_len, self.state["stats"], cursor["position"],
-                                    cursor["skip"], self.spec.tokenize_batch_docs, self.spec.sources[j])
-                for block, (position, skip) in blocks:
-                    cursor["position"], cursor["skip"] = position, skip
-                    self._check_bad_fraction()
-                    yield block, cursor["epoch"]
-                cursor.update(shard=cursor["shard"] + 1, position=None, skip=0)
-            cursor.update(epoch=cursor["epoch"] + 1, shard=0)
+    def _read(self, j: int, shard: Shard, cursor: dict) -> Iterator[tuple[np.ndarray, int]]:
+        stats = self.state["stats"]
+        blocks = pack_shard(shard, self.tokenize, self.spec.seq_len, stats, cursor["position"], cursor["skip"],
+                            self.spec.tokenize_batch_docs, self.spec.sources[j])
+        for block, (position, skip) in blocks:
+            cursor["position"], cursor["skip"] = position, skip
+            check_bad_fraction(stats, self.spec.max_bad_fraction, self.GOOD)
+            yield block, cursor["epoch"]
 
-    def _check_bad_fraction(self) -> None:
-        check_bad_fraction(self.state["stats"], self.spec.max_bad_fraction, good_key="documents")
+    def _buffered(self, item: tuple[np.ndarray, int]) -> tuple[np.ndarray, int]:
+        return item[0].copy(), item[1]
+
+    def _buffer_state(self, buffer: list) -> dict:
+        return {"buffer": (np.stack([item[0] for item, _ in buffer]) if buffer
+                           else np.zeros((0, self.spec.seq_len), dtype=np.int32)),  # the blocks
+                "buffer_origin": [(j, item[1]) for item, j in buffer]}  # (source, epoch) of each block
+
+    def _restore_buffer(self, state: dict) -> list:
+        return [((block, epoch), j) for block, (j, epoch) in zip(state["buffer"], state["buffer_origin"], strict=True)]
 
     def next_block(self) -> tuple[np.ndarray, int, int]:
         """(block, source index, source epoch) after mixing and shuffling."""
-        while True:
-            u = _uniform(self.spec.seed, self.stream, self.state["mixed"], 1)
-            j = int(np.searchsorted(self.cumulative, u * self.cumulative[-1], side="right"))
-            j = min(j, len(self.sources) - 1)
-            block, epoch = next(self.sources[j])
-            self.state["mixed"] += 1
-            if self.spec.shuffle_buffer == 0:
-                self.state["emitted"] += 1
-                return block, j, epoch
-            if len(self.buffer) < self.spec.shuffle_buffer:
-                self.buffer.append((block.copy(), j, epoch))
-                continue
-            slot = int(_uniform(self.spec.seed, self.stream, self.state["emitted"], 2) * len(self.buffer))
-            out, self.buffer[slot] = self.buffer[slot], (block.copy(), j, epoch)
-            self.state["emitted"] += 1
-            return out
-
-    def snapshot(self) -> dict:
-        state = copy.deepcopy({k: v for k, v in self.state.items() if k not in ("buffer", "buffer_origin")})
-        state["buffer"] = (np.stack([entry[0] for entry in self.buffer]) if self.buffer
-                           else np.zeros((0, self.spec.seq_len), dtype=np.int32))
-        state["buffer_origin"] = [(entry[1], entry[2]) for entry in self.buffer]
-        return state
+        (block, epoch), j, _ = self.next_item()
+        return block, j, epoch
 
     def next_batch(self, micro_batch_size: int) -> dict:
-        blocks, sources, epochs = zip(*(self.next_block() for _ in range(micro_batch_size)))
+        blocks, sources, epochs = zip(*(self.next_block() for _ in range(micro_batch_size)), strict=True)
         input_ids = torch.from_numpy(np.stack(blocks).astype(np.int64))
         return {"input_ids": input_ids, "labels": input_ids.clone(), "source": torch.tensor(sources),
                 "epoch": torch.tensor(epochs), "stream": self.stream, "state": self.snapshot()}
@@ -370,109 +258,20 @@ class LogicalStream:
 # ---------------------------------------------------------------------------------------------------- a rank's loader
 
 
-class _RankStreams(IterableDataset):
-    """The logical streams of one rank, run round-robin; with DataLoader workers, worker ``w`` of ``W`` runs the
-    streams ``s % W == w`` so that batch ``n`` of the rank comes from stream ``(consumed + n) % S``."""
-
-    def __init__(self, plan: StreamPlan, tokenize: Tokenize, rank: int, micro_batch_size: int, states: dict,
-                 consumed: int):
-        self.plan, self.tokenize, self.rank = plan, tokenize, rank
-        self.micro_batch_size, self.states, self.consumed = micro_batch_size, states, consumed
-
-    def __iter__(self):
-        per_rank = self.plan.spec.streams_per_rank
-        info = get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        order = [(self.consumed + worker + k * workers) % per_rank for k in range(per_rank // workers)]
-        streams = {s: LogicalStream(self.plan, self.rank * per_rank + s, self.tokenize, self.states.get(s))
-                   for s in order}
-        while True:
-            for s in order:
-                yield streams[s].next_batch(self.micro_batch_size)
-
-
-class StreamLoader:
-    """A rank's batches from its logical streams, with the cursor the trainer checkpoints (base of the text and image
-    loaders). Subclasses provide ``_dataset()`` (an IterableDataset yielding batches that carry ``stream`` and
-    ``state``), ``_specific_meta()`` (what else must match to resume), ``OUTPUT_KEYS`` and ``stats()``.
-
-    ``state_dict()`` is the data cursor after the last batch yielded; building the loader with ``state=`` resumes
-    exactly there, after checking that the run reads the same data the same way (one-line error otherwise).
-    """
-
-    OUTPUT_KEYS: tuple[str, ...] = ()
-
-    def __init__(self, plan, rank: int, micro_batch_size: int, num_workers: int = 0, state: dict | None = None):
-        per_rank = plan.spec.streams_per_rank
-        if num_workers and per_rank % num_workers:
-            raise DataSpecError(f"dataloader workers ({num_workers}) must divide data.streams_per_rank ({per_rank})")
-        if not 0 <= rank < plan.world_size:
-            raise DataSpecError(f"rank {rank} is outside world size {plan.world_size}")
-        self.plan, self.rank, self.micro_batch_size, self.num_workers = plan, rank, micro_batch_size, num_workers
-        self.consumed = 0
-        self.states: dict[int, dict] = {}
-        if state is not None:
-            self._check_resumable(state)
-            self.consumed = state["consumed"]
-            self.states = {int(s): st for s, st in state["streams"].items()}
-
-    def _specific_meta(self) -> dict:
-        return {}
-
-    def _meta(self) -> dict:
-        spec = self.plan.spec
-        return {"fingerprint": self.plan.fingerprint, "world_size": self.plan.world_size, "rank": self.rank,
-                "streams_per_rank": spec.streams_per_rank, "seed": spec.seed,
-                "micro_batch_size": self.micro_batch_size, "weights": spec.weights,
-                "shuffle_buffer": spec.shuffle_buffer, **self._specific_meta()}
-
-    def _check_resumable(self, state: dict) -> None:
-        saved, now = state.get("meta", {}), self._meta()
-        if saved.get("fingerprint") != now["fingerprint"]:
-            raise DataSpecError(f"data cursor: the sources changed since the checkpoint (fingerprint "
-                                f"{saved.get('fingerprint')} -> {now['fingerprint']}); refusing to resume a different "
-                                f"stream — restore the data or start a new run")
-        for key, value in now.items():
-            if key != "fingerprint" and saved.get(key) != value:
-                raise DataSpecError(f"data cursor: {key} was {saved.get(key)} at the checkpoint and is {value} "
-                                    f"now; resuming needs the same value (a changed world size is refused, see "
-                                    f"docs/data.md)")
-
-    def _dataset(self) -> IterableDataset:
-        raise NotImplementedError
-
-    def __iter__(self):
-        loader = DataLoader(self._dataset(), batch_size=None, num_workers=self.num_workers,
-                            prefetch_factor=2 if self.num_workers else None)
-        first_stream = self.rank * self.plan.spec.streams_per_rank
-        for batch in loader:
-            # Batches carry their global stream id; the cursor is keyed by this rank's local stream index.
-            self.states[int(batch["stream"]) - first_stream] = batch["state"]
-            self.consumed += 1
-            yield {key: batch[key] for key in self.OUTPUT_KEYS}
-
-    def state_dict(self) -> dict:
-        return {"meta": self._meta(), "consumed": self.consumed, "streams": copy.deepcopy(self.states)}
-
-
 class TextLoader(StreamLoader):
     """A rank's packed-text batches: ``{"input_ids", "labels"}`` (LongTensor ``(micro_batch_size, seq_len)``)
     forever, plus ``source`` and ``epoch`` (per block: the source it came from and that source's epoch in its
-    stream). See [`StreamLoader`] for the cursor."""
+    stream). See [`StreamLoader`] for the cursor; ``stats()``: documents, tokens, blocks, tail tokens and bad
+    records passed so far."""
 
     OUTPUT_KEYS = ("input_ids", "labels", "source", "epoch")
+    COUNTERS = TEXT_COUNTERS
 
     def __init__(self, plan: StreamPlan, tokenizer, rank: int, micro_batch_size: int, num_workers: int = 0,
                  state: dict | None = None, eos_token_id: int | None = None):
         self.tokenize = Tokenize(tokenizer, eos_token_id)
+        self._new_stream = functools.partial(LogicalStream, tokenize=self.tokenize)  # picklable, for workers
         super().__init__(plan, rank, micro_batch_size, num_workers, state)
 
     def _specific_meta(self) -> dict:
         return {"seq_len": self.plan.spec.seq_len}
-
-    def _dataset(self) -> IterableDataset:
-        return _RankStreams(self.plan, self.tokenize, self.rank, self.micro_batch_size, self.states, self.consumed)
-
-    def stats(self) -> dict:
-        """Documents, tokens, tail tokens and bad records passed so far by this rank's streams."""
-        return merge_stats([state["stats"] for state in self.states.values()])

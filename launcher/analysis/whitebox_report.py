@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline.files import atomic_write
 from launcher.architectures.registry import ARCHITECTURES, architecture
 from launcher.errors import InputError, MissingInputError
 
@@ -363,12 +364,6 @@ def markdown_report(result: dict) -> str:
     return "\n".join(lines)
 
 
-def _write_text(path: Path, text: str) -> None:
-    staged = path.with_name(f".{path.name}.tmp")
-    staged.write_text(text, encoding="utf-8")
-    os.replace(staged, path)
-
-
 def whitebox_report(checkpoint: str, data: str, out: str | None = None, samples: int = 16,
                     max_length: int | None = None, batch_size: int = 8, compare: list[str] | tuple = ()) -> dict:
     """Measure ``checkpoint`` (and each of ``compare``) on ``data``, write the report files; returns the JSON dict
@@ -437,8 +432,8 @@ def whitebox_report(checkpoint: str, data: str, out: str | None = None, samples:
     json_path, md_path = out_dir / "whitebox.json", out_dir / "whitebox.md"
     result["files"] = [str(json_path), str(md_path), *figures.values(),
                        *(entry["attention_figure"] for _, _, entry in entries[1:] if "attention_figure" in entry)]
-    _write_text(json_path, json.dumps(result, indent=2) + "\n")
-    _write_text(md_path, markdown_report(result) + "\n")
+    atomic_write(json_path, json.dumps(result, indent=2) + "\n")
+    atomic_write(md_path, markdown_report(result) + "\n")
     return result
 
 

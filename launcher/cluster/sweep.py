@@ -36,6 +36,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from data_pipeline.files import atomic_write
 from launcher.cluster.spec import JobOptions, JobSpec, SweepFile, expand, grid_key, override_items
 from launcher.cluster.submit import submit_runs
 from launcher.config.files import load_yaml
@@ -103,10 +104,8 @@ def write_manifest(sweep: Sweep) -> Path:
     """``<output_root>/sweep.json``: the expansion, for ``crate compare`` and for people."""
     sweep.output_root.mkdir(parents=True, exist_ok=True)
     path = sweep.output_root / "sweep.json"
-    staged = path.with_suffix(".json.tmp")
-    staged.write_text(json.dumps({"name": sweep.name, "command": sweep.command,
-                                  "runs": [asdict(run) for run in sweep.runs]}, indent=1))
-    staged.replace(path)
+    atomic_write(path, json.dumps({"name": sweep.name, "command": sweep.command,
+                                   "runs": [asdict(run) for run in sweep.runs]}, indent=1))
     return path
 
 

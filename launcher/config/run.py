@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from data_pipeline.data_spec import DATA_SPECS, DataSpec, parse_data
 from data_pipeline.errors import DataSpecError
+from data_pipeline.files import atomic_write
 from data_pipeline.image_spec import ImageDataSpec
 from data_pipeline.labelled import LabelledTextSpec
 from data_pipeline.spec import TextDataSpec
@@ -335,6 +336,4 @@ def save_run_config(config: RunConfig, path: str | Path) -> None:
     """Write the resolved config (what the run actually uses) beside the run, atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_suffix(path.suffix + ".tmp")
-    staged.write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
-    staged.replace(path)
+    atomic_write(path, yaml.safe_dump(config.to_dict(), sort_keys=False))

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from data_pipeline.files import atomic_file
+
 
 def pyplot():
     """matplotlib's pyplot on the Agg backend (figures are files; no display needed)."""
@@ -28,9 +30,8 @@ def save_figure(figure, path: str | os.PathLike) -> Path:
     """Write ``figure`` as PNG beside ``path`` and move it into place (a reader never sees half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    staged = path.with_name(f".{path.name}.tmp")
-    figure.savefig(staged, format="png", dpi=100, bbox_inches="tight")
-    os.replace(staged, path)
+    with atomic_file(path) as handle:
+        figure.savefig(handle, format="png", dpi=100, bbox_inches="tight")
     return path
 
 

@@ -37,9 +37,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Iterable
@@ -47,6 +45,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from data_pipeline.files import atomic_write
 
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tensorboard"
@@ -266,7 +266,7 @@ class MetricsLogger:
             self._writer.close()
             self._writer = None
         self._file.close()
-        dropped, staged = 0, None
+        dropped = 0
         try:
             lines = self.path.read_text(encoding="utf-8").splitlines() if self.path.exists() else []
             kept = []
@@ -280,16 +280,8 @@ class MetricsLogger:
                     dropped += 1
                 else:
                     kept.append(line)
-            descriptor, staged = tempfile.mkstemp(prefix=f".{METRICS_FILE}.", suffix=".tmp", dir=self.output_dir)
-            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
-                handle.write("".join(line + "\n" for line in kept))
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(staged, self.path)
-            staged = None
+            atomic_write(self.path, "".join(line + "\n" for line in kept))
         finally:
-            if staged is not None and os.path.exists(staged):
-                os.unlink(staged)
             self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115  (reopened for the run)
         return dropped
 

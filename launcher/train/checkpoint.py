@@ -25,6 +25,8 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+from data_pipeline.files import atomic_write
+
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
 MANIFEST = "manifest.json"
 
@@ -35,15 +37,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    staged = path.with_name(f".{path.name}.tmp")
-    with open(staged, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(staged, path)
 
 
 def tag_for(step: int) -> str:
@@ -80,12 +73,12 @@ class CheckpointManager:
             staged = self.root / staging
             files = {str(p.relative_to(staged)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
                      for p in sorted(staged.rglob("*")) if p.is_file()}
-            _write_atomic(staged / MANIFEST, json.dumps({"step": step, "files": files, **(metadata or {})},
+            atomic_write(staged / MANIFEST, json.dumps({"step": step, "files": files, **(metadata or {})},
                                                         indent=1))
             if final.exists():  # re-saving a step (e.g. after a resume): replace the old copy
                 shutil.rmtree(final)
             os.replace(staged, final)
-            _write_atomic(self.root / "latest", tag)
+            atomic_write(self.root / "latest", tag)
             self._prune()
         self.barrier()
         return final

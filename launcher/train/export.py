@@ -11,27 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 from pathlib import Path
+
+from data_pipeline.files import write_directory
 
 
 def adapter_dir_for(out_dir: str | os.PathLike) -> Path:
     """Where a LoRA run's adapter goes beside its merged export: ``adapter/`` beside ``hf/``, else ``<name>-adapter``."""
     out = Path(out_dir)
     return out.with_name("adapter" if out.name == "hf" else f"{out.name}-adapter")
-
-
-def _replace_directory(out: Path, write) -> None:
-    """``write(staging)`` fills a new directory that then replaces ``out`` in one rename (the old one kept until)."""
-    staging = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    write(staging)
-    previous = out.with_name(f".{out.name}.old")
-    shutil.rmtree(previous, ignore_errors=True)
-    if out.exists():
-        os.replace(out, previous)
-    os.replace(staging, out)
-    shutil.rmtree(previous, ignore_errors=True)
 
 
 def _detached_peft_copy(model):
@@ -70,11 +58,11 @@ def export_hf(model, processor, out_dir: str | os.PathLike, is_main: bool, zero_
         if hasattr(model, "peft_config"):
             adapted = _detached_peft_copy(model)
             if save_adapter:
-                _replace_directory(adapter_dir_for(out), lambda staging: (adapted.save_pretrained(staging),
+                write_directory(adapter_dir_for(out), lambda staging: (adapted.save_pretrained(staging),
                                                                           processor.save_pretrained(staging)))
             model = adapted.merge_and_unload()
             model.tie_weights()
-        _replace_directory(out, lambda staging: (model.save_pretrained(staging, safe_serialization=True),
+        write_directory(out, lambda staging: (model.save_pretrained(staging, safe_serialization=True),
                                                  processor.save_pretrained(staging)))
 
 

@@ -8,6 +8,7 @@ import warnings
 import pytest
 import torch
 
+from data_pipeline import files
 from launcher.metrics import logger as metrics
 from launcher.metrics import throughput
 from launcher.metrics.logger import MetricsLogger, read_metrics
@@ -84,7 +85,7 @@ def test_truncate_after_failure_leaves_the_file_as_it_was(tmp_path, monkeypatch)
         def broken_replace(*args):
             raise OSError("disk gone")
 
-        monkeypatch.setattr(metrics.os, "replace", broken_replace)
+        monkeypatch.setattr(files.os, "replace", broken_replace)  # the rename of atomic_write
         with pytest.raises(OSError, match="disk gone"):
             logger.truncate_after(1)
         monkeypatch.undo()

@@ -1,0 +1,342 @@
+"""One resumable, mixed, sharded stream, for every kind of data; the kinds only say how a shard is read and decoded.
+
+Layout. Each rank runs ``streams_per_rank`` *logical streams*; stream ``g = rank * S + s`` of ``G = world * S`` owns
+shard ``i`` of every source when ``i % G == g``. DataLoader workers only execute logical streams (worker ``w`` of
+``W`` runs the streams ``s`` with ``s % W == w``), so the number of workers never changes the data a rank sees, and
+batch ``n`` of a rank always comes from stream ``n % S``. Shards never depend on the world size, so the set of items
+of an epoch is the same for any number of ranks and workers.
+
+Mixing. A stream draws each item (a text block, an image record) from source ``j`` with the configured weights, by
+the counter-based hash ``uniform(seed, stream, mixed, 1)``; each source loops over its shards epoch after epoch
+(shard order permuted per epoch with ``epoch_order``), so streams never run dry and every rank yields a batch at
+every step. A stream whose source yields nothing in a whole epoch stops with [`BadDataError`] (it would loop on
+forever).
+
+Shuffle buffer. ``shuffle_buffer`` items are held between the sources and the output; the slot an item leaves from
+is ``uniform(seed, stream, emitted, 2)``. The buffer is part of the cursor, in the form each kind chooses (text:
+the blocks; images: references that are read back on resume).
+
+Cursor. After every batch the stream's state is attached: per source ``(epoch, shard index, position, ...)``, the
+mixing and emission counters, the buffer and the statistics (bad records per reason and per file, with the first
+few locations). [`StreamLoader`] keeps the state of the last batch consumed from each stream; resuming seeks to those
+positions: O(1) in the step, no replay. Resuming with another world size, ``streams_per_rank`` or source
+(fingerprint) is refused with a one-line error.
+
+A kind is a [`MixedStream`] subclass (``text_stream.LogicalStream``, ``image_stream.ImageStream``) and a
+[`StreamLoader`] subclass (``TextLoader``, ``ImageLoader``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .errors import BadDataError, DataSpecError
+
+FIRST_BAD_LOCATIONS = 5
+MIN_RECORDS_FOR_BAD_FRACTION = 200
+
+
+# ---------------------------------------------------------------------------------------------------- plan
+
+
+class StreamAssignment:
+    """Shard ``i`` of a source belongs to logical stream ``i % num_streams`` (a mixin of the text and image plans,
+    which provide ``spec``, ``shards`` and ``world_size``)."""
+
+    @property
+    def num_streams(self) -> int:
+        return self.world_size * self.spec.streams_per_rank
+
+    def stream_shards(self, stream: int, source_index: int) -> list:
+        return [shard for i, shard in enumerate(self.shards[source_index]) if i % self.num_streams == stream]
+
+
+def check_every_stream_gets_data(spec, shards, world_size: int) -> None:
+    """One-line error, before training, when a source has fewer shards than the run has logical streams."""
+    if world_size < 1:
+        raise DataSpecError(f"world_size must be >= 1, got {world_size}")
+    streams = world_size * spec.streams_per_rank
+    for index, source_shards in enumerate(shards):
+        if len(source_shards) < streams:
+            raise DataSpecError(
+                f"data.sources[{index}]: {spec.sources[index].label!r} has {len(source_shards)} shards but the run "
+                f"has {streams} streams (world size {world_size} x data.streams_per_rank "
+                f"{spec.streams_per_rank}); lower data.streams_per_rank, raise data.min_shards, or add files")
+
+
+# ---------------------------------------------------------------------------------------------------- randomness
+
+
+def uniform(*keys: int) -> float:
+    """A deterministic uniform number in [0, 1) from integer keys (counter-based: no state to save)."""
+    digest = hashlib.blake2b(np.array(keys, dtype=np.int64).tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def epoch_order(count: int, seed: int, source: int, stream: int, epoch: int) -> list[int]:
+    rng = np.random.Generator(np.random.PCG64([seed, source, stream, epoch]))
+    return rng.permutation(count).tolist()
+
+
+# ---------------------------------------------------------------------------------------------------- statistics
+
+
+def new_stats(counters: tuple[str, ...]) -> dict:
+    """Zeroed statistics: the kind's ``counters``, bad records per reason and per file."""
+    return {**dict.fromkeys(counters, 0), "bad": {}, "bad_files": {}}
+
+
+def count_bad(stats: dict, reason: str, where: str, location: str) -> None:
+    """Count one bad record of ``where`` (a file), keeping the first few locations inside it."""
+    stats["bad"][reason] = stats["bad"].get(reason, 0) + 1
+    per_file = stats["bad_files"].setdefault(where, {"counts": {}, "first": []})
+    per_file["counts"][reason] = per_file["counts"].get(reason, 0) + 1
+    if len(per_file["first"]) < FIRST_BAD_LOCATIONS:
+        per_file["first"].append(f"{location}: {reason}")
+
+
+def check_bad_fraction(stats: dict, max_fraction: float, good_key: str) -> None:
+    """Stop the run (``BadDataError``) once enough records were seen and too many of them were bad."""
+    bad = sum(stats["bad"].values())
+    records = bad + stats[good_key]
+    if records >= MIN_RECORDS_FOR_BAD_FRACTION and bad > max_fraction * records:
+        worst = max(stats["bad_files"].items(), key=lambda item: sum(item[1]["counts"].values()))
+        raise BadDataError(f"data.max_bad_fraction={max_fraction} exceeded: {bad} bad of {records} records "
+                           f"({stats['bad']}); worst file {worst[0]}: {worst[1]['first']}")
+
+
+def merge_stats(all_stats: list[dict], counters: tuple[str, ...] = ()) -> dict:
+    """Sum the statistics of several streams (or ranks): every counter, and the bad records per reason and file."""
+    total = new_stats(counters)
+    for stats in all_stats:
+        for key, value in stats.items():
+            if key not in ("bad", "bad_files"):
+                total[key] = total.get(key, 0) + value
+        for reason, count in stats["bad"].items():
+            total["bad"][reason] = total["bad"].get(reason, 0) + count
+        for where, entry in stats["bad_files"].items():
+            merged = total["bad_files"].setdefault(where, {"counts": {}, "first": []})
+            for reason, count in entry["counts"].items():
+                merged["counts"][reason] = merged["counts"].get(reason, 0) + count
+            merged["first"] = (merged["first"] + entry["first"])[:FIRST_BAD_LOCATIONS]
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------- one stream
+
+
+class MixedStream:
+    """One logical stream ``g``: its sources' shards, mixed by weight, optionally shuffled; resumable exactly.
+
+    A kind provides ``COUNTERS`` (its statistics), ``GOOD`` (the counter of good records, for the bad fraction),
+    ``ITEM`` (what it yields, for messages), ``SHARD_START`` (the cursor fields of a shard not started yet),
+    ``_read(j, shard, cursor)`` (the items of one shard from the cursor, which it advances), and how its shuffle
+    buffer is saved (``_buffer_state``) and restored (``_restore_buffer``). An item is a tuple whose last element is
+    the source epoch; the buffer holds ``(item, source index)`` pairs.
+    """
+
+    COUNTERS: tuple[str, ...] = ()
+    GOOD = ""
+    ITEM = "item"
+    SHARD_START: dict = {"position": None}
+    BUFFER_KEYS: tuple[str, ...] = ("buffer",)  # the state keys _buffer_state writes
+
+    def __init__(self, plan, stream: int, state: dict | None = None):
+        self.plan, self.stream, self.spec = plan, stream, plan.spec
+        self.state = copy.deepcopy(state) if state is not None else self.initial_state()
+        self.buffer: list = self._restore_buffer(self.state)
+        self.sources = [self._source_items(j) for j in range(len(self.spec.sources))]
+        self.cumulative = np.cumsum(self.spec.weights)
+
+    def initial_state(self) -> dict:
+        return {"sources": [{"epoch": 0, "shard": 0, **self.SHARD_START} for _ in self.spec.sources],
+                "mixed": 0,  # items drawn from the sources (the mixing counter)
+                "emitted": 0,  # items given out (the shuffle counter; images: the augmentation counter)
+                **self._buffer_state([]), "stats": new_stats(self.COUNTERS)}
+
+    # --- per kind
+
+    def _read(self, j: int, shard, cursor: dict) -> Iterator[tuple]:
+        raise NotImplementedError
+
+    def _buffer_state(self, buffer: list) -> dict:
+        raise NotImplementedError
+
+    def _restore_buffer(self, state: dict) -> list:
+        raise NotImplementedError
+
+    def _buffered(self, item: tuple) -> tuple:
+        """The item as the buffer keeps it (text: a copy of the block, which is a view of a larger array)."""
+        return item
+
+    # --- shared
+
+    def _source_items(self, j: int) -> Iterator[tuple]:
+        """Endless items of source ``j`` for this stream, updating ``state['sources'][j]`` as they go."""
+        shards = self.plan.stream_shards(self.stream, j)
+        cursor = self.state["sources"][j]
+        whole_epoch = cursor["shard"] == 0 and cursor["position"] is None  # this pass sees every shard
+        while True:
+            order = epoch_order(len(shards), self.spec.seed, j, self.stream, cursor["epoch"])
+            good = 0
+            while cursor["shard"] < len(shards):
+                for item in self._read(j, shards[order[cursor["shard"]]], cursor):
+                    good += 1
+                    yield item
+                cursor.update(shard=cursor["shard"] + 1, **self.SHARD_START)
+            if whole_epoch and not good:  # looping on would never yield
+                raise BadDataError(f"data.sources[{j}]: {self.spec.sources[j].label!r}: stream {self.stream} read "
+                                   f"all its {len(shards)} shards and found no usable {self.ITEM} "
+                                   f"({self.state['stats']['bad']})")
+            whole_epoch = True
+            cursor.update(epoch=cursor["epoch"] + 1, shard=0)
+
+    def count_bad(self, reason: str, where: str, location: str) -> None:
+        """Count a bad record and stop the run when there are too many."""
+        stats = self.state["stats"]
+        count_bad(stats, reason, where, location)
+        check_bad_fraction(stats, self.spec.max_bad_fraction, self.GOOD)
+
+    def next_item(self) -> tuple[tuple, int, int]:
+        """``(item, source index, emission index)`` of the next item after mixing and shuffling."""
+        state = self.state
+        while True:
+            u = uniform(self.spec.seed, self.stream, state["mixed"], 1)
+            j = min(int(np.searchsorted(self.cumulative, u * self.cumulative[-1], side="right")), len(self.sources) - 1)
+            item = next(self.sources[j])
+            state["mixed"] += 1
+            if self.spec.shuffle_buffer:
+                if len(self.buffer) < self.spec.shuffle_buffer:
+                    self.buffer.append((self._buffered(item), j))
+                    continue
+                slot = int(uniform(self.spec.seed, self.stream, state["emitted"], 2) * len(self.buffer))
+                (item, j), self.buffer[slot] = self.buffer[slot], (self._buffered(item), j)
+            state["emitted"] += 1
+            return item, j, state["emitted"] - 1
+
+    def snapshot(self) -> dict:
+        """A copy of the state, the buffer in its saved form: what a batch carries as the cursor."""
+        state = copy.deepcopy({k: v for k, v in self.state.items() if k not in self.BUFFER_KEYS})
+        state.update(self._buffer_state(self.buffer))
+        return state
+
+    def next_batch(self, micro_batch_size: int) -> dict:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------------- a rank's loader
+
+
+class _RankStreams(IterableDataset):
+    """The logical streams of one rank, run round-robin; with DataLoader workers, worker ``w`` of ``W`` runs the
+    streams ``s % W == w`` so that batch ``n`` of the rank comes from stream ``(consumed + n) % S``."""
+
+    def __init__(self, new_stream: Callable[..., MixedStream], plan, rank: int, micro_batch_size: int, states: dict,
+                 consumed: int):
+        self.new_stream, self.plan, self.rank = new_stream, plan, rank
+        self.micro_batch_size, self.states, self.consumed = micro_batch_size, states, consumed
+
+    def __iter__(self):
+        per_rank = self.plan.spec.streams_per_rank
+        info = get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info else (1, 0)
+        order = [(self.consumed + worker + k * workers) % per_rank for k in range(per_rank // workers)]
+        streams = {s: self.new_stream(self.plan, self.rank * per_rank + s, state=self.states.get(s)) for s in order}
+        while True:
+            for s in order:
+                yield streams[s].next_batch(self.micro_batch_size)
+
+
+class StreamLoader:
+    """A rank's batches from its logical streams, with the cursor the trainer checkpoints. A kind provides
+    ``OUTPUT_KEYS``, ``COUNTERS``, ``_new_stream`` (a callable ``(plan, stream, state=)`` → [`MixedStream`],
+    picklable for DataLoader workers) and ``_specific_meta()`` (what else must match to resume).
+
+    ``state_dict()`` is the data cursor after the last batch yielded; building the loader with ``state=`` resumes
+    exactly there, after checking that the run reads the same data the same way (one-line error otherwise).
+    """
+
+    OUTPUT_KEYS: tuple[str, ...] = ()
+    COUNTERS: tuple[str, ...] = ()
+    _new_stream: Callable[..., MixedStream]
+
+    def __init__(self, plan, rank: int, micro_batch_size: int, num_workers: int = 0, state: dict | None = None):
+        per_rank = plan.spec.streams_per_rank
+        if num_workers and per_rank % num_workers:
+            raise DataSpecError(f"dataloader workers ({num_workers}) must divide data.streams_per_rank ({per_rank})")
+        if not 0 <= rank < plan.world_size:
+            raise DataSpecError(f"rank {rank} is outside world size {plan.world_size}")
+        self.plan, self.rank, self.micro_batch_size, self.num_workers = plan, rank, micro_batch_size, num_workers
+        self.consumed = 0
+        self.states: dict[int, dict] = {}
+        if state is not None:
+            self._check_resumable(state)
+            self.consumed = state["consumed"]
+            self.states = {int(s): st for s, st in state["streams"].items()}
+
+    def _specific_meta(self) -> dict:
+        return {}
+
+    def _meta(self) -> dict:
+        spec = self.plan.spec
+        return {"fingerprint": self.plan.fingerprint, "world_size": self.plan.world_size, "rank": self.rank,
+                "streams_per_rank": spec.streams_per_rank, "seed": spec.seed,
+                "micro_batch_size": self.micro_batch_size, "weights": spec.weights,
+                "shuffle_buffer": spec.shuffle_buffer, **self._specific_meta()}
+
+    def _check_resumable(self, state: dict) -> None:
+        saved, now = state.get("meta", {}), self._meta()
+        if saved.get("fingerprint") != now["fingerprint"]:
+            raise DataSpecError(f"data cursor: the sources changed since the checkpoint (fingerprint "
+                                f"{saved.get('fingerprint')} -> {now['fingerprint']}); refusing to resume a different "
+                                f"stream — restore the data or start a new run")
+        for key, value in now.items():
+            if key != "fingerprint" and saved.get(key) != value:
+                raise DataSpecError(f"data cursor: {key} was {saved.get(key)} at the checkpoint and is {value} "
+                                    f"now; resuming needs the same value (a changed world size is refused, see "
+                                    f"docs/data.md)")
+
+    def __iter__(self):
+        dataset = _RankStreams(self._new_stream, self.plan, self.rank, self.micro_batch_size, self.states,
+                               self.consumed)
+        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
+                            prefetch_factor=2 if self.num_workers else None)
+        first_stream = self.rank * self.plan.spec.streams_per_rank
+        for batch in loader:
+            # Batches carry their global stream id; the cursor is keyed by this rank's local stream index.
+            self.states[int(batch["stream"]) - first_stream] = batch["state"]
+            self.consumed += 1
+            yield {key: batch[key] for key in self.OUTPUT_KEYS}
+
+    def state_dict(self) -> dict:
+        return {"meta": self._meta(), "consumed": self.consumed, "streams": copy.deepcopy(self.states)}
+
+    def stats(self) -> dict:
+        """The statistics passed so far by this rank's streams (counters and bad records)."""
+        return merge_stats([state["stats"] for state in self.states.values()], self.COUNTERS)
+
+
+# ---------------------------------------------------------------------------------------------------- inspect
+
+
+def inspect_tail(stream: MixedStream, produce: Callable[[], Any], seconds: float, rate: Callable[[int, float], str],
+                 passed: Callable[[dict], str]) -> list[str]:
+    """The end of a ``crate data inspect`` report: throughput of ``produce`` on one stream for ``seconds``, what
+    the stream passed so far (``passed(stats)``) and its bad records per file."""
+    started, produced = time.perf_counter(), 0
+    while time.perf_counter() - started < seconds:
+        produce()
+        produced += 1
+    stats = stream.state["stats"]
+    lines = [f"throughput: {rate(produced, time.perf_counter() - started)} from one stream (one process)",
+             f"passed so far: {passed(stats)}"]
+    for where, entry in stats["bad_files"].items():
+        lines.append(f"  {where}: {entry['counts']} first at {entry['first']}")
+    return lines
