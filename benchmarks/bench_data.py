@@ -40,8 +40,9 @@ def run_clm_tokens_per_second(files: list[str], tokenizer, block_size: int, max_
         concatenated = {k: list(chain(*examples[k])) for k in examples}
         total_length = len(concatenated[list(examples.keys())[0]])
         total_length = (total_length // block_size) * block_size
-        result = {k: [t[i: i + block_size] for i in range(0, total_length, block_size)]
-                  for k, t in concatenated.items()}
+        result = {
+            k: [t[i : i + block_size] for i in range(0, total_length, block_size)] for k, t in concatenated.items()
+        }
         result["labels"] = result["input_ids"].copy()
         return result
 
@@ -119,8 +120,15 @@ def main() -> None:
 
     tokenizer = load_tokenizer("gpt2")
     files = sorted(str(p) for p in (ensure_prepared(args.source) / "train").glob("*.jsonl"))
-    spec = parse_text_data({"sources": [{"path": files[0].rsplit("/", 1)[0]}], "seq_len": args.block_size,
-                            "shuffle_buffer": 0, "streams_per_rank": 1, "min_shards": 1})
+    spec = parse_text_data(
+        {
+            "sources": [{"path": files[0].rsplit("/", 1)[0]}],
+            "seq_len": args.block_size,
+            "shuffle_buffer": 0,
+            "streams_per_rank": 1,
+            "min_shards": 1,
+        }
+    )
     plan = build_plan(spec, 1)
 
     ours, theirs = [], []
@@ -130,23 +138,37 @@ def main() -> None:
     ours_rate, theirs_rate = statistics.median(ours), statistics.median(theirs)
     consumed = training_tokens_per_second(len(tokenizer))
 
-    resume_spec = parse_text_data({"sources": [{"path": files[0].rsplit("/", 1)[0]}], "seq_len": 128,
-                                   "shuffle_buffer": 256, "streams_per_rank": 2, "min_shards": 8})
+    resume_spec = parse_text_data(
+        {
+            "sources": [{"path": files[0].rsplit("/", 1)[0]}],
+            "seq_len": 128,
+            "shuffle_buffer": 256,
+            "streams_per_rank": 2,
+            "min_shards": 8,
+        }
+    )
     latency = resume_latency(build_plan(resume_spec, 1), tokenizer, [10, 10_000])
 
     results = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-        "source": args.source, "block_size": args.block_size,
-        "ours_tokens_per_s_one_core": ours_rate, "run_clm_tokens_per_s_one_core": theirs_rate,
+        "source": args.source,
+        "block_size": args.block_size,
+        "ours_tokens_per_s_one_core": ours_rate,
+        "run_clm_tokens_per_s_one_core": theirs_rate,
         "ratio_vs_run_clm": ours_rate / theirs_rate,
-        "crate_tiny_training_tokens_per_s": consumed, "ratio_vs_training": ours_rate / consumed,
+        "crate_tiny_training_tokens_per_s": consumed,
+        "ratio_vs_training": ours_rate / consumed,
         "resume_latency_s": latency,
     }
     print(f"machine: {results['machine']}; source {args.source}, GPT-2 tokenizer, blocks of {args.block_size}")
-    print(f"tokenize+pack, one core: ours {ours_rate:,.0f} tokens/s   run_clm map+group_texts {theirs_rate:,.0f} "
-          f"tokens/s   ratio {ours_rate / theirs_rate:.2f}x (goal >= 3x)")
-    print(f"crate-tiny training consumes {consumed:,.0f} tokens/s (all cores): pipeline on one core is "
-          f"{ours_rate / consumed:.1f}x that (goal >= 20x)")
+    print(
+        f"tokenize+pack, one core: ours {ours_rate:,.0f} tokens/s   run_clm map+group_texts {theirs_rate:,.0f} "
+        f"tokens/s   ratio {ours_rate / theirs_rate:.2f}x (goal >= 3x)"
+    )
+    print(
+        f"crate-tiny training consumes {consumed:,.0f} tokens/s (all cores): pipeline on one core is "
+        f"{ours_rate / consumed:.1f}x that (goal >= 20x)"
+    )
     print(f"resume latency: step 10 {latency[10]:.2f} s, step 10,000 {latency[10_000]:.2f} s (goal: equal, < 5 s)")
     if args.json:
         with open(args.json, "w") as handle:

@@ -45,22 +45,33 @@ def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
 
 def build_crate(args, layers: int) -> crate_lm.CrateForCausalLM:
     config = crate_lm.CrateConfig(
-        vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=layers, num_attention_heads=args.heads,
-        max_position_embeddings=max(1024, args.seq_len + args.new_tokens + args.prompt), bos_token_id=0,
-        eos_token_id=0, **VARIANT_KNOBS[args.variant],
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=args.heads,
+        max_position_embeddings=max(1024, args.seq_len + args.new_tokens + args.prompt),
+        bos_token_id=0,
+        eos_token_id=0,
+        **VARIANT_KNOBS[args.variant],
     )
     return crate_lm.CrateForCausalLM(config)
 
 
 def build_gpt2(args, layers: int) -> GPT2LMHeadModel:
     config = GPT2Config(
-        vocab_size=args.vocab, n_embd=args.hidden, n_layer=layers, n_head=args.heads,
-        n_positions=max(1024, args.seq_len + args.new_tokens + args.prompt), resid_pdrop=0.0, embd_pdrop=0.0,
-        attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, attn_implementation="sdpa",
+        vocab_size=args.vocab,
+        n_embd=args.hidden,
+        n_layer=layers,
+        n_head=args.heads,
+        n_positions=max(1024, args.seq_len + args.new_tokens + args.prompt),
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation="sdpa",
     )
     return GPT2LMHeadModel(config)
-
-
 
 
 def train_step_seconds(model, batch: torch.Tensor, optimizer=None) -> float:
@@ -114,12 +125,16 @@ def main() -> None:
     tokens = batch.numel()
     crate, gpt2 = build_crate(args, args.layers).train(), build_gpt2(args, args.layers).train()
     crate_deep = build_crate(args, 4 * args.layers).train()
-    params = {name: crate_lm.count_parameters(model) if name != "gpt2" else
-              sum(p.numel() for n, p in model.named_parameters() if "wpe" not in n)
-              for name, model in (("crate", crate), ("crate_4L", crate_deep), ("gpt2", gpt2))}
+    params = {
+        name: crate_lm.count_parameters(model)
+        if name != "gpt2"
+        else sum(p.numel() for n, p in model.named_parameters() if "wpe" not in n)
+        for name, model in (("crate", crate), ("crate_4L", crate_deep), ("gpt2", gpt2))
+    }
 
-    fwd_bwd = interleaved({"crate": crate, "gpt2": gpt2, "crate_4L": crate_deep},
-                          lambda m: train_step_seconds(m, batch), args.rounds)
+    fwd_bwd = interleaved(
+        {"crate": crate, "gpt2": gpt2, "crate_4L": crate_deep}, lambda m: train_step_seconds(m, batch), args.rounds
+    )
     optimizers = {m: torch.optim.AdamW(m.parameters(), lr=1e-4) for m in (crate, gpt2)}
     peaks = []
 
@@ -130,8 +145,10 @@ def main() -> None:
 
     full_step = interleaved({"crate": crate, "gpt2": gpt2}, step_then_peak, args.rounds)
     peak = statistics.median(peaks)
-    mfu = {name: training_flops_per_token(model.config, args.seq_len, tokens) * tokens / full_step[name] / peak
-           for name, model in (("crate", crate), ("gpt2", gpt2))}
+    mfu = {
+        name: training_flops_per_token(model.config, args.seq_len, tokens) * tokens / full_step[name] / peak
+        for name, model in (("crate", crate), ("gpt2", gpt2))
+    }
 
     prompt = torch.randint(0, args.vocab, (1, args.prompt))
     generation_bytes = {}
@@ -139,9 +156,15 @@ def main() -> None:
     def generate_seconds(model) -> float:
         model.eval()
         start = time.perf_counter()
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=args.new_tokens,
-                             min_new_tokens=args.new_tokens, do_sample=False, return_dict_in_generate=True,
-                             pad_token_id=0)
+        out = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=args.new_tokens,
+            min_new_tokens=args.new_tokens,
+            do_sample=False,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+        )
         seconds = time.perf_counter() - start
         generation_bytes[type(model).__name__] = cache_bytes(out.cache)
         return seconds
@@ -167,17 +190,25 @@ def main() -> None:
     }
     print(f"machine: {results['machine']}; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
     print(f"shape: {results['shape']}")
-    print(f"params (no position table): CRATE {params['crate'] / 1e6:.2f}M, CRATE 4L {params['crate_4L'] / 1e6:.2f}M, "
-          f"GPT-2 {params['gpt2'] / 1e6:.2f}M")
-    print(f"fwd+bwd tokens/s: CRATE {tokens / fwd_bwd['crate']:,.0f}  CRATE-4L {tokens / fwd_bwd['crate_4L']:,.0f}  "
-          f"GPT-2 {tokens / fwd_bwd['gpt2']:,.0f}")
+    print(
+        f"params (no position table): CRATE {params['crate'] / 1e6:.2f}M, CRATE 4L {params['crate_4L'] / 1e6:.2f}M, "
+        f"GPT-2 {params['gpt2'] / 1e6:.2f}M"
+    )
+    print(
+        f"fwd+bwd tokens/s: CRATE {tokens / fwd_bwd['crate']:,.0f}  CRATE-4L {tokens / fwd_bwd['crate_4L']:,.0f}  "
+        f"GPT-2 {tokens / fwd_bwd['gpt2']:,.0f}"
+    )
     print(f"  ratio CRATE/GPT-2, equal width and depth: {results['ratio_equal_width_depth']:.2f}x  (goal >= 1.8x)")
     print(f"  ratio CRATE/GPT-2, matched parameters:    {results['ratio_matched_params']:.2f}x  (goal >= 1.0x)")
     print(f"training step (fwd+bwd+AdamW) MFU: CRATE {mfu['crate']:.2f}  GPT-2 {mfu['gpt2']:.2f}  (goal >= 0.6)")
-    print(f"generation tokens/s (batch 1, {args.new_tokens} new): CRATE {args.new_tokens / generation['crate']:,.1f}  "
-          f"GPT-2 {args.new_tokens / generation['gpt2']:,.1f}  ratio {results['ratio_generation']:.2f}x (goal >= 1.0x)")
-    print(f"cache bytes after generation: CRATE {crate_cache:,}  GPT-2 {gpt2_cache:,}  "
-          f"ratio {results['ratio_cache_bytes']:.2f}x (goal 0.5x)")
+    print(
+        f"generation tokens/s (batch 1, {args.new_tokens} new): CRATE {args.new_tokens / generation['crate']:,.1f}  "
+        f"GPT-2 {args.new_tokens / generation['gpt2']:,.1f}  ratio {results['ratio_generation']:.2f}x (goal >= 1.0x)"
+    )
+    print(
+        f"cache bytes after generation: CRATE {crate_cache:,}  GPT-2 {gpt2_cache:,}  "
+        f"ratio {results['ratio_cache_bytes']:.2f}x (goal 0.5x)"
+    )
     if args.json:
         with open(args.json, "w") as handle:
             json.dump(results, handle, indent=2)

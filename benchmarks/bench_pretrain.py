@@ -33,8 +33,16 @@ sys.path.insert(0, str(REPO))
 def pretrain(config: str, output_dir: Path, overrides: list[str], nproc: int = 1) -> list[dict]:
     from launcher.metrics.logger import read_metrics
 
-    command = [sys.executable, "-m", "launcher.cli", "pretrain", config, f"output_dir={output_dir}", *overrides,
-               f"--nproc-per-node={nproc}"]
+    command = [
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        "pretrain",
+        config,
+        f"output_dir={output_dir}",
+        *overrides,
+        f"--nproc-per-node={nproc}",
+    ]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if result.returncode:
         raise RuntimeError(f"crate pretrain failed:\n{result.stderr[-3000:]}")
@@ -82,37 +90,70 @@ def throughput(args, scratch: Path) -> dict:
     from launcher.config.run import load_run_config
     from launcher.models.tokenizers import load_tokenizer, prepare_tokenizer
 
-    overrides = [f"train.max_steps={args.steps}", f"train.log_every={args.log_every}", "train.eval_every=0", "train.save_every=0",
-                 "train.whitebox_every=0", "train.export_on_save=false", *args.overrides]
+    overrides = [
+        f"train.max_steps={args.steps}",
+        f"train.log_every={args.log_every}",
+        "train.eval_every=0",
+        "train.save_every=0",
+        "train.whitebox_every=0",
+        "train.export_on_save=false",
+        *args.overrides,
+    ]
     config = load_run_config(args.config, [*overrides, f"output_dir={scratch / 'tokenizer-run'}"])
     prepare_tokenizer(config.tokenizer, config.output_dir, config.data)
     tokenizer = load_tokenizer(config.tokenizer, output_dir=config.output_dir)
-    tokenizer_override = [f"tokenizer={scratch / 'tokenizer-run' / 'tokenizer'}"] if config.tokenizer.startswith(
-        "bpe:") else []
+    tokenizer_override = (
+        [f"tokenizer={scratch / 'tokenizer-run' / 'tokenizer'}"] if config.tokenizer.startswith("bpe:") else []
+    )
     batches = same_batches(config, tokenizer, args.steps)
     stages = sorted({config.zero.stage, 0})
     ours, bare, mfu = {stage: [] for stage in stages}, [], []
     for round_index in range(args.rounds):
         for stage in stages:
-            rows = pretrain(args.config, scratch / f"ours-{round_index}-zero{stage}",
-                            [*overrides, *tokenizer_override, f"zero.stage={stage}"])
+            rows = pretrain(
+                args.config,
+                scratch / f"ours-{round_index}-zero{stage}",
+                [*overrides, *tokenizer_override, f"zero.stage={stage}"],
+            )
             ours[stage].append(statistics.median(ours_step_times(rows, args.warmup)))
             mfu.append(statistics.median(row["mfu"] for row in rows if row.get("mfu") is not None))
         bare.append(statistics.median(bare_step_times(config, tokenizer, batches, args.warmup)))
-        print(f"round {round_index}: bare loop {bare[-1] * 1e3:.1f} ms/step; crate pretrain " + ", ".join(
-            f"ZeRO-{stage} {ours[stage][-1] * 1e3:.1f} ms/step (ratio {bare[-1] / ours[stage][-1]:.3f})"
-            for stage in stages), flush=True)
+        print(
+            f"round {round_index}: bare loop {bare[-1] * 1e3:.1f} ms/step; crate pretrain "
+            + ", ".join(
+                f"ZeRO-{stage} {ours[stage][-1] * 1e3:.1f} ms/step (ratio {bare[-1] / ours[stage][-1]:.3f})"
+                for stage in stages
+            ),
+            flush=True,
+        )
     tokens = config.train.micro_batch_size * config.data.seq_len
-    return {"bare_ms": min(bare) * 1e3, "tokens_per_step": tokens, "mfu": max(mfu),
-            "stages": {stage: {"ours_ms": min(times) * 1e3, "ratio": min(bare) / min(times),
-                               "tokens_per_s": tokens / min(times)} for stage, times in ours.items()}}
+    return {
+        "bare_ms": min(bare) * 1e3,
+        "tokens_per_step": tokens,
+        "mfu": max(mfu),
+        "stages": {
+            stage: {"ours_ms": min(times) * 1e3, "ratio": min(bare) / min(times), "tokens_per_s": tokens / min(times)}
+            for stage, times in ours.items()
+        },
+    }
 
 
 def zero_memory(args, scratch: Path) -> dict:
-    shape = ["model.preset=null", f"model.hidden_size={args.memory_width}", "model.num_hidden_layers=4",
-             "model.num_attention_heads=8", "train.max_steps=2", "train.eval_every=0", "train.save_every=0",
-             "train.whitebox_every=0", "train.export_on_save=false", "train.micro_batch_size=2", "data.seq_len=64",
-             "model.max_position_embeddings=64", *args.overrides]
+    shape = [
+        "model.preset=null",
+        f"model.hidden_size={args.memory_width}",
+        "model.num_hidden_layers=4",
+        "model.num_attention_heads=8",
+        "train.max_steps=2",
+        "train.eval_every=0",
+        "train.save_every=0",
+        "train.whitebox_every=0",
+        "train.export_on_save=false",
+        "train.micro_batch_size=2",
+        "data.seq_len=64",
+        "model.max_position_embeddings=64",
+        *args.overrides,
+    ]
     if (scratch / "tokenizer-run" / "tokenizer").is_dir():
         shape.append(f"tokenizer={scratch / 'tokenizer-run' / 'tokenizer'}")
     result = {}
@@ -121,8 +162,11 @@ def zero_memory(args, scratch: Path) -> dict:
         row = next(r for r in rows if r.get("event") == "model_state")
         params = next(r for r in rows if r.get("event") == "start")["params"]
         result[f"zero{stage}_gib"] = row["max_model_state_gib"]
-        print(f"ZeRO-{stage}: {row['max_model_state_gib'] * 1024:.1f} MiB model state on the fullest rank "
-              f"({params / 1e6:.1f}M parameters, 2 ranks)", flush=True)
+        print(
+            f"ZeRO-{stage}: {row['max_model_state_gib'] * 1024:.1f} MiB model state on the fullest rank "
+            f"({params / 1e6:.1f}M parameters, 2 ranks)",
+            flush=True,
+        )
     result["ratio"] = result["zero3_gib"] / result["zero0_gib"]
     result["params"] = params
     return result
@@ -138,14 +182,18 @@ def main() -> None:
     parser.add_argument("--memory-width", type=int, default=512, help="hidden size of the ZeRO memory model")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for both runs")
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
-          f"torch {torch.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}"
+    )
     with tempfile.TemporaryDirectory() as scratch:
         speed = throughput(args, Path(scratch))
         for stage, result in speed["stages"].items():
-            print(f"step throughput, crate pretrain (ZeRO-{stage}) / bare PyTorch loop: {result['ratio']:.3f}x "
-                  f"(goal >= 0.90) — {result['ours_ms']:.1f} vs {speed['bare_ms']:.1f} ms/step, "
-                  f"{result['tokens_per_s']:,.0f} tokens/s")
+            print(
+                f"step throughput, crate pretrain (ZeRO-{stage}) / bare PyTorch loop: {result['ratio']:.3f}x "
+                f"(goal >= 0.90) — {result['ours_ms']:.1f} vs {speed['bare_ms']:.1f} ms/step, "
+                f"{result['tokens_per_s']:,.0f} tokens/s"
+            )
         print(f"CPU MFU of the CRATE run (analytic FLOPs / measured fp32 matmul peak): {speed['mfu']:.1%}")
         memory = zero_memory(args, Path(scratch))
         print(f"model-state memory per rank at 2 ranks, ZeRO-3 / ZeRO-0: {memory['ratio']:.3f}x (goal <= 0.55)")

@@ -30,12 +30,15 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 SHAPES = {
-    "fmnist (28x28x1, p7, d96, L4, K4)": dict(image_size=28, channels=1, patch_size=7, hidden_size=96,
-                                             num_hidden_layers=4, num_attention_heads=4),
-    "fmnist-p4 (28x28x1, p4, d96, L4, K4)": dict(image_size=28, channels=1, patch_size=4, hidden_size=96,
-                                                num_hidden_layers=4, num_attention_heads=4),
-    "tiny-rgb (32x32x3, p4, d192, L6, K3)": dict(image_size=32, channels=3, patch_size=4, hidden_size=192,
-                                                num_hidden_layers=6, num_attention_heads=3),
+    "fmnist (28x28x1, p7, d96, L4, K4)": dict(
+        image_size=28, channels=1, patch_size=7, hidden_size=96, num_hidden_layers=4, num_attention_heads=4
+    ),
+    "fmnist-p4 (28x28x1, p4, d96, L4, K4)": dict(
+        image_size=28, channels=1, patch_size=4, hidden_size=96, num_hidden_layers=4, num_attention_heads=4
+    ),
+    "tiny-rgb (32x32x3, p4, d192, L6, K3)": dict(
+        image_size=32, channels=3, patch_size=4, hidden_size=192, num_hidden_layers=6, num_attention_heads=3
+    ),
 }
 
 
@@ -44,8 +47,9 @@ def build(arch: str, shape: dict, classes: int = 10):
     from launcher.models.build import build_model, build_vision_config
 
     knobs = {k: shape[k] for k in ("patch_size", "hidden_size", "num_hidden_layers", "num_attention_heads")}
-    config = build_vision_config(ModelSection(arch=arch, **knobs), shape["image_size"], shape["channels"],
-                                 [f"c{i}" for i in range(classes)])
+    config = build_vision_config(
+        ModelSection(arch=arch, **knobs), shape["image_size"], shape["channels"], [f"c{i}" for i in range(classes)]
+    )
     torch.manual_seed(0)
     return build_model(config).train()
 
@@ -83,10 +87,17 @@ def throughput(rounds: int, steps: int, batch: int) -> list[tuple[str, float, fl
 def pretrain(config: str, output_dir: Path, steps: int, seed: int) -> tuple[float, int]:
     from launcher.metrics.logger import read_metrics
 
-    overrides = [f"output_dir={output_dir}", f"train.max_steps={steps}", f"train.eval_every={steps}",
-                 f"train.seed={seed}", f"data.seed={seed}",
-                 "train.eval_batches=157", "train.whitebox_every=0", f"train.save_every={steps}",
-                 "train.export_on_save=false"]
+    overrides = [
+        f"output_dir={output_dir}",
+        f"train.max_steps={steps}",
+        f"train.eval_every={steps}",
+        f"train.seed={seed}",
+        f"data.seed={seed}",
+        "train.eval_batches=157",
+        "train.whitebox_every=0",
+        f"train.save_every={steps}",
+        "train.export_on_save=false",
+    ]
     command = [sys.executable, "-m", "launcher.cli", "pretrain", config, *overrides]
     started = time.time()
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
@@ -106,15 +117,21 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=1, help="accuracy runs per model (init and data order seeds)")
     parser.add_argument("--skip-accuracy", action="store_true")
     args = parser.parse_args()
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
-          f"torch {torch.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}"
+    )
 
-    print(f"\n1. training images/s (batch {args.batch}, fp32, forward + backward + AdamW; best of {args.rounds} "
-          f"interleaved rounds)")
+    print(
+        f"\n1. training images/s (batch {args.batch}, fp32, forward + backward + AdamW; best of {args.rounds} "
+        f"interleaved rounds)"
+    )
     print(f"{'shape':40s} {'CRATE img/s':>12s} {'ViT img/s':>10s} {'CRATE/ViT':>10s} {'params C/V':>16s}")
     for name, crate, vit, crate_params, vit_params in throughput(args.rounds, args.timing_steps, args.batch):
-        print(f"{name:40s} {crate:12.1f} {vit:10.1f} {crate / vit:9.2f}x {crate_params / 1e6:7.3f}M/"
-              f"{vit_params / 1e6:.3f}M")
+        print(
+            f"{name:40s} {crate:12.1f} {vit:10.1f} {crate / vit:9.2f}x {crate_params / 1e6:7.3f}M/"
+            f"{vit_params / 1e6:.3f}M"
+        )
 
     if args.skip_accuracy:
         return
@@ -123,16 +140,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
             for arch in accuracies:
-                accuracy, images = pretrain(f"configs/vision/{arch}-fmnist.yaml", Path(tmp) / f"{arch}-{seed}",
-                                            args.steps, seed)
+                accuracy, images = pretrain(
+                    f"configs/vision/{arch}-fmnist.yaml", Path(tmp) / f"{arch}-{seed}", args.steps, seed
+                )
                 accuracies[arch].append(accuracy)
     for arch, values in accuracies.items():
         spread = f" ± {100 * statistics.stdev(values):.2f}" if len(values) > 1 else ""
-        print(f"{arch:6s} {100 * statistics.mean(values):.2f}%{spread}  (seeds: "
-              f"{', '.join(f'{100 * v:.2f}' for v in values)}) on {images} test images")
+        print(
+            f"{arch:6s} {100 * statistics.mean(values):.2f}%{spread}  (seeds: "
+            f"{', '.join(f'{100 * v:.2f}' for v in values)}) on {images} test images"
+        )
     gaps = [c - v for c, v in zip(accuracies["crate"], accuracies["vit"])]
-    print(f"CRATE - ViT: {100 * statistics.mean(gaps):+.2f} points (per seed: "
-          f"{', '.join(f'{100 * g:+.2f}' for g in gaps)})")
+    print(
+        f"CRATE - ViT: {100 * statistics.mean(gaps):+.2f} points (per seed: "
+        f"{', '.join(f'{100 * g:+.2f}' for g in gaps)})"
+    )
 
 
 if __name__ == "__main__":

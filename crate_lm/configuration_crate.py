@@ -18,15 +18,25 @@ from transformers import PretrainedConfig
 ATTENTION_TYPES = ("mssa", "tssa")
 
 # The fields that decide a layer's structure, at their defaults (Causal-CRATE).
-_STRUCTURAL_DEFAULTS = {"attention_type": "mssa", "ista_dictionary_ratio": 1, "ista_steps": 1,
-                        "ista_decoupled_decoder": False, "ista_residual": False}
+_STRUCTURAL_DEFAULTS = {
+    "attention_type": "mssa",
+    "ista_dictionary_ratio": 1,
+    "ista_steps": 1,
+    "ista_decoupled_decoder": False,
+    "ista_residual": False,
+}
 
 # The knobs that make each published variant (the other fields keep their defaults).
 VARIANT_KNOBS: dict[str, dict] = {
     "crate": {},
     "crate-lm": {"ista_dictionary_ratio": 4, "ista_steps": 2},
-    "crate-alpha": {"ista_dictionary_ratio": 4, "ista_steps": 2, "ista_decoupled_decoder": True,
-                    "ista_residual": True, "attention_out_bias": False},
+    "crate-alpha": {
+        "ista_dictionary_ratio": 4,
+        "ista_steps": 2,
+        "ista_decoupled_decoder": True,
+        "ista_residual": True,
+        "attention_out_bias": False,
+    },
     "tost": {"attention_type": "tssa"},
 }
 DICTIONARY_RATIOS = (1, 4)
@@ -160,8 +170,9 @@ def validate_crate_fields(config, class_name: str, extra_positive: tuple[str, ..
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             fail(field, value, "must be a positive integer")
     if config.hidden_size % config.num_attention_heads:
-        fail("hidden_size", config.hidden_size,
-             f"must be divisible by num_attention_heads={config.num_attention_heads}")
+        fail(
+            "hidden_size", config.hidden_size, f"must be divisible by num_attention_heads={config.num_attention_heads}"
+        )
     if config.attention_type not in ATTENTION_TYPES:
         fail("attention_type", config.attention_type, f"allowed values are {list(ATTENTION_TYPES)}")
     if config.ista_dictionary_ratio not in DICTIONARY_RATIOS:
@@ -170,14 +181,25 @@ def validate_crate_fields(config, class_name: str, extra_positive: tuple[str, ..
         fail("ista_steps", config.ista_steps, f"allowed values are {list(ISTA_STEPS)}")
     if config.ista_dictionary_ratio != 1 and config.ista_steps == 1:
         # One warm-started step needs a square dictionary: z + eta D^T (z - D z) mixes widths d and s.
-        fail("ista_steps", config.ista_steps, "must be 2 when ista_dictionary_ratio is 4 (the 1-step warm start "
-             "needs a square dictionary)")
+        fail(
+            "ista_steps",
+            config.ista_steps,
+            "must be 2 when ista_dictionary_ratio is 4 (the 1-step warm start needs a square dictionary)",
+        )
     if config.attention_type == "tssa":
-        ista_knobs = (config.ista_dictionary_ratio, config.ista_steps, config.ista_decoupled_decoder,
-                      config.ista_residual)
+        ista_knobs = (
+            config.ista_dictionary_ratio,
+            config.ista_steps,
+            config.ista_decoupled_decoder,
+            config.ista_residual,
+        )
         if ista_knobs != (1, 1, False, False):
-            fail("attention_type", "tssa", "ToST layers use a GELU MLP, not ISTA: leave ista_dictionary_ratio=1, "
-                 "ista_steps=1, ista_decoupled_decoder=False, ista_residual=False")
+            fail(
+                "attention_type",
+                "tssa",
+                "ToST layers use a GELU MLP, not ISTA: leave ista_dictionary_ratio=1, "
+                "ista_steps=1, ista_decoupled_decoder=False, ista_residual=False",
+            )
     for field in ("ista_step_size", "layer_norm_eps", "initializer_range"):
         if not float(getattr(config, field)) > 0:
             fail(field, getattr(config, field), "must be > 0")

@@ -117,10 +117,13 @@ class CrateVisionConfig(CrateLayerKnobs, PretrainedConfig):
         if self.num_channels not in (1, 3):
             raise ValueError(f"{name}.num_channels={self.num_channels!r} is invalid: must be 1 or 3")
         if self.image_size % self.patch_size:
-            raise ValueError(f"{name}.image_size={self.image_size!r} is invalid: must be a multiple of "
-                             f"patch_size={self.patch_size}")
+            raise ValueError(
+                f"{name}.image_size={self.image_size!r} is invalid: must be a multiple of patch_size={self.patch_size}"
+            )
         if self.pooling not in POOLINGS:
             raise ValueError(f"{name}.pooling={self.pooling!r} is invalid: allowed values are {list(POOLINGS)}")
         if self.patch_embedding_type not in PATCH_EMBEDDINGS:
-            raise ValueError(f"{name}.patch_embedding_type={self.patch_embedding_type!r} is invalid: allowed values "
-                             f"are {list(PATCH_EMBEDDINGS)}")
+            raise ValueError(
+                f"{name}.patch_embedding_type={self.patch_embedding_type!r} is invalid: allowed values "
+                f"are {list(PATCH_EMBEDDINGS)}"
+            )

@@ -232,8 +232,9 @@ class CrateMSSA(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.subspace_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)  # [U_1 ... U_K]
-        self.out_proj = _residual_output(nn.Linear(config.hidden_size, config.hidden_size,
-                                                   bias=config.attention_out_bias))
+        self.out_proj = _residual_output(
+            nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_out_bias)
+        )
         self.attention_dropout = config.attention_dropout
 
     def forward(self, hidden_states, attention_mask=None, cache=None, output_attentions=False, **unused):
@@ -286,8 +287,9 @@ class CrateTSSA(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.subspace_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-        self.out_proj = _residual_output(nn.Linear(config.hidden_size, config.hidden_size,
-                                                   bias=config.attention_out_bias))
+        self.out_proj = _residual_output(
+            nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_out_bias)
+        )
         self.temperature = nn.Parameter(torch.ones(self.num_heads))
         self.position_bias = (
             nn.Parameter(torch.zeros(self.num_heads, config.max_position_embeddings))
@@ -442,11 +444,22 @@ class CrateLayer(GradientCheckpointingLayer):
             self.attention = CrateMSSA(config, layer_idx)
             self.ista = CrateISTA(config)
 
-    def forward(self, hidden_states, attention_mask=None, token_mask=None, position_ids=None, cache=None,
-                output_attentions=False):
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        token_mask=None,
+        position_ids=None,
+        cache=None,
+        output_attentions=False,
+    ):
         attended, weights, projections = self.attention(
-            self.attention_norm(hidden_states), attention_mask=attention_mask, token_mask=token_mask,
-            position_ids=position_ids, cache=cache, output_attentions=output_attentions,
+            self.attention_norm(hidden_states),
+            attention_mask=attention_mask,
+            token_mask=token_mask,
+            position_ids=position_ids,
+            cache=cache,
+            output_attentions=output_attentions,
         )
         if self.is_tssa:
             z_half = hidden_states + self.dropout(self.attention_scale(attended))
@@ -575,11 +588,14 @@ class CrateModel(CratePreTrainedModel):
         past = cache.get_seq_length() if cache is not None else 0
 
         if attention_mask is not None and attention_mask.dim() != 2:
-            raise ValueError(f"attention_mask must be 2-D (batch, past + new tokens), got shape "
-                             f"{tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"attention_mask must be 2-D (batch, past + new tokens), got shape {tuple(attention_mask.shape)}"
+            )
         if attention_mask is not None and attention_mask.shape[-1] != past + tokens:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} positions, but the cache holds {past} "
-                             f"and the input {tokens}: pass a mask over past and new tokens")
+            raise ValueError(
+                f"attention_mask covers {attention_mask.shape[-1]} positions, but the cache holds {past} "
+                f"and the input {tokens}: pass a mask over past and new tokens"
+            )
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: take the fast causal path
         if position_ids is None:
@@ -679,10 +695,16 @@ class CrateForCausalLM(CratePreTrainedModel, GenerationMixin):
         r"""``labels`` are the input ids (shifted inside, ``-100`` ignored); ``logits_to_keep`` > 0 computes logits
         for the last positions only (generation)."""
         outputs = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            cache=cache if cache is not None else past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache,
-            output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            output_sparse_codes=output_sparse_codes, return_dict=True,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache if cache is not None else past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            output_sparse_codes=output_sparse_codes,
+            return_dict=True,
         )
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, int):
@@ -694,8 +716,12 @@ class CrateForCausalLM(CratePreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)
         output = CrateCausalLMOutput(
-            loss=loss, logits=logits, cache=outputs.cache, hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions, sparse_codes=outputs.sparse_codes,
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            sparse_codes=outputs.sparse_codes,
             subspace_projections=outputs.subspace_projections,
         )
         return output if _wants_dict(return_dict, self.config) else output.to_tuple()
@@ -736,9 +762,14 @@ class CrateForSequenceClassification(CratePreTrainedModel):
         **kwargs,
     ) -> SequenceClassifierOutputWithPast | tuple:
         outputs = self.model(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-            inputs_embeds=inputs_embeds, use_cache=False, output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states, return_dict=True,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            use_cache=False,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
         )
         logits = self.score(outputs.last_hidden_state)
         batch, tokens = logits.shape[:2]

@@ -63,13 +63,16 @@ class CrateVisionPatchEmbeddings(nn.Module):
             self.projection = nn.Linear(patch_dim, config.hidden_size)
             self.output_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         else:
-            self.projection = nn.Conv2d(config.num_channels, config.hidden_size, config.patch_size,
-                                        stride=config.patch_size)
+            self.projection = nn.Conv2d(
+                config.num_channels, config.hidden_size, config.patch_size, stride=config.patch_size
+            )
 
     def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         if pixel_values.dim() != 4 or pixel_values.shape[1] != self.num_channels:
-            raise ValueError(f"pixel_values must be (batch, {self.num_channels}, height, width), got shape "
-                             f"{tuple(pixel_values.shape)}")
+            raise ValueError(
+                f"pixel_values must be (batch, {self.num_channels}, height, width), got shape "
+                f"{tuple(pixel_values.shape)}"
+            )
         batch, channels, height, width = pixel_values.shape
         p = self.patch_size
         if height % p or width % p:
@@ -230,16 +233,23 @@ class CrateForImageClassification(CrateVisionPreTrainedModel):
     ) -> CrateImageClassifierOutput | tuple:
         r"""``labels`` (batch,): class indices; the loss follows ``config.problem_type`` as in HF ViT."""
         outputs = self.model(
-            pixel_values, output_attentions=output_attentions, output_hidden_states=output_hidden_states,
-            output_sparse_codes=output_sparse_codes, return_dict=True,
+            pixel_values,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            output_sparse_codes=output_sparse_codes,
+            return_dict=True,
         )
         logits = self.classifier(outputs.pooler_output)
         loss = None
         if labels is not None:
             loss = self.loss_function(labels, logits, self.config, **kwargs)
         output = CrateImageClassifierOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
-            sparse_codes=outputs.sparse_codes, subspace_projections=outputs.subspace_projections,
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            sparse_codes=outputs.sparse_codes,
+            subspace_projections=outputs.subspace_projections,
         )
         return output if _wants_dict(return_dict, self.config) else output.to_tuple()
 

@@ -26,8 +26,9 @@ def _load() -> dict[str, dict]:
 
 def preset_names(model_type: str | None = None) -> list[str]:
     """All preset names, or those of one ``model_type`` (``"crate"`` language models, ``"crate_vision"``)."""
-    return sorted(name for name, info in _load().items()
-                  if model_type is None or info.get("model_type", "crate") == model_type)
+    return sorted(
+        name for name, info in _load().items() if model_type is None or info.get("model_type", "crate") == model_type
+    )
 
 
 def preset_info(name: str) -> dict:

@@ -128,8 +128,9 @@ def _rates(projections, eps_sq, token_mask):
     return per_head, coding_rate(concatenated, eps_sq, counts)
 
 
-def compression_rate(projections: torch.Tensor, eps_sq: float = DEFAULT_EPS_SQ,
-                     token_mask: torch.Tensor | None = None) -> torch.Tensor:
+def compression_rate(
+    projections: torch.Tensor, eps_sq: float = DEFAULT_EPS_SQ, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     r"""Per-sample, per-head ``R^c_k = 1/2 logdet(I + p / (N eps^2) W_hat_k^T W_hat_k)``, shape ``(B, K)``.
 
     ``projections``: ``(B, K, N, p)``; each token's head vector is normalised to unit length. ``token_mask``
@@ -140,14 +141,16 @@ def compression_rate(projections: torch.Tensor, eps_sq: float = DEFAULT_EPS_SQ,
     return coding_rate(w_hat, eps_sq, counts[:, None])
 
 
-def full_rate(projections: torch.Tensor, eps_sq: float = DEFAULT_EPS_SQ,
-              token_mask: torch.Tensor | None = None) -> torch.Tensor:
+def full_rate(
+    projections: torch.Tensor, eps_sq: float = DEFAULT_EPS_SQ, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     r"""Per-sample ``R`` of the concatenated unit-normalised head vectors (width ``d = K p``), shape ``(B,)``."""
     return _rates(projections, eps_sq, token_mask)[1]
 
 
-def rate_reduction(projections: torch.Tensor, eps_sq: float = DEFAULT_EPS_SQ,
-                   token_mask: torch.Tensor | None = None) -> torch.Tensor:
+def rate_reduction(
+    projections: torch.Tensor, eps_sq: float = DEFAULT_EPS_SQ, token_mask: torch.Tensor | None = None
+) -> torch.Tensor:
     r"""Per-sample ``Delta R = R - sum_k R^c_k`` on the same normalised tokens, shape ``(B,)``."""
     per_head, rate = _rates(projections, eps_sq, token_mask)
     return rate - per_head.sum(-1)
@@ -258,8 +261,12 @@ class _EvalMode:
         return False
 
 
-def measure_crate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                  eps_sq: float = DEFAULT_EPS_SQ) -> list[dict]:
+def measure_crate(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    eps_sq: float = DEFAULT_EPS_SQ,
+) -> list[dict]:
     """One dict per layer of a CRATE model (``CrateForCausalLM``, ``CrateModel`` or any ``CratePreTrainedModel``).
 
     Keys: ``layer``, ``rc`` (batch mean of ``sum_k R^c_k`` on the layer's ``w = LN(x) U``), ``rc_std``,
@@ -272,19 +279,25 @@ def measure_crate(model: nn.Module, input_ids: torch.Tensor, attention_mask: tor
     is_tssa = model.config.attention_type == "tssa"
     with _EvalMode(model):
         outputs = base(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_sparse_codes=True,
-            output_attentions=is_tssa, return_dict=True,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            use_cache=False,
+            output_sparse_codes=True,
+            output_attentions=is_tssa,
+            return_dict=True,
         )
         return [
-            _layer_record(
-                index, projections, codes, token_mask, eps_sq, outputs.attentions[index] if is_tssa else None
-            )
+            _layer_record(index, projections, codes, token_mask, eps_sq, outputs.attentions[index] if is_tssa else None)
             for index, (projections, codes) in enumerate(zip(outputs.subspace_projections, outputs.sparse_codes))
         ]
 
 
-def measure_gpt2(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 eps_sq: float = DEFAULT_EPS_SQ) -> list[dict]:
+def measure_gpt2(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    eps_sq: float = DEFAULT_EPS_SQ,
+) -> list[dict]:
     """The measures of [`measure_crate`] for a HF GPT-2 (``GPT2LMHeadModel`` or ``GPT2Model``), through hooks.
 
     The query ``q`` of each layer (first ``hidden_size`` columns of ``attn.c_attn``, split into heads) stands in
@@ -302,11 +315,13 @@ def measure_gpt2(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         def hook(module, args, output):
             batch, tokens = output.shape[:2]
             queries[index] = output[..., :width].reshape(batch, tokens, heads, width // heads).transpose(1, 2)
+
         return hook
 
     def keep_activation(index):
         def hook(module, args, output):
             activations[index] = output
+
         return hook
 
     handles = []
@@ -318,8 +333,13 @@ def measure_gpt2(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
             # Positions count real tokens only (as CRATE does and as HF generation does for GPT-2), so that a
             # left-padded sample is measured as if it were alone.
             position_ids = None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
-            base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
-                 return_dict=True)
+            base(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+                return_dict=True,
+            )
             return [
                 _layer_record(index, queries[index], activations[index], token_mask, eps_sq)
                 for index in range(len(base.h))
@@ -336,6 +356,7 @@ def _captured(modules: list[nn.Module]):
     def keep(index):
         def hook(module, args, output):
             kept[index] = output
+
         return hook
 
     return kept, [module.register_forward_hook(keep(i)) for i, module in enumerate(modules)]
@@ -351,8 +372,10 @@ def measure_vision(model: nn.Module, pixel_values: torch.Tensor, eps_sq: float =
         is_tssa = model.config.attention_type == "tssa"
         with _EvalMode(model):
             outputs = base(pixel_values, output_sparse_codes=True, output_attentions=is_tssa, return_dict=True)
-            return [_layer_record(i, w, code, None, eps_sq, outputs.attentions[i] if is_tssa else None)
-                    for i, (w, code) in enumerate(zip(outputs.subspace_projections, outputs.sparse_codes))]
+            return [
+                _layer_record(i, w, code, None, eps_sq, outputs.attentions[i] if is_tssa else None)
+                for i, (w, code) in enumerate(zip(outputs.subspace_projections, outputs.sparse_codes))
+            ]
     heads = model.config.num_attention_heads
     queries, query_handles = _captured([layer.attention.q_proj for layer in base.layers])
     codes, code_handles = _captured([layer.mlp.activation_fn for layer in base.layers])
@@ -384,8 +407,9 @@ def cls_attention_maps(model: nn.Module, pixel_values: torch.Tensor, layer: int 
         model.set_attn_implementation("eager")
     try:
         with _EvalMode(model):
-            attentions = model.base_model(pixel_values, output_attentions=True, interpolate_pos_encoding=True,
-                                          return_dict=True).attentions
+            attentions = model.base_model(
+                pixel_values, output_attentions=True, interpolate_pos_encoding=True, return_dict=True
+            ).attentions
     finally:
         if config.model_type == "vit" and previous != "eager":
             model.set_attn_implementation(previous)
@@ -394,8 +418,9 @@ def cls_attention_maps(model: nn.Module, pixel_values: torch.Tensor, layer: int 
     return cls_row.reshape(*cls_row.shape[:2], *grid)
 
 
-def measure(model: nn.Module, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None,
-            eps_sq: float = DEFAULT_EPS_SQ) -> list[dict]:
+def measure(
+    model: nn.Module, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None, eps_sq: float = DEFAULT_EPS_SQ
+) -> list[dict]:
     """Per-layer white-box measures of a CRATE (``crate``) or GPT-2 (``gpt2``) language model on ``input_ids``, or of
     a CRATE (``crate_vision``) or ViT (``vit``) image model on ``pixel_values``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -405,5 +430,6 @@ def measure(model: nn.Module, inputs: torch.Tensor, attention_mask: torch.Tensor
         return measure_gpt2(model, inputs, attention_mask, eps_sq)
     if model_type in ("crate_vision", "vit"):
         return measure_vision(model, inputs, eps_sq)
-    raise ValueError(f"white-box measures support model types 'crate', 'gpt2', 'crate_vision' and 'vit', got "
-                     f"{model_type!r}")
+    raise ValueError(
+        f"white-box measures support model types 'crate', 'gpt2', 'crate_vision' and 'vit', got {model_type!r}"
+    )

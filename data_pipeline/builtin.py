@@ -76,7 +76,6 @@ MANIFEST_NAME = "manifest.json"
 DEFAULT_VALIDATION_FRACTION = 0.05
 
 
-
 @dataclass(frozen=True)
 class _Source:
     source: str  # registry and package spec

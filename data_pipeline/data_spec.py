@@ -40,8 +40,9 @@ def is_image_data(raw: Any) -> bool:
     for source in raw.get("sources") or []:
         if isinstance(source, str) and source in BUILTIN_IMAGE_SOURCES:
             return True
-        if isinstance(source, dict) and (source.get("folder") or source.get("tar")
-                                         or source.get("builtin") in BUILTIN_IMAGE_SOURCES):
+        if isinstance(source, dict) and (
+            source.get("folder") or source.get("tar") or source.get("builtin") in BUILTIN_IMAGE_SOURCES
+        ):
             return True
     return False
 
@@ -70,8 +71,9 @@ def _with_kind(raw: Any) -> Any:
     return {**raw, "kind": infer_kind(raw)} if isinstance(raw, dict) else raw
 
 
-DataSpec = Annotated[TextDataSpec | ImageDataSpec | LabelledTextSpec, Field(discriminator="kind"),
-                     BeforeValidator(_with_kind)]
+DataSpec = Annotated[
+    TextDataSpec | ImageDataSpec | LabelledTextSpec, Field(discriminator="kind"), BeforeValidator(_with_kind)
+]
 """The type of a run's ``data`` field: a mapping without ``kind`` gets the inferred one."""
 
 
@@ -81,4 +83,3 @@ def parse_data(raw: Any, where: str = "data") -> TextDataSpec | ImageDataSpec | 
     if kind not in KINDS:
         raise DataSpecError(f"{where}.kind: {kind!r} is not one of {list(KINDS)}")
     return validate_spec(KINDS[kind], {**raw, "kind": kind}, where)
-

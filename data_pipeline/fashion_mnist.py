@@ -19,8 +19,18 @@ from .errors import CorruptFileError, DataSpecError
 from .files import atomic_file, write_directory
 from .image_spec import SPLITS
 
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                         "Ankle boot")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 FASHION_MNIST_SHARDS = {"train": 16, "test": 4}
 FASHION_MNIST_COUNTS = {"train": 60_000, "test": 10_000}
 _IDX_FILES = {"train": "train", "test": "t10k"}
@@ -41,8 +51,9 @@ def parse_idx(data: bytes, name: str = "IDX data") -> np.ndarray:
     shape = tuple(int(size) for size in np.frombuffer(data, dtype=">u4", count=ndim, offset=4))
     array = np.frombuffer(data, dtype=_IDX_DTYPES[dtype], offset=header)
     if array.size != math.prod(shape):
-        raise CorruptFileError(f"{name}: IDX header says {shape} ({math.prod(shape)} values), the file holds "
-                               f"{array.size}")
+        raise CorruptFileError(
+            f"{name}: IDX header says {shape} ({math.prod(shape)} values), the file holds {array.size}"
+        )
     return array.reshape(shape).astype(array.dtype.newbyteorder("="), copy=False)
 
 
@@ -85,8 +96,9 @@ def fashion_mnist(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
 FASHION_MNIST_COARSE = {"tops": (0, 2, 4, 6), "bottoms-and-dresses": (1, 3), "footwear-and-bags": (5, 7, 8, 9)}
 
 
-def export_fashion_mnist_folder(out: str | os.PathLike, split: str = "train", limit: int | None = None,
-                                coarse: bool = False) -> dict[str, int]:
+def export_fashion_mnist_folder(
+    out: str | os.PathLike, split: str = "train", limit: int | None = None, coarse: bool = False
+) -> dict[str, int]:
     """Write Fashion-MNIST ``split`` as an image folder ``out/CLASS/NNNNN.png`` (the ``folder`` source layout), with
     its 10 classes or the 3 of [`FASHION_MNIST_COARSE`]; ``limit`` caps the images (the split's first ones). The
     folder is written beside ``out`` and moved into place. Returns the images per class."""

@@ -281,8 +281,12 @@ def _read_zip_members(archive: Path, wanted: Callable[[str], bool]) -> Iterator[
 
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
-                       "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+FASHION_MNIST_FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
 
 
 def fetch_fashion_mnist() -> Path:
@@ -311,8 +315,10 @@ def fetch_fashion_mnist() -> Path:
             _apt_get(["update", "-q"])
             _apt_get(install)
         except RuntimeError as error:
-            raise FetchError(f"Fashion-MNIST: {error} (as root: apt-get update && apt-get install "
-                               f"{FASHION_MNIST_PACKAGE}; or set CRATE_FASHION_MNIST_DIR)") from None
+            raise FetchError(
+                f"Fashion-MNIST: {error} (as root: apt-get update && apt-get install "
+                f"{FASHION_MNIST_PACKAGE}; or set CRATE_FASHION_MNIST_DIR)"
+            ) from None
     if missing():
         raise FetchError(f"Fashion-MNIST: {FASHION_MNIST_PACKAGE} is installed but {directory} lacks {missing()}")
     return directory
@@ -323,8 +329,9 @@ def _apt_get(args: list[str]) -> None:
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     what = f"apt-get {' '.join(a for a in args if not a.startswith('-'))}"
     try:
-        proc = subprocess.run(["apt-get", *args], capture_output=True, text=True, check=False, env=env,
-                              stdin=subprocess.DEVNULL)
+        proc = subprocess.run(
+            ["apt-get", *args], capture_output=True, text=True, check=False, env=env, stdin=subprocess.DEVNULL
+        )
     except FileNotFoundError:
         raise FetchError(f"{what} failed: apt-get is not installed (not a Debian/Ubuntu machine)") from None
     if proc.returncode != 0:

@@ -48,8 +48,14 @@ from .image_spec import ImageDataSpec, ImageSourceSpec
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 LABEL_SUFFIX = "cls"
-BAD_REASONS = ("undecodable_image", "missing_image", "missing_label", "invalid_label", "label_out_of_range",
-               "corrupt_tar")
+BAD_REASONS = (
+    "undecodable_image",
+    "missing_image",
+    "missing_label",
+    "invalid_label",
+    "label_out_of_range",
+    "corrupt_tar",
+)
 
 
 # ---------------------------------------------------------------------------------------------------- records
@@ -119,8 +125,9 @@ class Catalog:
     def shards(self, source_index: int, min_shards: int) -> list[ImageShard]:
         raise NotImplementedError
 
-    def read(self, shard: ImageShard, position: int | None, order: np.ndarray | None,
-             num_classes: int | None) -> Iterator[RawRecord]:
+    def read(
+        self, shard: ImageShard, position: int | None, order: np.ndarray | None, num_classes: int | None
+    ) -> Iterator[RawRecord]:
         """Records of ``shard`` from ``position``; random-access shards are read in ``order`` (a permutation)."""
         for offset in range(position or 0, shard.size):
             yield self.record(shard.start + int(order[offset]), offset + 1, num_classes)
@@ -151,14 +158,24 @@ class FashionMnistCatalog(Catalog):
 
     def shards(self, source_index: int, min_shards: int) -> list[ImageShard]:
         count = len(memmap_npy(self.labels_path))
-        return [ImageShard(source_index, n, f"fashion-mnist/{self.split}#{start}-{end}", "idx", self.images_path,
-                           start, end)
-                for n, (start, end) in enumerate(_ranges(count, max(FASHION_MNIST_SHARDS[self.split], min_shards)))]
+        return [
+            ImageShard(
+                source_index, n, f"fashion-mnist/{self.split}#{start}-{end}", "idx", self.images_path, start, end
+            )
+            for n, (start, end) in enumerate(_ranges(count, max(FASHION_MNIST_SHARDS[self.split], min_shards)))
+        ]
 
     def record(self, index: int, next_position: int, num_classes: int | None) -> RawRecord:
         label, bad = check_label(int(memmap_npy(self.labels_path)[index]), num_classes)
-        return RawRecord(index, next_position, np.array(memmap_npy(self.images_path)[index]), label, bad,
-                         self.images_path, f"record {index}")
+        return RawRecord(
+            index,
+            next_position,
+            np.array(memmap_npy(self.images_path)[index]),
+            label,
+            bad,
+            self.images_path,
+            f"record {index}",
+        )
 
 
 class FolderCatalog(Catalog):
@@ -168,8 +185,9 @@ class FolderCatalog(Catalog):
         self.root = os.path.expanduser(root)
         if not os.path.isdir(self.root):
             raise DataSpecError(f"{where}.folder: {root!r} is not a directory")
-        classes = sorted(entry.name for entry in os.scandir(self.root)
-                         if entry.is_dir() and not entry.name.startswith("."))
+        classes = sorted(
+            entry.name for entry in os.scandir(self.root) if entry.is_dir() and not entry.name.startswith(".")
+        )
         if not classes:
             raise DataSpecError(f"{where}.folder: {root!r} has no class subdirectories (expected DIR/CLASS/image)")
         paths, labels = [], []
@@ -178,8 +196,11 @@ class FolderCatalog(Catalog):
             for directory, subdirs, files in os.walk(os.path.join(self.root, name), followlinks=True):
                 subdirs[:] = [d for d in subdirs if not d.startswith(".")]
                 rel = os.path.relpath(directory, self.root)
-                found.extend(os.path.join(rel, f) for f in files
-                             if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES)
+                found.extend(
+                    os.path.join(rel, f)
+                    for f in files
+                    if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_SUFFIXES
+                )
             found.sort()
             paths.extend(found)
             labels.extend([label] * len(found))
@@ -192,15 +213,23 @@ class FolderCatalog(Catalog):
         shards = []
         for n, (start, end) in enumerate(_ranges(len(self.paths), min_shards)):
             digest = hashlib.sha256("\n".join(self.paths[start:end]).encode()).hexdigest()[:12]
-            shards.append(ImageShard(source_index, n, f"folder:{self.root}#{start}-{end}@{digest}", "folder", None,
-                                     start, end))
+            shards.append(
+                ImageShard(source_index, n, f"folder:{self.root}#{start}-{end}@{digest}", "folder", None, start, end)
+            )
         return shards
 
     def record(self, index: int, next_position: int, num_classes: int | None) -> RawRecord:
         label, bad = check_label(int(self.labels[index]), num_classes)
         rel = self.paths[index]
-        return RawRecord(index, next_position, os.path.join(self.root, rel), label, bad,
-                         os.path.join(self.root, rel.split(os.sep, 1)[0]), rel)
+        return RawRecord(
+            index,
+            next_position,
+            os.path.join(self.root, rel),
+            label,
+            bad,
+            os.path.join(self.root, rel.split(os.sep, 1)[0]),
+            rel,
+        )
 
 
 class TarCatalog(Catalog):
@@ -260,7 +289,7 @@ def _read_tar(path: str, position: int, num_classes: int | None) -> Iterator[Raw
         handle.seek(position)
         key, offset, members, damage = None, position, {}, None
         try:
-            archive = tarfile.open(fileobj=handle, mode="r:")
+            archive = tarfile.open(fileobj=handle, mode="r:")  # noqa: SIM115  (read member by member below)
             while True:
                 member = archive.next()
                 if member is None:
@@ -300,8 +329,14 @@ def _open_hf_images(source: ImageSourceSpec):
     if key not in _HF_DATASETS:
         import datasets
 
-        dataset = datasets.load_dataset(source.hf, source.config, split=source.split, streaming=True,
-                                        data_dir=source.data_dir, data_files=source.data_files)
+        dataset = datasets.load_dataset(
+            source.hf,
+            source.config,
+            split=source.split,
+            streaming=True,
+            data_dir=source.data_dir,
+            data_files=source.data_files,
+        )
         features = dataset.features or {}
         if isinstance(features.get(source.image_field), datasets.Image):
             dataset = dataset.cast_column(source.image_field, datasets.Image(decode=False))
@@ -320,12 +355,16 @@ class HfCatalog(Catalog):
             raise DataSpecError(f"{where}.hf: cannot open {source.label!r}: {str(error).splitlines()[0]}") from None
         features = dataset.features or {}
         if features and source.image_field not in features:
-            raise DataSpecError(f"{where}.image_field: {source.image_field!r} is not a column of {source.label!r} "
-                                f"(columns: {sorted(features)})")
+            raise DataSpecError(
+                f"{where}.image_field: {source.image_field!r} is not a column of {source.label!r} "
+                f"(columns: {sorted(features)})"
+            )
         label_feature = features.get(source.label_field)
         if features and label_feature is None:
-            raise DataSpecError(f"{where}.label_field: {source.label_field!r} is not a column of {source.label!r} "
-                                f"(columns: {sorted(features)})")
+            raise DataSpecError(
+                f"{where}.label_field: {source.label_field!r} is not a column of {source.label!r} "
+                f"(columns: {sorted(features)})"
+            )
         names = getattr(label_feature, "names", None)
         if names:
             self.class_names, self.num_classes = tuple(names), len(names)
@@ -333,9 +372,21 @@ class HfCatalog(Catalog):
 
     def shards(self, source_index: int, min_shards: int) -> list[ImageShard]:
         parts = max(1, math.ceil(min_shards / self.native))
-        return [ImageShard(source_index, i * parts + part, f"hf:{self.source.label}#{i}/{self.native}%{part}/{parts}",
-                           "hf", None, hf_index=i, hf_count=self.native, part=part, parts=parts)
-                for i in range(self.native) for part in range(parts)]
+        return [
+            ImageShard(
+                source_index,
+                i * parts + part,
+                f"hf:{self.source.label}#{i}/{self.native}%{part}/{parts}",
+                "hf",
+                None,
+                hf_index=i,
+                hf_count=self.native,
+                part=part,
+                parts=parts,
+            )
+            for i in range(self.native)
+            for part in range(parts)
+        ]
 
     def _examples(self, shard: ImageShard, start: int) -> Iterator[tuple[int, dict]]:
         dataset = _open_hf_images(self.source)

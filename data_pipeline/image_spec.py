@@ -94,8 +94,9 @@ class ImageSourceSpec(SourceModel):
     @classmethod
     def _known_builtin(cls, value: str | None) -> str | None:
         if value is not None and value not in BUILTIN_IMAGE_SOURCES:
-            raise ValueError(f"unknown built-in image source {value!r}: allowed values are "
-                             f"{list(BUILTIN_IMAGE_SOURCES)}")
+            raise ValueError(
+                f"unknown built-in image source {value!r}: allowed values are {list(BUILTIN_IMAGE_SOURCES)}"
+            )
         return value
 
     @model_validator(mode="after")
@@ -124,8 +125,7 @@ def _image_shorthand(name: str) -> dict:
 
 def _numbers(value: Any, length: int) -> tuple[float, ...]:
     """A list of ``length`` numbers as a tuple of floats (the message names the length wanted)."""
-    if (not isinstance(value, (list, tuple)) or len(value) != length
-            or not all(is_number(item) for item in value)):
+    if not isinstance(value, (list, tuple)) or len(value) != length or not all(is_number(item) for item in value):
         raise ValueError(f"must be a list of {length} numbers, got {value!r}")
     return tuple(float(item) for item in value)
 
@@ -190,8 +190,10 @@ class ImageDataSpec(DataModel):
         channels = info.data.get("channels", 3)
         if value is None:
             grey = channels == 1
-            return {"mean": FASHION_MNIST_MEAN if grey else IMAGENET_MEAN,
-                    "std": FASHION_MNIST_STD if grey else IMAGENET_STD}[info.field_name]
+            return {
+                "mean": FASHION_MNIST_MEAN if grey else IMAGENET_MEAN,
+                "std": FASHION_MNIST_STD if grey else IMAGENET_STD,
+            }[info.field_name]
         value = _numbers(value, channels)
         if info.field_name == "std" and any(s <= 0 for s in value):
             raise ValueError(f"must be > 0, got {list(value)}")

@@ -67,9 +67,23 @@ from .stream import (
     uniform,
 )
 
-__all__ = ["ImageDataSpec", "ImageLoader", "ImagePlan", "ImageStream", "BadDataError", "build_image_plan",
-           "parse_image_data", "eval_transform", "train_transform", "random_resized_crop_box", "eval_resize_shape",
-           "decode_image", "inspect_images", "merge_image_stats", "is_image_data"]
+__all__ = [
+    "ImageDataSpec",
+    "ImageLoader",
+    "ImagePlan",
+    "ImageStream",
+    "BadDataError",
+    "build_image_plan",
+    "parse_image_data",
+    "eval_transform",
+    "train_transform",
+    "random_resized_crop_box",
+    "eval_resize_shape",
+    "decode_image",
+    "inspect_images",
+    "merge_image_stats",
+    "is_image_data",
+]
 
 RRC_ATTEMPTS = 10
 
@@ -98,15 +112,19 @@ def build_image_plan(spec: ImageDataSpec, world_size: int) -> ImagePlan:
     if spec.num_classes is not None:
         for index, catalog in enumerate(catalogs):
             if catalog.num_classes is not None and catalog.num_classes > spec.num_classes:
-                raise DataSpecError(f"data.num_classes: {spec.num_classes}, but data.sources[{index}] "
-                                    f"({spec.sources[index].label!r}) has {catalog.num_classes} classes")
+                raise DataSpecError(
+                    f"data.num_classes: {spec.num_classes}, but data.sources[{index}] "
+                    f"({spec.sources[index].label!r}) has {catalog.num_classes} classes"
+                )
         num_classes = spec.num_classes
     elif len(known) == len(catalogs):
         num_classes = max(known)
     else:
         index = next(i for i, catalog in enumerate(catalogs) if catalog.num_classes is None)
-        raise DataSpecError(f"data.num_classes: required, since data.sources[{index}] ({spec.sources[index].label!r}) "
-                            f"does not say how many classes it has (labels are checked against it)")
+        raise DataSpecError(
+            f"data.num_classes: required, since data.sources[{index}] ({spec.sources[index].label!r}) "
+            f"does not say how many classes it has (labels are checked against it)"
+        )
     return ImagePlan(spec, catalogs, shards, fingerprint(spec, [list(s) for s in shards]), world_size, num_classes)
 
 
@@ -133,8 +151,9 @@ def decode_image(payload, channels: int) -> Image.Image:
         return opened.convert(mode) if opened.mode == mode else converted(opened)  # a copy outlives the file
 
 
-def random_resized_crop_box(width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float],
-                            draw) -> tuple[int, int, int, int]:
+def random_resized_crop_box(
+    width: int, height: int, scale: tuple[float, float], ratio: tuple[float, float], draw
+) -> tuple[int, int, int, int]:
     """``(left, top, w, h)`` of torchvision's RandomResizedCrop; ``draw(k)`` gives the k-th uniform in [0, 1)."""
     area = width * height
     log_low, log_high = math.log(ratio[0]), math.log(ratio[1])
@@ -188,6 +207,7 @@ def eval_transform(image: Image.Image, spec: ImageDataSpec) -> np.ndarray:
 
 def train_transform(image: Image.Image, spec: ImageDataSpec, stream: int, index: int) -> np.ndarray:
     """Random-resized-crop + flip + normalise, its randomness drawn from ``(seed, stream, index)`` (no state)."""
+
     def draw(k: int) -> float:
         return uniform(spec.seed, stream, index, 3, k)
 
@@ -239,15 +259,18 @@ class ImageStream(MixedStream):
         wanted: dict[tuple[int, int], list[int]] = {}
         for source, shard, locator, _ in refs:
             wanted.setdefault((source, shard), []).append(locator)
-        found = {key: self.plan.catalogs[key[0]].fetch(self.plan.shards[key[0]][key[1]], locators,
-                                                       self.plan.num_classes)
-                 for key, locators in wanted.items()}
+        found = {
+            key: self.plan.catalogs[key[0]].fetch(self.plan.shards[key[0]][key[1]], locators, self.plan.num_classes)
+            for key, locators in wanted.items()
+        }
         buffer = []
         for source, shard, locator, epoch in refs:
             record = found[(source, shard)].get(locator)
             if record is None or record.bad is not None:
-                raise DataSpecError(f"data cursor: buffered sample {locator} of {self.plan.shards[source][shard].key} "
-                                    f"cannot be read back; the source changed since the checkpoint")
+                raise DataSpecError(
+                    f"data cursor: buffered sample {locator} of {self.plan.shards[source][shard].key} "
+                    f"cannot be read back; the source changed since the checkpoint"
+                )
             buffer.append(((record, self.plan.shards[source][shard], epoch), source))
         return buffer
 
@@ -257,8 +280,10 @@ class ImageStream(MixedStream):
         key = (shard.number, epoch)
         cached = self._orders.get(shard.source_index)
         if cached is None or cached[0] != key:  # one per source: the shard being read
-            cached = self._orders[shard.source_index] = (key, _shard_order(shard.size, self.spec.seed,
-                                                                            shard.source_index, *key))
+            cached = self._orders[shard.source_index] = (
+                key,
+                _shard_order(shard.size, self.spec.seed, shard.source_index, *key),
+            )
         return cached[1]
 
     def _read(self, j: int, shard: ImageShard, cursor: dict) -> Iterator[tuple[RawRecord, ImageShard, int]]:
@@ -286,15 +311,23 @@ class ImageStream(MixedStream):
                 self.count_bad(record.bad, record.where, record.location)
                 continue
             self.state["stats"]["images"] += 1
-            pixels = (train_transform(image, self.spec, self.stream, index) if self.spec.train
-                      else eval_transform(image, self.spec))
+            pixels = (
+                train_transform(image, self.spec, self.stream, index)
+                if self.spec.train
+                else eval_transform(image, self.spec)
+            )
             return pixels, record.label, j, epoch
 
     def next_batch(self, micro_batch_size: int) -> dict:
         pixels, labels, sources, epochs = zip(*(self.next_sample() for _ in range(micro_batch_size)), strict=True)
-        return {"pixel_values": torch.from_numpy(np.stack(pixels)), "labels": torch.tensor(labels, dtype=torch.long),
-                "source": torch.tensor(sources), "epoch": torch.tensor(epochs), "stream": self.stream,
-                "state": self.snapshot()}
+        return {
+            "pixel_values": torch.from_numpy(np.stack(pixels)),
+            "labels": torch.tensor(labels, dtype=torch.long),
+            "source": torch.tensor(sources),
+            "epoch": torch.tensor(epochs),
+            "stream": self.stream,
+            "state": self.snapshot(),
+        }
 
 
 # ---------------------------------------------------------------------------------------------------- a rank's loader
@@ -320,29 +353,45 @@ class ImageLoader(StreamLoader):
 def inspect_images(spec: ImageDataSpec, world_size: int = 1, samples: int = 3, seconds: float = 3.0) -> str:
     """``crate data inspect`` for an image spec: sources and shards, a few samples, throughput, bad records."""
     plan = build_image_plan(spec, world_size)
-    transform = (f"train: random-resized-crop scale {list(spec.crop_scale)} ratio "
-                 f"[{spec.crop_ratio[0]:.3f}, {spec.crop_ratio[1]:.3f}]{' + hflip' if spec.hflip else ''}"
-                 if spec.train else f"eval: resize (crop fraction {spec.eval_crop_fraction}) + center crop")
-    lines = [f"fingerprint {plan.fingerprint}; {spec.channels}x{spec.image_size}x{spec.image_size}, {transform}; "
-             f"mean {list(spec.mean)} std {list(spec.std)}; {plan.num_classes} classes",
-             f"{plan.num_streams} streams (world size {world_size} x {spec.streams_per_rank}); shuffle buffer "
-             f"{spec.shuffle_buffer} samples"]
+    transform = (
+        f"train: random-resized-crop scale {list(spec.crop_scale)} ratio "
+        f"[{spec.crop_ratio[0]:.3f}, {spec.crop_ratio[1]:.3f}]{' + hflip' if spec.hflip else ''}"
+        if spec.train
+        else f"eval: resize (crop fraction {spec.eval_crop_fraction}) + center crop"
+    )
+    lines = [
+        f"fingerprint {plan.fingerprint}; {spec.channels}x{spec.image_size}x{spec.image_size}, {transform}; "
+        f"mean {list(spec.mean)} std {list(spec.std)}; {plan.num_classes} classes",
+        f"{plan.num_streams} streams (world size {world_size} x {spec.streams_per_rank}); shuffle buffer "
+        f"{spec.shuffle_buffer} samples",
+    ]
     for index, (source, weight) in enumerate(zip(spec.sources, spec.weights, strict=True)):
         catalog = plan.catalogs[index]
         names = catalog.class_names
-        classes = (f"{len(names)} classes ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" if names
-                   else "classes unnamed")
-        lines.append(f"source {index}: {source.label} ({source.kind}, weight {weight:.3f}): "
-                     f"{len(plan.shards[index])} shards; stream 0 reads {len(plan.stream_shards(0, index))}; {classes}")
+        classes = (
+            f"{len(names)} classes ({', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+            if names
+            else "classes unnamed"
+        )
+        lines.append(
+            f"source {index}: {source.label} ({source.kind}, weight {weight:.3f}): "
+            f"{len(plan.shards[index])} shards; stream 0 reads {len(plan.stream_shards(0, index))}; {classes}"
+        )
     stream = ImageStream(plan, 0)
     for number in range(samples):
         pixels, label, source, epoch = stream.next_sample()
         names = plan.catalogs[source].class_names
         name = f" ({names[label]})" if names and label < len(names) else ""
-        lines.append(f"sample {number}: label {label}{name}, source {source}, epoch {epoch}, shape "
-                     f"{list(pixels.shape)}, mean {pixels.mean():+.3f} std {pixels.std():.3f} min {pixels.min():+.3f} "
-                     f"max {pixels.max():+.3f}")
-    lines += inspect_tail(stream, stream.next_sample, seconds, lambda n, elapsed: f"{n / elapsed:,.0f} images/s",
-                          lambda stats: f"{stats['images']:,} images, {sum(stats['bad'].values())} bad records "
-                                        f"{stats['bad'] or ''}")
+        lines.append(
+            f"sample {number}: label {label}{name}, source {source}, epoch {epoch}, shape "
+            f"{list(pixels.shape)}, mean {pixels.mean():+.3f} std {pixels.std():.3f} min {pixels.min():+.3f} "
+            f"max {pixels.max():+.3f}"
+        )
+    lines += inspect_tail(
+        stream,
+        stream.next_sample,
+        seconds,
+        lambda n, elapsed: f"{n / elapsed:,.0f} images/s",
+        lambda stats: f"{stats['images']:,} images, {sum(stats['bad'].values())} bad records {stats['bad'] or ''}",
+    )
     return "\n".join(lines)

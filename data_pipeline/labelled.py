@@ -21,9 +21,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from pydantic import Field, ValidationInfo, field_validator
 
-import torch
 from .errors import DataSpecError
 from .fetch import fetch_rotten_tomatoes
 from .spec import DataModel, SourceModel, require_mapping, source_list, validate_spec, with_default_split
@@ -45,8 +45,13 @@ def _rotten_tomatoes_rows() -> tuple[dict, ...]:
     rows = []
     for row in csv.DictReader(io.StringIO(text)):
         if row["category"] in ROTTEN_TOMATOES_LABELS and row["text"].strip():
-            rows.append({"text": row["text"].strip(), "label": ROTTEN_TOMATOES_LABELS.index(row["category"]),
-                         "movie": row["movie_name"]})
+            rows.append(
+                {
+                    "text": row["text"].strip(),
+                    "label": ROTTEN_TOMATOES_LABELS.index(row["category"]),
+                    "movie": row["movie_name"],
+                }
+            )
     return tuple(rows)
 
 
@@ -130,8 +135,12 @@ class LabelledTextSpec(DataModel):
     def _label_names(cls, value: Any) -> Any:
         if value is None:
             return None
-        if not isinstance(value, (list, tuple)) or len(value) < 2 or not all(isinstance(x, str) for x in value) \
-                or len(set(value)) != len(value):
+        if (
+            not isinstance(value, (list, tuple))
+            or len(value) < 2
+            or not all(isinstance(x, str) for x in value)
+            or len(set(value)) != len(value)
+        ):
             raise ValueError(f"must be a list of at least 2 distinct names, got {value!r}")
         return tuple(value)
 
@@ -175,10 +184,11 @@ def _records(source: LabelledSourceSpec, spec: LabelledTextSpec):
     with open(path, encoding="utf-8", newline="") as handle:
         if suffix == ".csv":
             reader = csv.DictReader(handle)
-            if reader.fieldnames is None or text_field not in reader.fieldnames \
-                    or label_field not in reader.fieldnames:
-                raise DataSpecError(f"{path}: the CSV header must name the columns {text_field!r} and "
-                                    f"{label_field!r} (got {reader.fieldnames})")
+            if reader.fieldnames is None or text_field not in reader.fieldnames or label_field not in reader.fieldnames:
+                raise DataSpecError(
+                    f"{path}: the CSV header must name the columns {text_field!r} and "
+                    f"{label_field!r} (got {reader.fieldnames})"
+                )
             for row in reader:
                 yield f"{path}:{reader.line_num}", row.get(text_field), row.get(label_field)
         elif suffix == ".jsonl":
@@ -220,8 +230,9 @@ def read_labelled(spec: LabelledTextSpec, label_names: tuple[str, ...] | None = 
     texts, labels, bad, locations = [], [], {}, []
     for location, text, label in rows:
         label_id = _label_id(label, names)
-        reason = ("empty_text" if not isinstance(text, str) or not text.strip() else
-                  "bad_label" if label_id is None else None)
+        reason = (
+            "empty_text" if not isinstance(text, str) or not text.strip() else "bad_label" if label_id is None else None
+        )
         if reason:
             bad[reason] = bad.get(reason, 0) + 1
             if len(locations) < 5:
@@ -232,8 +243,10 @@ def read_labelled(spec: LabelledTextSpec, label_names: tuple[str, ...] | None = 
     if not texts:
         raise DataSpecError(f"data: no usable examples in {[s.name for s in spec.sources]} ({bad or 'empty'})")
     if sum(bad.values()) > spec.max_bad_fraction * len(rows):
-        raise DataSpecError(f"data: {sum(bad.values())} of {len(rows)} records are bad ({bad}), more than "
-                            f"data.max_bad_fraction={spec.max_bad_fraction}; first: {locations[0]}")
+        raise DataSpecError(
+            f"data: {sum(bad.values())} of {len(rows)} records are bad ({bad}), more than "
+            f"data.max_bad_fraction={spec.max_bad_fraction}; first: {locations[0]}"
+        )
     if len(names) < 2:
         raise DataSpecError(f"data.labels: the data has {len(names)} label(s) {list(names)}; need at least 2")
     return LabelledExamples(texts, labels, tuple(names), bad, locations)
@@ -266,6 +279,6 @@ def pad_batch(encoded: list[list[int]], labels: list[int], pad_token_id: int) ->
     input_ids = torch.full((len(encoded), width), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros((len(encoded), width), dtype=torch.long)
     for row, ids in enumerate(encoded):
-        input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
-        attention_mask[row, :len(ids)] = 1
+        input_ids[row, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+        attention_mask[row, : len(ids)] = 1
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": torch.tensor(labels)}

@@ -78,8 +78,10 @@ def _file_format(source: SourceSpec, path: Path, where: str) -> str:
         return source.format
     fmt = SUFFIX_FORMATS.get(path.suffix.lower())
     if fmt is None:
-        raise DataSpecError(f"{where}.format: cannot infer the format of {path} (suffix {path.suffix!r}); "
-                            f"set format to one of {sorted(set(SUFFIX_FORMATS.values()))}")
+        raise DataSpecError(
+            f"{where}.format: cannot infer the format of {path} (suffix {path.suffix!r}); "
+            f"set format to one of {sorted(set(SUFFIX_FORMATS.values()))}"
+        )
     return fmt
 
 
@@ -120,8 +122,18 @@ def discover_shards(spec: TextDataSpec, source_index: int) -> list[Shard]:
         size = path.stat().st_size
         pieces = math.ceil(spec.min_shards * size / total) if total else 1
         for start, end in _byte_ranges(size, pieces):
-            shards.append(Shard(source_index, f"{path}#{start}-{end}", "lines", str(path), start, end,
-                                source.text_field, jsonl=fmt == "jsonl"))
+            shards.append(
+                Shard(
+                    source_index,
+                    f"{path}#{start}-{end}",
+                    "lines",
+                    str(path),
+                    start,
+                    end,
+                    source.text_field,
+                    jsonl=fmt == "jsonl",
+                )
+            )
     if not shards:
         raise DataSpecError(f"{where}: the source {source.label!r} holds no data")
     return shards
@@ -131,15 +143,22 @@ def _parquet_shards(source: SourceSpec, source_index: int, path: Path) -> list[S
     import pyarrow.parquet as pq
 
     groups = pq.ParquetFile(path).metadata.num_row_groups
-    return [Shard(source_index, f"{path}@rg{g}", "parquet", str(path), g, g + 1, source.text_field)
-            for g in range(groups)]
+    return [
+        Shard(source_index, f"{path}@rg{g}", "parquet", str(path), g, g + 1, source.text_field) for g in range(groups)
+    ]
 
 
 def _open_hf(source: SourceSpec):
     import datasets
 
-    return datasets.load_dataset(source.hf, source.config, split=source.split, streaming=True,
-                                 data_dir=source.data_dir, data_files=source.data_files)
+    return datasets.load_dataset(
+        source.hf,
+        source.config,
+        split=source.split,
+        streaming=True,
+        data_dir=source.data_dir,
+        data_files=source.data_files,
+    )
 
 
 def _hf_shards(source: SourceSpec, source_index: int, where: str) -> list[Shard]:
@@ -148,8 +167,18 @@ def _hf_shards(source: SourceSpec, source_index: int, where: str) -> list[Shard]
     except Exception as error:  # datasets raises many types; the user needs the name and the reason
         raise DataSpecError(f"{where}.hf: cannot open {source.label!r}: {str(error).splitlines()[0]}") from None
     count = dataset.num_shards
-    return [Shard(source_index, f"hf:{source.label}#{i}/{count}", "hf", None, text_field=source.text_field,
-                  hf_index=i, hf_count=count) for i in range(count)]
+    return [
+        Shard(
+            source_index,
+            f"hf:{source.label}#{i}/{count}",
+            "hf",
+            None,
+            text_field=source.text_field,
+            hf_index=i,
+            hf_count=count,
+        )
+        for i in range(count)
+    ]
 
 
 def fingerprint(spec: TextDataSpec, shards: list[list[Shard]]) -> str:
@@ -243,15 +272,16 @@ def _read_txt_file(shard: Shard, position: int | None) -> Iterator[Document]:
     except UnicodeDecodeError:
         yield Document(0, None, "invalid_utf8", line=1, path=shard.path)
         return
-    yield Document(0, text if text.strip() else None, None if text.strip() else "empty_document",
-                   path=shard.path)
+    yield Document(0, text if text.strip() else None, None if text.strip() else "empty_document", path=shard.path)
 
 
 def _read_json_array(shard: Shard, position: int | None) -> Iterator[Document]:
     try:
         records = json.loads(Path(shard.path).read_bytes().decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as error:
-        raise DataSpecError(f"{shard.path}: not a JSON array file ({error}); use .jsonl for one record per line")
+        raise DataSpecError(
+            f"{shard.path}: not a JSON array file ({error}); use .jsonl for one record per line"
+        ) from None
     if not isinstance(records, list):
         raise DataSpecError(f"{shard.path}: a .json source must hold a JSON array of records")
     for index in range(position or 0, len(records)):

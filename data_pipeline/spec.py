@@ -40,8 +40,12 @@ FORMATS = ("jsonl", "json", "txt", "parquet")
 TXT_UNITS = ("file", "line")
 
 # pydantic's type errors, in the words the messages have always used
-_TYPE_WORDS = {"int_type": "an integer", "float_type": "a number", "string_type": "a string",
-               "bool_type": "true or false"}
+_TYPE_WORDS = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "string_type": "a string",
+    "bool_type": "true or false",
+}
 _FIELD_ERROR = "data_field"  # an error a model validator reports on one of its fields (ctx: field, message)
 
 
@@ -145,8 +149,10 @@ def source_list(value: Any, shorthand) -> Any:
 
 def with_default_split(sources: tuple, split: str, origins: tuple[str, ...]) -> tuple:
     """The sources with ``split`` set where it was not given, for the origins that have splits."""
-    return tuple(source.model_copy(update={"split": split})
-                 if source.split is None and source.kind in origins else source for source in sources)
+    return tuple(
+        source.model_copy(update={"split": split}) if source.split is None and source.kind in origins else source
+        for source in sources
+    )
 
 
 def normalized_weights(sources) -> list[float]:

@@ -68,7 +68,8 @@ def check_every_stream_gets_data(spec, shards, world_size: int) -> None:
             raise DataSpecError(
                 f"data.sources[{index}]: {spec.sources[index].label!r} has {len(source_shards)} shards but the run "
                 f"has {streams} streams (world size {world_size} x data.streams_per_rank "
-                f"{spec.streams_per_rank}); lower data.streams_per_rank, raise data.min_shards, or add files")
+                f"{spec.streams_per_rank}); lower data.streams_per_rank, raise data.min_shards, or add files"
+            )
 
 
 # ---------------------------------------------------------------------------------------------------- randomness
@@ -108,8 +109,10 @@ def check_bad_fraction(stats: dict, max_fraction: float, good_key: str) -> None:
     records = bad + stats[good_key]
     if records >= MIN_RECORDS_FOR_BAD_FRACTION and bad > max_fraction * records:
         worst = max(stats["bad_files"].items(), key=lambda item: sum(item[1]["counts"].values()))
-        raise BadDataError(f"data.max_bad_fraction={max_fraction} exceeded: {bad} bad of {records} records "
-                           f"({stats['bad']}); worst file {worst[0]}: {worst[1]['first']}")
+        raise BadDataError(
+            f"data.max_bad_fraction={max_fraction} exceeded: {bad} bad of {records} records "
+            f"({stats['bad']}); worst file {worst[0]}: {worst[1]['first']}"
+        )
 
 
 def merge_stats(all_stats: list[dict], counters: tuple[str, ...] = ()) -> dict:
@@ -156,10 +159,13 @@ class MixedStream:
         self.cumulative = np.cumsum(self.spec.weights)
 
     def initial_state(self) -> dict:
-        return {"sources": [{"epoch": 0, "shard": 0, **self.SHARD_START} for _ in self.spec.sources],
-                "mixed": 0,  # items drawn from the sources (the mixing counter)
-                "emitted": 0,  # items given out (the shuffle counter; images: the augmentation counter)
-                **self._buffer_state([]), "stats": new_stats(self.COUNTERS)}
+        return {
+            "sources": [{"epoch": 0, "shard": 0, **self.SHARD_START} for _ in self.spec.sources],
+            "mixed": 0,  # items drawn from the sources (the mixing counter)
+            "emitted": 0,  # items given out (the shuffle counter; images: the augmentation counter)
+            **self._buffer_state([]),
+            "stats": new_stats(self.COUNTERS),
+        }
 
     # --- per kind
 
@@ -192,9 +198,11 @@ class MixedStream:
                     yield item
                 cursor.update(shard=cursor["shard"] + 1, **self.SHARD_START)
             if whole_epoch and not good:  # looping on would never yield
-                raise BadDataError(f"data.sources[{j}]: {self.spec.sources[j].label!r}: stream {self.stream} read "
-                                   f"all its {len(shards)} shards and found no usable {self.ITEM} "
-                                   f"({self.state['stats']['bad']})")
+                raise BadDataError(
+                    f"data.sources[{j}]: {self.spec.sources[j].label!r}: stream {self.stream} read "
+                    f"all its {len(shards)} shards and found no usable {self.ITEM} "
+                    f"({self.state['stats']['bad']})"
+                )
             whole_epoch = True
             cursor.update(epoch=cursor["epoch"] + 1, shard=0)
 
@@ -238,8 +246,15 @@ class _RankStreams(IterableDataset):
     """The logical streams of one rank, run round-robin; with DataLoader workers, worker ``w`` of ``W`` runs the
     streams ``s % W == w`` so that batch ``n`` of the rank comes from stream ``(consumed + n) % S``."""
 
-    def __init__(self, new_stream: Callable[..., MixedStream], plan, rank: int, micro_batch_size: int, states: dict,
-                 consumed: int):
+    def __init__(
+        self,
+        new_stream: Callable[..., MixedStream],
+        plan,
+        rank: int,
+        micro_batch_size: int,
+        states: dict,
+        consumed: int,
+    ):
         self.new_stream, self.plan, self.rank = new_stream, plan, rank
         self.micro_batch_size, self.states, self.consumed = micro_batch_size, states, consumed
 
@@ -286,28 +301,41 @@ class StreamLoader:
 
     def _meta(self) -> dict:
         spec = self.plan.spec
-        return {"fingerprint": self.plan.fingerprint, "world_size": self.plan.world_size, "rank": self.rank,
-                "streams_per_rank": spec.streams_per_rank, "seed": spec.seed,
-                "micro_batch_size": self.micro_batch_size, "weights": spec.weights,
-                "shuffle_buffer": spec.shuffle_buffer, **self._specific_meta()}
+        return {
+            "fingerprint": self.plan.fingerprint,
+            "world_size": self.plan.world_size,
+            "rank": self.rank,
+            "streams_per_rank": spec.streams_per_rank,
+            "seed": spec.seed,
+            "micro_batch_size": self.micro_batch_size,
+            "weights": spec.weights,
+            "shuffle_buffer": spec.shuffle_buffer,
+            **self._specific_meta(),
+        }
 
     def _check_resumable(self, state: dict) -> None:
         saved, now = state.get("meta", {}), self._meta()
         if saved.get("fingerprint") != now["fingerprint"]:
-            raise DataSpecError(f"data cursor: the sources changed since the checkpoint (fingerprint "
-                                f"{saved.get('fingerprint')} -> {now['fingerprint']}); refusing to resume a different "
-                                f"stream — restore the data or start a new run")
+            raise DataSpecError(
+                f"data cursor: the sources changed since the checkpoint (fingerprint "
+                f"{saved.get('fingerprint')} -> {now['fingerprint']}); refusing to resume a different "
+                f"stream — restore the data or start a new run"
+            )
         for key, value in now.items():
             if key != "fingerprint" and saved.get(key) != value:
-                raise DataSpecError(f"data cursor: {key} was {saved.get(key)} at the checkpoint and is {value} "
-                                    f"now; resuming needs the same value (a changed world size is refused, see "
-                                    f"docs/data.md)")
+                raise DataSpecError(
+                    f"data cursor: {key} was {saved.get(key)} at the checkpoint and is {value} "
+                    f"now; resuming needs the same value (a changed world size is refused, see "
+                    f"docs/data.md)"
+                )
 
     def __iter__(self):
-        dataset = _RankStreams(self._new_stream, self.plan, self.rank, self.micro_batch_size, self.states,
-                               self.consumed)
-        loader = DataLoader(dataset, batch_size=None, num_workers=self.num_workers,
-                            prefetch_factor=2 if self.num_workers else None)
+        dataset = _RankStreams(
+            self._new_stream, self.plan, self.rank, self.micro_batch_size, self.states, self.consumed
+        )
+        loader = DataLoader(
+            dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=2 if self.num_workers else None
+        )
         first_stream = self.rank * self.plan.spec.streams_per_rank
         for batch in loader:
             # Batches carry their global stream id; the cursor is keyed by this rank's local stream index.
@@ -326,8 +354,13 @@ class StreamLoader:
 # ---------------------------------------------------------------------------------------------------- inspect
 
 
-def inspect_tail(stream: MixedStream, produce: Callable[[], Any], seconds: float, rate: Callable[[int, float], str],
-                 passed: Callable[[dict], str]) -> list[str]:
+def inspect_tail(
+    stream: MixedStream,
+    produce: Callable[[], Any],
+    seconds: float,
+    rate: Callable[[int, float], str],
+    passed: Callable[[dict], str],
+) -> list[str]:
     """The end of a ``crate data inspect`` report: throughput of ``produce`` on one stream for ``seconds``, what
     the stream passed so far (``passed(stats)``) and its bad records per file."""
     started, produced = time.perf_counter(), 0
@@ -335,8 +368,10 @@ def inspect_tail(stream: MixedStream, produce: Callable[[], Any], seconds: float
         produce()
         produced += 1
     stats = stream.state["stats"]
-    lines = [f"throughput: {rate(produced, time.perf_counter() - started)} from one stream (one process)",
-             f"passed so far: {passed(stats)}"]
+    lines = [
+        f"throughput: {rate(produced, time.perf_counter() - started)} from one stream (one process)",
+        f"passed so far: {passed(stats)}",
+    ]
     for where, entry in stats["bad_files"].items():
         lines.append(f"  {where}: {entry['counts']} first at {entry['first']}")
     return lines

@@ -57,8 +57,11 @@ def build_plan(spec: TextDataSpec, world_size: int) -> StreamPlan:
 
 
 def count_bad_document(stats: dict, shard: Shard, document: Document) -> None:
-    location = (f"line {line_number(shard.path, document.position)}" if shard.reader == "lines"
-                else f"record {document.position}")
+    location = (
+        f"line {line_number(shard.path, document.position)}"
+        if shard.reader == "lines"
+        else f"record {document.position}"
+    )
     count_bad(stats, document.bad, document.path or shard.path or shard.key, location)
 
 
@@ -66,8 +69,10 @@ def count_bad_document(stats: dict, shard: Shard, document: Document) -> None:
 
 
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
-PROBE_TEXT = ("Hello world, it's 2026! Ça va? 東京 ελληνικά  \n\n\tspaces   and\ttabs -- 'quotes' \"x\" 3.14159 "
-              "emoji 🙂👍🏽, don't, I'll, we've, they're; <tag attr=\"1\"/> ____ ... ???")
+PROBE_TEXT = (
+    "Hello world, it's 2026! Ça va? 東京 ελληνικά  \n\n\tspaces   and\ttabs -- 'quotes' \"x\" 3.14159 "
+    "emoji 🙂👍🏽, don't, I'll, we've, they're; <tag attr=\"1\"/> ____ ... ???"
+)
 
 
 def _gpt2_tiktoken(tokenizer):
@@ -85,8 +90,12 @@ def _gpt2_tiktoken(tokenizer):
     ranks_path = cache_dir() / "gpt2" / "gpt2.tiktoken"
     if not ranks_path.is_file():
         return None
-    encoding = tiktoken.Encoding(name="gpt2-local", pat_str=GPT2_PATTERN, mergeable_ranks=load_tiktoken_bpe(
-        str(ranks_path)), special_tokens={"<|endoftext|>": 50256})
+    encoding = tiktoken.Encoding(
+        name="gpt2-local",
+        pat_str=GPT2_PATTERN,
+        mergeable_ranks=load_tiktoken_bpe(str(ranks_path)),
+        special_tokens={"<|endoftext|>": 50256},
+    )
     reference = tokenizer.backend_tokenizer.encode(PROBE_TEXT, add_special_tokens=False).ids
     return encoding if encoding.encode_ordinary(PROBE_TEXT) == reference else None
 
@@ -101,8 +110,9 @@ class Tokenize:
     def __init__(self, tokenizer, eos_token_id: int | None = None):
         backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
         if not hasattr(backend, "encode_batch_fast"):
-            raise DataSpecError("tokenizer: a fast (Rust) tokenizer is required (PreTrainedTokenizerFast or "
-                                "tokenizers.Tokenizer)")
+            raise DataSpecError(
+                "tokenizer: a fast (Rust) tokenizer is required (PreTrainedTokenizerFast or tokenizers.Tokenizer)"
+            )
         self.backend = backend
         eos = eos_token_id if eos_token_id is not None else getattr(tokenizer, "eos_token_id", None)
         if eos is None:
@@ -127,8 +137,16 @@ class Tokenize:
         return [np.concatenate([np.asarray(doc, dtype=np.int32), eos]) for doc in ids]
 
 
-def pack_shard(shard: Shard, tokenize: Tokenize, seq_len: int, stats: dict, position: int | None = None,
-               skip: int = 0, batch_docs: int = 64, source=None) -> Iterator[tuple[np.ndarray, tuple[int, int]]]:
+def pack_shard(
+    shard: Shard,
+    tokenize: Tokenize,
+    seq_len: int,
+    stats: dict,
+    position: int | None = None,
+    skip: int = 0,
+    batch_docs: int = 64,
+    source=None,
+) -> Iterator[tuple[np.ndarray, tuple[int, int]]]:
     """Packed blocks of one shard, each with the cursor ``(position, skip)`` to resume right after it.
 
     ``(position, skip)`` names the first document not fully emitted and how many of its tokens were (``-1``: the
@@ -179,7 +197,7 @@ def pack_shard(shard: Shard, tokenize: Tokenize, seq_len: int, stats: dict, posi
         flat = np.concatenate(chunks) if len(chunks) > 1 else chunks[0]
         cut = 0
         while buffered - cut >= seq_len:
-            block = flat[cut:cut + seq_len]
+            block = flat[cut : cut + seq_len]
             cut += seq_len
             consumed = seq_len
             while consumed:
@@ -225,8 +243,16 @@ class LogicalStream(MixedStream):
 
     def _read(self, j: int, shard: Shard, cursor: dict) -> Iterator[tuple[np.ndarray, int]]:
         stats = self.state["stats"]
-        blocks = pack_shard(shard, self.tokenize, self.spec.seq_len, stats, cursor["position"], cursor["skip"],
-                            self.spec.tokenize_batch_docs, self.spec.sources[j])
+        blocks = pack_shard(
+            shard,
+            self.tokenize,
+            self.spec.seq_len,
+            stats,
+            cursor["position"],
+            cursor["skip"],
+            self.spec.tokenize_batch_docs,
+            self.spec.sources[j],
+        )
         for block, (position, skip) in blocks:
             cursor["position"], cursor["skip"] = position, skip
             check_bad_fraction(stats, self.spec.max_bad_fraction, self.GOOD)
@@ -236,9 +262,14 @@ class LogicalStream(MixedStream):
         return item[0].copy(), item[1]
 
     def _buffer_state(self, buffer: list) -> dict:
-        return {"buffer": (np.stack([item[0] for item, _ in buffer]) if buffer
-                           else np.zeros((0, self.spec.seq_len), dtype=np.int32)),  # the blocks
-                "buffer_origin": [(j, item[1]) for item, j in buffer]}  # (source, epoch) of each block
+        return {
+            "buffer": (
+                np.stack([item[0] for item, _ in buffer])
+                if buffer
+                else np.zeros((0, self.spec.seq_len), dtype=np.int32)
+            ),  # the blocks
+            "buffer_origin": [(j, item[1]) for item, j in buffer],
+        }  # (source, epoch) of each block
 
     def _restore_buffer(self, state: dict) -> list:
         return [((block, epoch), j) for block, (j, epoch) in zip(state["buffer"], state["buffer_origin"], strict=True)]
@@ -251,8 +282,14 @@ class LogicalStream(MixedStream):
     def next_batch(self, micro_batch_size: int) -> dict:
         blocks, sources, epochs = zip(*(self.next_block() for _ in range(micro_batch_size)), strict=True)
         input_ids = torch.from_numpy(np.stack(blocks).astype(np.int64))
-        return {"input_ids": input_ids, "labels": input_ids.clone(), "source": torch.tensor(sources),
-                "epoch": torch.tensor(epochs), "stream": self.stream, "state": self.snapshot()}
+        return {
+            "input_ids": input_ids,
+            "labels": input_ids.clone(),
+            "source": torch.tensor(sources),
+            "epoch": torch.tensor(epochs),
+            "stream": self.stream,
+            "state": self.snapshot(),
+        }
 
 
 # ---------------------------------------------------------------------------------------------------- a rank's loader
@@ -267,8 +304,16 @@ class TextLoader(StreamLoader):
     OUTPUT_KEYS = ("input_ids", "labels", "source", "epoch")
     COUNTERS = TEXT_COUNTERS
 
-    def __init__(self, plan: StreamPlan, tokenizer, rank: int, micro_batch_size: int, num_workers: int = 0,
-                 state: dict | None = None, eos_token_id: int | None = None):
+    def __init__(
+        self,
+        plan: StreamPlan,
+        tokenizer,
+        rank: int,
+        micro_batch_size: int,
+        num_workers: int = 0,
+        state: dict | None = None,
+        eos_token_id: int | None = None,
+    ):
         self.tokenize = Tokenize(tokenizer, eos_token_id)
         self._new_stream = functools.partial(LogicalStream, tokenize=self.tokenize)  # picklable, for workers
         super().__init__(plan, rank, micro_batch_size, num_workers, state)

@@ -83,13 +83,16 @@ ROTTEN_TOMATOES = "rotten-tomatoes"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="an HF checkpoint directory (with its tokenizer)")
     parser.add_argument("--task", choices=TASKS, default="sequence-classification")
-    parser.add_argument("--data", default=ROTTEN_TOMATOES,
-                        help="rotten-tomatoes, a labelled .csv/.jsonl/.json file (classification) or a text/.jsonl "
-                             "file (causal LM)")
+    parser.add_argument(
+        "--data",
+        default=ROTTEN_TOMATOES,
+        help="rotten-tomatoes, a labelled .csv/.jsonl/.json file (classification) or a text/.jsonl file (causal LM)",
+    )
     parser.add_argument("--eval-data", default=None, help="held-out data in --data's format (default: see above)")
     parser.add_argument("--output", required=True, help="where the fine-tuned model (or adapter) is saved")
     parser.add_argument("--max-steps", type=int, default=300)
@@ -152,7 +155,7 @@ def token_blocks(documents: list[str], tokenizer, length: int) -> list[list[int]
     for encoded in tokenizer(documents, verbose=False)["input_ids"]:  # (no warning: longer than the model takes)
         ids.extend(encoded)
         ids.append(tokenizer.eos_token_id)
-    return [ids[i:i + length] for i in range(0, len(ids) - length + 1, length)]
+    return [ids[i : i + length] for i in range(0, len(ids) - length + 1, length)]
 
 
 def causal_lm_data(args, tokenizer):
@@ -165,8 +168,10 @@ def causal_lm_data(args, tokenizer):
         train, held_out = train[:cut], train[cut:]
     if not train or not held_out:
         raise SystemExit(f"--data: too little text for blocks of --max-length {args.max_length} tokens")
-    return ([{"input_ids": b, "labels": list(b)} for b in train],
-            [{"input_ids": b, "labels": list(b)} for b in held_out])
+    return (
+        [{"input_ids": b, "labels": list(b)} for b in train],
+        [{"input_ids": b, "labels": list(b)} for b in held_out],
+    )
 
 
 # ------------------------------------------------------------------------------------------------------------ model
@@ -198,13 +203,19 @@ def load_model(args, tokenizer, label_names: tuple[str, ...] | None = None):
 
     if args.task == "sequence-classification":
         model = AutoModelForSequenceClassification.from_pretrained(
-            args.model, num_labels=len(label_names), id2label=dict(enumerate(label_names)),
-            label2id={name: i for i, name in enumerate(label_names)}, pad_token_id=tokenizer.pad_token_id)
+            args.model,
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={name: i for i, name in enumerate(label_names)},
+            pad_token_id=tokenizer.pad_token_id,
+        )
     else:
         model = AutoModelForCausalLM.from_pretrained(args.model)
     if args.max_length > getattr(model.config, "max_position_embeddings", args.max_length):
-        raise SystemExit(f"--max-length {args.max_length} exceeds the model's max_position_embeddings "
-                         f"({model.config.max_position_embeddings})")
+        raise SystemExit(
+            f"--max-length {args.max_length} exceeds the model's max_position_embeddings "
+            f"({model.config.max_position_embeddings})"
+        )
     if args.lora:
         from peft import LoraConfig, TaskType, get_peft_model
 
@@ -249,8 +260,14 @@ def distributed_setup(args) -> dict:
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        os.environ.update(
+            RANK="0",
+            LOCAL_RANK="0",
+            WORLD_SIZE="1",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+        )
     if not (args.use_cpu or _no_accelerator()):
         return {}
     if not args.deepspeed:
@@ -312,8 +329,15 @@ def build_trainer(args):
         average_tokens_across_devices=args.task == "causal-lm",
         **distributed_setup(args),
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=train, eval_dataset=held_out,
-                      data_collator=collator, processing_class=tokenizer, compute_metrics=compute_metrics)
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=train,
+        eval_dataset=held_out,
+        data_collator=collator,
+        processing_class=tokenizer,
+        compute_metrics=compute_metrics,
+    )
     return trainer, tokenizer
 
 
@@ -340,9 +364,14 @@ def save(trainer, tokenizer, args) -> None:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     trainer, tokenizer = build_trainer(args)
-    metrics: dict = {"task": args.task, "model": args.model, "lora": args.lora,
-                     "deepspeed": args.deepspeed, "world_size": trainer.args.world_size,
-                     "distributed_type": trainer.accelerator.distributed_type.value}
+    metrics: dict = {
+        "task": args.task,
+        "model": args.model,
+        "lora": args.lora,
+        "deepspeed": args.deepspeed,
+        "world_size": trainer.args.world_size,
+        "distributed_type": trainer.accelerator.distributed_type.value,
+    }
     if args.eval_before:
         metrics.update(evaluation(trainer, args, "initial_eval"))
     result = trainer.train()

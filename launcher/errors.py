@@ -40,9 +40,14 @@ class ClusterError(CrateError, RuntimeError):
 class OutOfMemoryError(CrateError, RuntimeError):
     """The accelerator ran out of memory; the message names the knobs that lower the footprint."""
 
-    KNOBS = ("train.micro_batch_size (keep global_batch_size: more accumulation steps)",
-             "train.activation_checkpointing: true", "zero.stage: 2 or 3", "zero.offload_optimizer: true",
-             "zero.offload_params: true (ZeRO-3)", "data.seq_len")
+    KNOBS = (
+        "train.micro_batch_size (keep global_batch_size: more accumulation steps)",
+        "train.activation_checkpointing: true",
+        "zero.stage: 2 or 3",
+        "zero.offload_optimizer: true",
+        "zero.offload_params: true (ZeRO-3)",
+        "data.seq_len",
+    )
 
     @classmethod
     def during(cls, what: str, error: BaseException) -> OutOfMemoryError:

@@ -51,20 +51,30 @@ def builtin_datasets() -> dict[str, Path]:
 # its loss still sits at the unigram level, ~6.1, and full fine-tuning on Rotten Tomatoes only learns the class prior:
 # 57.7% at lr 3e-4 and 1e-3; after 600 steps, loss ~5.1, it reaches 64.3%.)
 
+
 @pytest.fixture(scope="session")
 def pretrained_lm(tmp_path_factory) -> Path:
     """The HF export of a briefly pretrained crate-tiny (tokenizer included)."""
     from tests.crate_cli import REPO, run_crate
 
     out = tmp_path_factory.mktemp("pretrained-lm") / "run"
-    run_crate("pretrain", REPO / "configs" / "lm" / "crate-tiny.yaml", out, "tokenizer=bpe:2048",
-              "train.max_steps=600", "train.eval_every=0", "train.whitebox_every=0", "train.save_every=600")
+    run_crate(
+        "pretrain",
+        REPO / "configs" / "lm" / "crate-tiny.yaml",
+        out,
+        "tokenizer=bpe:2048",
+        "train.max_steps=600",
+        "train.eval_every=0",
+        "train.whitebox_every=0",
+        "train.save_every=600",
+    )
     return out / "hf"
 
 
 # --- Markers ------------------------------------------------------------------------------------------------------
 # `gpu`: the test needs a CUDA device. Without one (this project's CI, the developers' machines) it is skipped with
 # the reason; on a GPU machine `python -m pytest -m gpu` runs only those.
+
 
 def pytest_collection_modifyitems(config, items):
     gpu_tests = [item for item in items if item.get_closest_marker("gpu")]

@@ -11,7 +11,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_crate(command: str, config: Path, output_dir: Path, *overrides: str, nproc: int = 1) -> None:
     """``crate COMMAND CONFIG output_dir=... OVERRIDES --nproc-per-node=N``; asserts it succeeds."""
-    args = [sys.executable, "-m", "launcher.cli", command, str(config), f"output_dir={output_dir}", *overrides,
-            f"--nproc-per-node={nproc}"]
+    args = [
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        command,
+        str(config),
+        f"output_dir={output_dir}",
+        *overrides,
+        f"--nproc-per-node={nproc}",
+    ]
     result = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -9,9 +9,10 @@ grouped into **families**: the sweep's ``arch`` label when there is one, else th
 Figures: loss against tokens (train and eval); final eval loss against non-embedding parameters and against
 training FLOPs, log-log, with a power law ``L = a x^-alpha`` fitted per family that has 3 or more distinct sizes
 (``launcher.analysis.scaling``); throughput and memory; downstream accuracy where the runs evaluated a classifier; the
-per-layer white-box curves (R^c, ΔR, ℓ0 non-zero fraction, Hoyer sparsity) of the last white-box step of every run side by side. The summary
-table holds each run's numbers. Training FLOPs are the tokens trained times the analytic FLOPs per token of the
-model (``launcher.architectures.flops``: 6N plus attention, CRATE's own formulas), as MFU uses.
+per-layer white-box curves (R^c, ΔR, ℓ0 non-zero fraction, Hoyer sparsity) of the last white-box step of every run
+side by side. The summary table holds each run's numbers. Training FLOPs are the tokens trained times the FLOPs per
+token of the model (the architecture registry's formula, ``launcher.architectures.flops``: 6N plus attention, CRATE's
+own formulas; or the FLOPs the run counted on its first step), as MFU uses.
 """
 
 from __future__ import annotations
@@ -86,8 +87,9 @@ def _model_facts(run_dir: Path, config) -> tuple[str, str, int | None, float | N
         length = config.data.seq_len if config.task == "causal-lm" else config.data.max_length
         per_token = training_flops_per_token(model_config, length)
     if per_token is None:  # no formula: the FLOPs the run counted on its first step (already for the frozen share)
-        counted = [row["flops_per_token"] for row in read_metrics(run_dir, kind="train")
-                   if row.get("event") == "flops_counted"]
+        counted = [
+            row["flops_per_token"] for row in read_metrics(run_dir, kind="train") if row.get("event") == "flops_counted"
+        ]
         return model_type, family, non_embedding, counted[-1] if counted else None
     return model_type, family, non_embedding, per_token * frozen_flops_fraction(config)
 
@@ -105,8 +107,14 @@ def summarize_run(run_dir: str | Path, labels: dict | None = None) -> RunSummary
     evals = [row for row in read_metrics(run_dir, kind="eval") if "loss" in row]
     start = next((row for row in reversed(train) if row.get("event") == "start"), {})
     logged = [row for row in train if "loss" in row and "event" not in row]
-    summary = RunSummary(name=run_dir.name, path=run_dir, family=(labels or {}).get("arch", family),
-                         model_type=model_type, task=config.task, labels=dict(labels or {}))
+    summary = RunSummary(
+        name=run_dir.name,
+        path=run_dir,
+        family=(labels or {}).get("arch", family),
+        model_type=model_type,
+        task=config.task,
+        labels=dict(labels or {}),
+    )
     summary.params = start.get("params")
     summary.non_embedding_params = non_embedding
     if logged:
@@ -122,8 +130,9 @@ def summarize_run(run_dir: str | Path, labels: dict | None = None) -> RunSummary
     tokens_per_step = start.get("tokens_per_step")
     if evals:
         summary.eval = {k: v for k, v in evals[-1].items() if k not in ("kind", "time")}
-        summary.eval_curve = [(row["step"] * tokens_per_step if tokens_per_step else row["step"], row["loss"])
-                              for row in evals]
+        summary.eval_curve = [
+            (row["step"] * tokens_per_step if tokens_per_step else row["step"], row["loss"]) for row in evals
+        ]
     if summary.tokens is not None and flops_per_token is not None:
         summary.flops = summary.tokens * flops_per_token
     state = [row for row in train if row.get("event") == "model_state"]
@@ -166,8 +175,10 @@ def best_over(runs: list[RunSummary], axes: list[str]) -> tuple[list[RunSummary]
         missing = [axis for axis in axes if axis not in run.labels]
         if missing:
             known = ", ".join(run.labels) or "none: not from a sweep's output_root"
-            raise InputError(f"crate compare --best-over {missing[0]}: run {run.name} has no label {missing[0]!r} "
-                             f"(its labels: {known})")
+            raise InputError(
+                f"crate compare --best-over {missing[0]}: run {run.name} has no label {missing[0]!r} "
+                f"(its labels: {known})"
+            )
         key = tuple((name, label) for name, label in run.labels.items() if name not in axes)
         groups.setdefault(key, []).append(run)
     kept, tuning = [], []
@@ -178,9 +189,13 @@ def best_over(runs: list[RunSummary], axes: list[str]) -> tuple[list[RunSummary]
             raise InputError(f"crate compare --best-over: no run of group {group} has an eval loss")
         best = min(scored, key=lambda run: run.eval["loss"])
         kept.append(best)
-        tuning.append({"group": group, "chosen": best.name,
-                       "candidates": {"-".join(run.labels[axis] for axis in axes): run.eval.get("loss")
-                                      for run in members}})
+        tuning.append(
+            {
+                "group": group,
+                "chosen": best.name,
+                "candidates": {"-".join(run.labels[axis] for axis in axes): run.eval.get("loss") for run in members},
+            }
+        )
     return kept, tuning
 
 
@@ -231,8 +246,11 @@ def _scaling_figure(runs: list[RunSummary], attribute: str, label: str, path: Pa
     figure, axis = plt.subplots(figsize=(5.5, 4))
     fits = {}
     for family, members in _families(runs).items():
-        points = [(getattr(run, attribute), run.eval["loss"]) for run in members
-                  if getattr(run, attribute) and run.eval.get("loss")]
+        points = [
+            (getattr(run, attribute), run.eval["loss"])
+            for run in members
+            if getattr(run, attribute) and run.eval.get("loss")
+        ]
         if not points:
             continue
         xs, ys = zip(*points)
@@ -241,8 +259,9 @@ def _scaling_figure(runs: list[RunSummary], attribute: str, label: str, path: Pa
             law = fit_power_law(xs, ys)
             fits[family] = law
             grid = [min(xs) * (max(xs) / min(xs)) ** (i / 50) for i in range(51)]
-            axis.plot(grid, law(grid), color=dots.get_facecolor()[0], linewidth=1,
-                      label=f"{family}: α = {law.exponent:.3f}")
+            axis.plot(
+                grid, law(grid), color=dots.get_facecolor()[0], linewidth=1, label=f"{family}: α = {law.exponent:.3f}"
+            )
     axis.set_xscale("log")
     axis.set_yscale("log")
     # losses span well under a decade: plain numbers on the y axis, and no crowded minor labels on either axis
@@ -269,10 +288,13 @@ def _bars(runs: list[RunSummary], panels: list[tuple[str, str]], path: Path) -> 
     names = [run.name for run in runs]
     palette = {family: f"C{index % 10}" for index, family in enumerate(_families(runs))}
     for axis, (attribute, title) in zip(axes[0], panels):
-        values = [getattr(run, attribute) if not attribute.startswith("eval.") else run.eval.get(attribute[5:])
-                  for run in runs]
-        axis.bar(range(len(runs)), [v if v is not None else 0 for v in values],
-                 color=[palette[run.family] for run in runs])
+        values = [
+            getattr(run, attribute) if not attribute.startswith("eval.") else run.eval.get(attribute[5:])
+            for run in runs
+        ]
+        axis.bar(
+            range(len(runs)), [v if v is not None else 0 for v in values], color=[palette[run.family] for run in runs]
+        )
         axis.set_xticks(range(len(runs)), names, rotation=45, ha="right", fontsize=7)
         axis.set_title(title, fontsize=9)
         axis.grid(alpha=0.3, axis="y")
@@ -309,8 +331,10 @@ def write_report(runs: list[RunSummary], out_dir: str | Path, tuning: list[dict]
     out.mkdir(parents=True, exist_ok=True)
     figures: list[tuple[str, str]] = [("Loss against tokens", _loss_curves(runs, out / "loss_vs_tokens.png").name)]
     fits = {}
-    for attribute, label, file in (("non_embedding_params", "non-embedding parameters", "loss_vs_params.png"),
-                                   ("flops", "training FLOPs", "loss_vs_flops.png")):
+    for attribute, label, file in (
+        ("non_embedding_params", "non-embedding parameters", "loss_vs_params.png"),
+        ("flops", "training FLOPs", "loss_vs_flops.png"),
+    ):
         if any(getattr(run, attribute) and run.eval.get("loss") for run in runs):
             path, fitted = _scaling_figure(runs, attribute, label, out / file)
             figures.append((f"Final eval loss against {label}", path.name))
@@ -319,58 +343,118 @@ def write_report(runs: list[RunSummary], out_dir: str | Path, tuning: list[dict]
     panels = [(speed, speed.replace("_per_s", "/s")), ("mfu", "MFU"), ("peak_memory_gib", "peak memory (GiB)")]
     figures.append(("Throughput and memory", _bars(runs, panels, out / "throughput_memory.png").name))
     if any("accuracy" in run.eval for run in runs):
-        panels = [("eval.accuracy", "accuracy")] + ([("eval.macro_f1", "macro-F1")]
-                                                    if any("macro_f1" in run.eval for run in runs) else [])
+        panels = [("eval.accuracy", "accuracy")] + (
+            [("eval.macro_f1", "macro-F1")] if any("macro_f1" in run.eval for run in runs) else []
+        )
         figures.append(("Downstream accuracy", _bars(runs, panels, out / "accuracy.png").name))
     if any(run.whitebox for run in runs):
         series = {run.name: run.whitebox for run in runs if run.whitebox}
-        path = save_layer_curves(series, out / "whitebox_layers.png", ("rc", "delta_r", "sparsity_l0", "hoyer"),
-                                 title="per-layer white-box measures at each run's last white-box step")
+        path = save_layer_curves(
+            series,
+            out / "whitebox_layers.png",
+            ("rc", "delta_r", "sparsity_l0", "hoyer"),
+            title="per-layer white-box measures at each run's last white-box step",
+        )
         figures.append(("White-box measures per layer (R^c, ΔR, sparsity)", path.name))
 
-    lines = ["# Comparison report", "", f"{len(runs)} runs: " + ", ".join(f"`{run.path}`" for run in runs), "",
-             "## Summary", ""]
+    lines = [
+        "# Comparison report",
+        "",
+        f"{len(runs)} runs: " + ", ".join(f"`{run.path}`" for run in runs),
+        "",
+        "## Summary",
+        "",
+    ]
     accuracy = any("accuracy" in run.eval for run in runs)
-    header = ["run", "family", "params", "non-emb params", "tokens", "train FLOPs", "steps", "train loss",
-              "eval loss", "perplexity"] + (["accuracy"] if accuracy else []) + [speed.replace("_per_s", "/s"),
-                                                                                   "MFU", "peak mem GiB"]
+    header = (
+        [
+            "run",
+            "family",
+            "params",
+            "non-emb params",
+            "tokens",
+            "train FLOPs",
+            "steps",
+            "train loss",
+            "eval loss",
+            "perplexity",
+        ]
+        + (["accuracy"] if accuracy else [])
+        + [speed.replace("_per_s", "/s"), "MFU", "peak mem GiB"]
+    )
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
-        row = [run.name, run.family, _number(run.params), _number(run.non_embedding_params), _number(run.tokens),
-               _number(run.flops), _number(run.steps), _number(run.train_loss), _number(run.eval.get("loss")),
-               _number(run.eval.get("perplexity"))]
+        row = [
+            run.name,
+            run.family,
+            _number(run.params),
+            _number(run.non_embedding_params),
+            _number(run.tokens),
+            _number(run.flops),
+            _number(run.steps),
+            _number(run.train_loss),
+            _number(run.eval.get("loss")),
+            _number(run.eval.get("perplexity")),
+        ]
         if accuracy:
             row.append(_number(run.eval.get("accuracy")))
         row += [_number(getattr(run, speed), 3), _number(run.mfu, 3), _number(run.peak_memory_gib, 3)]
         lines.append("| " + " | ".join(row) + " |")
     if tuning:
         values = list(dict.fromkeys(value for row in tuning for value in row["candidates"]))
-        lines += ["", "## Tuning: final eval loss of every candidate (the lowest of each row is kept above)", "",
-                  "| group | " + " | ".join(values) + " | kept |", "|" + "---|" * (len(values) + 2)]
+        lines += [
+            "",
+            "## Tuning: final eval loss of every candidate (the lowest of each row is kept above)",
+            "",
+            "| group | " + " | ".join(values) + " | kept |",
+            "|" + "---|" * (len(values) + 2),
+        ]
         for row in tuning:
             cells = [_number(row["candidates"].get(value)) for value in values]  # "–" where a value was not run
             lines.append(f"| {row['group']} | " + " | ".join(cells) + f" | {row['chosen']} |")
         (out / "tuning.json").write_text(json.dumps(tuning, indent=1))
     if any(fits.values()):
-        lines += ["", "## Power-law fits", "", "Per family with 3 or more sizes: `L = a x^-α` (least squares in "
-                  "log-log space).", ""]
+        lines += [
+            "",
+            "## Power-law fits",
+            "",
+            "Per family with 3 or more sizes: `L = a x^-α` (least squares in log-log space).",
+            "",
+        ]
         for label, fitted in fits.items():
             for family, law in fitted.items():
                 lines.append(f"- {family}, loss against {label}: {law.describe('x')}")
     if any(run.whitebox for run in runs):
-        lines += ["", "## White-box measures, first and last layer", "",
-                  "| run | step | R^c first → last | non-zero fraction (ℓ0) first → last |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "## White-box measures, first and last layer",
+            "",
+            "| run | step | R^c first → last | non-zero fraction (ℓ0) first → last |",
+            "|---|---|---|---|",
+        ]
         for run in runs:
             if run.whitebox:
                 first, last = run.whitebox[0], run.whitebox[-1]
-                lines.append(f"| {run.name} | {first['step']} | {first['rc']:.4g} → {last['rc']:.4g} | "
-                             f"{first['sparsity_l0']:.3f} → {last['sparsity_l0']:.3f} |")
+                lines.append(
+                    f"| {run.name} | {first['step']} | {first['rc']:.4g} → {last['rc']:.4g} | "
+                    f"{first['sparsity_l0']:.3f} → {last['sparsity_l0']:.3f} |"
+                )
     lines += ["", "## Figures", ""]
     for title, name in figures:
         lines += [f"### {title}", "", f"![{title}]({name})", ""]
-    (out / "summary.json").write_text(json.dumps([{
-        key: (str(value) if isinstance(value, Path) else value) for key, value in vars(run).items()
-        if key not in ("train_curve", "eval_curve")} for run in runs], indent=1))
+    (out / "summary.json").write_text(
+        json.dumps(
+            [
+                {
+                    key: (str(value) if isinstance(value, Path) else value)
+                    for key, value in vars(run).items()
+                    if key not in ("train_curve", "eval_curve")
+                }
+                for run in runs
+            ],
+            indent=1,
+        )
+    )
     report = out / "report.md"
     report.write_text("\n".join(lines) + "\n")
     return report

@@ -59,24 +59,31 @@ def perplexity(model, tokenizer, texts: list[str], max_length: int, stride: int,
     model.eval()
     total_nll, total_tokens = 0.0, 0
     for first in range(0, len(windows), batch_size):
-        chunk = windows[first:first + batch_size]
+        chunk = windows[first : first + batch_size]
         width = max(end - begin for begin, end, _ in chunk)
         input_ids = torch.full((len(chunk), width), tokenizer.eos_token_id, dtype=torch.long)
         labels = torch.full((len(chunk), width), -100, dtype=torch.long)
         mask = torch.zeros((len(chunk), width), dtype=torch.long)
         for row, (begin, end, targets) in enumerate(chunk):
             window = torch.tensor(ids[begin:end])
-            input_ids[row, :len(window)] = window
-            mask[row, :len(window)] = 1
-            labels[row, len(window) - targets:len(window)] = window[len(window) - targets:]
+            input_ids[row, : len(window)] = window
+            mask[row, : len(window)] = 1
+            labels[row, len(window) - targets : len(window)] = window[len(window) - targets :]
         logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
-        shifted = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                                                    labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+        shifted = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum"
+        )
         total_nll += shifted.item()
         total_tokens += sum(targets for _, _, targets in chunk)
     loss = total_nll / total_tokens
-    return {"loss": loss, "perplexity": math.exp(loss), "tokens": total_tokens, "windows": len(windows),
-            "max_length": max_length, "stride": stride}
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "tokens": total_tokens,
+        "windows": len(windows),
+        "max_length": max_length,
+        "stride": stride,
+    }
 
 
 @torch.no_grad()
@@ -93,17 +100,24 @@ def classification(model, tokenizer, data: str, max_length: int, batch_size: int
     model.eval()
     confusion = np.zeros((len(names), len(names)))
     for first in range(0, len(encoded), batch_size):
-        batch = pad_batch(encoded[first:first + batch_size], examples.labels[first:first + batch_size],
-                          tokenizer.pad_token_id)
+        batch = pad_batch(
+            encoded[first : first + batch_size], examples.labels[first : first + batch_size], tokenizer.pad_token_id
+        )
         predictions = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
         for truth, guess in zip(batch["labels"].tolist(), predictions.tolist()):
             confusion[truth, guess] += 1
-    return {"accuracy": float(np.trace(confusion) / confusion.sum()), "macro_f1": macro_f1(confusion),
-            "examples": len(encoded), "bad_records": examples.bad, "labels": list(names)}
+    return {
+        "accuracy": float(np.trace(confusion) / confusion.sum()),
+        "macro_f1": macro_f1(confusion),
+        "examples": len(encoded),
+        "bad_records": examples.bad,
+        "labels": list(names),
+    }
 
 
-def evaluate_checkpoint(model_dir: str, data: str, max_length: int | None = None, stride: int | None = None,
-                        batch_size: int = 8) -> dict:
+def evaluate_checkpoint(
+    model_dir: str, data: str, max_length: int | None = None, stride: int | None = None, batch_size: int = 8
+) -> dict:
     """``crate eval``: the right measure for the checkpoint's head (causal LM or sequence classifier)."""
     if not (Path(model_dir) / "config.json").is_file():
         raise MissingInputError(f"{model_dir}: no config.json (export a run first: crate export RUN_DIR)")
@@ -122,5 +136,8 @@ def evaluate_checkpoint(model_dir: str, data: str, max_length: int | None = None
         model = AutoModelForSequenceClassification.from_pretrained(model_dir)
         return {"model": model_dir, "data": data, **classification(model, tokenizer, data, max_length)}
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    return {"model": model_dir, "data": data,
-            **perplexity(model, tokenizer, read_evaluation_texts(data), max_length, stride or max_length // 2, batch_size)}
+    return {
+        "model": model_dir,
+        "data": data,
+        **perplexity(model, tokenizer, read_evaluation_texts(data), max_length, stride or max_length // 2, batch_size),
+    }

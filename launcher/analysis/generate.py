@@ -8,8 +8,9 @@ from pathlib import Path
 from launcher.errors import InputError, MissingInputError
 
 
-def generate(model_dir: str, prompt: str, max_new_tokens: int = 60, num_samples: int = 1, seed: int = 0,
-             temperature: float = 0.8) -> list[str]:
+def generate(
+    model_dir: str, prompt: str, max_new_tokens: int = 60, num_samples: int = 1, seed: int = 0, temperature: float = 0.8
+) -> list[str]:
     if not (Path(model_dir) / "config.json").is_file():
         raise MissingInputError(f"{model_dir}: no config.json (export a run first: crate export RUN_DIR)")
     if max_new_tokens < 1 or num_samples < 1 or temperature < 0:
@@ -20,8 +21,12 @@ def generate(model_dir: str, prompt: str, max_new_tokens: int = 60, num_samples:
 
     set_seed(seed)
     generator = pipeline("text-generation", model=model_dir, device="cpu")
-    sampling = {"do_sample": True, "temperature": temperature, "top_k": 50} if temperature > 0 else {
-        "do_sample": False}
-    outputs = generator(prompt, max_new_tokens=max_new_tokens, num_return_sequences=num_samples,
-                        pad_token_id=generator.tokenizer.eos_token_id, **sampling)
+    sampling = {"do_sample": True, "temperature": temperature, "top_k": 50} if temperature > 0 else {"do_sample": False}
+    outputs = generator(
+        prompt,
+        max_new_tokens=max_new_tokens,
+        num_return_sequences=num_samples,
+        pad_token_id=generator.tokenizer.eos_token_id,
+        **sampling,
+    )
     return [output["generated_text"] for output in outputs]

@@ -31,8 +31,9 @@ class PowerLaw:
     def describe(self, variable: str = "N") -> str:
         offset = f"{self.offset:.3g} + " if self.offset else ""
         # the exponent as written, -alpha: a loss that rises with x shows a positive power, not "^--"
-        return (f"L = {offset}{self.coefficient:.3g}·{variable}^{-self.exponent:+.3f} "
-                f"(R² {self.r2:.3f}, {self.points} pts)")
+        return (
+            f"L = {offset}{self.coefficient:.3g}·{variable}^{-self.exponent:+.3f} (R² {self.r2:.3f}, {self.points} pts)"
+        )
 
 
 def _line(log_x: np.ndarray, log_y: np.ndarray) -> tuple[float, float, float, float]:
@@ -50,8 +51,10 @@ def fit_power_law(x: Sequence[float], y: Sequence[float], with_offset: bool = Fa
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     needed = MIN_POINTS + int(with_offset)
     if x.shape != y.shape or len(x) < needed:
-        raise ValueError(f"a power-law fit{' with an offset' if with_offset else ''} needs at least {needed} "
-                         f"(x, y) points, got {len(x)}")
+        raise ValueError(
+            f"a power-law fit{' with an offset' if with_offset else ''} needs at least {needed} "
+            f"(x, y) points, got {len(x)}"
+        )
     if (x <= 0).any() or (y <= 0).any():
         raise ValueError("a power-law fit needs positive x and y")
     if len(set(x.tolist())) < 2:

@@ -19,8 +19,9 @@ samples; batches of ``batch_size`` are combined weighted by their size, ``rc_std
 deviation over all samples).
 
 Text data: a ``.txt`` file, a ``.jsonl`` file (``text`` fields) or a built-in corpus (its validation split) — the
-documents of ``launcher.analysis.evaluate.read_evaluation_texts`` — tokenized with the checkpoint's tokenizer, joined by EOS and cut into
-disjoint blocks; ``samples`` of them are taken evenly spaced over the stream (all of them when there are fewer).
+documents of ``launcher.analysis.evaluate.read_evaluation_texts`` — tokenized with the checkpoint's tokenizer,
+joined by EOS and cut into disjoint blocks; ``samples`` of them are taken evenly spaced over the stream (all of them
+when there are fewer).
 Image data: a folder ``DIR/CLASS/*.png`` (or ``fashion-mnist``, its test split), ``samples`` images evenly spaced
 over the class-sorted files, made into ``pixel_values`` by the checkpoint's own image processor.
 
@@ -80,8 +81,11 @@ class Checkpoint:
             loader = AutoModelForImageClassification
         else:
             architecture = (self.config.architectures or [""])[0]
-            loader = (AutoModelForSequenceClassification if architecture.endswith("ForSequenceClassification")
-                      else AutoModelForCausalLM)
+            loader = (
+                AutoModelForSequenceClassification
+                if architecture.endswith("ForSequenceClassification")
+                else AutoModelForCausalLM
+            )
         bar = logging.is_progress_bar_enabled()
         logging.disable_progress_bar()  # keep stderr for errors
         try:
@@ -108,8 +112,9 @@ def _label(path: str) -> str:
 
 def _require_config(path: str) -> None:
     if not (Path(path) / "config.json").is_file():
-        raise MissingInputError(f"{path}: no config.json (an HF model directory is expected; export a run first: "
-                                f"crate export RUN_DIR)")
+        raise MissingInputError(
+            f"{path}: no config.json (an HF model directory is expected; export a run first: crate export RUN_DIR)"
+        )
 
 
 def open_checkpoint(path: str) -> Checkpoint:
@@ -123,8 +128,10 @@ def open_checkpoint(path: str) -> Checkpoint:
     config = AutoConfig.from_pretrained(path)
     measured = [entry.model_type for entry in ARCHITECTURES.values() if entry.whitebox is not None]
     if config.model_type not in measured:
-        raise InputError(f"{path}: model type {config.model_type!r} is not supported (white-box measures exist for "
-                         f"{', '.join(measured)})")
+        raise InputError(
+            f"{path}: model type {config.model_type!r} is not supported (white-box measures exist for "
+            f"{', '.join(measured)})"
+        )
     vision = architecture(config.model_type).modality == "image"
     try:
         if vision:
@@ -165,7 +172,7 @@ def text_blocks(tokenizer, texts: list[str], samples: int, max_length: int) -> t
     if total == 0:
         raise InputError(f"--data: {len(ids)} tokens, too few for one block of --max-length {max_length}")
     starts = [block * max_length for block in _evenly_spaced(total, samples)]
-    blocks = torch.tensor([ids[start:start + max_length] for start in starts], dtype=torch.long)
+    blocks = torch.tensor([ids[start : start + max_length] for start in starts], dtype=torch.long)
     return blocks, {"blocks": starts, "stream_tokens": len(ids)}
 
 
@@ -236,6 +243,7 @@ def measure_batches(model, inputs: torch.Tensor, batch_size: int) -> list[dict]:
 def summarize(rows: list[dict]) -> dict:
     """First and last layer of R^c and sparsity, and whether they move the way CRATE's objective asks with depth
     (R^c down; the code sparser: fewer non-zeros, higher Hoyer)."""
+
     def steps(key):
         values = [row[key] for row in rows]
         return values, [b - a for a, b in itertools.pairwise(values)]
@@ -244,9 +252,12 @@ def summarize(rows: list[dict]) -> dict:
     l0, l0_steps = steps("sparsity_l0")
     hoyer = [row["hoyer"] for row in rows]
     return {
-        "rc_first": rc[0], "rc_last": rc[-1],
-        "sparsity_l0_first": l0[0], "sparsity_l0_last": l0[-1],
-        "hoyer_first": hoyer[0], "hoyer_last": hoyer[-1],
+        "rc_first": rc[0],
+        "rc_last": rc[-1],
+        "sparsity_l0_first": l0[0],
+        "sparsity_l0_last": l0[-1],
+        "hoyer_first": hoyer[0],
+        "hoyer_last": hoyer[-1],
         "rc_decreases": rc[-1] < rc[0],
         "rc_decreases_every_layer": bool(rc_steps) and all(step < 0 for step in rc_steps),
         "sparsity_increases": l0[-1] < l0[0],  # fewer non-zeros
@@ -261,8 +272,11 @@ def _inputs(checkpoint: Checkpoint, texts, files, samples: int, max_length: int 
     if checkpoint.is_vision:
         pixel_values, info = image_batch(checkpoint.processor, files, samples)
         grid = [side // checkpoint.config.patch_size for side in pixel_values.shape[-2:]]
-        info.update(samples=len(pixel_values), image_size=list(pixel_values.shape[-2:]),
-                    tokens=len(pixel_values) * (1 + grid[0] * grid[1]))
+        info.update(
+            samples=len(pixel_values),
+            image_size=list(pixel_values.shape[-2:]),
+            tokens=len(pixel_values) * (1 + grid[0] * grid[1]),
+        )
         return pixel_values, info
     positions = getattr(checkpoint.config, "max_position_embeddings", None) or DEFAULT_MAX_LENGTH
     length = max_length or min(DEFAULT_MAX_LENGTH, positions)
@@ -302,8 +316,15 @@ def save_heads_figure(series: dict[str, list[dict]], path: str | os.PathLike) ->
             middle = (matrix.max() + matrix.min()) / 2
             for i in range(matrix.shape[0]):
                 for j in range(matrix.shape[1]):
-                    axis.text(j, i, f"{matrix[i, j]:.1f}", ha="center", va="center", fontsize=6,
-                              color="black" if matrix[i, j] > middle else "white")
+                    axis.text(
+                        j,
+                        i,
+                        f"{matrix[i, j]:.1f}",
+                        ha="center",
+                        va="center",
+                        fontsize=6,
+                        color="black" if matrix[i, j] > middle else "white",
+                    )
         figure.colorbar(image, ax=axis, fraction=0.046, pad=0.04).ax.tick_params(labelsize=7)
     figure.tight_layout()
     try:
@@ -318,8 +339,10 @@ def markdown_table(rows: list[dict]) -> str:
     header = "| layer | R^c ± std | ΔR | non-zero fraction (l0) | Hoyer |" + (" H(Π) |" if entropy else "")
     lines = [header, "|" + "---:|" * (6 if entropy else 5)]
     for row in rows:
-        line = (f"| {row['layer'] + 1} | {row['rc']:.2f} ± {row['rc_std']:.2f} | {row['delta_r']:.2f} | "
-                f"{row['sparsity_l0']:.3f} | {row['hoyer']:.3f} |")
+        line = (
+            f"| {row['layer'] + 1} | {row['rc']:.2f} ± {row['rc_std']:.2f} | {row['delta_r']:.2f} | "
+            f"{row['sparsity_l0']:.3f} | {row['hoyer']:.3f} |"
+        )
         lines.append(line + (f" {row['pi_entropy']:.3f} |" if entropy else ""))
     return "\n".join(lines)
 
@@ -328,12 +351,14 @@ def summary_line(summary: dict) -> str:
     def arrow(first, last, digits):
         return f"{summary[first]:.{digits}f} → {summary[last]:.{digits}f}"
 
-    return (f"R^c {arrow('rc_first', 'rc_last', 2)} ({'decreases' if summary['rc_decreases'] else 'does not decrease'}"
-            f"{', every layer' if summary['rc_decreases_every_layer'] else ''}); non-zero fraction "
-            f"{arrow('sparsity_l0_first', 'sparsity_l0_last', 3)} (sparsity "
-            f"{'increases' if summary['sparsity_increases'] else 'does not increase'}"
-            f"{', every layer' if summary['sparsity_increases_every_layer'] else ''}); Hoyer "
-            f"{arrow('hoyer_first', 'hoyer_last', 3)}")
+    return (
+        f"R^c {arrow('rc_first', 'rc_last', 2)} ({'decreases' if summary['rc_decreases'] else 'does not decrease'}"
+        f"{', every layer' if summary['rc_decreases_every_layer'] else ''}); non-zero fraction "
+        f"{arrow('sparsity_l0_first', 'sparsity_l0_last', 3)} (sparsity "
+        f"{'increases' if summary['sparsity_increases'] else 'does not increase'}"
+        f"{', every layer' if summary['sparsity_increases_every_layer'] else ''}); Hoyer "
+        f"{arrow('hoyer_first', 'hoyer_last', 3)}"
+    )
 
 
 def _describe(entry: dict) -> str:
@@ -344,28 +369,52 @@ def _describe(entry: dict) -> str:
 
 
 def markdown_report(result: dict) -> str:
-    lines = [f"# White-box report: {result['label']}", "",
-             f"- model: `{result['model']}` ({result['model_type']})",
-             f"- data: `{result['data']}`: {_describe(result)}",
-             f"- {summary_line(result['summary'])}", "",
-             ("R^c: compression term (sum of per-head coding rates of the unit-normalised subspace projections; lower "
-              "is more compressed). l0: fraction of non-zero entries of the layer's code (lower is sparser). Hoyer: "
-              "scale-free sparsity (higher is sparser)."), "",
-             markdown_table(result["layers"]), ""]
+    lines = [
+        f"# White-box report: {result['label']}",
+        "",
+        f"- model: `{result['model']}` ({result['model_type']})",
+        f"- data: `{result['data']}`: {_describe(result)}",
+        f"- {summary_line(result['summary'])}",
+        "",
+        (
+            "R^c: compression term (sum of per-head coding rates of the unit-normalised subspace projections; lower "
+            "is more compressed). l0: fraction of non-zero entries of the layer's code (lower is sparser). Hoyer: "
+            "scale-free sparsity (higher is sparser)."
+        ),
+        "",
+        markdown_table(result["layers"]),
+        "",
+    ]
     for other in result["compare"]:
-        lines += [f"## Compared: {other['label']}", "",
-                  f"- model: `{other['model']}` ({other['model_type']}); {_describe(other)}",
-                  f"- {summary_line(other['summary'])}", "", markdown_table(other["layers"]), ""]
+        lines += [
+            f"## Compared: {other['label']}",
+            "",
+            f"- model: `{other['model']}` ({other['model_type']}); {_describe(other)}",
+            f"- {summary_line(other['summary'])}",
+            "",
+            markdown_table(other["layers"]),
+            "",
+        ]
     lines += ["## Figures", ""]
-    for name, caption in (("layers", "per-layer measures"), ("heads", "per-head R^c"),
-                          ("attention", "CLS attention, last layer")):
+    for name, caption in (
+        ("layers", "per-layer measures"),
+        ("heads", "per-head R^c"),
+        ("attention", "CLS attention, last layer"),
+    ):
         if name in result["figures"]:
             lines += [f"![{caption}]({Path(result['figures'][name]).name})", ""]
     return "\n".join(lines)
 
 
-def whitebox_report(checkpoint: str, data: str, out: str | None = None, samples: int = 16,
-                    max_length: int | None = None, batch_size: int = 8, compare: list[str] | tuple = ()) -> dict:
+def whitebox_report(
+    checkpoint: str,
+    data: str,
+    out: str | None = None,
+    samples: int = 16,
+    max_length: int | None = None,
+    batch_size: int = 8,
+    compare: list[str] | tuple = (),
+) -> dict:
     """Measure ``checkpoint`` (and each of ``compare``) on ``data``, write the report files; returns the JSON dict
     (with ``figures`` and ``files``: the paths written)."""
     if samples < 1:
@@ -381,8 +430,10 @@ def whitebox_report(checkpoint: str, data: str, out: str | None = None, samples:
     for other in others:
         if other.is_vision != main.is_vision:
             kinds = {True: "an image model", False: "a language model"}
-            raise InputError(f"--compare {other.path} is {kinds[other.is_vision]}, {checkpoint} "
-                             f"{kinds[main.is_vision]}: they cannot be measured on the same data")
+            raise InputError(
+                f"--compare {other.path} is {kinds[other.is_vision]}, {checkpoint} "
+                f"{kinds[main.is_vision]}: they cannot be measured on the same data"
+            )
     texts = files = None
     if main.is_vision:
         files = image_files(data)
@@ -403,17 +454,30 @@ def whitebox_report(checkpoint: str, data: str, out: str | None = None, samples:
     entries = []
     for item, label, inputs, info in prepared:
         rows = measure_batches(item.load_model(), inputs, batch_size)
-        entry = {"model": item.path, "model_type": item.model_type, "label": label, "data": data, **info,
-                 "batch_size": batch_size, "layers": rows, "summary": summarize(rows)}
+        entry = {
+            "model": item.path,
+            "model_type": item.model_type,
+            "label": label,
+            "data": data,
+            **info,
+            "batch_size": batch_size,
+            "layers": rows,
+            "summary": summarize(rows),
+        }
         entries.append((item, inputs, entry))
 
     series = {f"{entry['model_type']} {entry['label']}": entry["layers"] for _, _, entry in entries}
     from launcher.metrics.figures import save_attention_figure, save_layer_curves
 
     figures = {
-        "layers": str(save_layer_curves(series, out_dir / "layers.png", measures=("rc", "delta_r", "sparsity_l0",
-                                                                                  "hoyer"),
-                                        title=f"white-box measures per layer on {data}")),
+        "layers": str(
+            save_layer_curves(
+                series,
+                out_dir / "layers.png",
+                measures=("rc", "delta_r", "sparsity_l0", "hoyer"),
+                title=f"white-box measures per layer on {data}",
+            )
+        ),
         "heads": str(save_heads_figure(series, out_dir / "heads.png")),
     }
     for index, (item, inputs, entry) in enumerate(entries):
@@ -430,8 +494,12 @@ def whitebox_report(checkpoint: str, data: str, out: str | None = None, samples:
 
     result = {**entries[0][2], "compare": [entry for _, _, entry in entries[1:]], "figures": figures}
     json_path, md_path = out_dir / "whitebox.json", out_dir / "whitebox.md"
-    result["files"] = [str(json_path), str(md_path), *figures.values(),
-                       *(entry["attention_figure"] for _, _, entry in entries[1:] if "attention_figure" in entry)]
+    result["files"] = [
+        str(json_path),
+        str(md_path),
+        *figures.values(),
+        *(entry["attention_figure"] for _, _, entry in entries[1:] if "attention_figure" in entry),
+    ]
     atomic_write(json_path, json.dumps(result, indent=2) + "\n")
     atomic_write(md_path, markdown_report(result) + "\n")
     return result
@@ -439,10 +507,17 @@ def whitebox_report(checkpoint: str, data: str, out: str | None = None, samples:
 
 def console_text(result: dict) -> str:
     """What ``crate whitebox`` prints: the table(s), the summary and the files written."""
-    lines = [f"{result['model_type']} {result['label']} on {result['data']}: {_describe(result)}",
-             markdown_table(result["layers"]), summary_line(result["summary"])]
+    lines = [
+        f"{result['model_type']} {result['label']} on {result['data']}: {_describe(result)}",
+        markdown_table(result["layers"]),
+        summary_line(result["summary"]),
+    ]
     for other in result["compare"]:
-        lines += ["", f"{other['model_type']} {other['label']}: {_describe(other)}", markdown_table(other["layers"]),
-                  summary_line(other["summary"])]
+        lines += [
+            "",
+            f"{other['model_type']} {other['label']}: {_describe(other)}",
+            markdown_table(other["layers"]),
+            summary_line(other["summary"]),
+        ]
     lines += ["", "wrote " + ", ".join(result["files"])]
     return "\n".join(lines)

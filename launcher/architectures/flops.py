@@ -57,8 +57,9 @@ def _transformer_layers_flops_per_token(d: int, layers: int, inner: int, seq_len
 
 
 def gpt2_forward_flops_per_token(config, seq_len: int, tokens_per_call: int | None = None) -> float:
-    layers = _transformer_layers_flops_per_token(config.n_embd, config.n_layer, config.n_inner or 4 * config.n_embd,
-                                                 seq_len)
+    layers = _transformer_layers_flops_per_token(
+        config.n_embd, config.n_layer, config.n_inner or 4 * config.n_embd, seq_len
+    )
     return layers + 2 * config.n_embd * config.vocab_size
 
 
@@ -73,16 +74,18 @@ def _vision_edges_per_token(config) -> float:
     return (embedding + 2 * config.hidden_size * config.num_labels) / image_tokens(config)
 
 
-def crate_vision_forward_flops_per_token(config, seq_len: int | None = None,
-                                         tokens_per_call: int | None = None) -> float:
+def crate_vision_forward_flops_per_token(
+    config, seq_len: int | None = None, tokens_per_call: int | None = None
+) -> float:
     seq_len = seq_len or image_tokens(config)
     return crate_layers_flops_per_token(config, seq_len, tokens_per_call) + _vision_edges_per_token(config)
 
 
 def vit_forward_flops_per_token(config, seq_len: int | None = None, tokens_per_call: int | None = None) -> float:
     seq_len = seq_len or image_tokens(config)
-    layers = _transformer_layers_flops_per_token(config.hidden_size, config.num_hidden_layers,
-                                                 config.intermediate_size, seq_len)
+    layers = _transformer_layers_flops_per_token(
+        config.hidden_size, config.num_hidden_layers, config.intermediate_size, seq_len
+    )
     return layers + _vision_edges_per_token(config)
 
 

@@ -110,13 +110,17 @@ def _llama_defaults(knobs: dict) -> dict:
     # Llama's SwiGLU MLP at 8/3 the width (rounded up to 64: the parameters of GPT-2's 4x MLP), tied embeddings as
     # CRATE and GPT-2 tie theirs, no dropout; rotary positions need no table.
     width = knobs.get("hidden_size", 4096)
-    return {"intermediate_size": -(-8 * width // 3 // 64) * 64, "tie_word_embeddings": True,
-            "attn_implementation": "sdpa"}
+    return {
+        "intermediate_size": -(-8 * width // 3 // 64) * 64,
+        "tie_word_embeddings": True,
+        "attn_implementation": "sdpa",
+    }
 
 
 def _whitebox_text(measure):
     return lambda model, inputs, attention_mask=None, eps_sq=whitebox.DEFAULT_EPS_SQ: measure(
-        model, inputs, attention_mask, eps_sq)
+        model, inputs, attention_mask, eps_sq
+    )
 
 
 def _whitebox_image(model, inputs, attention_mask=None, eps_sq=whitebox.DEFAULT_EPS_SQ):
@@ -126,46 +130,73 @@ def _whitebox_image(model, inputs, attention_mask=None, eps_sq=whitebox.DEFAULT_
 # ToST's per-head temperatures and position biases and its LayerScales are not decayed either.
 _CRATE_EXTRAS = r"position_bias|temperature|\.scale$"
 
-ARCHITECTURES: dict[str, Architecture] = {entry.model_type: entry for entry in (
-    Architecture(
-        model_type="crate", arch="crate", modality="text", config_class=crate_lm.CrateConfig,
-        model_classes={CAUSAL_LM: crate_lm.CrateForCausalLM,
-                       SEQUENCE_CLASSIFICATION: crate_lm.CrateForSequenceClassification},
-        no_weight_decay=re.compile(rf"embed_tokens|embed_positions|{_CRATE_EXTRAS}"),
-        embedding_parameters=re.compile(r"embed_tokens|position|lm_head"),
-        forward_flops=flops.crate_forward_flops_per_token, whitebox=_whitebox_text(whitebox.measure_crate),
-        uses_presets=True, family=crate_lm.configuration_crate.structural_variant,
-    ),
-    Architecture(
-        model_type="gpt2", arch="gpt2", modality="text", config_class=GPT2Config,
-        model_classes={CAUSAL_LM: GPT2LMHeadModel, SEQUENCE_CLASSIFICATION: GPT2ForSequenceClassification},
-        no_weight_decay=re.compile(r"\bwte\.|\bwpe\."),
-        embedding_parameters=re.compile(r"\bwte\b|\bwpe\b|lm_head"),
-        baseline_defaults=_gpt2_defaults, forward_flops=flops.gpt2_forward_flops_per_token,
-        whitebox=_whitebox_text(whitebox.measure_gpt2),
-    ),
-    Architecture(  # no FLOP formula and no white-box adapter: FLOPs are counted in the run
-        model_type="llama", arch="llama", modality="text", config_class=LlamaConfig,
-        model_classes={CAUSAL_LM: LlamaForCausalLM, SEQUENCE_CLASSIFICATION: LlamaForSequenceClassification},
-        no_weight_decay=re.compile(r"embed_tokens"),
-        embedding_parameters=re.compile(r"embed_tokens|lm_head"),
-        baseline_defaults=_llama_defaults,
-    ),
-    Architecture(
-        model_type="crate_vision", arch="crate", modality="image", config_class=crate_lm.CrateVisionConfig,
-        model_classes={IMAGE_CLASSIFICATION: crate_lm.CrateForImageClassification},
-        no_weight_decay=re.compile(rf"embeddings\.(cls_token|position_embeddings)|{_CRATE_EXTRAS}"),
-        embedding_parameters=re.compile(r"position|cls_token"),
-        forward_flops=flops.crate_vision_forward_flops_per_token, whitebox=_whitebox_image, uses_presets=True,
-    ),
-    Architecture(
-        model_type="vit", arch="vit", modality="image", config_class=ViTConfig,
-        model_classes={IMAGE_CLASSIFICATION: ViTForImageClassification},
-        no_weight_decay=re.compile(r"embeddings\.(cls_token|position_embeddings)"),
-        embedding_parameters=re.compile(r"position|cls_token"),
-        baseline_defaults=_vit_defaults, forward_flops=flops.vit_forward_flops_per_token, whitebox=_whitebox_image,
-    ),
-)}
+ARCHITECTURES: dict[str, Architecture] = {
+    entry.model_type: entry
+    for entry in (
+        Architecture(
+            model_type="crate",
+            arch="crate",
+            modality="text",
+            config_class=crate_lm.CrateConfig,
+            model_classes={
+                CAUSAL_LM: crate_lm.CrateForCausalLM,
+                SEQUENCE_CLASSIFICATION: crate_lm.CrateForSequenceClassification,
+            },
+            no_weight_decay=re.compile(rf"embed_tokens|embed_positions|{_CRATE_EXTRAS}"),
+            embedding_parameters=re.compile(r"embed_tokens|position|lm_head"),
+            forward_flops=flops.crate_forward_flops_per_token,
+            whitebox=_whitebox_text(whitebox.measure_crate),
+            uses_presets=True,
+            family=crate_lm.configuration_crate.structural_variant,
+        ),
+        Architecture(
+            model_type="gpt2",
+            arch="gpt2",
+            modality="text",
+            config_class=GPT2Config,
+            model_classes={CAUSAL_LM: GPT2LMHeadModel, SEQUENCE_CLASSIFICATION: GPT2ForSequenceClassification},
+            no_weight_decay=re.compile(r"\bwte\.|\bwpe\."),
+            embedding_parameters=re.compile(r"\bwte\b|\bwpe\b|lm_head"),
+            baseline_defaults=_gpt2_defaults,
+            forward_flops=flops.gpt2_forward_flops_per_token,
+            whitebox=_whitebox_text(whitebox.measure_gpt2),
+        ),
+        Architecture(  # no FLOP formula and no white-box adapter: FLOPs are counted in the run
+            model_type="llama",
+            arch="llama",
+            modality="text",
+            config_class=LlamaConfig,
+            model_classes={CAUSAL_LM: LlamaForCausalLM, SEQUENCE_CLASSIFICATION: LlamaForSequenceClassification},
+            no_weight_decay=re.compile(r"embed_tokens"),
+            embedding_parameters=re.compile(r"embed_tokens|lm_head"),
+            baseline_defaults=_llama_defaults,
+        ),
+        Architecture(
+            model_type="crate_vision",
+            arch="crate",
+            modality="image",
+            config_class=crate_lm.CrateVisionConfig,
+            model_classes={IMAGE_CLASSIFICATION: crate_lm.CrateForImageClassification},
+            no_weight_decay=re.compile(rf"embeddings\.(cls_token|position_embeddings)|{_CRATE_EXTRAS}"),
+            embedding_parameters=re.compile(r"position|cls_token"),
+            forward_flops=flops.crate_vision_forward_flops_per_token,
+            whitebox=_whitebox_image,
+            uses_presets=True,
+        ),
+        Architecture(
+            model_type="vit",
+            arch="vit",
+            modality="image",
+            config_class=ViTConfig,
+            model_classes={IMAGE_CLASSIFICATION: ViTForImageClassification},
+            no_weight_decay=re.compile(r"embeddings\.(cls_token|position_embeddings)"),
+            embedding_parameters=re.compile(r"position|cls_token"),
+            baseline_defaults=_vit_defaults,
+            forward_flops=flops.vit_forward_flops_per_token,
+            whitebox=_whitebox_image,
+        ),
+    )
+}
 
 
 # ----------------------------------------------------------------------------------------------------- look-ups
@@ -174,8 +205,9 @@ ARCHITECTURES: dict[str, Architecture] = {entry.model_type: entry for entry in (
 def architecture(model_type: str) -> Architecture:
     """The entry of an HF ``model_type``; a one-line error lists the known ones."""
     if model_type not in ARCHITECTURES:
-        raise ValueError(f"model_type={model_type!r} is not a registered architecture: allowed values are "
-                         f"{list(ARCHITECTURES)}")
+        raise ValueError(
+            f"model_type={model_type!r} is not a registered architecture: allowed values are {list(ARCHITECTURES)}"
+        )
     return ARCHITECTURES[model_type]
 
 

@@ -32,13 +32,17 @@ def preflight(config: RunConfig, world_size: int) -> None:
         from data_pipeline.image_stream import build_image_plan
 
         plan = build_image_plan(config.data, world_size)
-        model_config = build_vision_config(config.model, config.data.image_size, config.data.channels,
-                                           class_names(plan))
+        model_config = build_vision_config(
+            config.model, config.data.image_size, config.data.channels, class_names(plan)
+        )
     elif config.task == "sequence-classification":  # small data: read it all once, as the ranks will
         from launcher.train.tasks import SequenceClassificationTask
 
-        model_config = SequenceClassificationTask(config.model_copy(update={"train": config.train.model_copy(
-            update={"eval_every": 0, "whitebox_every": 0})}), 0, world_size).model_config
+        model_config = SequenceClassificationTask(
+            config.model_copy(update={"train": config.train.model_copy(update={"eval_every": 0, "whitebox_every": 0})}),
+            0,
+            world_size,
+        ).model_config
     else:
         prepare_tokenizer(config.tokenizer, config.output_dir, config.data)
         tokenizer = load_tokenizer(config.tokenizer, output_dir=config.output_dir)
@@ -63,8 +67,9 @@ def pretrain(config_path: str, overrides: list[str], nproc_per_node: int = 1, co
     """``crate pretrain`` / ``crate finetune`` (the same loop; fine-tuning starts from ``model.init_from``)."""
     config = load_run_config(config_path, overrides)
     if command == "finetune" and not config.model.init_from:
-        raise ConfigError(f"{config_path}: model.init_from: required by crate finetune (the HF checkpoint to start "
-                          f"from)")
+        raise ConfigError(
+            f"{config_path}: model.init_from: required by crate finetune (the HF checkpoint to start from)"
+        )
     if _under_a_launcher():
         from launcher.train.loop import train
 
@@ -72,8 +77,9 @@ def pretrain(config_path: str, overrides: list[str], nproc_per_node: int = 1, co
     preflight(config, nproc_per_node)
     save_run_config(config, Path(config.output_dir) / "config.yaml")
     if nproc_per_node == 1:
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+        os.environ.update(
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+        )
         from launcher.train.loop import train
 
         return train(config)
@@ -86,9 +92,14 @@ def spawn_local(command: list[str], nproc: int) -> int:
     SIGTERM / SIGUSR1 sent to this process are passed on to every rank, whose handlers agree on a step, save and exit
     0 — the graceful stop. If a rank fails, the others are terminated and its exit code is returned.
     """
-    base = {**os.environ, "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(
-                max(1, (os.cpu_count() or 1) // nproc)))}
+    base = {
+        **os.environ,
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
+    }
     ranks = [subprocess.Popen(command, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
 
     def forward(signum, frame):

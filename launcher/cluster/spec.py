@@ -48,6 +48,7 @@ def _at_least(bound: int) -> AfterValidator:
         if value < bound:
             raise ConfigError(f"must be >= {bound} (got {value})")
         return value
+
     return AfterValidator(check)
 
 
@@ -63,6 +64,7 @@ def _each(test: Callable[[str], Any], expected: str) -> AfterValidator:
             if not test(item):
                 raise ConfigError(f"expected {expected}, got {item!r}")
         return items
+
     return AfterValidator(check)
 
 
@@ -125,6 +127,7 @@ def _non_empty(message: str) -> AfterValidator:
         if not items:
             raise ConfigError(message)
         return items
+
     return AfterValidator(check)
 
 
@@ -157,8 +160,11 @@ class Point(BaseModel):
 
 AXIS_KINDS = ("values", "points")
 ValueAxis = dict[str, Annotated[list[Any], _non_empty("the list of values is empty")]]  # one dotted key: its values
-LabelledAxis = Annotated[dict[str, Annotated[Point, BeforeValidator(_point_mapping)]], BeforeValidator(_string_keys),
-                         _non_empty("must be a non-empty mapping (labelled points, or one key with a list of values)")]
+LabelledAxis = Annotated[
+    dict[str, Annotated[Point, BeforeValidator(_point_mapping)]],
+    BeforeValidator(_string_keys),
+    _non_empty("must be a non-empty mapping (labelled points, or one key with a list of values)"),
+]
 
 
 def _axis_kind(raw: Any) -> str:
@@ -166,8 +172,9 @@ def _axis_kind(raw: Any) -> str:
     return "values" if one_list else "points"
 
 
-Axis = Annotated[Annotated[ValueAxis, Tag("values")] | Annotated[LabelledAxis, Tag("points")],
-                 Discriminator(_axis_kind)]
+Axis = Annotated[
+    Annotated[ValueAxis, Tag("values")] | Annotated[LabelledAxis, Tag("points")], Discriminator(_axis_kind)
+]
 
 
 def grid_key(loc: tuple) -> str:
@@ -193,9 +200,15 @@ def _axis_points(axis: str, raw: dict) -> list[tuple[str, str | None, list[str],
     if _axis_kind(raw) == "values":
         key, values = next(iter(raw.items()))
         return [(f"{axis}{value}", None, [f"{key}={_yaml_value(value)}"], {}) for value in values]
-    return [(label, point.config, override_items(point.model_extra or {}),
-             {other: override_items(overrides) for other, overrides in point.when.items()})
-            for label, point in raw.items()]
+    return [
+        (
+            label,
+            point.config,
+            override_items(point.model_extra or {}),
+            {other: override_items(overrides) for other, overrides in point.when.items()},
+        )
+        for label, point in raw.items()
+    ]
 
 
 class Grid(BaseModel):
@@ -203,8 +216,9 @@ class Grid(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    axes: Annotated[dict[str, Axis], BeforeValidator(_string_keys),
-                    _non_empty("must be a non-empty mapping of axis name to points")]
+    axes: Annotated[
+        dict[str, Axis], BeforeValidator(_string_keys), _non_empty("must be a non-empty mapping of axis name to points")
+    ]
     exclude: Annotated[list[dict[str, Any]], BeforeValidator(lambda value: [] if value is None else value)] = []
 
     @model_validator(mode="after")
@@ -213,8 +227,9 @@ class Grid(BaseModel):
         for axis, raw in self.axes.items():
             for label in raw if _axis_kind(raw) == "points" else ():
                 if not LABEL.match(label):
-                    raise ConfigError(f"axes.{axis}.{label}: a label names a directory: letters, digits, '_', '.', "
-                                      "'+', '-'")
+                    raise ConfigError(
+                        f"axes.{axis}.{label}: a label names a directory: letters, digits, '_', '.', '+', '-'"
+                    )
         for item in self.exclude:
             for axis, label in item.items():
                 if axis not in self.axes:
@@ -281,9 +296,16 @@ def expand(grid: Grid, name: Callable[[dict[str, str], tuple[str, ...]], str] = 
         if any(all(labels[axis] == str(label) for axis, label in item.items()) for item in grid.exclude):
             continue
         chosen = set(labels.values())
-        overrides = (*(item for _, _, _, items, _ in combination for item in items),
-                     *(item for *_, conditional in combination for label, items in conditional.items()
-                       if label in chosen for item in items))
+        overrides = (
+            *(item for _, _, _, items, _ in combination for item in items),
+            *(
+                item
+                for *_, conditional in combination
+                for label, items in conditional.items()
+                if label in chosen
+                for item in items
+            ),
+        )
         configs = tuple(config for _, _, config, _, _ in combination if config)
         points.append(GridPoint(name(labels, overrides), labels, configs, overrides))
     if not points:

@@ -62,29 +62,37 @@ def resolve_runs(configs: list[str], overrides: list[str], sweeps: list[str], jo
     return runs
 
 
-def render(job: JobSpec, config_files: list[Path], log_dir: Path, python: str = sys.executable,
-           workdir: Path = REPO) -> str:
-    optional = [f"#SBATCH --{name}={value}" for name, value in
-                (("partition", job.partition), ("account", job.account), ("time", job.time)) if value]
+def render(
+    job: JobSpec, config_files: list[Path], log_dir: Path, python: str = sys.executable, workdir: Path = REPO
+) -> str:
+    optional = [
+        f"#SBATCH --{name}={value}"
+        for name, value in (("partition", job.partition), ("account", job.account), ("time", job.time))
+        if value
+    ]
     if len(config_files) > 1 or job.array:
         optional.append(f"#SBATCH --array=0-{len(config_files) - 1}{job.array or ''}")
     optional += [f"#SBATCH {item}" for item in job.extra_sbatch]
-    cpus = job.cpus_per_task or max(job.ranks_per_node, (os.cpu_count() or 1) if not job.gpus_per_node else
-                                    4 * job.gpus_per_node)
+    cpus = job.cpus_per_task or max(
+        job.ranks_per_node, (os.cpu_count() or 1) if not job.gpus_per_node else 4 * job.gpus_per_node
+    )
     log_name = "%x-%A_%a.out" if len(config_files) > 1 or job.array else "%x-%j.out"
     fields = {
         "job_name": job.job_name or f"crate-{config_files[0].parent.name}",
         "nodes": str(job.nodes),
-        "gpu_line": f"#SBATCH --gpus-per-node={job.gpus_per_node}" if job.gpus_per_node else
-                    "# (no GPUs: a CPU partition; DeepSpeed runs its CPU accelerator over gloo)",
+        "gpu_line": f"#SBATCH --gpus-per-node={job.gpus_per_node}"
+        if job.gpus_per_node
+        else "# (no GPUs: a CPU partition; DeepSpeed runs its CPU accelerator over gloo)",
         "cpus_per_task": str(cpus),
         "optional_lines": "\n".join(optional) if optional else "# (partition, account, time: the cluster's defaults)",
         "signal_seconds": str(job.signal_seconds),
         "log_pattern": str(log_dir / log_name),
         "configs": " ".join(shlex.quote(str(path)) for path in config_files),
         "workdir": shlex.quote(str(workdir)),
-        "env_lines": "\n".join(f"export {shlex.quote(item.split('=', 1)[0])}={shlex.quote(item.split('=', 1)[1])}"
-                               for item in job.env) or "# (no extra environment)",
+        "env_lines": "\n".join(
+            f"export {shlex.quote(item.split('=', 1)[0])}={shlex.quote(item.split('=', 1)[1])}" for item in job.env
+        )
+        or "# (no extra environment)",
         "procs_per_node": str(job.ranks_per_node),
         "python": shlex.quote(python),
         "command": job.command,
@@ -96,8 +104,13 @@ def render(job: JobSpec, config_files: list[Path], log_dir: Path, python: str = 
     return FIELD.sub(lambda match: fields[match.group(1)], template)
 
 
-def submit(configs: list[str], overrides: list[str], job: JobSpec, sweeps: list[str] = (), dry_run: bool = False,
-           ) -> str:
+def submit(
+    configs: list[str],
+    overrides: list[str],
+    job: JobSpec,
+    sweeps: list[str] = (),
+    dry_run: bool = False,
+) -> str:
     """Validate, save the resolved configs and the script, call sbatch. Returns the job id, or the script for
     ``dry_run`` (nothing is written then)."""
     return submit_runs(resolve_runs(configs, overrides, list(sweeps), job), job, dry_run)

@@ -85,8 +85,10 @@ def load_sweep(path: str | Path) -> Sweep:
     for point in points:
         configs = point.configs or (spec.base_config,)
         if len(configs) > 1 or configs[0] is None:
-            raise ConfigError(f"{path}: run {point.name}: "
-                              f"{'two axes set config' if len(configs) > 1 else 'no run config (set config)'}")
+            raise ConfigError(
+                f"{path}: run {point.name}: "
+                f"{'two axes set config' if len(configs) > 1 else 'no run config (set config)'}"
+            )
         config_path = (path.parent / configs[0]).resolve()
         output_dir = output_root / point.name
         overrides = (*common, *point.overrides, f"output_dir={output_dir}")
@@ -104,8 +106,12 @@ def write_manifest(sweep: Sweep) -> Path:
     """``<output_root>/sweep.json``: the expansion, for ``crate compare`` and for people."""
     sweep.output_root.mkdir(parents=True, exist_ok=True)
     path = sweep.output_root / "sweep.json"
-    atomic_write(path, json.dumps({"name": sweep.name, "command": sweep.command,
-                                   "runs": [asdict(run) for run in sweep.runs]}, indent=1))
+    atomic_write(
+        path,
+        json.dumps(
+            {"name": sweep.name, "command": sweep.command, "runs": [asdict(run) for run in sweep.runs]}, indent=1
+        ),
+    )
     return path
 
 
@@ -130,8 +136,17 @@ def run_locally(sweep: Sweep, nproc_per_node: int = 1, log=print) -> int:
             log(f"[{index}/{len(sweep.runs)}] {run.name}: finished, skipped")
             continue
         log(f"[{index}/{len(sweep.runs)}] {run.name}: crate {sweep.command} -> {run.output_dir}")
-        result = subprocess.run([sys.executable, "-m", "launcher.cli", sweep.command, run.config_path,
-                                 *run.overrides, f"--nproc-per-node={nproc_per_node}"])
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "launcher.cli",
+                sweep.command,
+                run.config_path,
+                *run.overrides,
+                f"--nproc-per-node={nproc_per_node}",
+            ]
+        )
         if result.returncode:
             failures += 1
             log(f"[{index}/{len(sweep.runs)}] {run.name}: failed (exit {result.returncode}); going on")
@@ -140,8 +155,9 @@ def run_locally(sweep: Sweep, nproc_per_node: int = 1, log=print) -> int:
 
 def submit_sweep(sweep: Sweep, dry_run: bool = False) -> str:
     """One Slurm job array, one index per run (``crate submit``'s machinery)."""
-    job = JobSpec(**{"job_name": f"crate-{sweep.name}", **sweep.slurm.model_dump(exclude_unset=True),
-                     "command": sweep.command})
+    job = JobSpec(
+        **{"job_name": f"crate-{sweep.name}", **sweep.slurm.model_dump(exclude_unset=True), "command": sweep.command}
+    )
     runs = [run_config(run) for run in sweep.runs]
     for run in runs:
         run.check_world(job.world_size)

@@ -44,8 +44,11 @@ def load_yaml(path: str | Path) -> dict:
 def deep_merge(base: dict, update: dict) -> dict:
     """``update`` merged into ``base`` (in place): nested mappings merge, anything else replaces."""
     for key, value in update.items():
-        base[key] = deep_merge(base.get(key, {}), value) if isinstance(value, dict) and isinstance(
-            base.get(key), dict) else value
+        base[key] = (
+            deep_merge(base.get(key, {}), value)
+            if isinstance(value, dict) and isinstance(base.get(key), dict)
+            else value
+        )
     return base
 
 

@@ -9,7 +9,7 @@ model:
   preset: crate-tiny               # a crate_lm preset (crate only); size knobs below override it
   hidden_size: 128
   overrides: {ista_lambda: 0.1}    # any other CrateConfig / CrateVisionConfig / GPT2Config / ViTConfig field
-  init_from: runs/x/hf             # start from an HF checkpoint (crate finetune); linear_probe: true trains the head only
+  init_from: runs/x/hf             # start from an HF checkpoint (crate finetune); linear_probe: true: the head only
 data: {kind: text, ...}            # kind: text | image | labelled (data_pipeline.data_spec; docs/data.md)
 eval_data: {sources: [...]}        # held-out data of data's kind; default: the built-in sources' validation (text) /
                                    # test (images) split
@@ -89,8 +89,10 @@ class ModelSection(_Section):
         if sum(bool(origin) for origin in (self.preset, self.config_path, self.init_from)) > 1:
             raise ValueError("give at most one of preset, config_path and init_from")
         if self.arch != "crate" and self.preset:
-            raise ValueError(f"preset names CRATE presets; a {self.arch} baseline takes hidden_size, "
-                             "num_hidden_layers, num_attention_heads (or config_path)")
+            raise ValueError(
+                f"preset names CRATE presets; a {self.arch} baseline takes hidden_size, "
+                "num_hidden_layers, num_attention_heads (or config_path)"
+            )
         if self.linear_probe and not self.init_from:
             raise ValueError("linear_probe trains a head on a pretrained backbone: set init_from")
         return self
@@ -191,15 +193,22 @@ class RunConfig(_Section):
     @property
     def task(self) -> str:
         """``causal-lm`` (a text stream), ``image-classification`` or ``sequence-classification`` (labelled text)."""
-        return ("image-classification" if self.is_image else
-                "sequence-classification" if isinstance(self.data, LabelledTextSpec) else "causal-lm")
+        return (
+            "image-classification"
+            if self.is_image
+            else "sequence-classification"
+            if isinstance(self.data, LabelledTextSpec)
+            else "causal-lm"
+        )
 
     @model_validator(mode="after")
     def _checkpoint_tokenizer(self):
         if self.model.init_from and self.tokenizer.startswith("bpe:"):
-            raise ValueError(f"tokenizer: {self.tokenizer} would train a new vocabulary; a run from model.init_from "
-                             f"uses the checkpoint's tokenizer (leave tokenizer out, or set it to "
-                             f"{self.model.init_from})")
+            raise ValueError(
+                f"tokenizer: {self.tokenizer} would train a new vocabulary; a run from model.init_from "
+                f"uses the checkpoint's tokenizer (leave tokenizer out, or set it to "
+                f"{self.model.init_from})"
+            )
         return self
 
     @model_validator(mode="after")
@@ -214,13 +223,16 @@ class RunConfig(_Section):
     @model_validator(mode="after")
     def _consistent_data(self):
         if self.eval_data is not None and self.eval_data.kind != self.data.kind:
-            raise ValueError(f"eval_data: must be the same kind of data as data ({self.data.kind}), got "
-                             f"{self.eval_data.kind}")
+            raise ValueError(
+                f"eval_data: must be the same kind of data as data ({self.data.kind}), got {self.eval_data.kind}"
+            )
         if self.is_image:
             for key in ("image_size", "channels"):
                 if self.eval_data is not None and getattr(self.eval_data, key) != getattr(self.data, key):
-                    raise ValueError(f"eval_data.{key} ({getattr(self.eval_data, key)}) must equal data.{key} "
-                                     f"({getattr(self.data, key)}); leave it out to inherit it")
+                    raise ValueError(
+                        f"eval_data.{key} ({getattr(self.eval_data, key)}) must equal data.{key} "
+                        f"({getattr(self.data, key)}); leave it out to inherit it"
+                    )
             _check_modality(self.model.arch, "image")
         elif self.task == "sequence-classification":
             _check_modality(self.model.arch, "text")
@@ -229,8 +241,10 @@ class RunConfig(_Section):
                     raise ValueError(f"train.{key}: applies to image classification only")
         else:
             if self.eval_data is not None and self.eval_data.seq_len != self.data.seq_len:
-                raise ValueError(f"eval_data.seq_len ({self.eval_data.seq_len}) must equal data.seq_len "
-                                 f"({self.data.seq_len}); leave it out to inherit it")
+                raise ValueError(
+                    f"eval_data.seq_len ({self.eval_data.seq_len}) must equal data.seq_len "
+                    f"({self.data.seq_len}); leave it out to inherit it"
+                )
             _check_modality(self.model.arch, "text")
             for key in ("label_smoothing", "mixup_alpha", "cutmix_alpha"):
                 if getattr(self.train, key):
@@ -249,8 +263,10 @@ class RunConfig(_Section):
         per_step = self.train.micro_batch_size * world_size
         total = self.train.global_batch_size or per_step
         if total % per_step:
-            raise ConfigError(f"train.global_batch_size: {total} is not a multiple of train.micro_batch_size "
-                              f"({self.train.micro_batch_size}) x world size ({world_size})")
+            raise ConfigError(
+                f"train.global_batch_size: {total} is not a multiple of train.micro_batch_size "
+                f"({self.train.micro_batch_size}) x world size ({world_size})"
+            )
         return total // per_step
 
     def to_dict(self) -> dict:
@@ -280,7 +296,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         for depth, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is not a section")
+                raise ConfigError(f"override {item!r}: {'.'.join(parts[: depth + 1])} is not a section")
             node = child
         node[parts[-1]] = value
     return raw
@@ -313,11 +329,20 @@ def _held_out_data(data: ImageDataSpec | LabelledTextSpec | TextDataSpec, raw: d
     if kind != data.kind:
         raise DataSpecError(f"eval_data.kind: must be the kind of data ({data.kind!r}), got {kind!r}")
     if isinstance(data, ImageDataSpec):  # the training image shape and normalisation, no augmentation
-        inherited = {"image_size": data.image_size, "channels": data.channels, "mean": list(data.mean),
-                     "std": list(data.std), "split": "test"}
+        inherited = {
+            "image_size": data.image_size,
+            "channels": data.channels,
+            "mean": list(data.mean),
+            "std": list(data.std),
+            "split": "test",
+        }
     elif isinstance(data, LabelledTextSpec):  # the training fields, length and label names
-        inherited = {"max_length": data.max_length, "text_field": data.text_field, "label_field": data.label_field,
-                     "split": "validation"}
+        inherited = {
+            "max_length": data.max_length,
+            "text_field": data.text_field,
+            "label_field": data.label_field,
+            "split": "validation",
+        }
         if data.labels:
             inherited["labels"] = list(data.labels)
     else:

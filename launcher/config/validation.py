@@ -35,8 +35,9 @@ def _fields_at(model: type[BaseModel], loc: tuple) -> list[str] | None:
     return list(model.model_fields)
 
 
-def first_error(error: ValidationError, name: Callable[[tuple], str] = dotted,
-                model: type[BaseModel] | None = None) -> str:
+def first_error(
+    error: ValidationError, name: Callable[[tuple], str] = dotted, model: type[BaseModel] | None = None
+) -> str:
     """The first problem as one line. With ``model``, an unknown key's message lists the keys allowed there."""
     detail = error.errors()[0]
     where = name(detail["loc"])
@@ -50,8 +51,9 @@ def first_error(error: ValidationError, name: Callable[[tuple], str] = dotted,
     elif detail["type"] == "missing":
         message = "required"
     got = detail.get("input")
-    suffix = f" (got {got!r})" if detail["type"] not in ("missing", "extra_forbidden") and not isinstance(
-        got, dict) else ""
+    suffix = (
+        f" (got {got!r})" if detail["type"] not in ("missing", "extra_forbidden") and not isinstance(got, dict) else ""
+    )
     return f"{where or 'config'}: {message}{suffix}"
 
 

@@ -35,8 +35,15 @@ def save_figure(figure, path: str | os.PathLike) -> Path:
     return path
 
 
-def save_attention_figure(model, pixel_values: torch.Tensor, path: str | os.PathLike, is_main: bool = True,
-                          mean: Sequence[float] = (0.0,), std: Sequence[float] = (1.0,), layer: int = -1) -> Path | None:
+def save_attention_figure(
+    model,
+    pixel_values: torch.Tensor,
+    path: str | os.PathLike,
+    is_main: bool = True,
+    mean: Sequence[float] = (0.0,),
+    std: Sequence[float] = (1.0,),
+    layer: int = -1,
+) -> Path | None:
     """One row per image: the image (un-normalised with ``mean`` / ``std``), then each head's CLS attention map.
     Every rank must call it under ZeRO-3 (the forward pass gathers parameters); only ``is_main`` draws."""
     from crate_lm.whitebox import cls_attention_maps
@@ -51,8 +58,10 @@ def save_attention_figure(model, pixel_values: torch.Tensor, path: str | os.Path
     figure, axes = plt.subplots(rows, heads + 1, figsize=(1.4 * (heads + 1), 1.4 * rows), squeeze=False)
     for row in range(rows):
         image = images[row]
-        axes[row][0].imshow((image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)).numpy(),
-                            cmap="gray" if image.shape[0] == 1 else None)
+        axes[row][0].imshow(
+            (image[0] if image.shape[0] == 1 else image.permute(1, 2, 0)).numpy(),
+            cmap="gray" if image.shape[0] == 1 else None,
+        )
         for head in range(heads):
             axes[row][head + 1].imshow(maps[row, head].numpy(), cmap="inferno")
             if row == 0:
@@ -75,8 +84,12 @@ LAYER_MEASURES = {  # white-box row key -> axis label (crate_lm.whitebox's per-l
 }
 
 
-def save_layer_curves(series: dict[str, list[dict]], path: str | os.PathLike,
-                      measures: Sequence[str] = ("rc", "sparsity_l0"), title: str = "") -> Path:
+def save_layer_curves(
+    series: dict[str, list[dict]],
+    path: str | os.PathLike,
+    measures: Sequence[str] = ("rc", "sparsity_l0"),
+    title: str = "",
+) -> Path:
     """One panel per measure: its value against layer for each labelled series of per-layer records (e.g. CRATE
     and GPT-2 side by side). An ``rc`` panel shows ``rc_std`` as error bars where present."""
     plt = pyplot()

@@ -167,8 +167,14 @@ class MetricsLogger:
     False: none. Use as a context manager or call [`close`].
     """
 
-    def __init__(self, output_dir: str | Path, is_main: bool, total_steps: int, tensorboard: bool = True,
-                 progress: bool | Literal["bar", "lines"] = True):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        is_main: bool,
+        total_steps: int,
+        tensorboard: bool = True,
+        progress: bool | Literal["bar", "lines"] = True,
+    ):
         self.output_dir = Path(output_dir)
         self.is_main = bool(is_main)
         self.total_steps = total_steps
@@ -226,8 +232,9 @@ class MetricsLogger:
         self._check_open()
         row = self._write_row("eval", step, scalars)
         self._add_scalars("eval", step, row)
-        fields = " | ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
-                            for k, v in row.items() if k not in _RESERVED)
+        fields = " | ".join(
+            f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items() if k not in _RESERVED
+        )
         self._print(f"step {step} eval | {fields}")
 
     def log_whitebox(self, step: int, layers: list[dict]) -> None:
@@ -296,8 +303,12 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as error:
                 if not _warned_no_tensorboard:
-                    warnings.warn(f"TensorBoard logging is off: {error} (pip install tensorboard); metrics.jsonl "
-                                  "is still written", RuntimeWarning, stacklevel=3)
+                    warnings.warn(
+                        f"TensorBoard logging is off: {error} (pip install tensorboard); metrics.jsonl "
+                        "is still written",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
                     _warned_no_tensorboard = True
                 self._tensorboard = False
                 return None
@@ -330,8 +341,9 @@ class MetricsLogger:
             if self._bar is None:
                 from tqdm.auto import tqdm
 
-                self._bar = tqdm(total=self.total_steps, initial=self._start_step, unit="step",
-                                 dynamic_ncols=True, file=sys.stderr)
+                self._bar = tqdm(
+                    total=self.total_steps, initial=self._start_step, unit="step", dynamic_ncols=True, file=sys.stderr
+                )
             self._bar.set_postfix(fields, refresh=False)
             if step >= self._bar.n:
                 self._bar.update(step - self._bar.n)

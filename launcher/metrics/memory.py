@@ -10,6 +10,7 @@ import torch
 
 GIB = 1024**3
 
+
 def _rss_bytes() -> int | None:
     return psutil.Process().memory_info().rss
 
@@ -33,9 +34,11 @@ def memory_stats(device: torch.device | str) -> dict[str, float]:
     """
     device = torch.device(device)
     if device.type == "cuda":
-        return {"mem_allocated_gib": torch.cuda.memory_allocated(device) / GIB,
-                "mem_max_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB,
-                "mem_max_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB}
+        return {
+            "mem_allocated_gib": torch.cuda.memory_allocated(device) / GIB,
+            "mem_max_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB,
+            "mem_max_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB,
+        }
     out = {}
     rss, peak = _rss_bytes(), _max_rss_bytes()
     if rss is not None:

@@ -91,8 +91,9 @@ def _synchronize(device: torch.device) -> None:
         backend.synchronize()
 
 
-def matmul_peak_flops(size: int = 2048, repeats: int = 5, device: torch.device | str | None = None,
-                      dtype: torch.dtype = torch.float32) -> float:
+def matmul_peak_flops(
+    size: int = 2048, repeats: int = 5, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> float:
     """Best rate (FLOP/s) of a square ``size x size`` GEMM of ``dtype`` on ``device`` (default CPU), best of
     ``repeats`` after one warm-up call, timed in this process: the denominator of CPU MFU (``2 size^3`` FLOPs per GEMM).
     """

@@ -11,8 +11,8 @@ class ThroughputMeter:
     """Tokens/s, MFU and ETA over a sliding window of recent step times.
 
     ``tokens_per_step``: tokens of one optimizer step over all ranks (global batch x sequence length).
-    ``flops_per_token``: analytic training FLOPs per token (``launcher.architectures.registry.training_flops_per_token``,
-    or counted).
+    ``flops_per_token``: training FLOPs per token (the registry's formula,
+    ``launcher.architectures.registry.training_flops_per_token``, or counted on the first step).
     ``peak_flops``: peak FLOP/s of one device (``device_peak_flops``); None leaves MFU out.
     ``world_size``: devices sharing the step. ``total_steps``: for the ETA. ``window``: steps averaged over.
     ``samples_per_step``: also report ``samples_per_s`` (images/s of an image run, whose tokens are patches).
@@ -21,9 +21,16 @@ class ThroughputMeter:
     clock, so the warm-up step is not counted) or feed durations with [`record`].
     """
 
-    def __init__(self, tokens_per_step: int, flops_per_token: float, peak_flops: float | None = None,
-                 world_size: int = 1, total_steps: int | None = None, window: int = 20,
-                 samples_per_step: int | None = None):
+    def __init__(
+        self,
+        tokens_per_step: int,
+        flops_per_token: float,
+        peak_flops: float | None = None,
+        world_size: int = 1,
+        total_steps: int | None = None,
+        window: int = 20,
+        samples_per_step: int | None = None,
+    ):
         if tokens_per_step <= 0 or world_size <= 0 or window <= 0:
             raise ValueError("tokens_per_step, world_size and window must be positive")
         self.tokens_per_step = tokens_per_step

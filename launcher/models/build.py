@@ -62,8 +62,10 @@ def _base_fields(section: ModelSection, entry: Architecture) -> dict:
     info = crate_lm.preset_info(section.preset)
     if info.get("model_type", "crate") != entry.model_type:
         kind, other = ("a vision", "text") if entry.modality == "text" else ("a language-model", "image")
-        raise ConfigError(f"model.preset: {section.preset!r} is {kind} preset; {other} data takes "
-                          f"{crate_lm.preset_names(entry.model_type)}")
+        raise ConfigError(
+            f"model.preset: {section.preset!r} is {kind} preset; {other} data takes "
+            f"{crate_lm.preset_names(entry.model_type)}"
+        )
     return info["config"]
 
 
@@ -71,28 +73,35 @@ def _pretrained_config(section: ModelSection) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(section.init_from)
     except (ValueError, OSError) as error:
-        raise ConfigError(f"model.init_from: {section.init_from!r} is not a loadable HF checkpoint "
-                          f"({str(error).splitlines()[0]})") from None
+        raise ConfigError(
+            f"model.init_from: {section.init_from!r} is not a loadable HF checkpoint ({str(error).splitlines()[0]})"
+        ) from None
 
 
-def build_vision_config(section: ModelSection, image_size: int, channels: int,
-                        class_names: list[str]) -> PretrainedConfig:
+def build_vision_config(
+    section: ModelSection, image_size: int, channels: int, class_names: list[str]
+) -> PretrainedConfig:
     """The HF config of an image classifier: CRATE (``CrateVisionConfig``) or the ViT baseline from the same knobs,
     or the ``init_from`` checkpoint's config with the run's classes and image size. The image size, channels and
     classes come from the data; one-line errors name the key."""
     for key in ("max_position_embeddings", "vocab_size"):
         if getattr(section, key) is not None:
             raise ConfigError(f"model.{key}: not used by image models (image_size and channels come from data)")
-    labels = {"num_labels": len(class_names), "id2label": dict(enumerate(class_names)),
-              "label2id": {name: index for index, name in enumerate(class_names)}}
+    labels = {
+        "num_labels": len(class_names),
+        "id2label": dict(enumerate(class_names)),
+        "label2id": {name: index for index, name in enumerate(class_names)},
+    }
     knobs = {k: getattr(section, k) for k in VISION_SIZE_KNOBS if getattr(section, k) is not None}
     shape = {"image_size": image_size, "num_channels": channels}
     try:
         if section.init_from:
             base = _pretrained_config(section)
             if base.model_type not in model_types("image"):
-                raise ConfigError(f"model.init_from: {section.init_from!r} is a {base.model_type!r} model, not an "
-                                  f"image model ({model_types('image')})")
+                raise ConfigError(
+                    f"model.init_from: {section.init_from!r} is a {base.model_type!r} model, not an "
+                    f"image model ({model_types('image')})"
+                )
             if base.num_channels != channels:
                 raise ConfigError(f"data.channels: {channels}, but the init_from model takes {base.num_channels}")
             if knobs:
@@ -110,8 +119,9 @@ def build_vision_config(section: ModelSection, image_size: int, channels: int,
         raise ConfigError(f"model: {str(error).splitlines()[0]}") from None
 
 
-def build_model_config(section: ModelSection, vocab_size: int, eos_token_id: int | None,
-                       seq_len: int) -> PretrainedConfig:
+def build_model_config(
+    section: ModelSection, vocab_size: int, eos_token_id: int | None, seq_len: int
+) -> PretrainedConfig:
     """The HF config of the run's language model. ``vocab_size`` and ``eos_token_id`` come from the tokenizer
     unless the section sets them; one-line errors name the key."""
     if section.patch_size is not None:
@@ -119,13 +129,16 @@ def build_model_config(section: ModelSection, vocab_size: int, eos_token_id: int
     if section.init_from:
         base = _pretrained_config(section)
         if base.model_type not in model_types("text"):
-            raise ConfigError(f"model.init_from: {section.init_from!r} is a {base.model_type!r} model, not a "
-                              f"language model")
+            raise ConfigError(
+                f"model.init_from: {section.init_from!r} is a {base.model_type!r} model, not a language model"
+            )
         _check_overrides(section, type(base))
         config = type(base)(**{**base.to_dict(), **section.overrides})
         if config.vocab_size < vocab_size:
-            raise ConfigError(f"tokenizer: {vocab_size} tokens, but the init_from model has vocab_size "
-                              f"{config.vocab_size}; use the checkpoint's tokenizer (tokenizer: {section.init_from})")
+            raise ConfigError(
+                f"tokenizer: {vocab_size} tokens, but the init_from model has vocab_size "
+                f"{config.vocab_size}; use the checkpoint's tokenizer (tokenizer: {section.init_from})"
+            )
         return config
     knobs = {k: getattr(section, k) for k in SIZE_KNOBS if getattr(section, k) is not None}
     knobs.setdefault("vocab_size", vocab_size)
@@ -140,22 +153,29 @@ def build_model_config(section: ModelSection, vocab_size: int, eos_token_id: int
     except (ValueError, OSError) as error:
         raise ConfigError(f"model: {str(error).splitlines()[0]}") from None
     if seq_len > config.max_position_embeddings:
-        raise ConfigError(f"data.seq_len: {seq_len} exceeds the model's max_position_embeddings "
-                          f"({config.max_position_embeddings})")
+        raise ConfigError(
+            f"data.seq_len: {seq_len} exceeds the model's max_position_embeddings ({config.max_position_embeddings})"
+        )
     return config
 
 
-def build_classifier_config(section: ModelSection, vocab_size: int, tokenizer, label_names: tuple[str, ...],
-                            max_length: int) -> PretrainedConfig:
+def build_classifier_config(
+    section: ModelSection, vocab_size: int, tokenizer, label_names: tuple[str, ...], max_length: int
+) -> PretrainedConfig:
     """The HF config of a text classifier: the ``init_from`` language model's (or the section's, for a classifier
     trained from scratch) with the run's labels and the tokenizer's pad token."""
     config = build_model_config(section, vocab_size, tokenizer.eos_token_id, max_length)
-    labels = {"num_labels": len(label_names), "id2label": dict(enumerate(label_names)),
-              "label2id": {name: index for index, name in enumerate(label_names)},
-              "pad_token_id": tokenizer.pad_token_id}
+    labels = {
+        "num_labels": len(label_names),
+        "id2label": dict(enumerate(label_names)),
+        "label2id": {name: index for index, name in enumerate(label_names)},
+        "pad_token_id": tokenizer.pad_token_id,
+    }
     if max_length > config.max_position_embeddings:
-        raise ConfigError(f"data.max_length: {max_length} exceeds the model's max_position_embeddings "
-                          f"({config.max_position_embeddings})")
+        raise ConfigError(
+            f"data.max_length: {max_length} exceeds the model's max_position_embeddings "
+            f"({config.max_position_embeddings})"
+        )
     return type(config)(**{**config.to_dict(), **labels})
 
 
@@ -195,10 +215,13 @@ def load_pretrained_weights(model: nn.Module, path: str) -> str:
     state[table] = interpolate_position_table(state[table], (side, side))
     result = model.base_model.load_state_dict(state, strict=False)
     if result.unexpected_keys or result.missing_keys:
-        raise ConfigError(f"model.init_from: {path!r} does not fit the model (missing {result.missing_keys[:3]}, "
-                          f"unexpected {result.unexpected_keys[:3]})")
-    same_labels = (source.config.num_labels == model.config.num_labels
-                   and dict(source.config.id2label) == dict(model.config.id2label))
+        raise ConfigError(
+            f"model.init_from: {path!r} does not fit the model (missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]})"
+        )
+    same_labels = source.config.num_labels == model.config.num_labels and dict(source.config.id2label) == dict(
+        model.config.id2label
+    )
     if same_labels:
         model.classifier.load_state_dict(source.classifier.state_dict())
     return "kept" if same_labels else "new"
@@ -223,9 +246,15 @@ def apply_lora(model: nn.Module, section: LoraSection, task: str, init_from: str
     from peft import LoraConfig, get_peft_model
 
     heads = ["classifier"] if task == "image-classification" else None
-    lora = LoraConfig(r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,
-                      target_modules=section.target_modules, target_parameters=section.target_parameters,
-                      task_type=PEFT_TASK_TYPES.get(task), modules_to_save=heads)
+    lora = LoraConfig(
+        r=section.r,
+        lora_alpha=section.alpha,
+        lora_dropout=section.dropout,
+        target_modules=section.target_modules,
+        target_parameters=section.target_parameters,
+        task_type=PEFT_TASK_TYPES.get(task),
+        modules_to_save=heads,
+    )
     model.name_or_path = str(Path(init_from).resolve())  # what PEFT records as the adapter's base model
     try:
         return get_peft_model(model, lora)

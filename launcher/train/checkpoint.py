@@ -71,10 +71,12 @@ class CheckpointManager:
         final = self.root / tag
         if self.rank == 0:
             staged = self.root / staging
-            files = {str(p.relative_to(staged)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-                     for p in sorted(staged.rglob("*")) if p.is_file()}
-            atomic_write(staged / MANIFEST, json.dumps({"step": step, "files": files, **(metadata or {})},
-                                                        indent=1))
+            files = {
+                str(p.relative_to(staged)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
+                for p in sorted(staged.rglob("*"))
+                if p.is_file()
+            }
+            atomic_write(staged / MANIFEST, json.dumps({"step": step, "files": files, **(metadata or {})}, indent=1))
             if final.exists():  # re-saving a step (e.g. after a resume): replace the old copy
                 shutil.rmtree(final)
             os.replace(staged, final)
@@ -85,7 +87,7 @@ class CheckpointManager:
 
     def _prune(self) -> None:
         complete = self.complete_steps()
-        for step in complete[:-self.keep_last]:
+        for step in complete[: -self.keep_last]:
             shutil.rmtree(self.root / tag_for(step), ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------ finding
@@ -123,8 +125,9 @@ class CheckpointManager:
             problem = self.verify(step)
             if problem is None:
                 return step, self.root / tag_for(step)
-            warnings.warn(f"checkpoint {self.root / tag_for(step)} is unusable ({problem}); trying the previous one",
-                          stacklevel=2)
+            warnings.warn(
+                f"checkpoint {self.root / tag_for(step)} is unusable ({problem}); trying the previous one", stacklevel=2
+            )
         return None
 
     def manifest(self, step: int) -> dict:

@@ -7,10 +7,9 @@ import json
 import math
 from pathlib import Path
 
-from launcher.config.run import OptimizerSection, RunConfig
-
-from launcher.errors import ConfigError
 from launcher.config.files import deep_merge
+from launcher.config.run import OptimizerSection, RunConfig
+from launcher.errors import ConfigError
 
 NEVER = 10**9  # DeepSpeed's own step printing: off (our metrics component reports)
 
@@ -33,8 +32,12 @@ def deepspeed_config(config: RunConfig, world_size: int, device_type: str) -> di
         zero["offload_optimizer"] = {"device": "cpu"}
     if config.zero.offload_params:
         zero["offload_param"] = {"device": "cpu"}
-    adamw = {"lr": optimizer.lr, "betas": list(optimizer.betas), "eps": optimizer.eps,
-             "weight_decay": optimizer.weight_decay}
+    adamw = {
+        "lr": optimizer.lr,
+        "betas": list(optimizer.betas),
+        "eps": optimizer.eps,
+        "weight_decay": optimizer.weight_decay,
+    }
     if device_type == "cpu":
         # DeepSpeed's CPU FusedAdam keeps beta^t as a running float product across steps but recomputes it with pow()
         # after a resume, so a resumed run drifts from an uninterrupted one by a few ulps; torch's AdamW derives it
@@ -91,12 +94,15 @@ def initialize_engine(model, config: RunConfig, world_size: int, device_type: st
     if config.zero.stage == 0:
         settings = ds_config.pop("optimizer")
         if settings.get("type") != "AdamW":
-            raise ConfigError(f"deepspeed_config: optimizer.type {settings.get('type')!r}: without ZeRO the run uses "
-                              "its own AdamW (it holds back non-finite steps); choose another optimizer with "
-                              "zero.stage >= 1")
+            raise ConfigError(
+                f"deepspeed_config: optimizer.type {settings.get('type')!r}: without ZeRO the run uses "
+                "its own AdamW (it holds back non-finite steps); choose another optimizer with "
+                "zero.stage >= 1"
+            )
         params = {key: value for key, value in settings["params"].items() if key != "torch_adam"}
         params["betas"] = tuple(params["betas"])
         optimizer = HoldableAdamW(groups, **params, fused=device_type == "cuda")
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=None if optimizer else groups,
-                                      optimizer=optimizer, config=ds_config)
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=None if optimizer else groups, optimizer=optimizer, config=ds_config
+    )
     return engine, ds_config["gradient_accumulation_steps"]

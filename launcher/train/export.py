@@ -17,7 +17,8 @@ from data_pipeline.files import write_directory
 
 
 def adapter_dir_for(out_dir: str | os.PathLike) -> Path:
-    """Where a LoRA run's adapter goes beside its merged export: ``adapter/`` beside ``hf/``, else ``<name>-adapter``."""
+    """Where a LoRA run's adapter goes beside its merged export: ``adapter/`` beside ``hf/``, else
+    ``<name>-adapter``."""
     out = Path(out_dir)
     return out.with_name("adapter" if out.name == "hf" else f"{out.name}-adapter")
 
@@ -36,14 +37,16 @@ def _detached_peft_copy(model):
         fresh = type(base)(base.config)
         fresh.name_or_path = base.name_or_path
         fresh = get_peft_model(fresh, adapter)
-    fresh.load_state_dict({name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()},
-                          assign=True)
+    fresh.load_state_dict(
+        {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}, assign=True
+    )
     fresh.get_base_model().tie_weights()  # the copied state holds tied weights as two tensors
     return fresh
 
 
-def export_hf(model, processor, out_dir: str | os.PathLike, is_main: bool, zero_stage: int = 0,
-              save_adapter: bool = False) -> None:
+def export_hf(
+    model, processor, out_dir: str | os.PathLike, is_main: bool, zero_stage: int = 0, save_adapter: bool = False
+) -> None:
     """Write ``model`` and its preprocessor as an HF checkpoint. A PEFT (LoRA) model is written merged into its base
     weights; with ``save_adapter`` its adapter folder (PEFT's ``save_pretrained``) goes to ``adapter_dir_for``."""
     out = Path(out_dir)
@@ -58,12 +61,19 @@ def export_hf(model, processor, out_dir: str | os.PathLike, is_main: bool, zero_
         if hasattr(model, "peft_config"):
             adapted = _detached_peft_copy(model)
             if save_adapter:
-                write_directory(adapter_dir_for(out), lambda staging: (adapted.save_pretrained(staging),
-                                                                          processor.save_pretrained(staging)))
+                write_directory(
+                    adapter_dir_for(out),
+                    lambda staging: (adapted.save_pretrained(staging), processor.save_pretrained(staging)),
+                )
             model = adapted.merge_and_unload()
             model.tie_weights()
-        write_directory(out, lambda staging: (model.save_pretrained(staging, safe_serialization=True),
-                                                 processor.save_pretrained(staging)))
+        write_directory(
+            out,
+            lambda staging: (
+                model.save_pretrained(staging, safe_serialization=True),
+                processor.save_pretrained(staging),
+            ),
+        )
 
 
 def consolidated_state_dict(checkpoint_dir: Path, zero_stage: int) -> dict:
@@ -72,26 +82,30 @@ def consolidated_state_dict(checkpoint_dir: Path, zero_stage: int) -> dict:
     import torch
 
     if zero_stage == 0:
-        return torch.load(checkpoint_dir / "mp_rank_00_model_states.pt", map_location="cpu",
-                          weights_only=False)["module"]
+        return torch.load(checkpoint_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)[
+            "module"
+        ]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
 
 
-def export_checkpoint(run_dir: str | os.PathLike, step: int | None = None, out: str | os.PathLike | None = None,
-                      ) -> Path:
+def export_checkpoint(
+    run_dir: str | os.PathLike,
+    step: int | None = None,
+    out: str | os.PathLike | None = None,
+) -> Path:
     """``crate export``: the HF model of a run's checkpoint (the newest valid one, or ``step``), written to ``out``
     (default ``<run_dir>/hf`` for the newest, ``<run_dir>/hf-step<N>`` for an older step). One process, no
     process group: ZeRO-3 shards are merged from the files. Returns the directory written."""
     from transformers import AutoConfig
 
-    from launcher.train.checkpoint import CheckpointManager, tag_for
     from launcher.config.run import parse_run_config
     from launcher.errors import CheckpointError
     from launcher.models.build import apply_lora, build_model, build_model_config, unwrap_peft
-    from launcher.train.tasks import first_image_size, image_processor_for
     from launcher.models.tokenizers import load_tokenizer
+    from launcher.train.checkpoint import CheckpointManager, tag_for
+    from launcher.train.tasks import first_image_size, image_processor_for
 
     run_dir = Path(run_dir)
     checkpoints = CheckpointManager(run_dir, keep_last=1)
@@ -127,8 +141,10 @@ def export_checkpoint(run_dir: str | os.PathLike, step: int | None = None, out: 
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = tuple(getattr(model, "_tied_weights_keys", None) or ())  # a PEFT wrapper's keys end with its model's
     if unexpected or [key for key in missing if not any(key == t or key.endswith("." + t) for t in tied)]:
-        raise CheckpointError(f"{run_dir}: checkpoint of step {step} does not match the run's model "
-                          f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        raise CheckpointError(
+            f"{run_dir}: checkpoint of step {step} does not match the run's model "
+            f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
     unwrap_peft(model).tie_weights()
     if out is None:
         out = run_dir / ("hf" if step == steps[-1] else f"hf-step{step}")

@@ -51,8 +51,9 @@ class FaultInjector:
         self.faults = _parse(os.environ.get(ENV, "") if text is None else text)
 
     def _active(self, kind: str, step: int) -> bool:
-        return any(k == kind and first <= step <= last and rank in (None, self.rank)
-                   for k, first, last, rank in self.faults)
+        return any(
+            k == kind and first <= step <= last and rank in (None, self.rank) for k, first, last, rank in self.faults
+        )
 
     def __call__(self, loss: torch.Tensor, step: int) -> torch.Tensor:
         """The loss of optimizer step ``step`` (1-based), poisoned if a fault is due."""

@@ -30,10 +30,19 @@ from launcher.train.checkpoint import CheckpointManager, tag_for
 from launcher.train.engine import initialize_engine, learning_rate, resolve_precision
 from launcher.train.export import export_hf
 from launcher.train.faults import FaultInjector
-from launcher.train.side_jobs import (Checkpointing, Evaluation, ModelStateProbe, NonFiniteGuard, StopRequests,
-                                      StopSignal, TrainMetrics, WhiteboxProbe)
+from launcher.train.side_jobs import (
+    Checkpointing,
+    Evaluation,
+    ModelStateProbe,
+    NonFiniteGuard,
+    StopRequests,
+    StopSignal,
+    TrainMetrics,
+    WhiteboxProbe,
+)
 from launcher.train.step import memory_knobs_on_oom, set_learning_rate, train_step
 from launcher.train.tasks import build_task
+
 
 def _rng_state() -> dict:
     return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
@@ -111,32 +120,64 @@ def train(config: RunConfig) -> int:
     tokens_per_step = samples_per_step * task.tokens_per_sample
     # An architecture without a FLOP formula is counted on the first step (exact, frozen weights included).
     flops_per_token = task.flops_per_token * frozen_flops_fraction(config) if task.flops_per_token else None
-    meter = ThroughputMeter(tokens_per_step, flops_per_token or 0.0, peak, world_size=world,
-                            total_steps=train_cfg.max_steps,
-                            samples_per_step=samples_per_step if task.unit == "images" else None)
+    meter = ThroughputMeter(
+        tokens_per_step,
+        flops_per_token or 0.0,
+        peak,
+        world_size=world,
+        total_steps=train_cfg.max_steps,
+        samples_per_step=samples_per_step if task.unit == "images" else None,
+    )
     logger = MetricsLogger(output_dir, is_main=rank == 0, total_steps=train_cfg.max_steps)
     if step:
         logger.truncate_after(step)
-    logger.log(step, event="start", task=task.kind, model_type=task.model_config.model_type, world_size=world,
-               precision=precision, peak_flops=peak, peak_source=peak_source, resumed=bool(step),
-               init_from=config.model.init_from, gradient_accumulation_steps=accumulation,
-               tokens_per_step=tokens_per_step, samples_per_step=samples_per_step, flops_per_token=flops_per_token,
-               host=socket.gethostname(), slurm_node=os.environ.get("SLURMD_NODENAME"),
-               torch_threads=torch.get_num_threads(), **facts)
+    logger.log(
+        step,
+        event="start",
+        task=task.kind,
+        model_type=task.model_config.model_type,
+        world_size=world,
+        precision=precision,
+        peak_flops=peak,
+        peak_source=peak_source,
+        resumed=bool(step),
+        init_from=config.model.init_from,
+        gradient_accumulation_steps=accumulation,
+        tokens_per_step=tokens_per_step,
+        samples_per_step=samples_per_step,
+        flops_per_token=flops_per_token,
+        host=socket.gethostname(),
+        slurm_node=os.environ.get("SLURMD_NODENAME"),
+        torch_threads=torch.get_num_threads(),
+        **facts,
+    )
     if train_cfg.eval_every and task.validation is None:
-        logger.log(step, event="warning", message="no validation: the sources have no held-out split; "
-                                                  "set eval_data")
+        logger.log(step, event="warning", message="no validation: the sources have no held-out split; set eval_data")
 
     def save(at_step: int) -> None:
         def write(root, staging_tag):
             engine.save_checkpoint(str(root), tag=staging_tag, client_state={"step": at_step}, save_latest=False)
             torch.save({"data": loader.state_dict(), "rng": _rng_state()}, root / staging_tag / f"crate_rank{rank}.pt")
 
-        checkpoints.save(at_step, write, {"world_size": world, "zero_stage": config.zero.stage,
-                                          "config": config.to_dict(), "model_config": task.model_config.to_dict()})
+        checkpoints.save(
+            at_step,
+            write,
+            {
+                "world_size": world,
+                "zero_stage": config.zero.stage,
+                "config": config.to_dict(),
+                "model_config": task.model_config.to_dict(),
+            },
+        )
         if train_cfg.export_on_save:
-            export_hf(engine.module, task.processor, os.path.join(output_dir, "hf"), is_main=rank == 0,
-                      zero_stage=config.zero.stage, save_adapter=config.lora is not None and config.lora.save_adapter)
+            export_hf(
+                engine.module,
+                task.processor,
+                os.path.join(output_dir, "hf"),
+                is_main=rank == 0,
+                zero_stage=config.zero.stage,
+                save_adapter=config.lora is not None and config.lora.save_adapter,
+            )
 
     # -- side jobs, in the order every rank runs them -----------------------------------------------------------------
     last = train_cfg.max_steps
@@ -144,12 +185,21 @@ def train(config: RunConfig) -> int:
     model_state = ModelStateProbe(logger, engine, probe_step=step + 2, device=device)
     stop = StopRequests(stop_signal, output_dir, train_cfg.wall_clock_minutes, started, rank, device)
     side_jobs = [
-        guard, model_state,
-        TrainMetrics(logger, meter, guard, lambda s: learning_rate(s, config.optimizer, last), train_cfg.log_every,
-                     last, device),
+        guard,
+        model_state,
+        TrainMetrics(
+            logger, meter, guard, lambda s: learning_rate(s, config.optimizer, last), train_cfg.log_every, last, device
+        ),
         Evaluation(logger, engine, task, train_cfg.eval_every, last, device),
-        WhiteboxProbe(logger, engine, task, architecture(task.model_config.model_type).whitebox,
-                      train_cfg.whitebox_every, output_dir, is_main=rank == 0),
+        WhiteboxProbe(
+            logger,
+            engine,
+            task,
+            architecture(task.model_config.model_type).whitebox,
+            train_cfg.whitebox_every,
+            output_dir,
+            is_main=rank == 0,
+        ),
         stop,
         Checkpointing(save, train_cfg.save_every, last, stop),
     ]
@@ -159,8 +209,14 @@ def train(config: RunConfig) -> int:
 
     def next_step():
         """Optimizer step ``step + 1`` (``step`` counts the steps done)."""
-        return train_step(engine, micro_losses, accumulation, config.zero.stage, device,
-                          before_update=model_state.before_update(step + 1))
+        return train_step(
+            engine,
+            micro_losses,
+            accumulation,
+            config.zero.stage,
+            device,
+            before_update=model_state.before_update(step + 1),
+        )
 
     # -- the loop -----------------------------------------------------------------------------------------------------
     meter.restart()

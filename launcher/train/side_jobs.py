@@ -67,11 +67,18 @@ class NonFiniteGuard(SideJob):
             self.in_a_row = 0
             return
         self.in_a_row, self.total = self.in_a_row + 1, self.total + 1
-        self.logger.log(step, event="nonfinite_step_skipped", reason=outcome.nonfinite, in_a_row=self.in_a_row,
-                        skipped_total=self.total)
+        self.logger.log(
+            step,
+            event="nonfinite_step_skipped",
+            reason=outcome.nonfinite,
+            in_a_row=self.in_a_row,
+            skipped_total=self.total,
+        )
         if self.in_a_row >= self.max_in_a_row:
-            raise NonFiniteError(f"step {step}: {self.in_a_row} steps in a row skipped for a non-finite "
-                                 f"{outcome.nonfinite} (train.max_nonfinite_in_a_row); the last checkpoint is intact")
+            raise NonFiniteError(
+                f"step {step}: {self.in_a_row} steps in a row skipped for a non-finite "
+                f"{outcome.nonfinite} (train.max_nonfinite_in_a_row); the last checkpoint is intact"
+            )
 
 
 @dataclass
@@ -90,9 +97,15 @@ class TrainMetrics(SideJob):
     def maybe_run(self, step: int, outcome: StepOutcome) -> None:
         if not outcome.applied or not every(self.log_every, step, self.last_step):
             return
-        self.logger.log(step, loss=mean_across_ranks(outcome.loss, self.device), lr=self.learning_rate(step - 1),
-                        grad_norm=outcome.grad_norm, skipped_steps=self.guard.total, **self.meter.stats(step),
-                        **memory_stats(self.device))
+        self.logger.log(
+            step,
+            loss=mean_across_ranks(outcome.loss, self.device),
+            lr=self.learning_rate(step - 1),
+            grad_norm=outcome.grad_norm,
+            skipped_steps=self.guard.total,
+            **self.meter.stats(step),
+            **memory_stats(self.device),
+        )
 
 
 @dataclass
@@ -116,8 +129,12 @@ class ModelStateProbe(SideJob):
     def maybe_run(self, step: int, outcome: StepOutcome) -> None:
         if self.measured is None:
             return
-        self.logger.log(step, event="model_state", model_state_gib=self.measured / 2**30,
-                        max_model_state_gib=max_across_ranks(self.measured, self.device) / 2**30)
+        self.logger.log(
+            step,
+            event="model_state",
+            model_state_gib=self.measured / 2**30,
+            max_model_state_gib=max_across_ranks(self.measured, self.device) / 2**30,
+        )
         self.measured = None
 
 
@@ -163,9 +180,14 @@ class WhiteboxProbe(SideJob):
         self.logger.log_whitebox(step, self.measure(model, self.task.probe))
         if self.task.unit == "images":
             data = self.task.config.data
-            save_attention_figure(model, self.task.probe[:8], os.path.join(
-                self.output_dir, "whitebox", f"attention-step{step:06d}.png"), is_main=self.is_main,
-                mean=data.mean, std=data.std)
+            save_attention_figure(
+                model,
+                self.task.probe[:8],
+                os.path.join(self.output_dir, "whitebox", f"attention-step{step:06d}.png"),
+                is_main=self.is_main,
+                mean=data.mean,
+                std=data.std,
+            )
 
 
 class StopSignal:
@@ -202,8 +224,7 @@ class StopRequests(SideJob):
         return os.path.join(self.output_dir, STOP_FILE)
 
     def maybe_run(self, step: int, outcome: StepOutcome) -> None:
-        out_of_time = (self.wall_clock_minutes is not None
-                       and time.time() - self.started > 60 * self.wall_clock_minutes)
+        out_of_time = self.wall_clock_minutes is not None and time.time() - self.started > 60 * self.wall_clock_minutes
         asked = self.rank == 0 and os.path.exists(self.stop_file)
         self.stopping = any_rank(self.signal.raised or out_of_time or asked, self.device)
         if self.stopping:

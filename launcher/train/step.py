@@ -76,8 +76,14 @@ def set_learning_rate(optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-def train_step(engine, micro_losses: Callable[[int], torch.Tensor], accumulation: int, zero_stage: int, device,
-               before_update: Callable[[], None] | None = None) -> StepOutcome:
+def train_step(
+    engine,
+    micro_losses: Callable[[int], torch.Tensor],
+    accumulation: int,
+    zero_stage: int,
+    device,
+    before_update: Callable[[], None] | None = None,
+) -> StepOutcome:
     """Run ``accumulation`` micro-steps (``micro_losses(micro)`` returns a micro-batch's loss) and the update.
 
     ``before_update`` runs after the last backward pass, just before the optimizer step (gradients reduced, the
@@ -102,9 +108,12 @@ def train_step(engine, micro_losses: Callable[[int], torch.Tensor], accumulation
     if zero_stage:
         grad_norm = engine.get_global_grad_norm()
     applied = engine.was_step_applied() and not held
-    return StepOutcome(loss=sum(losses) / len(losses), applied=applied,
-                       nonfinite=None if applied else ("loss" if not loss_is_finite else "gradient"),
-                       grad_norm=float(grad_norm) if grad_norm is not None else None)
+    return StepOutcome(
+        loss=sum(losses) / len(losses),
+        applied=applied,
+        nonfinite=None if applied else ("loss" if not loss_is_finite else "gradient"),
+        grad_norm=float(grad_norm) if grad_norm is not None else None,
+    )
 
 
 def _basic_optimizer(optimizer) -> HoldableAdamW:

@@ -27,9 +27,9 @@ from data_pipeline.image_stream import ImageLoader, ImageStream, build_image_pla
 from data_pipeline.labelled import LabelledTextSpec, pad_batch
 from data_pipeline.spec import SourceSpec, TextDataSpec
 from data_pipeline.text_stream import LogicalStream, TextLoader, Tokenize, build_plan
-from launcher.config.run import RunConfig
 from launcher.architectures.flops import image_tokens
 from launcher.architectures.registry import training_flops_per_token
+from launcher.config.run import RunConfig
 from launcher.errors import ConfigError
 from launcher.metrics.classification import macro_f1
 from launcher.models.build import build_model_config, build_vision_config
@@ -83,12 +83,14 @@ class LanguageModelingTask:
         self.tokenizer = load_tokenizer(config.tokenizer, output_dir=config.output_dir)
         self.processor = self.tokenizer
         self.plan = build_plan(config.data, world)
-        self.model_config = build_model_config(config.model, len(self.tokenizer), self.tokenizer.eos_token_id,
-                                               config.data.seq_len)
+        self.model_config = build_model_config(
+            config.model, len(self.tokenizer), self.tokenizer.eos_token_id, config.data.seq_len
+        )
         self.tokens_per_sample = config.data.seq_len
         micro = config.train.micro_batch_size
-        self.flops_per_token = training_flops_per_token(self.model_config, self.tokens_per_sample,
-                                                        micro * self.tokens_per_sample)
+        self.flops_per_token = training_flops_per_token(
+            self.model_config, self.tokens_per_sample, micro * self.tokens_per_sample
+        )
         held_out, train_cfg = held_out_spec(config), config.train
         self.validation = None
         if held_out is not None and train_cfg.eval_every:
@@ -97,8 +99,14 @@ class LanguageModelingTask:
         self.probe = fixed_blocks(held_out or config.data, self.tokenizer, micro) if train_cfg.whitebox_every else None
 
     def loader(self, state: dict | None):
-        return TextLoader(self.plan, self.tokenizer, self.rank, self.config.train.micro_batch_size,
-                          self.config.train.dataloader_workers, state=state)
+        return TextLoader(
+            self.plan,
+            self.tokenizer,
+            self.rank,
+            self.config.train.micro_batch_size,
+            self.config.train.dataloader_workers,
+            state=state,
+        )
 
     def loss(self, engine, batch: dict, device, step: int, micro: int) -> torch.Tensor:
         input_ids = batch["input_ids"].to(device)
@@ -106,8 +114,10 @@ class LanguageModelingTask:
 
     @torch.no_grad()
     def evaluate(self, engine, device) -> dict:
-        losses = [engine(input_ids=b.to(device), labels=b.to(device), use_cache=False).loss.float().item()
-                  for b in self.validation]
+        losses = [
+            engine(input_ids=b.to(device), labels=b.to(device), use_cache=False).loss.float().item()
+            for b in self.validation
+        ]
         total, count = _sum_across_ranks([sum(losses), len(losses)], device)
         loss = total / count
         return {"loss": loss, "perplexity": float(np.exp(min(loss, 50)))}
@@ -120,9 +130,9 @@ class LanguageModelingTask:
 
 def image_processor_for(spec: ImageDataSpec, native_size: tuple[int, int] | None = None):
     """An HF ``ViTImageProcessor`` (greyscale data: ``CrateImageProcessor``, which also converts RGB to luma) that does
-    at inference what the run's eval transform does: resize the shorter side to ``image_size / eval_crop_fraction``, center-crop
-    ``image_size``, scale, normalise with the run's mean and std. ``native_size``: the size of the data's images
-    (the first one); when its shorter side is already ``<= image_size`` the resize goes to ``image_size`` itself,
+    at inference what the run's eval transform does: resize the shorter side to ``image_size / eval_crop_fraction``,
+    center-crop ``image_size``, scale, normalise with the run's mean and std. ``native_size``: the size of the data's
+    images (the first one); when its shorter side is already ``<= image_size`` the resize goes to ``image_size`` itself,
     the eval transform's small-image rule (Fashion-MNIST's 28 x 28 pass through unchanged)."""
     from transformers import ViTImageProcessor
 
@@ -130,9 +140,18 @@ def image_processor_for(spec: ImageDataSpec, native_size: tuple[int, int] | None
 
     small = native_size is not None and min(native_size) <= spec.image_size
     side = spec.image_size if small else max(spec.image_size, round(spec.image_size / spec.eval_crop_fraction))
-    settings = dict(do_resize=True, size={"shortest_edge": side}, resample=2, do_center_crop=True,
-                    crop_size={"height": spec.image_size, "width": spec.image_size}, do_rescale=True,
-                    do_normalize=True, image_mean=list(spec.mean), image_std=list(spec.std), do_convert_rgb=True)
+    settings = dict(
+        do_resize=True,
+        size={"shortest_edge": side},
+        resample=2,
+        do_center_crop=True,
+        crop_size={"height": spec.image_size, "width": spec.image_size},
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=list(spec.mean),
+        image_std=list(spec.std),
+        do_convert_rgb=True,
+    )
     # RGB needs nothing beyond HF's own processor (no custom code in the export); greyscale needs the luma step.
     return ViTImageProcessor(**settings) if spec.channels == 3 else CrateImageProcessor(num_channels=1, **settings)
 
@@ -168,8 +187,15 @@ def fixed_images(spec: ImageDataSpec, count: int) -> tuple[torch.Tensor, torch.T
     return torch.from_numpy(np.stack(pixels)), torch.tensor(labels, dtype=torch.long)
 
 
-def mix_batch(pixels: torch.Tensor, labels: torch.Tensor, num_classes: int, label_smoothing: float,
-              mixup_alpha: float, cutmix_alpha: float, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def mix_batch(
+    pixels: torch.Tensor,
+    labels: torch.Tensor,
+    num_classes: int,
+    label_smoothing: float,
+    mixup_alpha: float,
+    cutmix_alpha: float,
+    rng: np.random.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Soft targets with label smoothing, and mixup or cutmix of the batch with its reverse (as timm pairs them).
 
     Mixup: ``x = lam x + (1 - lam) x_rev`` with ``lam ~ Beta(a, a)``. Cutmix: a box of area ``(1 - lam) H W`` (centred
@@ -197,8 +223,9 @@ def mix_batch(pixels: torch.Tensor, labels: torch.Tensor, num_classes: int, labe
 
 def class_names(plan) -> list[str]:
     """The class names of an image plan (from the first source that names them all), else ``class_<i>``."""
-    names = next((c.class_names for c in plan.catalogs if c.class_names and len(c.class_names) == plan.num_classes),
-                 None)
+    names = next(
+        (c.class_names for c in plan.catalogs if c.class_names and len(c.class_names) == plan.num_classes), None
+    )
     return list(names or (f"class_{i}" for i in range(plan.num_classes)))
 
 
@@ -224,18 +251,29 @@ class ImageClassificationTask:
             usable = max(micro * world, len(labels) // (micro * world) * micro * world)  # equal work on every rank
             pixels, labels = pixels[:usable], labels[:usable]
             self.validation = list(zip(pixels[rank::world].split(micro), labels[rank::world].split(micro)))
-        self.probe = (fixed_images(held_out or spec.model_copy(update={"train": False}), micro)[0]
-                      if train_cfg.whitebox_every else None)
+        self.probe = (
+            fixed_images(held_out or spec.model_copy(update={"train": False}), micro)[0]
+            if train_cfg.whitebox_every
+            else None
+        )
 
     def loader(self, state: dict | None):
-        return ImageLoader(self.plan, self.rank, self.config.train.micro_batch_size,
-                           self.config.train.dataloader_workers, state=state)
+        return ImageLoader(
+            self.plan, self.rank, self.config.train.micro_batch_size, self.config.train.dataloader_workers, state=state
+        )
 
     def loss(self, engine, batch: dict, device, step: int, micro: int) -> torch.Tensor:
         train_cfg = self.config.train
         rng = np.random.default_rng([train_cfg.seed, step, self.rank, micro])
-        pixels, targets = mix_batch(batch["pixel_values"], batch["labels"], self.model_config.num_labels,
-                                    train_cfg.label_smoothing, train_cfg.mixup_alpha, train_cfg.cutmix_alpha, rng)
+        pixels, targets = mix_batch(
+            batch["pixel_values"],
+            batch["labels"],
+            self.model_config.num_labels,
+            train_cfg.label_smoothing,
+            train_cfg.mixup_alpha,
+            train_cfg.cutmix_alpha,
+            rng,
+        )
         logits = engine(pixel_values=pixels.to(device)).logits.float()
         return -(targets.to(device) * logits.log_softmax(-1)).sum(-1).mean()
 
@@ -250,8 +288,6 @@ class ImageClassificationTask:
             count += len(labels)
         loss_sum, correct, count = _sum_across_ranks([loss_sum, correct, count], device)
         return {"loss": loss_sum / count, "accuracy": correct / count, "images": int(count)}
-
-
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -274,14 +310,25 @@ class ExampleLoader:
     ``(seed, epoch)``, cut to a multiple of the world size and dealt to the ranks in turn, so every rank takes the
     same number of steps. The cursor ``{"epoch", "position"}`` resumes exactly (``state=``)."""
 
-    def __init__(self, encoded: list[list[int]], labels: list[int], rank: int, world: int, micro_batch_size: int,
-                 pad_token_id: int, seed: int, state: dict | None = None):
+    def __init__(
+        self,
+        encoded: list[list[int]],
+        labels: list[int],
+        rank: int,
+        world: int,
+        micro_batch_size: int,
+        pad_token_id: int,
+        seed: int,
+        state: dict | None = None,
+    ):
         self.encoded, self.labels, self.rank, self.world = encoded, labels, rank, world
         self.micro, self.pad, self.seed = micro_batch_size, pad_token_id, seed
         self.per_rank = len(encoded) // world
         if self.per_rank < micro_batch_size:
-            raise ConfigError(f"data: {len(encoded)} examples are fewer than micro_batch_size ({micro_batch_size}) x "
-                             f"world size ({world})")
+            raise ConfigError(
+                f"data: {len(encoded)} examples are fewer than micro_batch_size ({micro_batch_size}) x "
+                f"world size ({world})"
+            )
         self.epoch, self.position = (state["epoch"], state["position"]) if state else (0, 0)
 
     def state_dict(self) -> dict:
@@ -289,7 +336,7 @@ class ExampleLoader:
 
     def _mine(self) -> np.ndarray:
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.encoded))
-        return order[: self.per_rank * self.world][self.rank::self.world]
+        return order[: self.per_rank * self.world][self.rank :: self.world]
 
     def __iter__(self):
         mine = self._mine()
@@ -297,7 +344,7 @@ class ExampleLoader:
             if self.position + self.micro > len(mine):
                 self.epoch, self.position = self.epoch + 1, 0
                 mine = self._mine()
-            chosen = mine[self.position:self.position + self.micro]
+            chosen = mine[self.position : self.position + self.micro]
             self.position += self.micro
             yield pad_batch([self.encoded[i] for i in chosen], [self.labels[i] for i in chosen], self.pad)
 
@@ -316,8 +363,10 @@ class SequenceClassificationTask:
 
         self.config, self.rank, self.world = config, rank, world
         if config.tokenizer.startswith("bpe:"):
-            raise ConfigError("tokenizer: bpe:N trains on pretraining text; a classifier takes its checkpoint's "
-                             "tokenizer (the default with model.init_from) or a tokenizer directory")
+            raise ConfigError(
+                "tokenizer: bpe:N trains on pretraining text; a classifier takes its checkpoint's "
+                "tokenizer (the default with model.init_from) or a tokenizer directory"
+            )
         self.tokenizer = load_tokenizer(config.tokenizer, output_dir=config.output_dir)
         if self.tokenizer.pad_token is None:  # GPT-2-style tokenizers have none; padding is masked anyway
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -325,8 +374,9 @@ class SequenceClassificationTask:
         spec = config.data
         train = read_labelled(spec)
         self.label_names = train.label_names
-        self.model_config = build_classifier_config(config.model, len(self.tokenizer), self.tokenizer,
-                                                    self.label_names, spec.max_length)
+        self.model_config = build_classifier_config(
+            config.model, len(self.tokenizer), self.tokenizer, self.label_names, spec.max_length
+        )
         self.bad_records = train.bad
         self.encoded = self._encode(train.texts)
         self.labels = train.labels
@@ -351,10 +401,11 @@ class SequenceClassificationTask:
         ranks take the same number of forward passes (ZeRO-3 gathers collectively)."""
         micro = self.config.train.micro_batch_size
         mine = list(range(self.rank, len(encoded), self.world))
-        batches = -(-(-(-len(encoded) // self.world)) // micro)  # ceil(ceil(n / world) / micro)
+        per_rank = (len(encoded) + self.world - 1) // self.world
+        batches = (per_rank + micro - 1) // micro
         out = []
         for b in range(batches):
-            chosen = mine[b * micro:(b + 1) * micro]
+            chosen = mine[b * micro : (b + 1) * micro]
             weight = [1.0] * len(chosen) + [0.0] * (micro - len(chosen))
             chosen = chosen + [0] * (micro - len(chosen))
             batch = pad_batch([encoded[i] for i in chosen], [labels[i] for i in chosen], self.tokenizer.pad_token_id)
@@ -363,12 +414,23 @@ class SequenceClassificationTask:
         return out
 
     def loader(self, state: dict | None):
-        return ExampleLoader(self.encoded, self.labels, self.rank, self.world, self.config.train.micro_batch_size,
-                             self.tokenizer.pad_token_id, self.config.data.seed, state=state)
+        return ExampleLoader(
+            self.encoded,
+            self.labels,
+            self.rank,
+            self.world,
+            self.config.train.micro_batch_size,
+            self.tokenizer.pad_token_id,
+            self.config.data.seed,
+            state=state,
+        )
 
     def loss(self, engine, batch: dict, device, step: int, micro: int) -> torch.Tensor:
-        return engine(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
-                      labels=batch["labels"].to(device)).loss
+        return engine(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            labels=batch["labels"].to(device),
+        ).loss
 
     @torch.no_grad()
     def evaluate(self, engine, device) -> dict:
@@ -376,8 +438,11 @@ class SequenceClassificationTask:
         loss_sum = count = 0.0
         confusion = np.zeros((classes, classes))
         for batch in self.validation:
-            logits = engine(input_ids=batch["input_ids"].to(device),
-                            attention_mask=batch["attention_mask"].to(device)).logits.float().cpu()
+            logits = (
+                engine(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device))
+                .logits.float()
+                .cpu()
+            )
             weight = batch["weight"]
             losses = F.cross_entropy(logits, batch["labels"], reduction="none")
             loss_sum += float((losses * weight).sum())
@@ -386,12 +451,19 @@ class SequenceClassificationTask:
                 confusion[truth, guess] += w
         totals = _sum_across_ranks([loss_sum, count, *confusion.ravel().tolist()], device)
         loss_sum, count, confusion = totals[0], totals[1], np.asarray(totals[2:]).reshape(classes, classes)
-        return {"loss": loss_sum / count, "accuracy": float(np.trace(confusion) / count),
-                "macro_f1": macro_f1(confusion), "examples": int(count)}
+        return {
+            "loss": loss_sum / count,
+            "accuracy": float(np.trace(confusion) / count),
+            "macro_f1": macro_f1(confusion),
+            "examples": int(count),
+        }
 
 
-TASKS = {"causal-lm": LanguageModelingTask, "image-classification": ImageClassificationTask,
-         "sequence-classification": SequenceClassificationTask}
+TASKS = {
+    "causal-lm": LanguageModelingTask,
+    "image-classification": ImageClassificationTask,
+    "sequence-classification": SequenceClassificationTask,
+}
 
 
 def build_task(config: RunConfig, rank: int, world: int, barrier=lambda: None):

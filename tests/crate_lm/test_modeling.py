@@ -75,8 +75,14 @@ def test_crate_layer_has_3d2_plus_5d_parameters():
 
 
 def test_autoconfig_for_model_gives_causal_crate_base():
-    config = AutoConfig.for_model("crate", hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
-                                  vocab_size=50257, max_position_embeddings=1024)
+    config = AutoConfig.for_model(
+        "crate",
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        vocab_size=50257,
+        max_position_embeddings=1024,
+    )
     assert isinstance(config, CrateConfig) and config.variant == "crate"
     with torch.device("meta"):
         params = count_parameters(AutoModelForCausalLM.from_config(config))
@@ -128,9 +134,9 @@ def test_ista_one_step_matches_the_formula(tokens):
     torch.nn.init.normal_(ista.dictionary, std=0.3)
     z = torch.randn(3, tokens, config.hidden_size)
     D, eta, lam = ista.dictionary.detach(), config.ista_step_size, config.ista_lambda
-    expected = torch.stack([
-        F.relu(v + eta * D.T @ (v - D @ v) - eta * lam) for v in z.reshape(-1, config.hidden_size)
-    ]).reshape_as(z)
+    expected = torch.stack(
+        [F.relu(v + eta * D.T @ (v - D @ v) - eta * lam) for v in z.reshape(-1, config.hidden_size)]
+    ).reshape_as(z)
     output, code = ista(z)
     torch.testing.assert_close(output, expected)
     torch.testing.assert_close(code, expected)
@@ -251,10 +257,12 @@ def test_padded_batch_matches_each_sequence_alone(variant):
 def test_greedy_generation_is_identical_with_and_without_cache(variant):
     model = tiny_model(variant)
     ids = random_ids(2, 8)
-    cached = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                            use_cache=True)
-    uncached = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
-                              use_cache=False)
+    cached = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, use_cache=True
+    )
+    uncached = model.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False, use_cache=False
+    )
     assert cached.shape == (2, 20)
     assert torch.equal(cached, uncached)
 
@@ -263,13 +271,17 @@ def test_greedy_generation_is_identical_with_and_without_cache(variant):
 def test_batched_left_padded_generation_matches_single_prompts(variant):
     model = tiny_model(variant)
     prompts = [random_ids(1, 4, seed=5)[0], random_ids(1, 9, seed=6)[0]]
-    singles = [model.generate(p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=10,
-                              do_sample=False)[0, len(p):] for p in prompts]
+    singles = [
+        model.generate(
+            p[None], attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=10, do_sample=False
+        )[0, len(p) :]
+        for p in prompts
+    ]
     ids = torch.zeros(2, 9, dtype=torch.long)
     mask = torch.zeros(2, 9, dtype=torch.long)
     for row, prompt in enumerate(prompts):
-        ids[row, 9 - len(prompt):] = prompt
-        mask[row, 9 - len(prompt):] = 1
+        ids[row, 9 - len(prompt) :] = prompt
+        mask[row, 9 - len(prompt) :] = 1
     batched = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, pad_token_id=0)
     for row in range(2):
         assert torch.equal(batched[row, 9:], singles[row])
@@ -301,8 +313,14 @@ def test_mssa_cache_stores_one_tensor_per_layer_half_of_gpt2():
     assert out.cache.nbytes() == config.num_hidden_layers * 2 * 10 * config.hidden_size * 4
 
     torch.manual_seed(0)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=config.hidden_size, n_layer=config.num_hidden_layers,
-                                      n_head=config.num_attention_heads)).eval()
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(
+            vocab_size=512,
+            n_embd=config.hidden_size,
+            n_layer=config.num_hidden_layers,
+            n_head=config.num_attention_heads,
+        )
+    ).eval()
     gpt2_cache = gpt2(ids, use_cache=True).cache
     assert isinstance(gpt2_cache, DynamicCache)
     gpt2_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in gpt2_cache.layers)
@@ -409,8 +427,11 @@ def test_trainer_reads_which_heads_divide_by_the_global_item_count(tmp_path):
         return Trainer(model=model, args=args).model_accepts_loss_kwargs
 
     classifier = CrateForSequenceClassification(config_from_preset("crate-test", num_labels=2))
-    vision = CrateForImageClassification(CrateVisionConfig(
-        image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_labels=3))
+    vision = CrateForImageClassification(
+        CrateVisionConfig(
+            image_size=16, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_labels=3
+        )
+    )
     assert not accepts_loss_kwargs(classifier) and not accepts_loss_kwargs(vision)
     assert not accepts_loss_kwargs(get_peft_model(classifier, LoraConfig(r=2, task_type="SEQ_CLS")))
     assert accepts_loss_kwargs(tiny_model())  # its loss does divide by num_items_in_batch
@@ -498,11 +519,14 @@ def test_checkpoint_loads_with_trust_remote_code_without_this_package(variant, t
     torch.save(ids, tmp_path / "ids.pt")
     script = tmp_path / "load.py"
     script.write_text(TRUST_REMOTE_CODE_SCRIPT)
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": ""}
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     result = subprocess.run(
         [sys.executable, str(script), str(checkpoint), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     with torch.no_grad():
@@ -515,8 +539,9 @@ def test_text_generation_pipeline_on_a_checkpoint_with_gpt2_tokenizer(gpt2_ranks
     from crate_lm.tokenization import gpt2_tokenizer_from_tiktoken
 
     torch.manual_seed(0)
-    model = CrateForCausalLM(config_from_preset("crate-test", vocab_size=50257, bos_token_id=50256,
-                                                eos_token_id=50256)).eval()
+    model = CrateForCausalLM(
+        config_from_preset("crate-test", vocab_size=50257, bos_token_id=50256, eos_token_id=50256)
+    ).eval()
     model.save_pretrained(tmp_path)
     gpt2_tokenizer_from_tiktoken(gpt2_ranks_path).save_pretrained(tmp_path)
     generator = pipeline("text-generation", model=str(tmp_path))
@@ -547,8 +572,9 @@ def test_generation_from_inputs_embeds_matches_input_ids():
     ids = random_ids(1, 6)
     from_ids = model.generate(ids, max_new_tokens=5, do_sample=False)
     embeds = model.get_input_embeddings()(ids)
-    from_embeds = model.generate(inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=5,
-                                 do_sample=False)
+    from_embeds = model.generate(
+        inputs_embeds=embeds, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False
+    )
     assert torch.equal(from_embeds[0, -5:], from_ids[0, -5:])
 
 

@@ -65,8 +65,15 @@ def random_pixels(batch: int = 2, side: int = 16, channels: int = 3, seed: int =
 
 def tiny_vit(seed: int = 0) -> ViTForImageClassification:
     torch.manual_seed(seed)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
-                       image_size=16, patch_size=4, num_labels=5)
+    config = ViTConfig(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        image_size=16,
+        patch_size=4,
+        num_labels=5,
+    )
     return ViTForImageClassification(config).eval()
 
 
@@ -100,8 +107,12 @@ def test_crate_layer_has_3d2_plus_5d_parameters():
 
 @pytest.mark.parametrize(
     "variant, overrides",
-    [(v, {}) for v in VARIANTS] + [("crate", {"pooling": "mean"}), ("crate", {"patch_embedding_type": "conv"}),
-                                   ("tost", {"pooling": "mean", "patch_embedding_type": "conv"})],
+    [(v, {}) for v in VARIANTS]
+    + [
+        ("crate", {"pooling": "mean"}),
+        ("crate", {"patch_embedding_type": "conv"}),
+        ("tost", {"pooling": "mean", "patch_embedding_type": "conv"}),
+    ],
 )
 def test_forward_loss_and_gradients_reach_every_parameter(variant, overrides):
     model = tiny_model(variant, **overrides).train()
@@ -137,7 +148,7 @@ def test_patch_tokens_follow_the_grid_in_row_major_order(kind):
         assert grid == (3, 3) and tokens.shape == (2, 9, 32)
         for row in range(3):
             for column in range(3):
-                patch = pixels[:, :, 4 * row:4 * row + 4, 4 * column:4 * column + 4]
+                patch = pixels[:, :, 4 * row : 4 * row + 4, 4 * column : 4 * column + 4]
                 if kind == "conv":
                     weight, bias = embeddings.projection.weight, embeddings.projection.bias
                     expected = patch.flatten(1) @ weight.flatten(1).T + bias
@@ -256,8 +267,14 @@ def test_save_and_load_give_identical_logits(variant, tmp_path):
     model = tiny_model(variant, **labelled_config_overrides())
     model.save_pretrained(tmp_path)
     files = set(os.listdir(tmp_path))
-    assert {"model.safetensors", "config.json", "modeling_crate_vision.py", "modeling_crate.py",
-            "configuration_crate_vision.py", "configuration_crate.py"} <= files
+    assert {
+        "model.safetensors",
+        "config.json",
+        "modeling_crate_vision.py",
+        "modeling_crate.py",
+        "configuration_crate_vision.py",
+        "configuration_crate.py",
+    } <= files
     saved = json.loads((tmp_path / "config.json").read_text())
     assert saved["model_type"] == "crate_vision"
     assert saved["auto_map"]["AutoConfig"] == "configuration_crate_vision.CrateVisionConfig"
@@ -314,7 +331,12 @@ def test_checkpoint_loads_with_trust_remote_code_without_this_package(tmp_path):
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     result = subprocess.run(
         [sys.executable, str(script), str(checkpoint), str(tmp_path / "pixels.pt"), str(tmp_path / "logits.pt")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     with torch.no_grad():
@@ -381,8 +403,13 @@ def test_interpolate_position_table():
 def test_image_processor_and_pipeline(tmp_path):
     model = tiny_model(**labelled_config_overrides())
     model.save_pretrained(tmp_path)
-    ViTImageProcessor(size={"shortest_edge": 16}, do_center_crop=True, crop_size={"height": 16, "width": 16},
-                      image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(tmp_path)
+    ViTImageProcessor(
+        size={"shortest_edge": 16},
+        do_center_crop=True,
+        crop_size={"height": 16, "width": 16},
+        image_mean=[0.5] * 3,
+        image_std=[0.5] * 3,
+    ).save_pretrained(tmp_path)
     processor = AutoImageProcessor.from_pretrained(tmp_path)
     image = Image.fromarray(np.random.RandomState(0).randint(0, 256, (30, 20, 3), dtype=np.uint8))
     assert image.mode == "RGB" and image.size == (20, 30)
@@ -406,8 +433,14 @@ def test_greyscale_model_with_its_image_processor(tmp_path):
     the processor takes the luma exactly as PIL's ``convert("L")`` (the training pipeline's conversion) does."""
     model = tiny_model(num_channels=1)
     model.save_pretrained(tmp_path)
-    CrateImageProcessor(num_channels=1, size={"shortest_edge": 16}, do_center_crop=True,
-                        crop_size={"height": 16, "width": 16}, image_mean=[0.5], image_std=[0.5]).save_pretrained(tmp_path)
+    CrateImageProcessor(
+        num_channels=1,
+        size={"shortest_edge": 16},
+        do_center_crop=True,
+        crop_size={"height": 16, "width": 16},
+        image_mean=[0.5],
+        image_std=[0.5],
+    ).save_pretrained(tmp_path)
     processor = AutoImageProcessor.from_pretrained(tmp_path)
     assert type(processor) is CrateImageProcessor
     rgb = Image.fromarray(np.random.RandomState(1).randint(0, 256, (30, 20, 3), dtype=np.uint8))
@@ -497,8 +530,13 @@ def test_bad_config_is_one_line_error_naming_the_field(overrides, field):
 
 def test_config_defaults_are_crate_t16():
     config = CrateVisionConfig()
-    assert (config.image_size, config.patch_size, config.hidden_size, config.num_hidden_layers,
-            config.num_attention_heads) == (224, 16, 384, 12, 6)
+    assert (
+        config.image_size,
+        config.patch_size,
+        config.hidden_size,
+        config.num_hidden_layers,
+        config.num_attention_heads,
+    ) == (224, 16, 384, 12, 6)
     assert config.variant == "crate" and config.causal_attention is False and config.num_patches == 196
 
 

@@ -126,10 +126,12 @@ def test_compression_rate_mask_equals_running_alone():
 
 
 def test_sparsity_l0_exact():
-    codes = torch.tensor([
-        [[0.0, 1e-7, 0.0, -2.0], [0.0, 0.0, 0.0, 0.0], [3.0, 1.0, 1.0, 1.0]],  # 2 + 0 + 4 = 6 of 12
-        [[0.0, 0.0, 0.0, 5.0], [1.0, 0.0, 0.0, 0.0], [7.0, 7.0, 7.0, 7.0]],  # 1 + 1 + 4 = 6 of 12; masked: 2 of 8
-    ])
+    codes = torch.tensor(
+        [
+            [[0.0, 1e-7, 0.0, -2.0], [0.0, 0.0, 0.0, 0.0], [3.0, 1.0, 1.0, 1.0]],  # 2 + 0 + 4 = 6 of 12
+            [[0.0, 0.0, 0.0, 5.0], [1.0, 0.0, 0.0, 0.0], [7.0, 7.0, 7.0, 7.0]],  # 1 + 1 + 4 = 6 of 12; masked: 2 of 8
+        ]
+    )
     assert torch.allclose(sparsity_l0(codes), torch.tensor([0.5, 0.5], dtype=torch.float64))
     mask = torch.tensor([[1, 1, 1], [1, 1, 0]])
     assert torch.allclose(sparsity_l0(codes, mask), torch.tensor([0.5, 0.25], dtype=torch.float64))
@@ -160,8 +162,10 @@ def test_membership_entropy():
     assert torch.allclose(membership_entropy(uniform), torch.full((2,), math.log(heads), dtype=torch.float64))
     assert torch.allclose(membership_entropy(one_hot), torch.zeros(2, dtype=torch.float64))
     mixed = torch.cat([uniform[:, :, :2], one_hot[:, :, 2:]], dim=-1)
-    assert torch.allclose(membership_entropy(mixed, torch.tensor([[1, 1, 0, 0, 0]] * 2)),
-                          torch.full((2,), math.log(heads), dtype=torch.float64))
+    assert torch.allclose(
+        membership_entropy(mixed, torch.tensor([[1, 1, 0, 0, 0]] * 2)),
+        torch.full((2,), math.log(heads), dtype=torch.float64),
+    )
 
 
 # --- whole models -----------------------------------------------------------------------------------------------------
@@ -176,8 +180,9 @@ def crate_model(variant: str) -> CrateForCausalLM:
 
 def gpt2_model() -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=512, n_positions=64,
-                                      bos_token_id=0, eos_token_id=0))
+    return GPT2LMHeadModel(
+        GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=512, n_positions=64, bos_token_id=0, eos_token_id=0)
+    )
 
 
 def check_records(records, layers: int, heads: int, tost: bool = False):

@@ -6,16 +6,19 @@ from data_pipeline.data_spec import infer_kind, parse_data
 from data_pipeline.errors import DataSpecError
 
 
-@pytest.mark.parametrize("raw, kind", [
-    ({"sources": ["shakespeare"], "seq_len": 64}, "text"),
-    ({"sources": [{"path": "corpus"}]}, "text"),
-    ({"sources": ["fashion-mnist"]}, "image"),
-    ({"sources": [{"folder": "x"}]}, "image"),
-    ({"sources": [{"hf": "beans"}], "image_size": 28, "num_classes": 3}, "image"),
-    ({"sources": ["rotten-tomatoes"]}, "labelled"),
-    ({"sources": [{"path": "x.csv"}], "max_length": 8}, "labelled"),
-    ({"kind": "labelled", "sources": [{"path": "x.csv"}]}, "labelled"),
-])
+@pytest.mark.parametrize(
+    "raw, kind",
+    [
+        ({"sources": ["shakespeare"], "seq_len": 64}, "text"),
+        ({"sources": [{"path": "corpus"}]}, "text"),
+        ({"sources": ["fashion-mnist"]}, "image"),
+        ({"sources": [{"folder": "x"}]}, "image"),
+        ({"sources": [{"hf": "beans"}], "image_size": 28, "num_classes": 3}, "image"),
+        ({"sources": ["rotten-tomatoes"]}, "labelled"),
+        ({"sources": [{"path": "x.csv"}], "max_length": 8}, "labelled"),
+        ({"kind": "labelled", "sources": [{"path": "x.csv"}]}, "labelled"),
+    ],
+)
 def test_the_kind_is_given_or_inferred_by_the_old_rule(raw, kind):
     assert infer_kind(raw) == kind
     spec = parse_data(raw)

@@ -23,9 +23,18 @@ from PIL import Image
 from data_pipeline.fashion_mnist import FASHION_MNIST_CLASSES, fashion_mnist, parse_idx
 from data_pipeline.image_sources import BAD_REASONS
 from data_pipeline.image_spec import parse_image_data
-from data_pipeline.image_stream import (BadDataError, ImageLoader, ImageStream, build_image_plan, decode_image,
-                                        eval_resize_shape, eval_transform, inspect_images, random_resized_crop_box,
-                                        train_transform)
+from data_pipeline.image_stream import (
+    BadDataError,
+    ImageLoader,
+    ImageStream,
+    build_image_plan,
+    decode_image,
+    eval_resize_shape,
+    eval_transform,
+    inspect_images,
+    random_resized_crop_box,
+    train_transform,
+)
 from data_pipeline.spec import DataSpecError
 
 FOLDER_IMAGES = 600  # test-split images 0..599 as PNG, one directory per class
@@ -43,7 +52,7 @@ def corrupt_png(pixels: np.ndarray) -> bytes:
     """A PNG whose compressed pixel data is damaged: it opens, and fails when decoded."""
     data = bytearray(png_bytes(pixels))
     idat = data.index(b"IDAT") + 8
-    data[idat:idat + 16] = bytes(16)
+    data[idat : idat + 16] = bytes(16)
     return bytes(data)
 
 
@@ -66,10 +75,12 @@ def image_folder(fmnist_test, tmp_path_factory) -> tuple[Path, dict]:
         (root / class_dir(label)).mkdir()
     for index in range(FOLDER_IMAGES):
         (root / class_dir(labels[index]) / f"img-{index:05d}.png").write_bytes(png_bytes(images[index]))
-    planted = {f"{class_dir(1)}/bad-garbage.png": b"this is not an image",
-               f"{class_dir(4)}/bad-truncated.png": png_bytes(images[0])[:100],
-               f"{class_dir(4)}/bad-empty.jpg": b"",
-               f"{class_dir(7)}/bad-damaged.png": corrupt_png(images[1])}
+    planted = {
+        f"{class_dir(1)}/bad-garbage.png": b"this is not an image",
+        f"{class_dir(4)}/bad-truncated.png": png_bytes(images[0])[:100],
+        f"{class_dir(4)}/bad-empty.jpg": b"",
+        f"{class_dir(7)}/bad-damaged.png": corrupt_png(images[1]),
+    }
     for rel, data in planted.items():
         (root / rel).write_bytes(data)
     (root / class_dir(2) / "notes.txt").write_text("not an image file: ignored")
@@ -91,8 +102,7 @@ def tar_shards(fmnist_test, tmp_path_factory) -> tuple[Path, dict, int]:
     last in a file)."""
     root = tmp_path_factory.mktemp("tars")
     images, labels = fmnist_test
-    good = [(f"train/s{i:06d}", {"png": png_bytes(images[i]), "cls": str(int(labels[i])).encode()})
-            for i in TAR_IMAGES]
+    good = [(f"train/s{i:06d}", {"png": png_bytes(images[i]), "cls": str(int(labels[i])).encode()}) for i in TAR_IMAGES]
     bad = {  # inserted before position (in file 0..3, at index)
         (0, 10): ("bad/no-label", {"png": png_bytes(images[2])}, "missing_label"),
         (1, 5): ("bad/out-of-range", {"png": png_bytes(images[3]), "cls": b"12"}, "label_out_of_range"),
@@ -104,7 +114,7 @@ def tar_shards(fmnist_test, tmp_path_factory) -> tuple[Path, dict, int]:
     }
     per_file = len(good) // TAR_FILES
     for number in range(TAR_FILES):
-        samples = good[number * per_file:(number + 1) * per_file]
+        samples = good[number * per_file : (number + 1) * per_file]
         for (file, at), (key, members, _) in sorted(bad.items(), reverse=True):
             if file == number:
                 samples.insert(at, (key, members))
@@ -114,8 +124,14 @@ def tar_shards(fmnist_test, tmp_path_factory) -> tuple[Path, dict, int]:
 
 
 def spec(sources, **overrides):
-    raw = {"sources": sources, "image_size": 28, "train": False, "shuffle_buffer": 0, "streams_per_rank": 1,
-           "min_shards": 4}
+    raw = {
+        "sources": sources,
+        "image_size": 28,
+        "train": False,
+        "shuffle_buffer": 0,
+        "streams_per_rank": 1,
+        "min_shards": 4,
+    }
     raw.update(overrides)
     return parse_image_data(raw)
 
@@ -126,8 +142,9 @@ def identity(pixels, label) -> str:
 
 
 def expected_identities(images, labels, image_spec) -> Counter:
-    return Counter(identity(eval_transform(decode_image(image, 1), image_spec), label)
-                   for image, label in zip(images, labels))
+    return Counter(
+        identity(eval_transform(decode_image(image, 1), image_spec), label) for image, label in zip(images, labels)
+    )
 
 
 def epoch_samples(plan, stream: int) -> list[str]:
@@ -197,8 +214,11 @@ def _rank_main(rank, world, port, out_dir):
             # A collective every step, as in training: unequal batch counts per rank would hang here.
             done = torch.tensor([int(len(finished) == 2)])
             dist.all_reduce(done)
-            seen.extend(identity(pixels, label) for pixels, label, epoch
-                        in zip(batch["pixel_values"], batch["labels"], batch["epoch"]) if epoch == 0)
+            seen.extend(
+                identity(pixels, label)
+                for pixels, label, epoch in zip(batch["pixel_values"], batch["labels"], batch["epoch"])
+                if epoch == 0
+            )
             steps += 1
             if int(done) == world:
                 break
@@ -231,9 +251,13 @@ def test_folder_and_tar_sources_hold_exactly_their_real_images(fmnist_test, imag
     assert len(plan.shards[0]) == TAR_FILES
     wide = build_image_plan(spec([{"tar": str(tars)}], num_classes=10, max_bad_fraction=1.0, streams_per_rank=2), 2)
     union = Counter(sample for g in range(wide.num_streams) for sample in epoch_samples(wide, g))
-    assert union == Counter(epoch_samples(plan, 0)) == expected_identities(images[TAR_IMAGES.start:TAR_IMAGES.stop],
-                                                                           labels[TAR_IMAGES.start:TAR_IMAGES.stop],
-                                                                           tar_spec)
+    assert (
+        union
+        == Counter(epoch_samples(plan, 0))
+        == expected_identities(
+            images[TAR_IMAGES.start : TAR_IMAGES.stop], labels[TAR_IMAGES.start : TAR_IMAGES.stop], tar_spec
+        )
+    )
 
 
 def test_hf_imagefolder_source_matches_the_folder(image_folder, tmp_path):
@@ -248,8 +272,14 @@ def test_hf_imagefolder_source_matches_the_folder(image_folder, tmp_path):
     from_hf = Counter(epoch_samples(plan, 0))
     assert from_hf == Counter(epoch_samples(build_image_plan(spec([str(folder)], max_bad_fraction=1.0), 1), 0))
     # Resume from references into HF shards (re-read by example index).
-    resume_spec = spec([{"hf": "imagefolder", "data_dir": str(folder)}], max_bad_fraction=1.0, min_shards=3,
-                       shuffle_buffer=40, train=True, image_size=24)
+    resume_spec = spec(
+        [{"hf": "imagefolder", "data_dir": str(folder)}],
+        max_bad_fraction=1.0,
+        min_shards=3,
+        shuffle_buffer=40,
+        train=True,
+        image_size=24,
+    )
     _check_resume(build_image_plan(resume_spec, 1), workers=0, total=30, batch=8, seed=3)
 
 
@@ -283,18 +313,27 @@ def _check_resume(plan, workers: int, total: int, batch: int, seed: int, rank: i
 def test_resume_twice_equals_the_uninterrupted_stream_with_augmentation(image_folder, tar_shards, workers):
     folder, _ = image_folder
     tars, _, _ = tar_shards
-    image_spec = parse_image_data({
-        "sources": [{"builtin": "fashion-mnist", "weight": 2}, {"folder": str(folder)}, {"tar": str(tars)}],
-        "image_size": 24, "train": True, "shuffle_buffer": 64, "streams_per_rank": 2, "min_shards": 4, "seed": 11,
-        "num_classes": 10, "max_bad_fraction": 0.2,
-    })
+    image_spec = parse_image_data(
+        {
+            "sources": [{"builtin": "fashion-mnist", "weight": 2}, {"folder": str(folder)}, {"tar": str(tars)}],
+            "image_size": 24,
+            "train": True,
+            "shuffle_buffer": 64,
+            "streams_per_rank": 2,
+            "min_shards": 4,
+            "seed": 11,
+            "num_classes": 10,
+            "max_bad_fraction": 0.2,
+        }
+    )
     plan = build_image_plan(image_spec, 1)
     _check_resume(plan, workers, total=50, batch=16, seed=workers)
 
 
 def test_the_second_rank_of_a_wider_world_resumes_exactly():
-    plan = build_image_plan(spec(["fashion-mnist"], split="test", train=True, shuffle_buffer=32, streams_per_rank=2,
-                                 image_size=24), 2)
+    plan = build_image_plan(
+        spec(["fashion-mnist"], split="test", train=True, shuffle_buffer=32, streams_per_rank=2, image_size=24), 2
+    )
     _check_resume(plan, workers=0, total=20, batch=8, seed=5, rank=1)
 
 
@@ -308,15 +347,27 @@ def test_changed_source_world_size_and_transform_are_refused(image_folder, tmp_p
     state = loader.state_dict()
     ImageLoader(plan, rank=0, micro_batch_size=4, state=state)  # same plan: accepted
     with pytest.raises(DataSpecError, match="world_size was 1"):
-        ImageLoader(build_image_plan(spec([str(copy)], streams_per_rank=2, max_bad_fraction=1.0), 2), rank=0,
-                    micro_batch_size=4, state=state)
+        ImageLoader(
+            build_image_plan(spec([str(copy)], streams_per_rank=2, max_bad_fraction=1.0), 2),
+            rank=0,
+            micro_batch_size=4,
+            state=state,
+        )
     with pytest.raises(DataSpecError, match="image_size was 28"):
-        ImageLoader(build_image_plan(spec([str(copy)], streams_per_rank=2, max_bad_fraction=1.0, image_size=32), 1),
-                    rank=0, micro_batch_size=4, state=state)
+        ImageLoader(
+            build_image_plan(spec([str(copy)], streams_per_rank=2, max_bad_fraction=1.0, image_size=32), 1),
+            rank=0,
+            micro_batch_size=4,
+            state=state,
+        )
     shutil.copy(sorted((copy / class_dir(3)).glob("img-*.png"))[0], copy / class_dir(3) / "img-99999.png")
     with pytest.raises(DataSpecError, match="fingerprint") as error:
-        ImageLoader(build_image_plan(spec([str(copy)], streams_per_rank=2, max_bad_fraction=1.0), 1), rank=0,
-                    micro_batch_size=4, state=state)
+        ImageLoader(
+            build_image_plan(spec([str(copy)], streams_per_rank=2, max_bad_fraction=1.0), 1),
+            rank=0,
+            micro_batch_size=4,
+            state=state,
+        )
     assert "\n" not in str(error.value)
 
 
@@ -356,7 +407,8 @@ def test_bad_folder_images_are_counted_per_class_directory(image_folder):
         stream.next_sample()
     stats = stream.state["stats"]
     assert set(stats["bad"]) == {"undecodable_image"} and len(planted) <= stats["bad"]["undecodable_image"] <= 2 * len(
-        planted)
+        planted
+    )
     bad_dirs = {str(folder / rel.split("/")[0]) for rel in planted}
     assert set(stats["bad_files"]) == bad_dirs
     assert f"{class_dir(4)}/bad-empty.jpg: undecodable_image" in stats["bad_files"][str(folder / class_dir(4))]["first"]
@@ -373,11 +425,15 @@ def test_bad_folder_images_are_counted_per_class_directory(image_folder):
 
 def test_a_damaged_tar_file_costs_one_corrupt_record(fmnist_test, tmp_path):
     images, labels = fmnist_test
-    write_tar(tmp_path / "whole.tar", [(f"s{i:03d}", {"png": png_bytes(images[i]), "cls": str(int(labels[i])).encode()})
-                                       for i in range(20)])
+    write_tar(
+        tmp_path / "whole.tar",
+        [(f"s{i:03d}", {"png": png_bytes(images[i]), "cls": str(int(labels[i])).encode()}) for i in range(20)],
+    )
     data = (tmp_path / "whole.tar").read_bytes()
-    for name, damaged in (("truncated.tar", data[:len(data) // 2]),  # inside a member's data or header
-                          ("overwritten.tar", data[:5000] + b"Z" * 600 + data[5600:])):
+    for name, damaged in (
+        ("truncated.tar", data[: len(data) // 2]),  # inside a member's data or header
+        ("overwritten.tar", data[:5000] + b"Z" * 600 + data[5600:]),
+    ):
         (tmp_path / name).write_bytes(damaged)
         plan = build_image_plan(spec([{"tar": str(tmp_path / name)}], num_classes=10, min_shards=1), 1)
         records = list(plan.catalogs[0].read(plan.shards[0][0], None, None, 10))
@@ -433,15 +489,18 @@ def test_train_transform_shape_normalisation_and_determinism():
     assert len({out.tobytes() for out in outs}) == 20  # different indices: different crops / flips
     rgb = parse_image_data({"sources": ["fashion-mnist"], "channels": 3, "image_size": 16})
     assert rgb.mean == (0.485, 0.456, 0.406) and train_transform(decode_image(images[0], 3), rgb, 0, 0).shape == (
-        3, 16, 16)
+        3,
+        16,
+        16,
+    )
 
 
 def test_random_resized_crop_box_follows_torchvision():
     rng = np.random.default_rng(1)
     for _ in range(500):
         draws = rng.random(41)
-        left, top, w, h = random_resized_crop_box(40, 30, (0.08, 1.0), (3 / 4, 4 / 3), lambda k: draws[k])
-        assert 0 <= left and left + w <= 40 and 0 <= top and top + h <= 30 and w > 0 and h > 0
+        left, top, w, h = random_resized_crop_box(40, 30, (0.08, 1.0), (3 / 4, 4 / 3), lambda k, d=draws: d[k])
+        assert left >= 0 and left + w <= 40 and top >= 0 and top + h <= 30 and w > 0 and h > 0
     assert random_resized_crop_box(100, 10, (0.9, 1.0), (3 / 4, 4 / 3), lambda k: 0.99) == (43, 0, 13, 10)  # fallback
 
 
@@ -469,21 +528,24 @@ def test_rgb_jpeg_and_palette_images_of_mixed_sizes(fmnist_test, tmp_path):
 # ------------------------------------------------------------------------------------------------ spec errors
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"sources": [{"builtin": "mnist"}]}, "data.sources[0].builtin: unknown built-in image source 'mnist'"),
-    ({"sources": []}, "data.sources: must be a non-empty list"),
-    ({"sources": [{"folder": "/no/such/dir"}]}, "data.sources[0].folder: '/no/such/dir' is not a directory"),
-    ({"sources": [{"tar": "/no/such/*.tar"}]}, "data.sources[0].tar: no files match '/no/such/*.tar'"),
-    ({"sources": [{"folder": "x", "tar": "y"}]}, "data.sources[0]: give exactly one of builtin, folder, tar or hf"),
-    ({"sources": ["fashion-mnist"], "channels": 2}, "data.channels: must be 1 or 3"),
-    ({"sources": ["fashion-mnist"], "mean": [0.5, 0.5]}, "data.mean: must be a list of 1 numbers"),
-    ({"sources": ["fashion-mnist"], "crop_scale": [0.5, 0.1]}, "data.crop_scale: need 0 < min <= max <= 1"),
-    ({"sources": ["fashion-mnist"], "split": "validation"}, "data.split: 'validation' is not one of"),
-    ({"sources": ["fashion-mnist"], "image_size": 0}, "data.image_size: must be >= 1"),
-    ({"sources": ["fashion-mnist"], "colour": 1}, "data.colour: unknown key"),
-    ({"sources": [{"folder": "x", "image_field": "img"}]}, "data.sources[0].image_field: only applies to hf"),
-    ({"sources": ["fashion-mnist"], "train": "yes"}, "data.train: must be true or false"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"sources": [{"builtin": "mnist"}]}, "data.sources[0].builtin: unknown built-in image source 'mnist'"),
+        ({"sources": []}, "data.sources: must be a non-empty list"),
+        ({"sources": [{"folder": "/no/such/dir"}]}, "data.sources[0].folder: '/no/such/dir' is not a directory"),
+        ({"sources": [{"tar": "/no/such/*.tar"}]}, "data.sources[0].tar: no files match '/no/such/*.tar'"),
+        ({"sources": [{"folder": "x", "tar": "y"}]}, "data.sources[0]: give exactly one of builtin, folder, tar or hf"),
+        ({"sources": ["fashion-mnist"], "channels": 2}, "data.channels: must be 1 or 3"),
+        ({"sources": ["fashion-mnist"], "mean": [0.5, 0.5]}, "data.mean: must be a list of 1 numbers"),
+        ({"sources": ["fashion-mnist"], "crop_scale": [0.5, 0.1]}, "data.crop_scale: need 0 < min <= max <= 1"),
+        ({"sources": ["fashion-mnist"], "split": "validation"}, "data.split: 'validation' is not one of"),
+        ({"sources": ["fashion-mnist"], "image_size": 0}, "data.image_size: must be >= 1"),
+        ({"sources": ["fashion-mnist"], "colour": 1}, "data.colour: unknown key"),
+        ({"sources": [{"folder": "x", "image_field": "img"}]}, "data.sources[0].image_field: only applies to hf"),
+        ({"sources": ["fashion-mnist"], "train": "yes"}, "data.train: must be true or false"),
+    ],
+)
 def test_bad_specs_fail_at_start_with_one_line(raw, message):
     with pytest.raises(DataSpecError) as error:
         build_image_plan(parse_image_data(raw), 1)

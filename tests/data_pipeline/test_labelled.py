@@ -12,8 +12,7 @@ def test_rotten_tomatoes_has_every_review_once_and_no_plots():
     labels = Counter(row["label"] for split_rows in rows.values() for row in split_rows)
     assert labels == {1: 7403, 0: 5405}  # fresh, rotten (the 1,097 plot summaries are left out)
     assert ROTTEN_TOMATOES_LABELS == ("rotten", "fresh")
-    assert all(row["text"] and row["text"] == row["text"].strip() for split_rows in rows.values()
-               for row in split_rows)
+    assert all(row["text"] and row["text"] == row["text"].strip() for split_rows in rows.values() for row in split_rows)
 
 
 def test_rotten_tomatoes_splits_by_movie_about_80_10_10():
@@ -36,11 +35,14 @@ def test_unknown_split_is_one_line():
 
 import numpy as np  # noqa: E402
 
-from data_pipeline.labelled import parse_labelled_text, read_labelled  # noqa: E402
+from data_pipeline.labelled import (  # noqa: E402
+    pad_batch,  # noqa: E402
+    parse_labelled_text,
+    read_labelled,
+)
 from data_pipeline.spec import DataSpecError  # noqa: E402
 from launcher.config.run import parse_run_config  # noqa: E402
 from launcher.errors import ConfigError  # noqa: E402
-from data_pipeline.labelled import pad_batch  # noqa: E402
 from launcher.metrics.classification import macro_f1  # noqa: E402
 from launcher.train.tasks import ExampleLoader  # noqa: E402
 
@@ -51,7 +53,7 @@ def write(path, text):
 
 
 def test_csv_jsonl_and_json_sources_with_string_and_integer_labels(tmp_path):
-    csv_file = write(tmp_path / "a.csv", "review,stars\ngreat,pos\nawful,neg\n\"long, quoted\",pos\n")
+    csv_file = write(tmp_path / "a.csv", 'review,stars\ngreat,pos\nawful,neg\n"long, quoted",pos\n')
     jsonl = write(tmp_path / "b.jsonl", '{"review": "meh", "stars": "neg"}\n\n{"review": "wow", "stars": "pos"}\n')
     spec = parse_labelled_text({"sources": [csv_file, jsonl], "text_field": "review", "label_field": "stars"})
     examples = read_labelled(spec)
@@ -75,21 +77,29 @@ def test_bad_records_are_skipped_counted_and_located(tmp_path):
         read_labelled(strict)
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"sources": ["x.txt"], "max_length": 8}, r"data.sources\[0\].path: 'x.txt' is not a csv, jsonl, json file"),
-    ({"sources": ["rotten-tomatoes"], "max_length": 1}, "data.max_length: must be >= 2"),
-    ({"sources": ["rotten-tomatoes"], "labels": ["one"]}, "data.labels: must be a list of at least 2 distinct"),
-    ({"sources": [{"builtin": "imdb"}], "max_length": 8}, r"data.sources\[0\].builtin: unknown labelled built-in"),
-    ({"sources": ["rotten-tomatoes"], "shuffle": True}, "data.shuffle: unknown key"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"sources": ["x.txt"], "max_length": 8}, r"data.sources\[0\].path: 'x.txt' is not a csv, jsonl, json file"),
+        ({"sources": ["rotten-tomatoes"], "max_length": 1}, "data.max_length: must be >= 2"),
+        ({"sources": ["rotten-tomatoes"], "labels": ["one"]}, "data.labels: must be a list of at least 2 distinct"),
+        ({"sources": [{"builtin": "imdb"}], "max_length": 8}, r"data.sources\[0\].builtin: unknown labelled built-in"),
+        ({"sources": ["rotten-tomatoes"], "shuffle": True}, "data.shuffle: unknown key"),
+    ],
+)
 def test_bad_labelled_specs_fail_in_one_line(raw, message):
     with pytest.raises(DataSpecError, match=message):
         parse_labelled_text(raw)
 
 
 def test_a_labelled_run_config_is_a_sequence_classification_task(tmp_path):
-    raw = {"output_dir": str(tmp_path), "model": {"init_from": "runs/x/hf"}, "data": {"sources": ["rotten-tomatoes"]},
-           "eval_data": {"sources": ["rotten-tomatoes"]}, "train": {"max_steps": 5}}
+    raw = {
+        "output_dir": str(tmp_path),
+        "model": {"init_from": "runs/x/hf"},
+        "data": {"sources": ["rotten-tomatoes"]},
+        "eval_data": {"sources": ["rotten-tomatoes"]},
+        "train": {"max_steps": 5},
+    }
     config = parse_run_config(raw)
     assert config.task == "sequence-classification"
     assert config.tokenizer == "runs/x/hf"  # fine-tuning defaults to the checkpoint's tokenizer
@@ -97,8 +107,11 @@ def test_a_labelled_run_config_is_a_sequence_classification_task(tmp_path):
     assert parse_run_config(config.to_dict()) == config
     with pytest.raises(ConfigError, match="train.mixup_alpha: applies to image classification only"):
         parse_run_config({**raw, "train": {"max_steps": 5, "mixup_alpha": 0.2}})
-    with pytest.raises(ConfigError, match="tokenizer: bpe:4096 would train a new vocabulary; a run from "
-                                          "model.init_from uses the checkpoint's tokenizer"):
+    with pytest.raises(
+        ConfigError,
+        match="tokenizer: bpe:4096 would train a new vocabulary; a run from "
+        "model.init_from uses the checkpoint's tokenizer",
+    ):
         parse_run_config({**raw, "tokenizer": "bpe:4096"})
 
 

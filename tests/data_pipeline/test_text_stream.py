@@ -14,9 +14,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from data_pipeline.sources import discover_shards
 from data_pipeline.spec import DataSpecError, parse_text_data
 from data_pipeline.text_stream import BadDataError, LogicalStream, TextLoader, Tokenize, build_plan, pack_shard
-from data_pipeline.sources import discover_shards
 
 
 @pytest.fixture(scope="session")
@@ -41,8 +41,14 @@ def corpus(shakespeare_dir, tmp_path_factory) -> Path:
 
 
 def spec_for(corpus: Path, **overrides):
-    raw = {"sources": [{"path": str(corpus)}], "seq_len": 64, "shuffle_buffer": 0, "min_shards": 8,
-           "streams_per_rank": 1, "tokenize_batch_docs": 16}
+    raw = {
+        "sources": [{"path": str(corpus)}],
+        "seq_len": 64,
+        "shuffle_buffer": 0,
+        "min_shards": 8,
+        "streams_per_rank": 1,
+        "tokenize_batch_docs": 16,
+    }
     raw.update(overrides)
     return parse_text_data(raw)
 
@@ -97,8 +103,11 @@ def _rank_main(rank, world, corpus, tokenizer, port, out_dir):
             # A collective every step, as in training: unequal batch counts per rank would hang here.
             done = torch.tensor([int(len(finished) == 2)])
             dist.all_reduce(done)
-            seen.extend(row.numpy().astype(np.int32).tobytes()
-                        for row, epoch in zip(batch["input_ids"], batch["epoch"]) if epoch == 0)
+            seen.extend(
+                row.numpy().astype(np.int32).tobytes()
+                for row, epoch in zip(batch["input_ids"], batch["epoch"])
+                if epoch == 0
+            )
             steps += 1
             if int(done) == world:
                 break
@@ -122,10 +131,16 @@ def test_two_ranks_with_two_workers_read_the_epoch_exactly_once(corpus, tokenize
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_twice_equals_the_uninterrupted_stream(corpus, tokenizer, shakespeare_dir, workers):
-    spec = parse_text_data({
-        "sources": [{"path": str(corpus), "weight": 3}, {"path": str(shakespeare_dir), "format": "txt"}],
-        "seq_len": 48, "shuffle_buffer": 16, "min_shards": 8, "streams_per_rank": 2, "seed": 7,
-    })
+    spec = parse_text_data(
+        {
+            "sources": [{"path": str(corpus), "weight": 3}, {"path": str(shakespeare_dir), "format": "txt"}],
+            "seq_len": 48,
+            "shuffle_buffer": 16,
+            "min_shards": 8,
+            "streams_per_rank": 2,
+            "seed": 7,
+        }
+    )
     plan = build_plan(spec, 1)
     total = 60
     reference = []
@@ -152,8 +167,16 @@ def test_resume_inside_a_document_and_at_its_end(tokenizer, tmp_path):
     with open(path, "w") as handle:
         for i in range(40):
             handle.write(json.dumps({"text": " ".join(f"word{i}x{j}" for j in range(5 + 17 * (i % 4)))}) + "\n")
-    spec = parse_text_data({"sources": [{"path": str(path)}], "seq_len": 16, "shuffle_buffer": 0, "min_shards": 1,
-                            "streams_per_rank": 1, "tokenize_batch_docs": 3})
+    spec = parse_text_data(
+        {
+            "sources": [{"path": str(path)}],
+            "seq_len": 16,
+            "shuffle_buffer": 0,
+            "min_shards": 1,
+            "streams_per_rank": 1,
+            "tokenize_batch_docs": 3,
+        }
+    )
     shard = discover_shards(spec, 0)[0]
     tokenize = Tokenize(tokenizer)
     stats = {"documents": 0, "tokens": 0, "blocks": 0, "tail_tokens": 0, "bad": {}, "bad_files": {}}
@@ -162,7 +185,7 @@ def test_resume_inside_a_document_and_at_its_end(tokenizer, tmp_path):
     assert -1 in skips and any(s > 0 for s in skips)  # both kinds of cursor occur
     for index, (_, (position, skip)) in enumerate(full[:-1]):
         rest = list(pack_shard(shard, tokenize, 16, dict(stats), position, skip, batch_docs=3))
-        assert [b.tobytes() for b, _ in rest] == [b.tobytes() for b, _ in full[index + 1:]]
+        assert [b.tobytes() for b, _ in rest] == [b.tobytes() for b, _ in full[index + 1 :]]
 
 
 def test_changed_source_and_changed_world_size_are_refused(corpus, tokenizer, tmp_path):
@@ -171,8 +194,9 @@ def test_changed_source_and_changed_world_size_are_refused(corpus, tokenizer, tm
     next(iter(loader))
     state = loader.state_dict()
     with pytest.raises(DataSpecError, match="world_size was 1"):
-        TextLoader(build_plan(spec_for(corpus, streams_per_rank=2), 2), tokenizer, rank=0, micro_batch_size=2,
-                   state=state)
+        TextLoader(
+            build_plan(spec_for(corpus, streams_per_rank=2), 2), tokenizer, rank=0, micro_batch_size=2, state=state
+        )
     changed = tmp_path / "changed"
     changed.mkdir()
     for path in corpus.glob("*.jsonl"):
@@ -180,18 +204,24 @@ def test_changed_source_and_changed_world_size_are_refused(corpus, tokenizer, tm
     with open(changed / "part-0.jsonl", "a") as handle:
         handle.write(json.dumps({"text": "one more record"}) + "\n")
     with pytest.raises(DataSpecError, match="fingerprint"):
-        TextLoader(build_plan(spec_for(changed, streams_per_rank=2), 1), tokenizer, rank=0, micro_batch_size=2,
-                   state=state)
+        TextLoader(
+            build_plan(spec_for(changed, streams_per_rank=2), 1), tokenizer, rank=0, micro_batch_size=2, state=state
+        )
 
 
 # ------------------------------------------------------------------------------------------------ mixtures
 
 
 def test_mixture_honours_weights(corpus, shakespeare_dir, tokenizer):
-    spec = parse_text_data({
-        "sources": [{"path": str(corpus), "weight": 3}, {"path": str(shakespeare_dir), "format": "txt"}],
-        "seq_len": 32, "shuffle_buffer": 0, "min_shards": 4, "streams_per_rank": 1,
-    })
+    spec = parse_text_data(
+        {
+            "sources": [{"path": str(corpus), "weight": 3}, {"path": str(shakespeare_dir), "format": "txt"}],
+            "seq_len": 32,
+            "shuffle_buffer": 0,
+            "min_shards": 4,
+            "streams_per_rank": 1,
+        }
+    )
     stream = LogicalStream(build_plan(spec, 1), 0, Tokenize(tokenizer))
     sources = Counter(stream.next_block()[1] for _ in range(3000))
     assert abs(sources[0] / 3000 - 0.75) < 0.025
@@ -204,11 +234,24 @@ def _planted(tmp_path: Path) -> tuple[Path, dict, dict]:
     """A JSONL file of real text with bad lines planted at known line numbers."""
     path = tmp_path / "planted.jsonl"
     good = [f"line number {i} of a clean record with some words" for i in range(300)]
-    bad_lines = {17: b"{not json", 40: json.dumps({"body": "no text"}).encode(), 41: json.dumps({"text": 5}).encode(),
-                 99: json.dumps({"text": "caf\xe9"}).encode().replace(b"\\u00e9", b"\xe9\xff"),
-                 150: json.dumps({"text": "   "}).encode(), 151: b"[1, 2]", 260: b"{\"text\": \"unterminated"}
-    reasons = {17: "invalid_json", 40: "missing_text_field", 41: "non_string_text", 99: "invalid_utf8",
-               150: "empty_document", 151: "missing_text_field", 260: "invalid_json"}
+    bad_lines = {
+        17: b"{not json",
+        40: json.dumps({"body": "no text"}).encode(),
+        41: json.dumps({"text": 5}).encode(),
+        99: json.dumps({"text": "caf\xe9"}).encode().replace(b"\\u00e9", b"\xe9\xff"),
+        150: json.dumps({"text": "   "}).encode(),
+        151: b"[1, 2]",
+        260: b'{"text": "unterminated',
+    }
+    reasons = {
+        17: "invalid_json",
+        40: "missing_text_field",
+        41: "non_string_text",
+        99: "invalid_utf8",
+        150: "empty_document",
+        151: "missing_text_field",
+        260: "invalid_json",
+    }
     with open(path, "wb") as handle:
         for number in range(1, 301):
             handle.write(bad_lines.get(number, json.dumps({"text": good[number - 1]}).encode()) + b"\n")
@@ -217,8 +260,16 @@ def _planted(tmp_path: Path) -> tuple[Path, dict, dict]:
 
 def test_bad_records_are_skipped_and_counted_exactly(tokenizer, tmp_path):
     path, bad_lines, reasons = _planted(tmp_path)
-    spec = parse_text_data({"sources": [{"path": str(path)}], "seq_len": 16, "shuffle_buffer": 0, "min_shards": 3,
-                            "streams_per_rank": 1, "max_bad_fraction": 0.1})
+    spec = parse_text_data(
+        {
+            "sources": [{"path": str(path)}],
+            "seq_len": 16,
+            "shuffle_buffer": 0,
+            "min_shards": 3,
+            "streams_per_rank": 1,
+            "max_bad_fraction": 0.1,
+        }
+    )
     plan = build_plan(spec, 1)
     stats = {"documents": 0, "tokens": 0, "blocks": 0, "tail_tokens": 0, "bad": {}, "bad_files": {}}
     tokenize = Tokenize(tokenizer)
@@ -233,8 +284,16 @@ def test_bad_records_are_skipped_and_counted_exactly(tokenizer, tmp_path):
 
 def test_bad_counts_stay_exact_across_a_resume(tokenizer, tmp_path):
     path, _, reasons = _planted(tmp_path)
-    spec = parse_text_data({"sources": [{"path": str(path)}], "seq_len": 16, "shuffle_buffer": 0, "min_shards": 1,
-                            "streams_per_rank": 1, "max_bad_fraction": 0.1})
+    spec = parse_text_data(
+        {
+            "sources": [{"path": str(path)}],
+            "seq_len": 16,
+            "shuffle_buffer": 0,
+            "min_shards": 1,
+            "streams_per_rank": 1,
+            "max_bad_fraction": 0.1,
+        }
+    )
     plan = build_plan(spec, 1)
     loader = TextLoader(plan, tokenizer, rank=0, micro_batch_size=2)
     for i, _ in enumerate(loader):
@@ -249,8 +308,16 @@ def test_bad_counts_stay_exact_across_a_resume(tokenizer, tmp_path):
 
 def test_too_many_bad_records_stop_the_run(tokenizer, tmp_path):
     path, _, _ = _planted(tmp_path)
-    spec = parse_text_data({"sources": [{"path": str(path)}], "seq_len": 16, "shuffle_buffer": 0, "min_shards": 1,
-                            "streams_per_rank": 1, "max_bad_fraction": 0.01})
+    spec = parse_text_data(
+        {
+            "sources": [{"path": str(path)}],
+            "seq_len": 16,
+            "shuffle_buffer": 0,
+            "min_shards": 1,
+            "streams_per_rank": 1,
+            "max_bad_fraction": 0.01,
+        }
+    )
     with pytest.raises(BadDataError, match=r"max_bad_fraction=0.01 exceeded: \d+ bad of \d+ records"):
         for _ in TextLoader(build_plan(spec, 1), tokenizer, rank=0, micro_batch_size=2):
             pass
@@ -269,27 +336,37 @@ def test_parquet_and_hf_streaming_sources_give_the_same_blocks_as_jsonl(corpus, 
     pq.write_table(table, tmp_path / "grouped.parquet", row_group_size=500)
     single = {"seq_len": 32, "shuffle_buffer": 0, "min_shards": 1, "streams_per_rank": 1}
     tokenize = Tokenize(tokenizer)
-    jsonl = epoch_blocks(build_plan(parse_text_data({"sources": [{"path": str(corpus / "part-0.jsonl")}],
-                                                     **single}), 1), 0, tokenize)
-    parquet = epoch_blocks(build_plan(parse_text_data({"sources": [{"path": str(tmp_path / "part.parquet")}],
-                                                       **single}), 1), 0, tokenize)
-    hf = epoch_blocks(build_plan(parse_text_data({"sources": [{"hf": "json", "data_files": str(
-        corpus / "part-0.jsonl")}], **single}), 1), 0, tokenize)
+    jsonl = epoch_blocks(
+        build_plan(parse_text_data({"sources": [{"path": str(corpus / "part-0.jsonl")}], **single}), 1), 0, tokenize
+    )
+    parquet = epoch_blocks(
+        build_plan(parse_text_data({"sources": [{"path": str(tmp_path / "part.parquet")}], **single}), 1), 0, tokenize
+    )
+    hf = epoch_blocks(
+        build_plan(
+            parse_text_data({"sources": [{"hf": "json", "data_files": str(corpus / "part-0.jsonl")}], **single}), 1
+        ),
+        0,
+        tokenize,
+    )
     assert len(jsonl) > 1000
     assert Counter(jsonl) == Counter(hf) == Counter(parquet)
     grouped = parse_text_data({"sources": [{"path": str(tmp_path / "grouped.parquet")}], **single})
     assert len(discover_shards(grouped, 0)) == -(-len(records) // 500)  # one shard per row group
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"sources": [{"path": "/no/such/file.jsonl"}]}, "data.sources[0].path: '/no/such/file.jsonl' does not exist"),
-    ({"sources": [{"builtin": "wikipedia"}]}, "data.sources[0].builtin: unknown built-in source 'wikipedia'"),
-    ({"sources": []}, "data.sources: must be a non-empty list"),
-    ({"sources": [{"path": "x", "weight": 0}]}, "data.sources[0].weight: must be > 0"),
-    ({"sources": [{"path": "x", "colour": 1}]}, "data.sources[0].colour: unknown key"),
-    ({"sources": [{"path": "x"}], "seq_len": 0}, "data.seq_len: must be >= 1"),
-    ({"sources": [{"path": "x", "hf": "y"}]}, "data.sources[0]: give exactly one of builtin, path or hf"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"sources": [{"path": "/no/such/file.jsonl"}]}, "data.sources[0].path: '/no/such/file.jsonl' does not exist"),
+        ({"sources": [{"builtin": "wikipedia"}]}, "data.sources[0].builtin: unknown built-in source 'wikipedia'"),
+        ({"sources": []}, "data.sources: must be a non-empty list"),
+        ({"sources": [{"path": "x", "weight": 0}]}, "data.sources[0].weight: must be > 0"),
+        ({"sources": [{"path": "x", "colour": 1}]}, "data.sources[0].colour: unknown key"),
+        ({"sources": [{"path": "x"}], "seq_len": 0}, "data.seq_len: must be >= 1"),
+        ({"sources": [{"path": "x", "hf": "y"}]}, "data.sources[0]: give exactly one of builtin, path or hf"),
+    ],
+)
 def test_bad_specs_fail_at_start_with_one_line(raw, message):
     with pytest.raises(DataSpecError) as error:
         build_plan(parse_text_data(raw), 1)
@@ -301,17 +378,28 @@ def test_an_empty_source_and_too_few_shards_fail_at_start(tmp_path, corpus):
     with pytest.raises(DataSpecError, match="no files match"):
         build_plan(parse_text_data({"sources": [{"path": str(tmp_path / "empty" / "*.jsonl")}]}), 1)
     with pytest.raises(DataSpecError, match="has 1 shards but the run has 4 streams"):
-        build_plan(spec_for(corpus, min_shards=1, streams_per_rank=2, sources=[
-            {"path": str(corpus / "part-0.jsonl")}, ]), 2)
+        build_plan(
+            spec_for(
+                corpus,
+                min_shards=1,
+                streams_per_rank=2,
+                sources=[
+                    {"path": str(corpus / "part-0.jsonl")},
+                ],
+            ),
+            2,
+        )
 
 
 def test_shuffled_blocks_keep_their_source_labels(corpus, shakespeare_dir, tokenizer):
     """With a shuffle buffer, the (source, epoch) reported with a block is that block's own."""
     sources = [{"path": str(corpus)}, {"path": str(shakespeare_dir), "format": "txt"}]
-    plain = parse_text_data({"sources": sources, "seq_len": 32, "shuffle_buffer": 0, "min_shards": 4,
-                             "streams_per_rank": 1})
-    shuffled = parse_text_data({"sources": sources, "seq_len": 32, "shuffle_buffer": 50, "min_shards": 4,
-                                "streams_per_rank": 1})
+    plain = parse_text_data(
+        {"sources": sources, "seq_len": 32, "shuffle_buffer": 0, "min_shards": 4, "streams_per_rank": 1}
+    )
+    shuffled = parse_text_data(
+        {"sources": sources, "seq_len": 32, "shuffle_buffer": 50, "min_shards": 4, "streams_per_rank": 1}
+    )
     tokenize = Tokenize(tokenizer)
     plain_stream = LogicalStream(build_plan(plain, 1), 0, tokenize)
     truth = {}

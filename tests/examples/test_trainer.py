@@ -62,10 +62,27 @@ def test_trainer_causal_lm_lowers_the_held_out_loss_and_the_export_generates(pre
     import crate_lm  # noqa: F401
 
     out = tmp_path / "lm"
-    metrics = example().main(["--model", str(pretrained_lm), "--task", "causal-lm",
-                              "--data", str(review_files / "train.txt"),
-                              "--eval-data", str(review_files / "held-out.txt"), "--output", str(out),
-                              "--max-steps", "20", "--batch-size", "8", "--lr", "1e-3", "--eval-before"])
+    metrics = example().main(
+        [
+            "--model",
+            str(pretrained_lm),
+            "--task",
+            "causal-lm",
+            "--data",
+            str(review_files / "train.txt"),
+            "--eval-data",
+            str(review_files / "held-out.txt"),
+            "--output",
+            str(out),
+            "--max-steps",
+            "20",
+            "--batch-size",
+            "8",
+            "--lr",
+            "1e-3",
+            "--eval-before",
+        ]
+    )
     assert metrics["eval_loss"] < metrics["initial_eval_loss"] - 0.05, metrics
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
 
@@ -86,9 +103,27 @@ def test_lora_through_trainer_trains_only_the_adapter_and_reloads(pretrained_lm,
 
     module = example()
     out = tmp_path / "lora"
-    args = module.parse_args(["--model", str(pretrained_lm), "--task", "sequence-classification",
-                              "--data", str(review_files / "reviews.csv"), "--output", str(out),
-                              "--max-steps", "10", "--batch-size", "8", "--lr", "3e-3", "--lora", "--lora-r", "4"])
+    args = module.parse_args(
+        [
+            "--model",
+            str(pretrained_lm),
+            "--task",
+            "sequence-classification",
+            "--data",
+            str(review_files / "reviews.csv"),
+            "--output",
+            str(out),
+            "--max-steps",
+            "10",
+            "--batch-size",
+            "8",
+            "--lr",
+            "3e-3",
+            "--lora",
+            "--lora-r",
+            "4",
+        ]
+    )
     trainer, tokenizer = module.build_trainer(args)
     model = trainer.model
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -118,10 +153,16 @@ def test_lora_through_trainer_trains_only_the_adapter_and_reloads(pretrained_lm,
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert not (out / "model.safetensors").exists()
     assert json.loads((out / "adapter_config.json").read_text())["target_modules"] in (
-        ["subspace_proj", "out_proj"], ["out_proj", "subspace_proj"])
+        ["subspace_proj", "out_proj"],
+        ["out_proj", "subspace_proj"],
+    )
     base = AutoModelForSequenceClassification.from_pretrained(
-        pretrained_lm, num_labels=2, id2label={0: "fresh", 1: "rotten"}, label2id={"fresh": 0, "rotten": 1},
-        pad_token_id=tokenizer.pad_token_id)
+        pretrained_lm,
+        num_labels=2,
+        id2label={0: "fresh", 1: "rotten"},
+        label2id={"fresh": 0, "rotten": 1},
+        pad_token_id=tokenizer.pad_token_id,
+    )
     reloaded = PeftModel.from_pretrained(base, out)
     torch.testing.assert_close(logits_of(reloaded, tokenizer), trained_logits, rtol=1e-5, atol=1e-5)
     merged = AutoModelForSequenceClassification.from_pretrained(out / "merged")
@@ -136,9 +177,26 @@ def test_trainer_classifier_beats_the_majority_class(pretrained_lm, tmp_path):
     from data_pipeline.labelled import rotten_tomatoes
 
     out = tmp_path / "rt"
-    metrics = example().main(["--model", str(pretrained_lm), "--task", "sequence-classification",
-                              "--data", "rotten-tomatoes", "--output", str(out), "--max-steps", "1500",
-                              "--batch-size", "32", "--lr", "5e-4", "--max-length", "64"])
+    metrics = example().main(
+        [
+            "--model",
+            str(pretrained_lm),
+            "--task",
+            "sequence-classification",
+            "--data",
+            "rotten-tomatoes",
+            "--output",
+            str(out),
+            "--max-steps",
+            "1500",
+            "--batch-size",
+            "32",
+            "--lr",
+            "5e-4",
+            "--max-length",
+            "64",
+        ]
+    )
     validation = rotten_tomatoes("validation")
     fresh = sum(row["label"] for row in validation)
     majority = max(fresh, len(validation) - fresh) / len(validation)
@@ -156,12 +214,26 @@ def accelerate_launch(*args: str, processes: int = 2) -> dict:
     """``accelerate launch --multi_gpu --num_processes N examples/trainer_finetune.py ARGS`` from the repository
     root; returns the metrics line (rank 0's last stdout line). ``--multi_gpu`` is what starts N processes (torchrun)
     on a machine without GPUs: ``--cpu`` is the single-process launcher."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", str(EXAMPLE), *args]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(EXAMPLE),
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, timeout=900, cwd=REPO, env=env)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
-    lines = [line for line in result.stdout.splitlines() if line.startswith("{\"task\"")]
+    lines = [line for line in result.stdout.splitlines() if line.startswith('{"task"')]
     assert len(lines) == 1, result.stdout[-3000:]  # rank 0 reports
     return json.loads(lines[0])
 
@@ -172,9 +244,22 @@ def test_accelerate_launch_two_processes_with_deepspeed_zero2(pretrained_lm, rev
     import crate_lm  # noqa: F401
 
     out = tmp_path / "ds"
-    metrics = accelerate_launch("--model", str(pretrained_lm), "--task", "sequence-classification",
-                                "--data", str(review_files / "reviews.csv"), "--output", str(out),
-                                "--max-steps", "4", "--batch-size", "8", "--deepspeed", str(ZERO2))
+    metrics = accelerate_launch(
+        "--model",
+        str(pretrained_lm),
+        "--task",
+        "sequence-classification",
+        "--data",
+        str(review_files / "reviews.csv"),
+        "--output",
+        str(out),
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--deepspeed",
+        str(ZERO2),
+    )
     assert (metrics["world_size"], metrics["distributed_type"], metrics["steps"]) == (2, "DEEPSPEED", 4)
     assert all(math.isfinite(metrics[key]) for key in ("train_loss", "eval_loss", "eval_accuracy"))
     assert metrics["train_loss"] < 1.0  # a fresh two-way head starts near ln 2 = 0.69, not at 2 x ln 2
@@ -189,10 +274,22 @@ def test_accelerate_launch_two_processes_ddp_causal_lm(pretrained_lm, review_fil
     import crate_lm  # noqa: F401
 
     out = tmp_path / "ddp"
-    metrics = accelerate_launch("--model", str(pretrained_lm), "--task", "causal-lm",
-                                "--data", str(review_files / "train.txt"),
-                                "--eval-data", str(review_files / "held-out.txt"), "--output", str(out),
-                                "--max-steps", "4", "--batch-size", "4")
+    metrics = accelerate_launch(
+        "--model",
+        str(pretrained_lm),
+        "--task",
+        "causal-lm",
+        "--data",
+        str(review_files / "train.txt"),
+        "--eval-data",
+        str(review_files / "held-out.txt"),
+        "--output",
+        str(out),
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "4",
+    )
     assert (metrics["world_size"], metrics["distributed_type"], metrics["steps"]) == (2, "MULTI_CPU", 4)
     assert all(math.isfinite(metrics[key]) for key in ("train_loss", "eval_loss", "eval_perplexity"))
     assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "CrateForCausalLM"

@@ -7,8 +7,9 @@ import pytest
 
 
 def crate(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
 def test_help_lists_the_subcommands():
@@ -25,10 +26,13 @@ def test_models_lists_presets_with_published_counts():
     assert "59.88M" in line and "59.9M" in line
 
 
-@pytest.mark.parametrize("args, field", [
-    (("pretrain", "configs/lm/crate-tiny.yaml", "model.preset=no-such-preset"), "no-such-preset"),
-    (("pretrain", "configs/lm/crate-tiny.yaml", "data.seq_len=4096"), "data.seq_len"),
-])
+@pytest.mark.parametrize(
+    "args, field",
+    [
+        (("pretrain", "configs/lm/crate-tiny.yaml", "model.preset=no-such-preset"), "no-such-preset"),
+        (("pretrain", "configs/lm/crate-tiny.yaml", "data.seq_len=4096"), "data.seq_len"),
+    ],
+)
 def test_bad_arguments_give_a_one_line_error(args, field, tmp_path):
     result = crate(*args, f"output_dir={tmp_path}", "tokenizer=gpt2")
     assert result.returncode == 2
@@ -41,8 +45,9 @@ def test_data_prepare_and_inspect(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "shakespeare" in result.stdout
     config = tmp_path / "run.yaml"
-    config.write_text("tokenizer: gpt2\ndata:\n  seq_len: 64\n  streams_per_rank: 1\n  sources:\n"
-                      "    - builtin: shakespeare\n")
+    config.write_text(
+        "tokenizer: gpt2\ndata:\n  seq_len: 64\n  streams_per_rank: 1\n  sources:\n    - builtin: shakespeare\n"
+    )
     result = crate("data", "inspect", str(config), "--seconds", "0.5", "--blocks", "2")
     assert result.returncode == 0, result.stderr
     assert "source 0: shakespeare (builtin" in result.stdout and "--- block 1" in result.stdout
@@ -71,6 +76,7 @@ def test_only_the_projects_own_errors_become_one_line(monkeypatch, capsys):
     def fails_with(error):
         def command(args):
             raise error
+
         return command
 
     for error in (ConfigError("train.max_steps: must be >= 1 (got 0)"), BadDataError("data.sources[0]: 90% bad")):

@@ -13,10 +13,24 @@ from tests.crate_cli import REPO, run_crate
 
 pytestmark = pytest.mark.slow
 
-TINY = ["model.preset=null", "model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=4",
-        "model.max_position_embeddings=64", "data.seq_len=32", "data.shuffle_buffer=8", "train.micro_batch_size=4",
-        "train.max_steps=20", "train.log_every=5", "train.eval_every=10", "train.eval_batches=2",
-        "train.save_every=20", "train.whitebox_every=10", "optimizer.warmup_steps=2", "zero.stage=0"]
+TINY = [
+    "model.preset=null",
+    "model.hidden_size=32",
+    "model.num_hidden_layers=2",
+    "model.num_attention_heads=4",
+    "model.max_position_embeddings=64",
+    "data.seq_len=32",
+    "data.shuffle_buffer=8",
+    "train.micro_batch_size=4",
+    "train.max_steps=20",
+    "train.log_every=5",
+    "train.eval_every=10",
+    "train.eval_batches=2",
+    "train.save_every=20",
+    "train.whitebox_every=10",
+    "optimizer.warmup_steps=2",
+    "zero.stage=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +49,37 @@ def two_runs(tmp_path_factory):
 
 def test_compare_writes_the_report_with_every_figure(two_runs, tmp_path):
     out = tmp_path / "report"
-    result = subprocess.run([sys.executable, "-m", "launcher.cli", "compare", str(two_runs / "crate"),
-                             str(two_runs / "gpt2"), "--out", str(out)], capture_output=True, text=True, cwd=REPO,
-                            timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launcher.cli",
+            "compare",
+            str(two_runs / "crate"),
+            str(two_runs / "gpt2"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = (out / "report.md").read_text()
-    for figure in ("loss_vs_tokens.png", "loss_vs_params.png", "loss_vs_flops.png", "throughput_memory.png",
-                   "whitebox_layers.png"):
+    for figure in (
+        "loss_vs_tokens.png",
+        "loss_vs_params.png",
+        "loss_vs_flops.png",
+        "throughput_memory.png",
+        "whitebox_layers.png",
+    ):
         assert (out / figure).stat().st_size > 10_000 and f"({figure})" in report, figure
-    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| crate |")
-            or line.startswith("| gpt2 |")}
+    rows = {
+        line.split("|")[1].strip(): line
+        for line in report.splitlines()
+        if line.startswith("| crate |") or line.startswith("| gpt2 |")
+    }
     assert set(rows) == {"crate", "gpt2"} and "| crate | crate |" in report and "| gpt2 | gpt2 |" in report
     summary = {run["name"]: run for run in json.loads((out / "summary.json").read_text())}
     crate, gpt2 = summary["crate"], summary["gpt2"]
@@ -60,9 +95,18 @@ def test_a_sweep_root_stands_for_its_runs_with_its_labels(two_runs, tmp_path):
 
     sweep = tmp_path / "sweep"
     sweep.mkdir()
-    (sweep / "sweep.json").write_text(json.dumps({"name": "x", "command": "pretrain", "runs": [
-        {"name": name, "labels": {"arch": f"{name}-family"}, "output_dir": str(two_runs / name)}
-        for name in ("crate", "gpt2")]}))
+    (sweep / "sweep.json").write_text(
+        json.dumps(
+            {
+                "name": "x",
+                "command": "pretrain",
+                "runs": [
+                    {"name": name, "labels": {"arch": f"{name}-family"}, "output_dir": str(two_runs / name)}
+                    for name in ("crate", "gpt2")
+                ],
+            }
+        )
+    )
     runs = collect_runs([sweep])
     assert [(run.name, run.family) for run in runs] == [("crate", "crate-family"), ("gpt2", "gpt2-family")]
     with pytest.raises(FileNotFoundError, match="not a run directory"):
@@ -73,19 +117,47 @@ def test_best_over_keeps_each_groups_lowest_eval_loss_and_reports_every_candidat
     sweep = tmp_path / "sweep"
     sweep.mkdir()
     # one group ("tiny") tuned over "lr": the two real runs stand for its two candidates
-    (sweep / "sweep.json").write_text(json.dumps({"name": "x", "command": "pretrain", "runs": [
-        {"name": f"tiny-{lr}", "labels": {"size": "tiny", "lr": lr}, "output_dir": str(two_runs / name)}
-        for name, lr in (("crate", "lr1"), ("gpt2", "lr2"))]}))
+    (sweep / "sweep.json").write_text(
+        json.dumps(
+            {
+                "name": "x",
+                "command": "pretrain",
+                "runs": [
+                    {"name": f"tiny-{lr}", "labels": {"size": "tiny", "lr": lr}, "output_dir": str(two_runs / name)}
+                    for name, lr in (("crate", "lr1"), ("gpt2", "lr2"))
+                ],
+            }
+        )
+    )
     out = tmp_path / "report"
-    result = subprocess.run([sys.executable, "-m", "launcher.cli", "compare", str(sweep), "--best-over", "lr",
-                             "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "compare", str(sweep), "--best-over", "lr", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     tuning = json.loads((out / "tuning.json").read_text())
     assert len(summary) == 1 and tuning[0]["group"] == "tiny" and set(tuning[0]["candidates"]) == {"lr1", "lr2"}
     assert summary[0]["eval"]["loss"] == min(tuning[0]["candidates"].values())
     assert summary[0]["name"] == tuning[0]["chosen"] and "| tiny | " in (out / "report.md").read_text()
-    result = subprocess.run([sys.executable, "-m", "launcher.cli", "compare", str(two_runs / "crate"),
-                             "--best-over", "lr", "--out", str(tmp_path / "refused")],
-                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launcher.cli",
+            "compare",
+            str(two_runs / "crate"),
+            "--best-over",
+            "lr",
+            "--out",
+            str(tmp_path / "refused"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert result.returncode != 0 and "run crate has no label 'lr'" in result.stderr

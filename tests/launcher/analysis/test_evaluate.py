@@ -17,8 +17,10 @@ from data_pipeline.fetch import fetch_gpt2_ranks
 from launcher.analysis.evaluate import evaluate_checkpoint, perplexity
 
 REPO = Path(__file__).resolve().parents[3]
-TEXT = ("It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
-        "foolishness, it was the epoch of belief, it was the epoch of incredulity. ") * 4
+TEXT = (
+    "It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of "
+    "foolishness, it was the epoch of belief, it was the epoch of incredulity. "
+) * 4
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +28,11 @@ def model_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("lm")
     tokenizer = gpt2_tokenizer_from_tiktoken(fetch_gpt2_ranks())
     torch.manual_seed(0)
-    model = CrateForCausalLM(config_from_preset("crate-test", vocab_size=len(tokenizer), bos_token_id=50256,
-                                                eos_token_id=50256, max_position_embeddings=64))
+    model = CrateForCausalLM(
+        config_from_preset(
+            "crate-test", vocab_size=len(tokenizer), bos_token_id=50256, eos_token_id=50256, max_position_embeddings=64
+        )
+    )
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
@@ -37,7 +42,7 @@ def hand_loss(model, ids: list[int], window: int) -> float:
     """Mean next-token loss over disjoint windows, each scored on its own (labels = inputs)."""
     total, count = 0.0, 0
     for begin in range(0, len(ids), window):
-        chunk = torch.tensor([ids[begin:begin + window]])
+        chunk = torch.tensor([ids[begin : begin + window]])
         if chunk.shape[1] < 2:
             continue
         with torch.no_grad():
@@ -78,16 +83,37 @@ def test_overlapping_windows_score_every_token_once_with_more_context(model_dir,
 
 def test_crate_eval_cli_writes_json(model_dir, tmp_path):
     path = tmp_path / "text.jsonl"
-    path.write_text("\n".join(json.dumps({"text": TEXT[i:i + 120]}) for i in range(0, 480, 120)))
+    path.write_text("\n".join(json.dumps({"text": TEXT[i : i + 120]}) for i in range(0, 480, 120)))
     out = tmp_path / "result.json"
-    result = subprocess.run([sys.executable, "-m", "launcher.cli", "eval", str(model_dir), "--data", str(path),
-                             "--max-length", "64", "--out", str(out)], capture_output=True, text=True, cwd=REPO,
-                            timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launcher.cli",
+            "eval",
+            str(model_dir),
+            "--data",
+            str(path),
+            "--max-length",
+            "64",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     saved = json.loads(out.read_text())
     assert saved["stride"] == 32 and saved["perplexity"] == pytest.approx(math.exp(saved["loss"]))
-    bad = subprocess.run([sys.executable, "-m", "launcher.cli", "eval", str(model_dir), "--data", "nowhere"],
-                         capture_output=True, text=True, cwd=REPO, timeout=300)
+    bad = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "eval", str(model_dir), "--data", "nowhere"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert bad.returncode == 2 and "is neither a file nor a built-in corpus" in bad.stderr
 
 
@@ -97,14 +123,27 @@ def test_classifier_accuracy_and_macro_f1_on_a_labelled_file(tmp_path):
 
     tokenizer = gpt2_tokenizer_from_tiktoken(fetch_gpt2_ranks())
     torch.manual_seed(0)
-    config = config_from_preset("crate-test", vocab_size=len(tokenizer), bos_token_id=50256, eos_token_id=50256,
-                                pad_token_id=50256, num_labels=2, id2label={0: "neg", 1: "pos"},
-                                label2id={"neg": 0, "pos": 1})
+    config = config_from_preset(
+        "crate-test",
+        vocab_size=len(tokenizer),
+        bos_token_id=50256,
+        eos_token_id=50256,
+        pad_token_id=50256,
+        num_labels=2,
+        id2label={0: "neg", 1: "pos"},
+        label2id={"neg": 0, "pos": 1},
+    )
     model = CrateForSequenceClassification(config).eval()
     model.save_pretrained(tmp_path / "clf")
     tokenizer.save_pretrained(tmp_path / "clf")
-    rows = [("a fine film", "pos"), ("dreadful", "neg"), ("not bad at all", "pos"), ("boring and long", "neg"),
-            ("superb", "pos"), ("a mess", "neg")]
+    rows = [
+        ("a fine film", "pos"),
+        ("dreadful", "neg"),
+        ("not bad at all", "pos"),
+        ("boring and long", "neg"),
+        ("superb", "pos"),
+        ("a mess", "neg"),
+    ]
     (tmp_path / "dev.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in rows))
     result = evaluate_checkpoint(str(tmp_path / "clf"), str(tmp_path / "dev.csv"), max_length=16)
     import numpy as np

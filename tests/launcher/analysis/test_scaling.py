@@ -10,15 +10,15 @@ from launcher.analysis.scaling import fit_power_law
 
 def test_pure_power_law_is_recovered_exactly():
     x = np.array([1e5, 3e5, 1e6, 3e6, 1e7])
-    law = fit_power_law(x, 7.0 * x ** -0.076)  # Kaplan et al.'s parameter exponent
+    law = fit_power_law(x, 7.0 * x**-0.076)  # Kaplan et al.'s parameter exponent
     assert law.exponent == pytest.approx(0.076, rel=1e-9) and law.coefficient == pytest.approx(7.0, rel=1e-9)
     assert law.offset == 0 and law.r2 == pytest.approx(1.0)
-    np.testing.assert_allclose(law(x), 7.0 * x ** -0.076)
+    np.testing.assert_allclose(law(x), 7.0 * x**-0.076)
 
 
 def test_irreducible_loss_and_exponent_are_recovered_with_an_offset():
     x = np.geomspace(1e6, 1e9, 6)
-    law = fit_power_law(x, 1.69 + 406.4 * x ** -0.34, with_offset=True)  # Chinchilla's parameter term
+    law = fit_power_law(x, 1.69 + 406.4 * x**-0.34, with_offset=True)  # Chinchilla's parameter term
     assert law.offset == pytest.approx(1.69, abs=0.01)
     assert law.exponent == pytest.approx(0.34, abs=0.01)
 
@@ -26,16 +26,19 @@ def test_irreducible_loss_and_exponent_are_recovered_with_an_offset():
 def test_noisy_points_give_a_close_exponent():
     rng = np.random.default_rng(0)
     x = np.geomspace(1e6, 1e8, 8)
-    law = fit_power_law(x, 3.0 * x ** -0.1 * np.exp(rng.normal(0, 0.005, len(x))))
+    law = fit_power_law(x, 3.0 * x**-0.1 * np.exp(rng.normal(0, 0.005, len(x))))
     assert law.exponent == pytest.approx(0.1, abs=0.01) and law.r2 > 0.95
 
 
-@pytest.mark.parametrize("x, y, offset, message", [
-    ([1, 2], [3, 2], False, "at least 3"),
-    ([1, 2, 3], [3, 2, 1], True, "at least 4"),
-    ([1, 2, 0], [3, 2, 1], False, "positive"),
-    ([2, 2, 2], [3, 2, 1], False, "two distinct"),
-])
+@pytest.mark.parametrize(
+    "x, y, offset, message",
+    [
+        ([1, 2], [3, 2], False, "at least 3"),
+        ([1, 2, 3], [3, 2, 1], True, "at least 4"),
+        ([1, 2, 0], [3, 2, 1], False, "positive"),
+        ([2, 2, 2], [3, 2, 1], False, "two distinct"),
+    ],
+)
 def test_bad_points_are_refused(x, y, offset, message):
     with pytest.raises(ValueError, match=message):
         fit_power_law(x, y, with_offset=offset)
@@ -43,5 +46,5 @@ def test_bad_points_are_refused(x, y, offset, message):
 
 def test_description_writes_the_exponent_with_its_sign():
     x = np.array([1.0, 10.0, 100.0])
-    assert "·N^-0.100 " in fit_power_law(x, 2.0 * x ** -0.1).describe()
-    assert "·N^+0.050 " in fit_power_law(x, 2.0 * x ** 0.05).describe()  # a loss that rises with size
+    assert "·N^-0.100 " in fit_power_law(x, 2.0 * x**-0.1).describe()
+    assert "·N^+0.050 " in fit_power_law(x, 2.0 * x**0.05).describe()  # a loss that rises with size

@@ -51,8 +51,12 @@ def text_file(tmp_path_factory, shakespeare_dir) -> Path:
 def crate_dir(tmp_path_factory, tokenizer) -> Path:
     """A random crate-test LM with GPT-2's tokenizer, saved as a run's hf/ export."""
     torch.manual_seed(0)
-    config = config_from_preset("crate-test", vocab_size=len(tokenizer), bos_token_id=tokenizer.eos_token_id,
-                                eos_token_id=tokenizer.eos_token_id)
+    config = config_from_preset(
+        "crate-test",
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     path = tmp_path_factory.mktemp("crate-run") / "hf"
     CrateForCausalLM(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -62,8 +66,15 @@ def crate_dir(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="module")
 def gpt2_dir(tmp_path_factory, tokenizer) -> Path:
     torch.manual_seed(1)
-    config = GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=MAX_POSITIONS, vocab_size=len(tokenizer),
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = GPT2Config(
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        n_positions=MAX_POSITIONS,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     path = tmp_path_factory.mktemp("gpt2-run") / "hf"
     GPT2LMHeadModel(config).save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -112,16 +123,21 @@ def test_report_files_and_rows_equal_measure_on_the_first_block(crate_dir, text_
 
 def test_blocks_are_evenly_spaced_and_batches_combine_as_one(crate_dir, text_file, tokenizer, tmp_path):
     ids = stream(tokenizer, text_file)
-    result = whitebox_report(str(crate_dir), str(text_file), out=str(tmp_path), samples=5, max_length=32,
-                             batch_size=2)  # batches of 2, 2, 1
+    result = whitebox_report(
+        str(crate_dir), str(text_file), out=str(tmp_path), samples=5, max_length=32, batch_size=2
+    )  # batches of 2, 2, 1
     total = len(ids) // 32
     assert result["blocks"] == [i * total // 5 * 32 for i in range(5)] and result["blocks"][0] == 0
     assert result["stream_tokens"] == len(ids) and result["tokens"] == 5 * 32
-    blocks = torch.tensor([ids[start:start + 32] for start in result["blocks"]])
+    blocks = torch.tensor([ids[start : start + 32] for start in result["blocks"]])
     model = load(crate_dir)
     everything = measure(model, blocks)  # all five in one batch
-    assert whitebox_report(str(crate_dir), str(text_file), out=str(tmp_path), samples=5, max_length=32,
-                           batch_size=5)["layers"] == everything
+    assert (
+        whitebox_report(str(crate_dir), str(text_file), out=str(tmp_path), samples=5, max_length=32, batch_size=5)[
+            "layers"
+        ]
+        == everything
+    )
     for got, want in zip(result["layers"], everything):  # float32 forward passes of other batch shapes: ~1e-8
         assert got.keys() == want.keys() and got["layer"] == want["layer"]
         for key in ("rc", "rc_std", "rate", "delta_r", "sparsity_l0", "hoyer"):
@@ -130,18 +146,27 @@ def test_blocks_are_evenly_spaced_and_batches_combine_as_one(crate_dir, text_fil
 
 
 def test_combine_pools_the_standard_deviation():
-    rows = lambda values: [{"layer": 0, "rc": sum(values) / len(values),
-                            "rc_std": math.sqrt(sum((v - sum(values) / len(values)) ** 2 for v in values) / len(values)),
-                            "rc_per_head": [sum(values) / len(values)], "rate": 1.0, "delta_r": 0.0,
-                            "sparsity_l0": 0.5, "hoyer": 0.5}]
+    rows = lambda values: [
+        {
+            "layer": 0,
+            "rc": sum(values) / len(values),
+            "rc_std": math.sqrt(sum((v - sum(values) / len(values)) ** 2 for v in values) / len(values)),
+            "rc_per_head": [sum(values) / len(values)],
+            "rate": 1.0,
+            "delta_r": 0.0,
+            "sparsity_l0": 0.5,
+            "hoyer": 0.5,
+        }
+    ]
     combined = combine([(3, rows([1.0, 2.0, 6.0])), (1, rows([5.0]))])
     assert combined[0]["rc"] == pytest.approx(3.5) and combined[0]["rc_per_head"] == pytest.approx([3.5])
     assert combined[0]["rc_std"] == pytest.approx(math.sqrt(sum((v - 3.5) ** 2 for v in (1, 2, 6, 5)) / 4))
 
 
 def test_compare_measures_both_on_the_same_blocks(crate_dir, gpt2_dir, text_file, tmp_path):
-    result = whitebox_report(str(crate_dir), str(text_file), out=str(tmp_path), samples=3, batch_size=2,
-                             compare=[str(gpt2_dir)])
+    result = whitebox_report(
+        str(crate_dir), str(text_file), out=str(tmp_path), samples=3, batch_size=2, compare=[str(gpt2_dir)]
+    )
     saved = json.loads((tmp_path / "whitebox.json").read_text())
     assert [other["model_type"] for other in saved["compare"]] == ["gpt2"]
     other = saved["compare"][0]
@@ -156,16 +181,37 @@ def test_compare_measures_both_on_the_same_blocks(crate_dir, gpt2_dir, text_file
 
 
 def test_cli_prints_the_table(crate_dir, text_file, tmp_path, capsys):
-    assert main(["whitebox", str(crate_dir), "--data", str(text_file), "--out", str(tmp_path), "--samples", "2",
-                 "--max-length", "16"]) == 0
+    assert (
+        main(
+            [
+                "whitebox",
+                str(crate_dir),
+                "--data",
+                str(text_file),
+                "--out",
+                str(tmp_path),
+                "--samples",
+                "2",
+                "--max-length",
+                "16",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "| layer | R^c ± std |" in printed and "2 blocks of 16 tokens" in printed
     assert str(tmp_path / "whitebox.json") in printed
 
 
 def test_bad_checkpoint_is_a_one_line_cli_error(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "launcher.cli", "whitebox", str(tmp_path), "--data", "x.txt"],
-                            capture_output=True, text=True, cwd=REPO, timeout=120, check=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "whitebox", str(tmp_path), "--data", "x.txt"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+        check=False,
+    )
     assert result.returncode == 2
     assert result.stderr.startswith("crate whitebox: error:") and "no config.json" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
@@ -211,13 +257,17 @@ def test_vision_report_with_attention_figure(image_folder, tmp_path):
     config = config_from_preset("crate-vision-test", image_size=28, num_channels=1)
     checkpoint = tmp_path / "vision" / "hf"
     CrateForImageClassification(config).save_pretrained(checkpoint)
-    processor = CrateImageProcessor(num_channels=1, size={"shortest_edge": 28}, do_center_crop=True,
-                                    crop_size={"height": 28, "width": 28}, image_mean=list(FASHION_MNIST_MEAN),
-                                    image_std=list(FASHION_MNIST_STD))
+    processor = CrateImageProcessor(
+        num_channels=1,
+        size={"shortest_edge": 28},
+        do_center_crop=True,
+        crop_size={"height": 28, "width": 28},
+        image_mean=list(FASHION_MNIST_MEAN),
+        image_std=list(FASHION_MNIST_STD),
+    )
     processor.save_pretrained(checkpoint)
 
-    result = whitebox_report(str(checkpoint), str(image_folder), out=str(tmp_path / "out"), samples=6,
-                             batch_size=8)
+    result = whitebox_report(str(checkpoint), str(image_folder), out=str(tmp_path / "out"), samples=6, batch_size=8)
     out = tmp_path / "out"
     for name in ("whitebox.json", "whitebox.md", "layers.png", "heads.png", "attention.png"):
         assert (out / name).read_bytes()[:8] == PNG or name.endswith((".json", ".md")), name
@@ -240,6 +290,19 @@ def test_text_and_image_models_cannot_be_compared(crate_dir, image_folder, tmp_p
     checkpoint = tmp_path / "vision"
     CrateForImageClassification(config).save_pretrained(checkpoint)
     CrateImageProcessor(num_channels=1).save_pretrained(checkpoint)
-    assert main(["whitebox", str(checkpoint), "--data", str(image_folder), "--compare", str(crate_dir),
-                 "--out", str(tmp_path / "out")]) == 2
+    assert (
+        main(
+            [
+                "whitebox",
+                str(checkpoint),
+                "--data",
+                str(image_folder),
+                "--compare",
+                str(crate_dir),
+                "--out",
+                str(tmp_path / "out"),
+            ]
+        )
+        == 2
+    )
     assert "cannot be measured on the same data" in capsys.readouterr().err

@@ -8,9 +8,12 @@ from transformers import GPT2Config, GPT2LMHeadModel
 import crate_lm
 from launcher.architectures.registry import forward_flops_per_token, training_flops_per_token
 
-VARIANTS = [{}, {"ista_dictionary_ratio": 4, "ista_steps": 2},
-            {"ista_dictionary_ratio": 4, "ista_steps": 2, "ista_decoupled_decoder": True, "ista_residual": True},
-            {"attention_type": "tssa"}]
+VARIANTS = [
+    {},
+    {"ista_dictionary_ratio": 4, "ista_steps": 2},
+    {"ista_dictionary_ratio": 4, "ista_steps": 2, "ista_decoupled_decoder": True, "ista_residual": True},
+    {"attention_type": "tssa"},
+]
 
 
 def counted_flops(model, ids, **kwargs) -> int:

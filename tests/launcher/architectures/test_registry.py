@@ -37,8 +37,12 @@ def test_every_text_entry_builds_trains_and_groups_its_parameters():
 
 
 def test_unknown_arch_and_whitebox_without_an_adapter_are_one_line_config_errors():
-    base = {"output_dir": "/tmp/x", "tokenizer": "gpt2", "data": {"sources": [{"builtin": "shakespeare"}]},
-            "train": {"max_steps": 1}}
+    base = {
+        "output_dir": "/tmp/x",
+        "tokenizer": "gpt2",
+        "data": {"sources": [{"builtin": "shakespeare"}]},
+        "train": {"max_steps": 1},
+    }
     with pytest.raises(ConfigError, match=r"model.arch: unknown architecture 'bert': allowed values are \['crate'"):
         parse_run_config({**base, "model": {"arch": "bert"}})
     with pytest.raises(ConfigError, match="train.whitebox_every: llama has no white-box measures; set it to 0"):
@@ -49,10 +53,25 @@ def test_unknown_arch_and_whitebox_without_an_adapter_are_one_line_config_errors
 def test_an_architecture_without_a_flop_formula_is_counted_trained_and_exported(tmp_path):
     """Two ranks, ZeRO-2: the first step's FLOPs are counted (per token, over both ranks' tokens), MFU is reported
     from them, and the export loads as the HF model."""
-    run_crate("pretrain", REPO / "configs" / "lm" / "crate-tiny.yaml", tmp_path, "model.arch=llama",
-              "model.preset=null", "model.hidden_size=64", "model.num_hidden_layers=2", "model.num_attention_heads=2",
-              "tokenizer=gpt2", "data.seq_len=32", "train.micro_batch_size=2", "train.max_steps=4",
-              "train.log_every=2", "train.eval_every=0", "train.whitebox_every=0", "train.save_every=4", nproc=2)
+    run_crate(
+        "pretrain",
+        REPO / "configs" / "lm" / "crate-tiny.yaml",
+        tmp_path,
+        "model.arch=llama",
+        "model.preset=null",
+        "model.hidden_size=64",
+        "model.num_hidden_layers=2",
+        "model.num_attention_heads=2",
+        "tokenizer=gpt2",
+        "data.seq_len=32",
+        "train.micro_batch_size=2",
+        "train.max_steps=4",
+        "train.log_every=2",
+        "train.eval_every=0",
+        "train.whitebox_every=0",
+        "train.save_every=4",
+        nproc=2,
+    )
     rows = read_metrics(tmp_path, "train")
     counted = [row for row in rows if row.get("event") == "flops_counted"]
     assert len(counted) == 1 and counted[0]["step"] == 1

@@ -19,10 +19,23 @@ from tests.slurm_cluster import ensure_cluster, wait_for_job
 
 REPO = Path(__file__).resolve().parents[3]
 TINY = REPO / "configs" / "lm" / "crate-tiny.yaml"
-SMALL = ["model.preset=null", "model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=4",
-         "model.max_position_embeddings=64", "data.seq_len=32", "data.shuffle_buffer=8", "train.micro_batch_size=4",
-         "train.log_every=1", "train.eval_every=0", "train.whitebox_every=0", "optimizer.warmup_steps=2",
-         "optimizer.lr=1.0e-2", "optimizer.min_lr=1.0e-3", "zero.stage=3"]
+SMALL = [
+    "model.preset=null",
+    "model.hidden_size=32",
+    "model.num_hidden_layers=2",
+    "model.num_attention_heads=4",
+    "model.max_position_embeddings=64",
+    "data.seq_len=32",
+    "data.shuffle_buffer=8",
+    "train.micro_batch_size=4",
+    "train.log_every=1",
+    "train.eval_every=0",
+    "train.whitebox_every=0",
+    "optimizer.warmup_steps=2",
+    "optimizer.lr=1.0e-2",
+    "optimizer.min_lr=1.0e-3",
+    "zero.stage=3",
+]
 JOB_TIMEOUT = 600
 
 pytestmark = pytest.mark.slow
@@ -69,8 +82,7 @@ def weights(output_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_two_node_deepspeed_run_completes_and_its_export_loads(tmp_path):
     run = tmp_path / "run"
-    finished(submit(run, "train.max_steps=6", "train.save_every=3", "--nodes=2", "--partition=debug",
-                    "--time=15"), run)
+    finished(submit(run, "train.max_steps=6", "train.save_every=3", "--nodes=2", "--partition=debug", "--time=15"), run)
     from launcher.metrics.logger import read_metrics
 
     start = next(row for row in read_metrics(run, kind="train") if row.get("event") == "start")
@@ -108,8 +120,9 @@ def test_preempted_run_requeues_resumes_and_equals_an_uninterrupted_run(tmp_path
     finished(submit(straight, *recipe), straight)
     a, b = weights(straight), weights(preempted)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    losses = [[row["loss"] for row in read_metrics(run, kind="train") if "loss" in row] for run in (straight,
-                                                                                                   preempted)]
+    losses = [
+        [row["loss"] for row in read_metrics(run, kind="train") if "loss" in row] for run in (straight, preempted)
+    ]
     assert losses[0] == losses[1]  # the data neither repeats nor skips across the requeue
 
 
@@ -134,9 +147,21 @@ def test_slurm_preemption_by_a_higher_priority_job_requeues_and_resumes(tmp_path
     deadline = time.time() + JOB_TIMEOUT
     while time.time() < deadline and not (metrics.exists() and '"step": 5,' in metrics.read_text()):
         time.sleep(0.5)
-    urgent = subprocess.run(["sbatch", "--parsable", "--partition=urgent", "--nodes=2", "--ntasks-per-node=1",
-                             f"--output={tmp_path / 'urgent.out'}", "--wrap", "srun hostname"],
-                            capture_output=True, text=True, check=True).stdout.strip()
+    urgent = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "--partition=urgent",
+            "--nodes=2",
+            "--ntasks-per-node=1",
+            f"--output={tmp_path / 'urgent.out'}",
+            "--wrap",
+            "srun hostname",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     assert wait_for_job(urgent, JOB_TIMEOUT) == "COMPLETED"
     finished(job, run)
     from launcher.metrics.logger import read_metrics
@@ -154,15 +179,29 @@ def test_crate_sweep_submits_a_two_element_job_array_of_crate_and_gpt2(tmp_path)
     root = tmp_path / "sweep"
     small = dict(item.split("=", 1) for item in SMALL)
     sweep_file = tmp_path / "sweep.yaml"
-    sweep_file.write_text(yaml.safe_dump({
-        "name": "arch", "output_root": str(root), "config": str(TINY),
-        "overrides": {**{key: yaml.safe_load(value) for key, value in small.items()},
-                      "train.max_steps": 3, "train.save_every": 3},
-        "axes": {"arch": {"crate": {}, "gpt2": {"config": str(REPO / "configs" / "lm" / "gpt2-tiny.yaml")}}},
-        "slurm": {"nodes": 1, "time": "15"},
-    }))
-    result = subprocess.run([sys.executable, "-m", "launcher.cli", "sweep", str(sweep_file), "--slurm"],
-                            capture_output=True, text=True, cwd=REPO, timeout=120)
+    sweep_file.write_text(
+        yaml.safe_dump(
+            {
+                "name": "arch",
+                "output_root": str(root),
+                "config": str(TINY),
+                "overrides": {
+                    **{key: yaml.safe_load(value) for key, value in small.items()},
+                    "train.max_steps": 3,
+                    "train.save_every": 3,
+                },
+                "axes": {"arch": {"crate": {}, "gpt2": {"config": str(REPO / "configs" / "lm" / "gpt2-tiny.yaml")}}},
+                "slurm": {"nodes": 1, "time": "15"},
+            }
+        )
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "sweep", str(sweep_file), "--slurm"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     job = result.stdout.split("submitted job array ")[1].split()[0]
     finished(job, root / "crate")

@@ -18,27 +18,47 @@ LM = REPO / "configs" / "lm"
 
 
 def sweep_file(tmp_path: Path, **raw) -> Path:
-    body = {"name": "grid", "output_root": str(tmp_path / "runs"), "config": str(LM / "crate-tiny.yaml"),
-            "overrides": {"train.max_steps": 5}, **raw}
+    body = {
+        "name": "grid",
+        "output_root": str(tmp_path / "runs"),
+        "config": str(LM / "crate-tiny.yaml"),
+        "overrides": {"train.max_steps": 5},
+        **raw,
+    }
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(body, sort_keys=False))
     return path
 
 
 def test_grid_expands_in_axis_order_with_labels_config_swaps_and_exclusions(tmp_path):
-    path = sweep_file(tmp_path, axes={
-        "arch": {"crate": {"model.preset": "crate-tiny"}, "gpt2": {"config": str(LM / "gpt2-tiny.yaml")}},
-        "size": {"s": {"model.hidden_size": 64}, "m": {"model.hidden_size": 128}},
-        "seed": {"train.seed": [0, 1]},
-    }, exclude=[{"arch": "gpt2", "size": "s"}])
+    path = sweep_file(
+        tmp_path,
+        axes={
+            "arch": {"crate": {"model.preset": "crate-tiny"}, "gpt2": {"config": str(LM / "gpt2-tiny.yaml")}},
+            "size": {"s": {"model.hidden_size": 64}, "m": {"model.hidden_size": 128}},
+            "seed": {"train.seed": [0, 1]},
+        },
+        exclude=[{"arch": "gpt2", "size": "s"}],
+    )
     sweep = load_sweep(path)
-    assert [run.name for run in sweep.runs] == ["crate-s-seed0", "crate-s-seed1", "crate-m-seed0", "crate-m-seed1",
-                                                "gpt2-m-seed0", "gpt2-m-seed1"]
+    assert [run.name for run in sweep.runs] == [
+        "crate-s-seed0",
+        "crate-s-seed1",
+        "crate-m-seed0",
+        "crate-m-seed1",
+        "gpt2-m-seed0",
+        "gpt2-m-seed1",
+    ]
     crate, gpt2 = sweep.runs[0], sweep.runs[-1]
     assert crate.labels == {"arch": "crate", "size": "s", "seed": "seed0"}
     assert crate.config_path.endswith("crate-tiny.yaml") and gpt2.config_path.endswith("gpt2-tiny.yaml")
-    assert crate.overrides == ("train.max_steps=5", "model.preset=crate-tiny", "model.hidden_size=64", "train.seed=0",
-                               f"output_dir={tmp_path / 'runs' / 'crate-s-seed0'}")
+    assert crate.overrides == (
+        "train.max_steps=5",
+        "model.preset=crate-tiny",
+        "model.hidden_size=64",
+        "train.seed=0",
+        f"output_dir={tmp_path / 'runs' / 'crate-s-seed0'}",
+    )
 
     manifest = json.loads(write_manifest(sweep).read_text())
     assert [run["name"] for run in manifest["runs"]] == [run.name for run in sweep.runs]
@@ -46,10 +66,13 @@ def test_grid_expands_in_axis_order_with_labels_config_swaps_and_exclusions(tmp_
 
 
 def test_when_adds_overrides_only_beside_the_named_label(tmp_path):
-    path = sweep_file(tmp_path, axes={
-        "arch": {"crate": {}, "gpt2": {"config": str(LM / "gpt2-tiny.yaml")}},
-        "size": {"s": {"model.hidden_size": 128, "when": {"gpt2": {"model.hidden_size": 64}}}},
-    })
+    path = sweep_file(
+        tmp_path,
+        axes={
+            "arch": {"crate": {}, "gpt2": {"config": str(LM / "gpt2-tiny.yaml")}},
+            "size": {"s": {"model.hidden_size": 128, "when": {"gpt2": {"model.hidden_size": 64}}}},
+        },
+    )
     crate, gpt2 = load_sweep(path).runs
     assert "model.hidden_size=64" not in crate.overrides
     assert gpt2.overrides.index("model.hidden_size=64") > gpt2.overrides.index("model.hidden_size=128")
@@ -58,27 +81,33 @@ def test_when_adds_overrides_only_beside_the_named_label(tmp_path):
     assert run_config(gpt2).model.hidden_size == 64 and run_config(crate).model.hidden_size == 128
 
 
-@pytest.mark.parametrize("raw, message", [
-    ({"axes": {"size": {"s": {"when": {"nope": {"model.hidden_size": 1}}}}}}, r"when: 'nope' is not a label"),
-    ({"axes": {"size": {"s": {"model.hidden_size": 0}}}},
-     r"run s: .*model.hidden_size: Input should be greater than or equal to 1"),
-    ({"axes": {"size": {"s": {"model.not_a_key": 1}}}}, r"run s: .*model.not_a_key: unknown key"),
-    ({"axes": {"size": {"s/x": {}}}}, r"axes.size.s/x: a label names a directory"),
-    ({"axes": {"size": {"s": {}}}, "exclude": [{"arch": "x"}]}, r"exclude: 'arch' is not an axis"),
-    ({"axes": {"size": {"s": {}}}, "exclude": [{"size": "s"}]}, r"exclude leaves no runs"),
-    ({"axes": {"seed": {"train.seed": []}}}, r"axes.seed.train.seed: the list of values is empty"),
-    ({"axes": {"size": {"s": {}}}, "colour": "red"}, r"colour: unknown key"),
-    ({"axes": {"a": {"x": {"config": "nope.yaml"}}}}, r"run x: config .*nope.yaml does not exist"),
-    ({"axes": {"size": {"s": {}}}, "slurm": {"nodes": 0}}, r"slurm.nodes: must be >= 1 \(got 0\)"),
-])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ({"axes": {"size": {"s": {"when": {"nope": {"model.hidden_size": 1}}}}}}, r"when: 'nope' is not a label"),
+        (
+            {"axes": {"size": {"s": {"model.hidden_size": 0}}}},
+            r"run s: .*model.hidden_size: Input should be greater than or equal to 1",
+        ),
+        ({"axes": {"size": {"s": {"model.not_a_key": 1}}}}, r"run s: .*model.not_a_key: unknown key"),
+        ({"axes": {"size": {"s/x": {}}}}, r"axes.size.s/x: a label names a directory"),
+        ({"axes": {"size": {"s": {}}}, "exclude": [{"arch": "x"}]}, r"exclude: 'arch' is not an axis"),
+        ({"axes": {"size": {"s": {}}}, "exclude": [{"size": "s"}]}, r"exclude leaves no runs"),
+        ({"axes": {"seed": {"train.seed": []}}}, r"axes.seed.train.seed: the list of values is empty"),
+        ({"axes": {"size": {"s": {}}}, "colour": "red"}, r"colour: unknown key"),
+        ({"axes": {"a": {"x": {"config": "nope.yaml"}}}}, r"run x: config .*nope.yaml does not exist"),
+        ({"axes": {"size": {"s": {}}}, "slurm": {"nodes": 0}}, r"slurm.nodes: must be >= 1 \(got 0\)"),
+    ],
+)
 def test_every_run_is_validated_up_front_with_one_line_errors(tmp_path, raw, message):
     with pytest.raises(ConfigError, match=message):
         load_sweep(sweep_file(tmp_path, **raw))
 
 
 def test_the_slurm_array_has_one_index_per_run(tmp_path):
-    path = sweep_file(tmp_path, axes={"seed": {"train.seed": [0, 1, 2]}},
-                      slurm={"procs_per_node": 2, "time": "00:30:00"})
+    path = sweep_file(
+        tmp_path, axes={"seed": {"train.seed": [0, 1, 2]}}, slurm={"procs_per_node": 2, "time": "00:30:00"}
+    )
     script = submit_sweep(load_sweep(path), dry_run=True)
     assert "#SBATCH --array=0-2" in script and "#SBATCH --time=00:30:00" in script
     assert "--nproc-per-node=2" in script and "-m launcher.cli pretrain" in script

@@ -7,8 +7,11 @@ import pytest
 from launcher.config.run import apply_overrides, load_run_config, parse_run_config, save_run_config
 from launcher.errors import ConfigError
 
-BASE = {"output_dir": "/tmp/run", "data": {"sources": [{"builtin": "shakespeare"}], "seq_len": 64},
-        "train": {"max_steps": 10}}
+BASE = {
+    "output_dir": "/tmp/run",
+    "data": {"sources": [{"builtin": "shakespeare"}], "seq_len": 64},
+    "train": {"max_steps": 10},
+}
 
 
 def parsed(*overrides):
@@ -16,28 +19,37 @@ def parsed(*overrides):
 
 
 def test_defaults_and_overrides():
-    config = parsed("train.max_steps=20", "zero.stage=3", "zero.offload_params=true", "optimizer.betas=[0.9, 0.99]",
-                    "model.overrides.ista_lambda=0.2", "output_dir=/tmp/other")
+    config = parsed(
+        "train.max_steps=20",
+        "zero.stage=3",
+        "zero.offload_params=true",
+        "optimizer.betas=[0.9, 0.99]",
+        "model.overrides.ista_lambda=0.2",
+        "output_dir=/tmp/other",
+    )
     assert config.train.max_steps == 20 and config.zero.stage == 3 and config.zero.offload_params
     assert config.optimizer.betas == (0.9, 0.99)
     assert config.model.overrides == {"ista_lambda": 0.2} and config.output_dir == "/tmp/other"
     assert config.data.seq_len == 64 and config.precision == "auto"
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["train.max_steps=0"], "run.yaml: train.max_steps: Input should be greater than or equal to 1 (got 0)"),
-    (["train.colour=red"], "run.yaml: train.colour: unknown key"),
-    (["optimizer.lr=fast"], "run.yaml: optimizer.lr: Input should be a valid number (got 'fast')"),
-    (["train.max_steps=2.5"], "run.yaml: train.max_steps: Input should be a valid integer (got 2.5)"),
-    (["zero.stage=4"], "run.yaml: zero.stage: Input should be 0, 1, 2 or 3 (got 4)"),
-    (["zero.offload_optimizer=true"], "run.yaml: zero: offload_optimizer needs ZeRO stage 1, 2 or 3"),
-    (["zero.stage=2", "zero.offload_params=true"], "run.yaml: zero: offload_params needs ZeRO stage 3"),
-    (["optimizer.min_lr=0.1"], "run.yaml: optimizer: min_lr (0.1) must not exceed lr"),
-    (["model.arch=gpt2", "model.preset=crate-tiny"], "run.yaml: model: preset names CRATE presets"),
-    (["data.seq_len=0"], "run.yaml: data.seq_len: must be >= 1, got 0"),
-    (["data.sources=[]"], "run.yaml: data.sources: must be a non-empty list"),
-    (["precision=fp16"], "run.yaml: precision: Input should be 'auto', 'fp32' or 'bf16' (got 'fp16')"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.max_steps=0"], "run.yaml: train.max_steps: Input should be greater than or equal to 1 (got 0)"),
+        (["train.colour=red"], "run.yaml: train.colour: unknown key"),
+        (["optimizer.lr=fast"], "run.yaml: optimizer.lr: Input should be a valid number (got 'fast')"),
+        (["train.max_steps=2.5"], "run.yaml: train.max_steps: Input should be a valid integer (got 2.5)"),
+        (["zero.stage=4"], "run.yaml: zero.stage: Input should be 0, 1, 2 or 3 (got 4)"),
+        (["zero.offload_optimizer=true"], "run.yaml: zero: offload_optimizer needs ZeRO stage 1, 2 or 3"),
+        (["zero.stage=2", "zero.offload_params=true"], "run.yaml: zero: offload_params needs ZeRO stage 3"),
+        (["optimizer.min_lr=0.1"], "run.yaml: optimizer: min_lr (0.1) must not exceed lr"),
+        (["model.arch=gpt2", "model.preset=crate-tiny"], "run.yaml: model: preset names CRATE presets"),
+        (["data.seq_len=0"], "run.yaml: data.seq_len: must be >= 1, got 0"),
+        (["data.sources=[]"], "run.yaml: data.sources: must be a non-empty list"),
+        (["precision=fp16"], "run.yaml: precision: Input should be 'auto', 'fp32' or 'bf16' (got 'fp16')"),
+    ],
+)
 def test_bad_values_are_one_line_errors_naming_the_key(overrides, message):
     with pytest.raises(ConfigError) as error:
         parsed(*overrides)
@@ -56,7 +68,9 @@ def test_missing_sections_and_bad_override_syntax():
 def test_batch_sizes_must_divide_by_the_world():
     config = parsed("train.micro_batch_size=4", "train.global_batch_size=16")
     assert config.check_world(2) == 2 and config.check_world(4) == 1
-    with pytest.raises(ConfigError, match=r"train.global_batch_size: 16 is not a multiple of .* \(4\) x world size \(3\)"):
+    with pytest.raises(
+        ConfigError, match=r"train.global_batch_size: 16 is not a multiple of .* \(4\) x world size \(3\)"
+    ):
         config.check_world(3)
 
 
@@ -72,15 +86,18 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
 
 def test_exponent_floats_read_as_numbers_in_files_and_overrides(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("output_dir: /tmp/run\ndata: {sources: [{builtin: shakespeare}], seq_len: 64}\n"
-                    "train: {max_steps: 10}\noptimizer: {lr: 3e-4}\n")
+    path.write_text(
+        "output_dir: /tmp/run\ndata: {sources: [{builtin: shakespeare}], seq_len: 64}\n"
+        "train: {max_steps: 10}\noptimizer: {lr: 3e-4}\n"
+    )
     assert load_run_config(path).optimizer.lr == 3e-4  # YAML 1.1 would read '3e-4' as a string
     assert load_run_config(path, ["optimizer.min_lr=1e-5"]).optimizer.min_lr == 1e-5
 
 
 def test_base_files_are_merged_under_the_file_and_cycles_are_refused(tmp_path):
-    (tmp_path / "recipe.yaml").write_text("data: {sources: [{builtin: shakespeare}], seq_len: 64}\n"
-                                          "train: {max_steps: 10, micro_batch_size: 4}\n")
+    (tmp_path / "recipe.yaml").write_text(
+        "data: {sources: [{builtin: shakespeare}], seq_len: 64}\ntrain: {max_steps: 10, micro_batch_size: 4}\n"
+    )
     (tmp_path / "run.yaml").write_text("base: recipe.yaml\noutput_dir: /tmp/run\ntrain: {max_steps: 99}\n")
     config = load_run_config(tmp_path / "run.yaml")
     assert config.train.max_steps == 99 and config.train.micro_batch_size == 4 and config.data.seq_len == 64

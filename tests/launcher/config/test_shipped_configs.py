@@ -10,8 +10,9 @@ import crate_lm
 from launcher.config.run import load_run_config
 from launcher.models.build import build_model, build_model_config
 
-CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[3] / "configs" / "lm").rglob("*.yaml")
-                 if not p.name.startswith("_"))
+CONFIGS = sorted(
+    p for p in (Path(__file__).resolve().parents[3] / "configs" / "lm").rglob("*.yaml") if not p.name.startswith("_")
+)
 GPT2_VOCAB, GPT2_EOS = 50257, 50256
 
 
@@ -33,8 +34,11 @@ def test_shipped_config_validates_and_builds(path):
         assert crate_lm.count_parameters(model) == pytest.approx(124e6, rel=0.01)
 
 
-VISION_CONFIGS = sorted(p for p in (Path(__file__).resolve().parents[3] / "configs" / "vision").rglob("*.yaml")
-                        if not p.name.startswith("_"))
+VISION_CONFIGS = sorted(
+    p
+    for p in (Path(__file__).resolve().parents[3] / "configs" / "vision").rglob("*.yaml")
+    if not p.name.startswith("_")
+)
 PUBLISHED_VIT_PARAMS = {192: 5.72e6, 384: 22.05e6}  # ViT-T/16, ViT-S/16 at 224^2, 1000 classes
 
 

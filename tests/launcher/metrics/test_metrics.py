@@ -23,8 +23,17 @@ def lines_of(path):
 
 def test_rows_are_strict_json_with_nonfinite_values(tmp_path):
     with MetricsLogger(tmp_path, is_main=True, total_steps=10, tensorboard=False, progress=False) as logger:
-        logger.log(1, loss=torch.tensor(2.5), lr=1e-3, grad_norm=float("nan"), scale=float("inf"),
-                   low=float("-inf"), skipped=False, note="warmup", count=3)
+        logger.log(
+            1,
+            loss=torch.tensor(2.5),
+            lr=1e-3,
+            grad_norm=float("nan"),
+            scale=float("inf"),
+            low=float("-inf"),
+            skipped=False,
+            note="warmup",
+            count=3,
+        )
         logger.log(2, loss=float("nan"))
     rows = [json.loads(line, parse_constant=pytest.fail) for line in lines_of(tmp_path / "metrics.jsonl")]
     assert rows[0]["kind"] == "train" and rows[0]["step"] == 1 and isinstance(rows[0]["time"], float)
@@ -37,8 +46,10 @@ def test_rows_are_strict_json_with_nonfinite_values(tmp_path):
 
 
 def test_eval_and_whitebox_rows(tmp_path):
-    layers = [{"layer": 0, "rc": 1.5, "rc_per_head": [0.5, 1.0], "hoyer": 0.2},
-              {"layer": 1, "rc": 1.25, "rc_per_head": [0.75, 0.5], "hoyer": float("nan")}]
+    layers = [
+        {"layer": 0, "rc": 1.5, "rc_per_head": [0.5, 1.0], "hoyer": 0.2},
+        {"layer": 1, "rc": 1.25, "rc_per_head": [0.75, 0.5], "hoyer": float("nan")},
+    ]
     with MetricsLogger(tmp_path, True, 10, tensorboard=False, progress=False) as logger:
         logger.log(5, loss=3.0)
         logger.log_eval(5, loss=2.75, perplexity=15.6)
@@ -53,8 +64,10 @@ def test_eval_and_whitebox_rows(tmp_path):
 
 
 def test_reserved_names_are_refused(tmp_path):
-    with MetricsLogger(tmp_path, True, 10, tensorboard=False, progress=False) as logger, \
-            pytest.raises(ValueError, match="reserved"):
+    with (
+        MetricsLogger(tmp_path, True, 10, tensorboard=False, progress=False) as logger,
+        pytest.raises(ValueError, match="reserved"),
+    ):
         logger.log(1, kind="x")
 
 
@@ -71,7 +84,9 @@ def test_truncate_after_keeps_rows_up_to_step_atomically(tmp_path):
         logger.log(5, loss=50.0)  # appends after the kept rows
     rows = read_metrics(tmp_path)
     assert [(row["kind"], row["step"]) for row in rows] == [("train", s) for s in range(1, 5)] + [
-        ("eval", 4), ("train", 5)]
+        ("eval", 4),
+        ("train", 5),
+    ]
     assert rows[-1]["loss"] == 50.0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]  # no temp file left
 
@@ -122,8 +137,13 @@ def test_tensorboard_scalars_read_back_and_purged_on_resume(tmp_path):
     events.Reload()
     tags = events.Tags()["scalars"]
     assert {"train/loss", "eval/loss", "whitebox/rc/layer_0"} <= set(tags) and "train/note" not in tags
-    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 1.0), (2, 2.0), (3, 3.0), (4, 4.0),
-                                                                         (5, 50.0)]
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [
+        (1, 1.0),
+        (2, 2.0),
+        (3, 3.0),
+        (4, 4.0),
+        (5, 50.0),
+    ]
     # everything after the resumed step is purged, whatever its tag
     assert [(e.step, e.value) for e in events.Scalars("whitebox/rc/layer_0")] == [(s, 2.0 * s) for s in range(1, 5)]
     assert events.Scalars("eval/loss") == []
@@ -155,8 +175,9 @@ def test_progress_line(tmp_path, capsys, progress):
 
 
 def test_throughput_meter_arithmetic():
-    meter = ThroughputMeter(tokens_per_step=4096, flops_per_token=1e6, peak_flops=1e10, world_size=4,
-                            total_steps=100, window=3)
+    meter = ThroughputMeter(
+        tokens_per_step=4096, flops_per_token=1e6, peak_flops=1e10, world_size=4, total_steps=100, window=3
+    )
     assert meter.stats(0) == {"tokens": 0}
     for seconds in (9.0, 0.5, 0.5, 0.5):  # the window keeps the last three
         meter.record(seconds)
@@ -189,22 +210,25 @@ def test_device_peak_flops_measured_on_cpu():
     assert flops > 1e8 and source.startswith("measured: ") and "fp32 GEMM" in source
 
 
-@pytest.mark.parametrize("name, dtype, tf32, expected", [
-    ("NVIDIA H100 80GB HBM3", torch.bfloat16, False, (989.4e12, "table:H100 SXM bf16")),
-    ("NVIDIA H100 PCIe", torch.bfloat16, False, (756.5e12, "table:H100 PCIe bf16")),
-    ("NVIDIA H100 NVL", "fp16", False, (835.5e12, "table:H100 NVL fp16")),
-    ("NVIDIA H200", torch.bfloat16, False, (989.4e12, "table:H200 SXM bf16")),
-    ("NVIDIA GH200 480GB", torch.bfloat16, False, (989.4e12, "table:GH200 bf16")),
-    ("NVIDIA A100-SXM4-80GB", torch.float32, True, (156e12, "table:A100 tf32")),
-    ("NVIDIA A100 80GB PCIe", torch.float32, False, (19.5e12, "table:A100 fp32")),
-    ("NVIDIA A10G", torch.bfloat16, False, (70e12, "table:A10G bf16")),
-    ("NVIDIA A10", torch.bfloat16, False, (125e12, "table:A10 bf16")),
-    ("NVIDIA L4", torch.bfloat16, False, (121e12, "table:L4 bf16")),
-    ("NVIDIA L40S", torch.bfloat16, False, (362.05e12, "table:L40S bf16")),
-    ("Tesla V100-SXM2-32GB", torch.float16, False, (125e12, "table:V100 SXM2 fp16")),
-    ("Tesla V100-PCIE-16GB", torch.float32, True, (14e12, "table:V100 PCIe fp32")),  # no TF32 on Volta
-    ("NVIDIA GeForce RTX 4090", torch.bfloat16, False, (165.2e12, "table:RTX 4090 bf16")),
-])
+@pytest.mark.parametrize(
+    "name, dtype, tf32, expected",
+    [
+        ("NVIDIA H100 80GB HBM3", torch.bfloat16, False, (989.4e12, "table:H100 SXM bf16")),
+        ("NVIDIA H100 PCIe", torch.bfloat16, False, (756.5e12, "table:H100 PCIe bf16")),
+        ("NVIDIA H100 NVL", "fp16", False, (835.5e12, "table:H100 NVL fp16")),
+        ("NVIDIA H200", torch.bfloat16, False, (989.4e12, "table:H200 SXM bf16")),
+        ("NVIDIA GH200 480GB", torch.bfloat16, False, (989.4e12, "table:GH200 bf16")),
+        ("NVIDIA A100-SXM4-80GB", torch.float32, True, (156e12, "table:A100 tf32")),
+        ("NVIDIA A100 80GB PCIe", torch.float32, False, (19.5e12, "table:A100 fp32")),
+        ("NVIDIA A10G", torch.bfloat16, False, (70e12, "table:A10G bf16")),
+        ("NVIDIA A10", torch.bfloat16, False, (125e12, "table:A10 bf16")),
+        ("NVIDIA L4", torch.bfloat16, False, (121e12, "table:L4 bf16")),
+        ("NVIDIA L40S", torch.bfloat16, False, (362.05e12, "table:L40S bf16")),
+        ("Tesla V100-SXM2-32GB", torch.float16, False, (125e12, "table:V100 SXM2 fp16")),
+        ("Tesla V100-PCIE-16GB", torch.float32, True, (14e12, "table:V100 PCIe fp32")),  # no TF32 on Volta
+        ("NVIDIA GeForce RTX 4090", torch.bfloat16, False, (165.2e12, "table:RTX 4090 bf16")),
+    ],
+)
 def test_peak_table_lookup(name, dtype, tf32, expected):
     flops, source = lookup_peak_flops(name, dtype, tf32=tf32)
     assert flops == pytest.approx(expected[0]) and source == expected[1]

@@ -10,16 +10,18 @@ from launcher.models.build import build_model, build_model_config, parameter_gro
 
 
 def test_crate_preset_with_knobs_and_tokenizer_vocabulary():
-    config = build_model_config(ModelSection(preset="crate-tiny", num_hidden_layers=2,
-                                             overrides={"ista_lambda": 0.2}), 1000, 0, seq_len=128)
+    config = build_model_config(
+        ModelSection(preset="crate-tiny", num_hidden_layers=2, overrides={"ista_lambda": 0.2}), 1000, 0, seq_len=128
+    )
     assert (config.hidden_size, config.num_hidden_layers, config.vocab_size) == (128, 2, 1000)
     assert config.ista_lambda == 0.2 and config.eos_token_id == 0
     assert isinstance(build_model(config), CrateForCausalLM)
 
 
 def test_gpt2_baseline_from_the_same_knobs_without_dropout():
-    section = ModelSection(arch="gpt2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           max_position_embeddings=256)
+    section = ModelSection(
+        arch="gpt2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=256
+    )
     config = build_model_config(section, 1000, 0, seq_len=128)
     assert (config.n_embd, config.n_layer, config.n_head, config.vocab_size) == (64, 2, 4, 1000)
     assert config.resid_pdrop == config.attn_pdrop == config.embd_pdrop == 0.0
@@ -32,12 +34,15 @@ def test_config_path_is_read(tmp_path):
     assert config.hidden_size == 32 and config.vocab_size == 999
 
 
-@pytest.mark.parametrize("section, seq_len, message", [
-    (ModelSection(overrides={"colour": 1}), 64, "model.overrides.colour: not a CrateConfig field"),
-    (ModelSection(hidden_size=30, num_attention_heads=4), 64, "model: CrateConfig.hidden_size=30 is invalid"),
-    (ModelSection(preset="crate-tiny"), 512, "data.seq_len: 512 exceeds the model's max_position_embeddings (256)"),
-    (ModelSection(config_path="/nowhere/config.json"), 64, "model: "),
-])
+@pytest.mark.parametrize(
+    "section, seq_len, message",
+    [
+        (ModelSection(overrides={"colour": 1}), 64, "model.overrides.colour: not a CrateConfig field"),
+        (ModelSection(hidden_size=30, num_attention_heads=4), 64, "model: CrateConfig.hidden_size=30 is invalid"),
+        (ModelSection(preset="crate-tiny"), 512, "data.seq_len: 512 exceeds the model's max_position_embeddings (256)"),
+        (ModelSection(config_path="/nowhere/config.json"), 64, "model: "),
+    ],
+)
 def test_bad_model_sections_are_one_line_errors(section, seq_len, message):
     with pytest.raises(ConfigError) as error:
         build_model_config(section, 1000, 0, seq_len)

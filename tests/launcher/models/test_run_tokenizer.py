@@ -11,8 +11,9 @@ from launcher.models.tokenizers import load_tokenizer, prepare_tokenizer, traine
 def test_bpe_is_trained_on_the_runs_text_once_then_reused(tmp_path):
     corpus = tmp_path / "corpus.jsonl"
     words = ["the", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog", "while", "the", "cat", "sleeps"]
-    corpus.write_text("".join(json.dumps({"text": " ".join(words[i:] + words[:i]) * 20}) + "\n"
-                              for i in range(len(words))))
+    corpus.write_text(
+        "".join(json.dumps({"text": " ".join(words[i:] + words[:i]) * 20}) + "\n" for i in range(len(words)))
+    )
     spec = parse_text_data({"sources": [{"path": str(corpus)}], "min_shards": 1, "streams_per_rank": 1})
     run = tmp_path / "run"
     with pytest.raises(ValueError, match=r"tokenizer: 'bpe:300' has not been trained for this run yet"):

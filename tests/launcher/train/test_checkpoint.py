@@ -13,6 +13,7 @@ def writer(payload: bytes):
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "model.pt").write_bytes(payload)
         (directory / "data_rank0.pt").write_bytes(b"cursor" + payload[:4])
+
     return write
 
 
@@ -27,12 +28,15 @@ def test_save_writes_manifest_and_latest_and_keeps_the_last_k(tmp_path):
     assert not any(p.name.startswith(".tmp") for p in (tmp_path / "checkpoints").iterdir())
 
 
-@pytest.mark.parametrize("damage, reason", [
-    (lambda d: (d / "model.pt").write_bytes(b"short"), "truncated file model.pt"),
-    (lambda d: (d / "model.pt").write_bytes(b"\x00" * 1000), "corrupt file model.pt"),
-    (lambda d: os.remove(d / "data_rank0.pt"), "missing file data_rank0.pt"),
-    (lambda d: os.remove(d / "manifest.json"), "no manifest"),
-])
+@pytest.mark.parametrize(
+    "damage, reason",
+    [
+        (lambda d: (d / "model.pt").write_bytes(b"short"), "truncated file model.pt"),
+        (lambda d: (d / "model.pt").write_bytes(b"\x00" * 1000), "corrupt file model.pt"),
+        (lambda d: os.remove(d / "data_rank0.pt"), "missing file data_rank0.pt"),
+        (lambda d: os.remove(d / "manifest.json"), "no manifest"),
+    ],
+)
 def test_a_damaged_newest_checkpoint_falls_back_with_a_warning(tmp_path, damage, reason):
     manager = CheckpointManager(tmp_path, keep_last=3)
     manager.save(10, writer(b"a" * 1000))

@@ -9,8 +9,11 @@ from launcher.config.run import apply_overrides, parse_run_config
 from launcher.errors import ConfigError
 from launcher.train.engine import deepspeed_config, learning_rate, resolve_precision
 
-BASE = {"output_dir": "/tmp/run", "data": {"sources": [{"builtin": "shakespeare"}], "seq_len": 64},
-        "train": {"max_steps": 100, "micro_batch_size": 4, "global_batch_size": 16}}
+BASE = {
+    "output_dir": "/tmp/run",
+    "data": {"sources": [{"builtin": "shakespeare"}], "seq_len": 64},
+    "train": {"max_steps": 100, "micro_batch_size": 4, "global_batch_size": 16},
+}
 
 
 def config(*overrides):
@@ -18,8 +21,11 @@ def config(*overrides):
 
 
 def test_generated_json_carries_batch_zero_offload_and_clipping():
-    ds = deepspeed_config(config("zero.stage=3", "zero.offload_optimizer=true", "zero.offload_params=true",
-                                 "optimizer.grad_clip=0.5"), world_size=2, device_type="cpu")
+    ds = deepspeed_config(
+        config("zero.stage=3", "zero.offload_optimizer=true", "zero.offload_params=true", "optimizer.grad_clip=0.5"),
+        world_size=2,
+        device_type="cpu",
+    )
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
     assert ds["train_batch_size"] == 16 and ds["gradient_clipping"] == 0.5
     zero = ds["zero_optimization"]

@@ -21,8 +21,17 @@ def test_crate_lm_finetuned_on_rotten_tomatoes_beats_the_majority_class(pretrain
     from data_pipeline.labelled import rotten_tomatoes
 
     out = tmp_path / "rt"
-    crate("finetune", ROTTEN, out, f"model.init_from={pretrained_lm}", "train.max_steps=300", "train.eval_every=300",
-          "train.save_every=300", "train.micro_batch_size=16", nproc=2)
+    crate(
+        "finetune",
+        ROTTEN,
+        out,
+        f"model.init_from={pretrained_lm}",
+        "train.max_steps=300",
+        "train.eval_every=300",
+        "train.save_every=300",
+        "train.micro_batch_size=16",
+        nproc=2,
+    )
     start = next(row for row in read_metrics(out, kind="train") if row.get("event") == "start")
     assert (start["task"], start["head"], start["world_size"]) == ("sequence-classification", "new", 2)
     result = read_metrics(out, kind="eval")[-1]
@@ -46,10 +55,21 @@ def test_crate_lm_finetuned_on_rotten_tomatoes_beats_the_majority_class(pretrain
 
 def test_gpt2_classifier_through_the_same_path(tmp_path):
     out = tmp_path / "gpt2"
-    crate("pretrain", ROTTEN, out, "model.init_from=null", "model.arch=gpt2",
-          "model.hidden_size=64", "model.num_hidden_layers=2", "model.num_attention_heads=4",
-          "model.max_position_embeddings=64", "tokenizer=gpt2", "train.max_steps=10", "train.eval_every=10",
-          "train.save_every=10")
+    crate(
+        "pretrain",
+        ROTTEN,
+        out,
+        "model.init_from=null",
+        "model.arch=gpt2",
+        "model.hidden_size=64",
+        "model.num_hidden_layers=2",
+        "model.num_attention_heads=4",
+        "model.max_position_embeddings=64",
+        "tokenizer=gpt2",
+        "train.max_steps=10",
+        "train.eval_every=10",
+        "train.save_every=10",
+    )
     result = read_metrics(out, kind="eval")[-1]
     assert 0 <= result["accuracy"] <= 1 and result["examples"] > 1000
     from transformers import AutoModelForSequenceClassification
@@ -66,9 +86,20 @@ def test_causal_lm_fine_tuning_on_new_text_keeps_the_checkpoint_tokenizer(pretra
     held_out = tmp_path / "held-out.txt"
     held_out.write_text("\n".join(row["text"] for row in rotten_tomatoes("validation")[:300]))
     out = tmp_path / "lm"
-    crate("finetune", TINY_LM, out, "model.preset=null", f"model.init_from={pretrained_lm}", "tokenizer=null",
-          f"data.sources=[{corpus}]", f"eval_data.sources=[{held_out}]", "train.max_steps=20", "train.eval_every=10",
-          "train.save_every=20", "train.whitebox_every=0")
+    crate(
+        "finetune",
+        TINY_LM,
+        out,
+        "model.preset=null",
+        f"model.init_from={pretrained_lm}",
+        "tokenizer=null",
+        f"data.sources=[{corpus}]",
+        f"eval_data.sources=[{held_out}]",
+        "train.max_steps=20",
+        "train.eval_every=10",
+        "train.save_every=20",
+        "train.whitebox_every=0",
+    )
     evals = read_metrics(out, kind="eval")
     assert [row["step"] for row in evals] == [10, 20] and evals[1]["loss"] < evals[0]["loss"]
     assert (out / "hf" / "tokenizer.json").read_text() == (pretrained_lm / "tokenizer.json").read_text()

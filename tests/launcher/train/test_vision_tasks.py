@@ -23,8 +23,12 @@ CLASSES = ["a", "b", "c"]
 
 
 def run_config(**sections) -> dict:
-    raw = {"output_dir": "/tmp/unused", "model": {"preset": "crate-vision-tiny"},
-           "data": {"image_size": 28, "sources": ["fashion-mnist"]}, "train": {"max_steps": 5}}
+    raw = {
+        "output_dir": "/tmp/unused",
+        "model": {"preset": "crate-vision-tiny"},
+        "data": {"image_size": 28, "sources": ["fashion-mnist"]},
+        "train": {"max_steps": 5},
+    }
     for key, value in sections.items():
         raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
     return raw
@@ -42,19 +46,23 @@ def test_image_run_config_round_trips_and_defaults_to_the_test_split():
 
 
 def test_eval_data_inherits_the_image_shape_and_normalisation(tmp_path):
-    config = parse_run_config(run_config(data={"image_size": 32, "mean": [0.5], "std": [0.25]},
-                                         eval_data={"sources": ["fashion-mnist"]}))
+    config = parse_run_config(
+        run_config(data={"image_size": 32, "mean": [0.5], "std": [0.25]}, eval_data={"sources": ["fashion-mnist"]})
+    )
     assert (config.eval_data.image_size, config.eval_data.mean, config.eval_data.std) == (32, (0.5,), (0.25,))
     assert config.eval_data.sources[0].split == "test" and not config.eval_data.train
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"model": {"arch": "gpt2", "preset": None}}, "model.arch: gpt2 is a language model"),
-    ({"model": {"linear_probe": True}}, "linear_probe trains a head on a pretrained backbone: set init_from"),
-    ({"model": {"init_from": "x"}}, "at most one of preset, config_path and init_from"),
-    ({"train": {"max_steps": 5, "label_smoothing": 1.0}}, "train.label_smoothing"),
-    ({"eval_data": {"sources": ["fashion-mnist"], "image_size": 32}}, "eval_data.image_size (32) must equal"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"model": {"arch": "gpt2", "preset": None}}, "model.arch: gpt2 is a language model"),
+        ({"model": {"linear_probe": True}}, "linear_probe trains a head on a pretrained backbone: set init_from"),
+        ({"model": {"init_from": "x"}}, "at most one of preset, config_path and init_from"),
+        ({"train": {"max_steps": 5, "label_smoothing": 1.0}}, "train.label_smoothing"),
+        ({"eval_data": {"sources": ["fashion-mnist"], "image_size": 32}}, "eval_data.image_size (32) must equal"),
+    ],
+)
 def test_bad_image_configs_fail_in_one_line(change, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")) as error:
         parse_run_config(run_config(**change))
@@ -62,8 +70,7 @@ def test_bad_image_configs_fail_in_one_line(change, message):
 
 
 def test_text_runs_refuse_vision_options():
-    text = {"output_dir": "/tmp/x", "data": {"sources": ["tiny-shakespeare"], "seq_len": 64},
-            "train": {"max_steps": 5}}
+    text = {"output_dir": "/tmp/x", "data": {"sources": ["tiny-shakespeare"], "seq_len": 64}, "train": {"max_steps": 5}}
     with pytest.raises(ConfigError, match="train.mixup_alpha: applies to image classification only"):
         parse_run_config({**text, "train": {"max_steps": 5, "mixup_alpha": 0.2}})
     with pytest.raises(ConfigError, match="model.arch: vit classifies images"):
@@ -74,8 +81,12 @@ def test_vision_config_from_knobs_presets_and_mismatches():
     crate = build_vision_config(ModelSection(preset="crate-vision-tiny"), 35, 1, CLASSES)
     assert (crate.model_type, crate.image_size, crate.num_channels, crate.num_labels) == ("crate_vision", 35, 1, 3)
     assert crate.id2label == {0: "a", 1: "b", 2: "c"} and crate.hidden_size == 96
-    vit = build_vision_config(ModelSection(arch="vit", hidden_size=96, num_hidden_layers=4, num_attention_heads=4,
-                                           patch_size=4), 28, 1, CLASSES)
+    vit = build_vision_config(
+        ModelSection(arch="vit", hidden_size=96, num_hidden_layers=4, num_attention_heads=4, patch_size=4),
+        28,
+        1,
+        CLASSES,
+    )
     assert (vit.model_type, vit.intermediate_size, vit.patch_size, vit.hidden_dropout_prob) == ("vit", 384, 4, 0.0)
     with pytest.raises(ConfigError, match="model.preset: 'crate-tiny' is a language-model preset"):
         build_vision_config(ModelSection(preset="crate-tiny"), 28, 1, CLASSES)
@@ -161,8 +172,9 @@ def test_mix_batch_targets_follow_the_mixed_pixels(mixup, cutmix):
 # ---------------------------------------------------------------------------------------------------- processor
 
 
-@pytest.mark.parametrize("size, image_size", [((50, 40), 32), ((37, 39), 32), ((37, 43), 32), ((20, 30), 32),
-                                              ((28, 28), 28)])
+@pytest.mark.parametrize(
+    "size, image_size", [((50, 40), 32), ((37, 39), 32), ((37, 43), 32), ((20, 30), 32), ((28, 28), 28)]
+)
 def test_exported_image_processor_reproduces_the_eval_transform(size, image_size):
     spec = parse_image_data({"image_size": image_size, "channels": 3, "sources": ["/tmp"], "train": False})
     image = Image.fromarray(np.random.RandomState(0).randint(0, 256, (size[1], size[0], 3), dtype=np.uint8))
@@ -197,8 +209,12 @@ def test_fixed_images_are_capped_at_one_pass(tmp_path):
 
 def test_vision_flops_count_layers_patches_and_head():
     crate = build_vision_config(ModelSection(preset="crate-vision-tiny"), 28, 1, CLASSES)
-    vit = build_vision_config(ModelSection(arch="vit", hidden_size=96, num_hidden_layers=4, num_attention_heads=4,
-                                           patch_size=7), 28, 1, CLASSES)
+    vit = build_vision_config(
+        ModelSection(arch="vit", hidden_size=96, num_hidden_layers=4, num_attention_heads=4, patch_size=7),
+        28,
+        1,
+        CLASSES,
+    )
     tokens, d = image_tokens(crate), 96
     assert tokens == 17
     edges = (2 * 49 * d * 16 + 2 * d * 3) / tokens

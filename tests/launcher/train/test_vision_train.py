@@ -24,8 +24,17 @@ pytestmark = pytest.mark.slow
 
 
 def crate(command: str, config: Path, output_dir: Path, *overrides: str, nproc: int = 1, timeout: int = 600):
-    args = [sys.executable, "-m", "launcher.cli", command, str(config), f"output_dir={output_dir}", *QUICK, *overrides,
-            f"--nproc-per-node={nproc}"]
+    args = [
+        sys.executable,
+        "-m",
+        "launcher.cli",
+        command,
+        str(config),
+        f"output_dir={output_dir}",
+        *QUICK,
+        *overrides,
+        f"--nproc-per-node={nproc}",
+    ]
     result = subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -43,8 +52,18 @@ def start_row(output_dir: Path) -> dict:
 def pretrained(tmp_path_factory) -> Path:
     """A small CRATE trained on Fashion-MNIST by 2 processes with ZeRO-2 (global batch 64, 100 steps)."""
     out = tmp_path_factory.mktemp("crate-fmnist") / "run"
-    crate("pretrain", CRATE, out, "train.max_steps=100", "train.micro_batch_size=32", "train.eval_every=50",
-          "train.eval_batches=8", "train.whitebox_every=100", "train.save_every=50", nproc=2)
+    crate(
+        "pretrain",
+        CRATE,
+        out,
+        "train.max_steps=100",
+        "train.micro_batch_size=32",
+        "train.eval_every=50",
+        "train.eval_batches=8",
+        "train.whitebox_every=100",
+        "train.save_every=50",
+        nproc=2,
+    )
     return out
 
 
@@ -98,12 +117,32 @@ def test_two_process_crate_learns_fashion_mnist_and_exports_an_hf_classifier(pre
 
 
 def test_crate_export_rebuilds_the_image_model_from_the_checkpoint(pretrained, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "launcher.cli", "export", str(pretrained), "--step", "50",
-                             "--out", str(tmp_path / "hf50")], capture_output=True, text=True, cwd=REPO, timeout=300)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "launcher.cli",
+            "export",
+            str(pretrained),
+            "--step",
+            "50",
+            "--out",
+            str(tmp_path / "hf50"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "hf50" / "preprocessor_config.json").is_file()
-    final = subprocess.run([sys.executable, "-m", "launcher.cli", "export", str(pretrained), "--out",
-                            str(tmp_path / "hf100")], capture_output=True, text=True, cwd=REPO, timeout=300)
+    final = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "export", str(pretrained), "--out", str(tmp_path / "hf100")],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+    )
     assert final.returncode == 0, final.stderr[-2000:]
     at_save = load_file(pretrained / "hf" / "model.safetensors")
     rebuilt = load_file(tmp_path / "hf100" / "model.safetensors")
@@ -113,9 +152,17 @@ def test_crate_export_rebuilds_the_image_model_from_the_checkpoint(pretrained, t
 
 def test_linear_probe_transfers_to_a_new_label_set(pretrained, coarse_folders, tmp_path):
     out = tmp_path / "probe"
-    crate("finetune", PROBE, out, f"model.init_from={pretrained / 'hf'}",
-          f"data.sources=[{coarse_folders / 'train'}]", f"eval_data.sources=[{coarse_folders / 'test'}]",
-          "train.max_steps=60", "train.eval_every=60", "train.save_every=60")
+    crate(
+        "finetune",
+        PROBE,
+        out,
+        f"model.init_from={pretrained / 'hf'}",
+        f"data.sources=[{coarse_folders / 'train'}]",
+        f"eval_data.sources=[{coarse_folders / 'test'}]",
+        "train.max_steps=60",
+        "train.eval_every=60",
+        "train.save_every=60",
+    )
     start = start_row(out)
     hidden = 96
     assert (start["head"], start["trainable_params"]) == ("new", 3 * hidden + 3)
@@ -126,19 +173,37 @@ def test_linear_probe_transfers_to_a_new_label_set(pretrained, coarse_folders, t
     # The backbone is frozen: every weight but the head is the pretrained one, bit for bit.
     before, after = load_file(pretrained / "hf" / "model.safetensors"), load_file(out / "hf" / "model.safetensors")
     assert {k for k in after if not torch.equal(after[k], before.get(k, torch.empty(0)))} == {
-        "classifier.weight", "classifier.bias"}
+        "classifier.weight",
+        "classifier.bias",
+    }
     from transformers import AutoConfig
 
-    assert AutoConfig.from_pretrained(out / "hf").id2label == {0: "bottoms-and-dresses", 1: "footwear-and-bags",
-                                                               2: "tops"}
+    assert AutoConfig.from_pretrained(out / "hf").id2label == {
+        0: "bottoms-and-dresses",
+        1: "footwear-and-bags",
+        2: "tops",
+    }
 
 
 def test_full_finetune_at_a_new_resolution_with_zero3(pretrained, coarse_folders, tmp_path):
     out = tmp_path / "full"
-    crate("finetune", PROBE, out, f"model.init_from={pretrained / 'hf'}", "model.linear_probe=false",
-          "data.image_size=35", f"data.sources=[{coarse_folders / 'train'}]",
-          f"eval_data.sources=[{coarse_folders / 'test'}]", "train.max_steps=10", "train.eval_every=10",
-          "train.save_every=10", "train.micro_batch_size=16", "train.eval_batches=4", "zero.stage=3", nproc=2)
+    crate(
+        "finetune",
+        PROBE,
+        out,
+        f"model.init_from={pretrained / 'hf'}",
+        "model.linear_probe=false",
+        "data.image_size=35",
+        f"data.sources=[{coarse_folders / 'train'}]",
+        f"eval_data.sources=[{coarse_folders / 'test'}]",
+        "train.max_steps=10",
+        "train.eval_every=10",
+        "train.save_every=10",
+        "train.micro_batch_size=16",
+        "train.eval_batches=4",
+        "zero.stage=3",
+        nproc=2,
+    )
     assert start_row(out)["trainable_params"] is None and np.isfinite(last_eval(out)["loss"])
     weights = load_file(out / "hf" / "model.safetensors")
     assert weights["model.embeddings.position_embeddings"].shape == (1, 1 + 25, 96)
@@ -151,8 +216,17 @@ def test_full_finetune_at_a_new_resolution_with_zero3(pretrained, coarse_folders
 
 def test_vit_baseline_trains_and_transfers_through_the_same_path(coarse_folders, tmp_path):
     out = tmp_path / "vit"
-    crate("pretrain", VIT, out, "train.max_steps=20", "train.micro_batch_size=32", "train.eval_every=20",
-          "train.eval_batches=4", "train.whitebox_every=20", "train.save_every=20")
+    crate(
+        "pretrain",
+        VIT,
+        out,
+        "train.max_steps=20",
+        "train.micro_batch_size=32",
+        "train.eval_every=20",
+        "train.eval_batches=4",
+        "train.whitebox_every=20",
+        "train.save_every=20",
+    )
     start = start_row(out)
     assert start["model_type"] == "vit" and np.isfinite(last_eval(out)["accuracy"])
     assert len([row for row in read_metrics(out, kind="whitebox") if row["step"] == 20]) == 4
@@ -162,16 +236,32 @@ def test_vit_baseline_trains_and_transfers_through_the_same_path(coarse_folders,
     model = AutoModelForImageClassification.from_pretrained(out / "hf")
     assert type(model).__name__ == "ViTForImageClassification" and model.config.hidden_size == 96
     probe = tmp_path / "vit-probe"
-    crate("finetune", PROBE, probe, f"model.init_from={out / 'hf'}", f"data.sources=[{coarse_folders / 'train'}]",
-          f"eval_data.sources=[{coarse_folders / 'test'}]", "train.max_steps=10", "train.eval_every=10",
-          "train.save_every=10")
+    crate(
+        "finetune",
+        PROBE,
+        probe,
+        f"model.init_from={out / 'hf'}",
+        f"data.sources=[{coarse_folders / 'train'}]",
+        f"eval_data.sources=[{coarse_folders / 'test'}]",
+        "train.max_steps=10",
+        "train.eval_every=10",
+        "train.save_every=10",
+    )
     assert start_row(probe)["head"] == "new" and np.isfinite(last_eval(probe)["accuracy"])
 
 
 def test_resume_with_mixup_and_cutmix_equals_an_uninterrupted_run(tmp_path):
     """Augmentation, mixing and the image stream all resume exactly: stop at step 3, resume to 6."""
-    common = ["train.micro_batch_size=8", "train.eval_every=0", "train.whitebox_every=0", "train.save_every=3",
-              "train.label_smoothing=0.1", "train.mixup_alpha=0.8", "train.cutmix_alpha=1.0", "zero.stage=2"]
+    common = [
+        "train.micro_batch_size=8",
+        "train.eval_every=0",
+        "train.whitebox_every=0",
+        "train.save_every=3",
+        "train.label_smoothing=0.1",
+        "train.mixup_alpha=0.8",
+        "train.cutmix_alpha=1.0",
+        "zero.stage=2",
+    ]
     crate("pretrain", CRATE, tmp_path / "whole", "train.max_steps=6", *common)
     crate("pretrain", CRATE, tmp_path / "parts", "train.max_steps=3", *common)
     crate("pretrain", CRATE, tmp_path / "parts", "train.max_steps=6", *common)
@@ -184,7 +274,12 @@ def test_resume_with_mixup_and_cutmix_equals_an_uninterrupted_run(tmp_path):
 
 
 def test_finetune_requires_init_from(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "launcher.cli", "finetune", str(CRATE),
-                             f"output_dir={tmp_path}"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "finetune", str(CRATE), f"output_dir={tmp_path}"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert result.returncode == 2
     assert "model.init_from: required by crate finetune" in result.stderr and len(result.stderr.splitlines()) == 1
