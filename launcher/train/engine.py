@@ -80,7 +80,7 @@ def learning_rate(step: int, optimizer: OptimizerSection, max_steps: int) -> flo
 def initialize_engine(model, config: RunConfig, world_size: int, device_type: str):
     """``deepspeed.initialize`` on ``model`` with the run's JSON and AdamW over the model's decay groups.
 
-    Without ZeRO the optimizer is the loop's own [`HoldableAdamW`] (torch's AdamW, fused on CUDA), because only
+    Without ZeRO the optimizer is the loop's own [`HoldableAdamW`] (torch's AdamW), because only
     ZeRO 1-3 skip a non-finite step by themselves; with ZeRO, DeepSpeed builds AdamW from the JSON. The learning
     rate is set by the loop before every update (``learning_rate``), so no scheduler state needs saving."""
     import deepspeed
@@ -101,7 +101,7 @@ def initialize_engine(model, config: RunConfig, world_size: int, device_type: st
             )
         params = {key: value for key, value in settings["params"].items() if key != "torch_adam"}
         params["betas"] = tuple(params["betas"])
-        optimizer = HoldableAdamW(groups, **params, fused=device_type == "cuda")
+        optimizer = HoldableAdamW(groups, **params)
     engine, *_ = deepspeed.initialize(
         model=model, model_parameters=None if optimizer else groups, optimizer=optimizer, config=ds_config
     )

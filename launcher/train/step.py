@@ -32,17 +32,23 @@ class StepOutcome:
 
 
 class HoldableAdamW(torch.optim.AdamW):
-    """torch's AdamW whose next ``step()`` can be held back (``hold()``): the engine still clears the gradients and
-    counts the micro-steps, but no weight, moment or step count changes — a skipped step, as ZeRO skips one."""
+    """torch's AdamW whose update can be held back: inside ``held()`` its ``step()`` changes no weight, moment or
+    step count, while the engine still clears the gradients and counts the micro-steps — a skipped step, as ZeRO
+    skips one. The hold ends with the block, so a wrapper that skipped the step itself (bf16's overflow check)
+    leaves nothing pending for the next step."""
 
     _held = False
 
-    def hold(self) -> None:
+    @contextlib.contextmanager
+    def held(self):
         self._held = True
+        try:
+            yield
+        finally:
+            self._held = False
 
     def step(self, closure=None):
         if self._held:
-            self._held = False
             return None
         return super().step(closure)
 
@@ -89,6 +95,7 @@ def train_step(
     ``before_update`` runs after the last backward pass, just before the optimizer step (gradients reduced, the
     optimizer's states there): the moment the model-state memory peaks."""
     losses, loss_is_finite, held = [], True, False
+    update = contextlib.nullcontext()
     for micro in range(accumulation):
         loss = micro_losses(micro)
         finite = not any_rank(not math.isfinite(loss.item()), device)
@@ -99,11 +106,11 @@ def train_step(
         if last and zero_stage == 0:
             grad_norm = full_gradient_norm(engine.module)
             if grad_norm is not None and not math.isfinite(grad_norm):
-                _basic_optimizer(engine.optimizer).hold()
-                held = True
+                update, held = _basic_optimizer(engine.optimizer).held(), True
         if last and before_update is not None:
             before_update()
-        engine.step()
+        with update:
+            engine.step()
         losses.append(loss.item())
     if zero_stage:
         grad_norm = engine.get_global_grad_norm()

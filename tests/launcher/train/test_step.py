@@ -28,8 +28,10 @@ def test_held_step_changes_nothing_and_the_next_one_applies():
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = HoldableAdamW([weight], lr=0.1)
     weight.grad = torch.ones(3)
-    optimizer.hold()
-    optimizer.step()
+    with optimizer.held():
+        optimizer.step()
     assert torch.equal(weight.detach(), torch.ones(3)) and not optimizer.state  # no moments, no step count
+    with optimizer.held():
+        pass  # a wrapper skipped the step itself: nothing stays pending
     optimizer.step()
     assert (weight.detach() < 1).all() and optimizer.state[weight]["step"] == 1
