@@ -3,7 +3,8 @@ the one grid expander that ``crate submit --sweep`` and ``crate sweep`` share.
 
 ``JobSpec`` is built from ``crate submit``'s flags, so its problems name the flag (``--nodes: must be >= 1 (got
 0)``); a sweep file's ``slurm:`` section is the same options (all but ``command``, which is the sweep's own),
-validated with the file, so its problems name the key (``slurm.nodes: ...``).
+validated with the file, so its problems name the key (``slurm.nodes: ...``). Every string option is refused if it
+holds a control character (a newline, a carriage return, ...): each one is rendered into a line of the batch script.
 
 A ``Grid`` is axes (labelled points, or one dotted key with a list of values) and exclusions; ``expand`` walks their
 cartesian product in axis order. The two commands name a point differently, and both namings are kept because each
@@ -17,6 +18,7 @@ from __future__ import annotations
 import itertools
 import json
 import re
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -58,6 +60,13 @@ def _slurm_time(value: str | None) -> str | None:
     return value
 
 
+def single_line(value: str) -> str:
+    """``value`` itself; a ConfigError if it holds a control character (unicode category Cc: newline, tab, ...)."""
+    if any(unicodedata.category(char) == "Cc" for char in value):
+        raise ConfigError(f"must not contain control characters (got {value!r})")
+    return value
+
+
 def _each(test: Callable[[str], Any], expected: str) -> AfterValidator:
     def check(items: tuple[str, ...]) -> tuple[str, ...]:
         for item in items:
@@ -90,6 +99,17 @@ class JobOptions(BaseModel):
     # raw "--key=value" lines, e.g. --qos=high
     extra_sbatch: Annotated[Lines, _each(lambda item: item.startswith("--"), "an sbatch option like --qos=high")] = ()
     env: Annotated[Lines, _each(ENV_ITEM.match, "KEY=VALUE")] = ()  # KEY=VALUE exported in the job
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _single_lines(cls, value: Any) -> Any:
+        # Each string (or item of a list) becomes part of one line of the batch script: a newline there would start
+        # a line of its own, a shell command, and end sbatch's reading of the #SBATCH lines after it. Checked
+        # before the fields' own validators, so that is the message such a value gets.
+        for item in value if isinstance(value, list | tuple) else (value,):
+            if isinstance(item, str):
+                single_line(item)
+        return value
 
     @property
     def ranks_per_node(self) -> int:
@@ -248,8 +268,9 @@ class Grid(BaseModel):
 class SweepFile(Grid):
     """A sweep file (``crate sweep``): the grid, where its runs go, what they start from and how Slurm runs them."""
 
-    name: Annotated[str, Field(strict=False, coerce_numbers_to_str=True)]  # YAML reads a name like 2024 as a number
-    output_root: str  # each run in <output_root>/<its name>
+    # YAML reads a name like 2024 as a number; the name is the default Slurm job name
+    name: Annotated[str, Field(strict=False, coerce_numbers_to_str=True), AfterValidator(single_line)]
+    output_root: Annotated[str, AfterValidator(single_line)]  # each run in <output_root>/<its name>
     command: Literal["pretrain", "finetune"] = "pretrain"
     config: str | None = None  # relative to the sweep file
     overrides: Annotated[Overrides, _empty_if_none] = {}  # every run

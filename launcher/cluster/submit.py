@@ -8,6 +8,15 @@ The batch script is ``slurm/train.sbatch`` with its ``{{fields}}`` filled in, sa
 A sweep is a job array, one resolved config per index: several CONFIG files, and/or ``--sweep KEY=V1,V2`` (repeatable;
 the cartesian product), each combination in ``<output_dir>/<key>=<value>-...``. ``--sweep`` is a grid of value axes
 expanded by the sweep files' expander (``launcher.cluster.spec.expand``), its points named by their overrides.
+
+What goes into the script cannot add lines to it or break one: the job options refuse control characters
+(``launcher.cluster.spec``), and so do the run directories here. The shell lines take every value through
+``shlex.quote``. An ``#SBATCH`` line is read by sbatch, not the shell: sbatch splits it at whitespace, reads an
+unquoted ``#`` as the start of a comment and takes quotes and backslashes as quoting; so every value crate puts there
+(job name, partition, account, time, array, the log path) is written as is when it is one plain word and in double
+quotes otherwise (``sbatch_value``): a log directory with spaces or a ``#`` works. A ``%`` in the log directory is
+written ``%%`` (sbatch's filename patterns); a backslash there is refused, as it would turn those patterns off. The
+``--sbatch`` items are sbatch's own text and go in as given.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from launcher.cluster.spec import Grid, JobSpec, expand, grid_key, override_name
+from launcher.cluster.spec import Grid, JobSpec, expand, grid_key, override_name, single_line
 from launcher.config.run import RunConfig, load_run_config, save_run_config
 from launcher.config.validation import validate
 from launcher.errors import ClusterError, ConfigError
@@ -29,6 +38,22 @@ from launcher.errors import ClusterError, ConfigError
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "slurm" / "train.sbatch"
 FIELD = re.compile(r"\{\{(\w+)\}\}")
+PLAIN_SBATCH_WORD = re.compile(r"""^[^\s"'\\#]+$""")  # what sbatch reads back unchanged, unquoted
+
+
+def sbatch_value(value: str) -> str:
+    """A value for an ``#SBATCH --key=VALUE`` line, as sbatch will read it back: as is when it is one plain word,
+    else in double quotes with its backslashes and double quotes escaped."""
+    if PLAIN_SBATCH_WORD.match(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _log_pattern(log_dir: Path, log_name: str) -> str:
+    """``#SBATCH --output``'s value: ``log_name`` (sbatch's ``%`` patterns) in ``log_dir`` (taken literally)."""
+    if "\\" in str(log_dir):  # sbatch expands no filename pattern in a path with a backslash: all in one log
+        raise ConfigError(f"output_dir: the Slurm log directory must not contain a backslash (got {str(log_dir)!r})")
+    return sbatch_value(f"{str(log_dir).replace('%', '%%')}/{log_name}")
 
 
 def sweep_grid(sweeps: list[str]) -> Grid:
@@ -65,20 +90,28 @@ def resolve_runs(configs: list[str], overrides: list[str], sweeps: list[str], jo
 def render(
     job: JobSpec, config_files: list[Path], log_dir: Path, python: str = sys.executable, workdir: Path = REPO
 ) -> str:
+    """The batch script: ``slurm/train.sbatch`` with its fields filled in for ``job`` and the runs' resolved
+    configs; the Slurm logs go to ``log_dir``. A run directory with a control character is a ConfigError."""
+    for path in (*config_files, log_dir):
+        try:
+            single_line(str(path))
+        except ConfigError as error:
+            raise ConfigError(f"output_dir: {error}") from None
     optional = [
-        f"#SBATCH --{name}={value}"
+        f"#SBATCH --{name}={sbatch_value(value)}"
         for name, value in (("partition", job.partition), ("account", job.account), ("time", job.time))
         if value
     ]
     if len(config_files) > 1 or job.array:
-        optional.append(f"#SBATCH --array=0-{len(config_files) - 1}{job.array or ''}")
+        indices = f"0-{len(config_files) - 1}{job.array or ''}"
+        optional.append(f"#SBATCH --array={sbatch_value(indices)}")
     optional += [f"#SBATCH {item}" for item in job.extra_sbatch]
     cpus = job.cpus_per_task or max(
         job.ranks_per_node, (os.cpu_count() or 1) if not job.gpus_per_node else 4 * job.gpus_per_node
     )
     log_name = "%x-%A_%a.out" if len(config_files) > 1 or job.array else "%x-%j.out"
     fields = {
-        "job_name": job.job_name or f"crate-{config_files[0].parent.name}",
+        "job_name": sbatch_value(job.job_name or f"crate-{config_files[0].parent.name}"),
         "nodes": str(job.nodes),
         "gpu_line": f"#SBATCH --gpus-per-node={job.gpus_per_node}"
         if job.gpus_per_node
@@ -86,7 +119,7 @@ def render(
         "cpus_per_task": str(cpus),
         "optional_lines": "\n".join(optional) if optional else "# (partition, account, time: the cluster's defaults)",
         "signal_seconds": str(job.signal_seconds),
-        "log_pattern": str(log_dir / log_name),
+        "log_pattern": _log_pattern(log_dir, log_name),
         "configs": " ".join(shlex.quote(str(path)) for path in config_files),
         "workdir": shlex.quote(str(workdir)),
         "env_lines": "\n".join(
@@ -95,7 +128,7 @@ def render(
         or "# (no extra environment)",
         "procs_per_node": str(job.ranks_per_node),
         "python": shlex.quote(python),
-        "command": job.command,
+        "command": shlex.quote(job.command),
     }
     template = TEMPLATE.read_text()
     missing = set(FIELD.findall(template)) - set(fields)

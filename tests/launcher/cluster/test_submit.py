@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from launcher.cluster.submit import JobSpec, render, resolve_runs, submit
 from launcher.errors import ConfigError
+from tests.crate_cli import REPO
 
 TINY = str(Path(__file__).resolve().parents[3] / "configs" / "lm" / "crate-tiny.yaml")
 
@@ -89,3 +92,89 @@ def test_cli_accepts_overrides_after_options(tmp_path):
     from launcher.cli import main
 
     assert main(["submit", TINY, "--nodes", "2", f"output_dir={tmp_path}", "--dry-run"]) == 0
+
+
+INJECTED = "gpu\nrm -rf ~"
+
+
+@pytest.mark.parametrize(
+    "flag, value, shown",
+    [
+        ("--partition", INJECTED, INJECTED),
+        ("--account", INJECTED, INJECTED),
+        ("--job-name", INJECTED, INJECTED),
+        ("--time", "1:00\n", "1:00\n"),  # Slurm's time pattern alone would let a trailing newline through
+        ("--array", "%2\nrm -rf ~", "%2\nrm -rf ~"),
+        ("--sbatch", "--qos=high\nrm -rf ~", "--qos=high\nrm -rf ~"),
+        ("--env", "A=1\nrm -rf ~", "A=1\nrm -rf ~"),
+        ("--sbatch", "--qos=high\r", "--qos=high\r"),
+    ],
+)
+def test_control_characters_in_job_options_are_refused_before_anything_is_written(
+    flag, value, shown, tmp_path, monkeypatch, capsys
+):
+    from launcher.cli import main
+    from launcher.cluster import submit as submit_module
+
+    calls = []
+    monkeypatch.setattr(submit_module.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(submit_module.subprocess, "run", lambda *args, **kwargs: calls.append(args))
+    output_dir = tmp_path / "run"
+    assert main(["submit", TINY, f"{flag}={value}", f"output_dir={output_dir}"]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr == f"crate submit: error: {flag}: must not contain control characters (got {shown!r})\n"
+    assert not calls and not output_dir.exists()
+
+
+def sbatch_directives(script: str) -> list[list[str]]:
+    """The ``#SBATCH`` lines before the first command, each as the arguments sbatch reads from it (split at
+    whitespace, double quotes and backslashes as quoting, an unquoted ``#`` starting a comment)."""
+    header = script.split("set -euo pipefail")[0]
+    return [
+        shlex.split(line.removeprefix("#SBATCH"), comments=True)
+        for line in header.splitlines()
+        if line.startswith("#SBATCH")
+    ]
+
+
+def test_a_log_directory_with_spaces_keeps_every_directive(tmp_path):
+    output_dir = tmp_path / "my runs#1 50%"  # (" #" would start a YAML comment in the override)
+    job = JobSpec(partition="gpu", time="01:00:00", job_name="a b", cpus_per_task=2, extra_sbatch=("--qos=high",))
+    script = submit([TINY], [f"output_dir={output_dir}"], job, dry_run=True)
+    assert sbatch_directives(script) == [
+        ["--job-name=a b"],
+        ["--nodes=1"],
+        ["--ntasks-per-node=1"],
+        ["--cpus-per-task=2"],
+        ["--partition=gpu"],
+        ["--time=01:00:00"],
+        ["--qos=high"],
+        ["--requeue"],
+        ["--signal=B:USR1@300"],
+        [f"--output={str(output_dir).replace('%', '%%')}/slurm/%x-%j.out"],
+        ["--open-mode=append"],
+    ]
+    assert f"RUN_CONFIGS=({shlex.quote(str(output_dir / 'config.yaml'))})" in script
+    syntax = subprocess.run(["bash", "-n"], input=script, capture_output=True, text=True)
+    assert syntax.returncode == 0, syntax.stderr
+
+
+def test_run_directories_that_would_break_the_script_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"^output_dir: must not contain control characters \(got '.*\\n.*'\)$"):
+        # in YAML's double quotes "\n" is a newline (a plain scalar would fold one into a space)
+        submit([TINY], [f'output_dir="{tmp_path}/a\\nb"'], JobSpec(), dry_run=True)
+    with pytest.raises(ConfigError, match=r"^output_dir: the Slurm log directory must not contain a backslash"):
+        submit([TINY], [f"output_dir={tmp_path}/a\\b"], JobSpec(), dry_run=True)
+
+
+def test_a_newline_in_a_flag_is_one_line_on_stderr_and_exit_2(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "launcher.cli", "submit", TINY, "--partition", INJECTED, "--dry-run"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert (
+        result.stderr == f"crate submit: error: --partition: must not contain control characters (got {INJECTED!r})\n"
+    )

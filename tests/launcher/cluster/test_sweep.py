@@ -117,6 +117,34 @@ def test_the_slurm_array_has_one_index_per_run(tmp_path):
         submit_sweep(load_sweep(sweep_file(tmp_path, axes={"seed": {"train.seed": [0]}}, slurm={"gpus": 1})))
 
 
+@pytest.mark.parametrize(
+    "raw, key, value",
+    [
+        ({"slurm": {"partition": "gpu\nrm -rf ~"}}, "slurm.partition", "gpu\nrm -rf ~"),
+        ({"slurm": {"account": "proj\r"}}, "slurm.account", "proj\r"),
+        ({"slurm": {"job_name": "a\nb"}}, "slurm.job_name", "a\nb"),
+        ({"slurm": {"array": "%2\nrm -rf ~"}}, "slurm.array", "%2\nrm -rf ~"),
+        ({"slurm": {"extra_sbatch": ["--qos=high", "--x=1\nrm -rf ~"]}}, "slurm.extra_sbatch", "--x=1\nrm -rf ~"),
+        ({"slurm": {"env": ["A=1\nrm -rf ~"]}}, "slurm.env", "A=1\nrm -rf ~"),
+        ({"name": "grid\nrm -rf ~"}, "name", "grid\nrm -rf ~"),
+    ],
+)
+def test_control_characters_in_the_slurm_section_are_refused_before_anything_is_written(
+    tmp_path, monkeypatch, capsys, raw, key, value
+):
+    from launcher.cli import main
+    from launcher.cluster import submit as submit_module
+
+    calls = []
+    monkeypatch.setattr(submit_module.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(submit_module.subprocess, "run", lambda *args, **kwargs: calls.append(args))
+    path = sweep_file(tmp_path, axes={"seed": {"train.seed": [0, 1]}}, **raw)
+    assert main(["sweep", str(path), "--slurm"]) == 2
+    stderr = capsys.readouterr().err
+    assert stderr == f"crate sweep: error: {path}: {key}: must not contain control characters (got {value!r})\n"
+    assert not calls and not (tmp_path / "runs").exists()
+
+
 SWEEPS = sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
 
 
