@@ -19,6 +19,23 @@ def _under_a_launcher() -> bool:
     return "WORLD_SIZE" in os.environ and "RANK" in os.environ
 
 
+def check_output_dir(config: RunConfig) -> None:
+    """``output_dir`` is a directory (or missing), and the directories the run replaces, ``hf/`` (and a LoRA run's
+    ``adapter/``), are missing, empty or earlier exports; one-line ``ConfigError`` naming the path otherwise."""
+    from launcher.train.export import adapter_dir_for, export_target_problem
+
+    root = Path(config.output_dir)
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"output_dir: {root} is a file")
+    hf = root / "hf"
+    replaced = [hf] if config.train.export_on_save else []
+    if replaced and config.lora is not None and config.lora.save_adapter:
+        replaced.append(adapter_dir_for(hf))
+    for directory in replaced:
+        if (problem := export_target_problem(directory)) is not None:
+            raise ConfigError(f"output_dir: {problem}; move it away or choose another output_dir")
+
+
 def preflight(config: RunConfig, world_size: int) -> None:
     """Every check that can fail before a process group exists: batch sizes, tokenizer, data (built-in corpora are
     prepared here, once), model."""
@@ -70,6 +87,7 @@ def pretrain(config_path: str, overrides: list[str], nproc_per_node: int = 1, co
         raise ConfigError(
             f"{config_path}: model.init_from: required by crate finetune (the HF checkpoint to start from)"
         )
+    check_output_dir(config)
     if _under_a_launcher():
         from launcher.train.loop import train
 

@@ -185,6 +185,14 @@ class RunConfig(_Section):
     def _tokenizer_name(cls, value):
         return check_tokenizer_name(value)
 
+    @field_validator("output_dir")
+    @classmethod
+    def _names_a_directory(cls, value):
+        # An unset shell variable (output_dir=$RUN) gives '': the run would write into the working directory
+        if not value.strip():
+            raise ValueError("must name a directory")
+        return value
+
     @property
     def is_image(self) -> bool:
         """An image classification run."""

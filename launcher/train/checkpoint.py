@@ -11,7 +11,22 @@ A save writes everything into ``.tmp-global_stepN/``; when every rank is done, r
 SHA-256 in ``manifest.json``, renames the directory to ``global_stepN`` and only then replaces ``latest``. A crash at
 any point leaves the previous checkpoint and ``latest`` intact. On resume, candidates are tried newest first; one whose
 manifest is missing or whose files are missing, truncated or corrupt is skipped with a warning, and the previous one
-is used. The newest ``keep_last`` complete checkpoints are kept.
+is used.
+
+Pruning (after each save, rank 0) never deletes what it cannot vouch for:
+
+- it considers only the checkpoints at or before the one just saved that pass a cheap check (a readable manifest,
+  every file it lists present at its recorded size; the SHA-256s are not re-read, which would cost a full read of
+  every checkpoint each save); it keeps the newest ``keep_last`` of them, the one just saved always among them (its
+  manifest was computed from the files just written), and deletes the older ones;
+- a checkpoint that fails the cheap check (no manifest: damaged, or not written by this manager) is neither counted
+  nor deleted;
+- a checkpoint newer than the one just saved is never touched: a resumed run saves below the newest step only when
+  the newer ones were skipped as unusable, and they stay for inspection.
+
+So the newest intact checkpoint is never removed. A save of a step whose directory already exists (a resumed run
+reaching a step it had saved before) replaces the old copy only if that copy verifies intact (full check); otherwise
+the old copy is moved aside to ``damaged-global_stepN`` (``-2``, ``-3``... if taken), which nothing reads or deletes.
 """
 
 from __future__ import annotations
@@ -37,6 +52,27 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _check(directory: Path, checksums: bool) -> str | None:
+    """``None`` if the checkpoint in ``directory`` matches its manifest (sizes, and with ``checksums`` SHA-256s),
+    else the reason it does not."""
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        return "no manifest (the save did not finish)"
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError:
+        return "unreadable manifest"
+    for name, expected in manifest.get("files", {}).items():
+        path = directory / name
+        if not path.is_file():
+            return f"missing file {name}"
+        if path.stat().st_size != expected["bytes"]:
+            return f"truncated file {name} ({path.stat().st_size} of {expected['bytes']} bytes)"
+        if checksums and _sha256(path) != expected["sha256"]:
+            return f"corrupt file {name} (checksum mismatch)"
+    return None
 
 
 def tag_for(step: int) -> str:
@@ -77,17 +113,35 @@ class CheckpointManager:
                 if p.is_file()
             }
             atomic_write(staged / MANIFEST, json.dumps({"step": step, "files": files, **(metadata or {})}, indent=1))
-            if final.exists():  # re-saving a step (e.g. after a resume): replace the old copy
-                shutil.rmtree(final)
+            if final.exists():  # re-saving a step (e.g. after a resume)
+                self._clear_previous_copy(step)
             os.replace(staged, final)
             atomic_write(self.root / "latest", tag)
-            self._prune()
+            self._prune(step)
         self.barrier()
         return final
 
-    def _prune(self) -> None:
-        complete = self.complete_steps()
-        for step in complete[: -self.keep_last]:
+    def _clear_previous_copy(self, step: int) -> None:
+        """Make way for a new copy of ``step``: an intact old copy is deleted, any other is moved aside."""
+        old = self.root / tag_for(step)
+        problem = self.verify(step)
+        if problem is None:
+            shutil.rmtree(old)
+            return
+        aside, n = self.root / f"damaged-{old.name}", 1
+        while aside.exists():
+            n += 1
+            aside = self.root / f"damaged-{old.name}-{n}"
+        os.replace(old, aside)
+        warnings.warn(
+            f"checkpoint {old} was unusable ({problem}); moved to {aside} before saving the step again", stacklevel=3
+        )
+
+    def _prune(self, saved: int) -> None:
+        """Delete the intact-looking checkpoints at or before ``saved`` beyond the newest ``keep_last`` of them (see
+        the module's docstring)."""
+        counted = [step for step in self.complete_steps() if step <= saved and self.verify_cheaply(step) is None]
+        for step in counted[: -self.keep_last]:
             shutil.rmtree(self.root / tag_for(step), ignore_errors=True)
 
     # ------------------------------------------------------------------------------------------ finding
@@ -99,25 +153,14 @@ class CheckpointManager:
         steps = [int(m.group(1)) for p in self.root.iterdir() if p.is_dir() and (m := TAG_PATTERN.match(p.name))]
         return sorted(steps)
 
+    def verify_cheaply(self, step: int) -> str | None:
+        """``None`` if the checkpoint of ``step`` has a readable manifest and every file it lists, at its recorded
+        size (checksums not read), else the reason it has not."""
+        return _check(self.root / tag_for(step), checksums=False)
+
     def verify(self, step: int) -> str | None:
         """``None`` if the checkpoint of ``step`` is complete and intact, else the reason it is not."""
-        directory = self.root / tag_for(step)
-        manifest_path = directory / MANIFEST
-        if not manifest_path.is_file():
-            return "no manifest (the save did not finish)"
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except ValueError:
-            return "unreadable manifest"
-        for name, expected in manifest.get("files", {}).items():
-            path = directory / name
-            if not path.is_file():
-                return f"missing file {name}"
-            if path.stat().st_size != expected["bytes"]:
-                return f"truncated file {name} ({path.stat().st_size} of {expected['bytes']} bytes)"
-            if _sha256(path) != expected["sha256"]:
-                return f"corrupt file {name} (checksum mismatch)"
-        return None
+        return _check(self.root / tag_for(step), checksums=True)
 
     def newest_valid(self) -> tuple[int, Path] | None:
         """The newest intact checkpoint, warning about each newer one that is skipped."""

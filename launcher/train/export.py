@@ -5,15 +5,69 @@ run's export is merged; its adapter folder (PEFT's) goes to ``<output_dir>/adapt
 
 ZeRO-3 partitions the parameters over ranks: every rank enters the gather, rank 0 writes. The directory is written
 beside the old one and swapped in, so a crash mid-export never leaves a half-written ``hf/``.
+
+An export replaces only what is an export: every one holds a small ``crate_export.json``, and a directory is written
+only if it is missing, empty or an earlier export (see [`export_target_problem`]); anything else is refused with a
+one-line error naming it, so no export deletes files it did not write.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from data_pipeline.files import write_directory
+from launcher.errors import InputError
+
+EXPORT_MARKER = "crate_export.json"
+# What an HF save_pretrained (model, tokenizer, image processor, PEFT adapter) writes: exports from before the marker
+# are recognised by holding nothing else.
+_HF_SAVE_SUFFIXES = frozenset({".json", ".safetensors", ".py", ".txt", ".model", ".jinja", ".md"})
+
+
+def is_export(directory: str | os.PathLike) -> bool:
+    """Whether ``directory`` holds an export written here: it has ``crate_export.json``, or (an export written before
+    the marker) it is flat, has ``config.json`` or ``adapter_config.json`` and a ``.safetensors`` file, and holds only
+    the kinds of file an HF save writes."""
+    directory = Path(directory)
+    if (directory / EXPORT_MARKER).is_file():
+        return True
+    entries = list(directory.iterdir())
+    names = {entry.name for entry in entries}
+    return (
+        bool(names & {"config.json", "adapter_config.json"})
+        and any(entry.suffix == ".safetensors" for entry in entries)
+        and all(entry.is_file() and entry.suffix in _HF_SAVE_SUFFIXES for entry in entries)
+    )
+
+
+def export_target_problem(directory: str | os.PathLike) -> str | None:
+    """``None`` if an export may be written to ``directory``: it is missing, empty, or an earlier export (which the
+    new one replaces); else why not, naming it."""
+    directory = Path(directory)
+    if not directory.exists():
+        return None
+    if not directory.is_dir():
+        return f"{directory} is a file"
+    if next(directory.iterdir(), None) is None or is_export(directory):
+        return None
+    return f"{directory} is not empty and not a crate export"
+
+
+def _write_export(directory: Path, kind: str, save: Callable[[Path], None]) -> None:
+    """``save(staging)`` writes the export, then the marker goes beside it and the whole replaces ``directory``."""
+    problem = export_target_problem(directory)
+    if problem is not None:  # checked before the run or the export started; this catches what appeared since
+        raise InputError(f"export: {problem}; choose another directory")
+
+    def write(staging: Path) -> None:
+        save(staging)
+        (staging / EXPORT_MARKER).write_text(json.dumps({"written_by": "crate", "kind": kind}) + "\n")
+
+    write_directory(directory, write)
 
 
 def adapter_dir_for(out_dir: str | os.PathLike) -> Path:
@@ -61,14 +115,16 @@ def export_hf(
         if hasattr(model, "peft_config"):
             adapted = _detached_peft_copy(model)
             if save_adapter:
-                write_directory(
+                _write_export(
                     adapter_dir_for(out),
+                    "adapter",
                     lambda staging: (adapted.save_pretrained(staging), processor.save_pretrained(staging)),
                 )
             model = adapted.merge_and_unload()
             model.tie_weights()
-        write_directory(
+        _write_export(
             out,
+            "model",
             lambda staging: (
                 model.save_pretrained(staging, safe_serialization=True),
                 processor.save_pretrained(staging),
@@ -123,6 +179,12 @@ def export_checkpoint(
         raise CheckpointError(f"--step {step}: checkpoint {checkpoints.root / tag_for(step)} is unusable ({problem})")
     manifest = checkpoints.manifest(step)
     config = parse_run_config(manifest["config"], source=str(checkpoints.root / tag_for(step) / "manifest.json"))
+    target = Path(out) if out is not None else run_dir / ("hf" if step == steps[-1] else f"hf-step{step}")
+    targets = [target, adapter_dir_for(target)] if config.lora is not None and config.lora.save_adapter else [target]
+    for directory in targets:  # before the (slow) model is built
+        if (problem := export_target_problem(directory)) is not None:
+            where = "--out" if out is not None else str(run_dir)
+            raise InputError(f"{where}: {problem}; choose another directory")
     if config.is_image:
         processor = image_processor_for(config.data, first_image_size(config.data))
     else:
@@ -146,7 +208,5 @@ def export_checkpoint(
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
     unwrap_peft(model).tie_weights()
-    if out is None:
-        out = run_dir / ("hf" if step == steps[-1] else f"hf-step{step}")
-    export_hf(model, processor, out, is_main=True, save_adapter=config.lora is not None and config.lora.save_adapter)
-    return Path(out)
+    export_hf(model, processor, target, is_main=True, save_adapter=config.lora is not None and config.lora.save_adapter)
+    return target

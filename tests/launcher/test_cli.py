@@ -87,3 +87,26 @@ def test_only_the_projects_own_errors_become_one_line(monkeypatch, capsys):
         monkeypatch.setattr(cli, "_cmd_models", fails_with(bug))
         with pytest.raises(type(bug)):
             cli.main(["models"])
+
+
+def test_an_empty_output_dir_and_an_export_onto_a_foreign_directory_are_one_line_errors(tmp_path):
+    result = crate("pretrain", "configs/lm/crate-tiny.yaml", "output_dir=")  # output_dir=$UNSET
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "crate pretrain: error: configs/lm/crate-tiny.yaml: output_dir: must name a directory (got '')"
+    ]
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    from launcher.config.run import load_run_config
+    from launcher.train.checkpoint import CheckpointManager
+
+    config = load_run_config("configs/lm/crate-tiny.yaml", [f"output_dir={tmp_path / 'run'}"])
+    CheckpointManager(config.output_dir, keep_last=1).save(
+        5, lambda root, tag: (root / tag).mkdir(parents=True), {"config": config.to_dict()}
+    )
+    result = crate("export", config.output_dir, "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"crate export: error: --out: {tmp_path / 'out'} is not empty and not a crate export; choose another directory"
+    ]
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"

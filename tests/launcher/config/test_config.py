@@ -48,6 +48,8 @@ def test_defaults_and_overrides():
         (["data.seq_len=0"], "run.yaml: data.seq_len: must be >= 1, got 0"),
         (["data.sources=[]"], "run.yaml: data.sources: must be a non-empty list"),
         (["precision=fp16"], "run.yaml: precision: Input should be 'auto', 'fp32' or 'bf16' (got 'fp16')"),
+        (["output_dir="], "run.yaml: output_dir: must name a directory (got '')"),  # output_dir=$UNSET
+        (["output_dir=' \t'"], "run.yaml: output_dir: must name a directory (got ' \\t')"),
     ],
 )
 def test_bad_values_are_one_line_errors_naming_the_key(overrides, message):
@@ -59,6 +61,8 @@ def test_bad_values_are_one_line_errors_naming_the_key(overrides, message):
 def test_missing_sections_and_bad_override_syntax():
     with pytest.raises(ConfigError, match="run.yaml: train: required"):
         parse_run_config({k: v for k, v in BASE.items() if k != "train"}, "run.yaml")
+    with pytest.raises(ConfigError, match="run.yaml: output_dir: required"):
+        parse_run_config({k: v for k, v in BASE.items() if k != "output_dir"}, "run.yaml")
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         apply_overrides({}, ["train.max_steps"])
     with pytest.raises(ConfigError, match="train.max_steps is not a section"):

@@ -60,3 +60,50 @@ def test_a_crash_mid_save_leaves_the_previous_checkpoint_and_latest(tmp_path):
     assert manager.complete_steps() == [10] and manager.newest_valid()[0] == 10
     manager.save(20, writer(b"c" * 1000))  # the next save clears the stale staging directory
     assert manager.newest_valid()[0] == 20
+
+
+def test_pruning_counts_only_intact_checkpoints_and_keeps_the_one_just_saved(tmp_path):
+    # keep_last=1, the newest checkpoint damaged, a resumed run (from the older one) saves a step before it: the
+    # fresh checkpoint stays, the damaged newer one is neither counted nor deleted, the older intact one goes.
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    manager.save(10, writer(b"a" * 1000))
+    manager.save(30, writer(b"c" * 1000))
+    (tmp_path / "checkpoints" / "global_step30" / "model.pt").write_bytes(b"short")
+    manager.keep_last = 2
+    manager.save(10, writer(b"a" * 1000))  # the resume would start from here; bring back an older checkpoint
+    manager.keep_last = 1
+    with pytest.warns(UserWarning, match="truncated file model.pt"):
+        assert manager.newest_valid()[0] == 10
+    manager.save(20, writer(b"b" * 1000))
+    assert manager.complete_steps() == [20, 30]
+    assert manager.verify(20) is None and manager.verify(30) is not None
+    assert (tmp_path / "checkpoints" / "latest").read_text() == "global_step20"
+
+
+def test_pruning_never_deletes_a_checkpoint_without_a_manifest(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=1)
+    manager.save(10, writer(b"a" * 1000))
+    os.remove(tmp_path / "checkpoints" / "global_step10" / "manifest.json")  # damaged, or not ours
+    manager.save(20, writer(b"b" * 1000))
+    manager.save(30, writer(b"c" * 1000))
+    assert manager.complete_steps() == [10, 30]
+    assert (tmp_path / "checkpoints" / "global_step10" / "model.pt").read_bytes() == b"a" * 1000
+
+
+def test_a_corrupt_newer_checkpoint_is_moved_aside_when_its_step_is_saved_again(tmp_path):
+    manager = CheckpointManager(tmp_path, keep_last=2)
+    manager.save(10, writer(b"a" * 1000))
+    manager.save(20, writer(b"b" * 1000))
+    (tmp_path / "checkpoints" / "global_step20" / "model.pt").write_bytes(b"\x00" * 1000)  # corrupt, same size
+    with pytest.warns(UserWarning, match="corrupt file model.pt.*moved to .*damaged-global_step20"):
+        manager.save(20, writer(b"B" * 1000))
+    assert manager.verify(20) is None and manager.complete_steps() == [10, 20]
+    assert (tmp_path / "checkpoints" / "damaged-global_step20" / "model.pt").read_bytes() == b"\x00" * 1000
+    (tmp_path / "checkpoints" / "global_step20" / "model.pt").write_bytes(b"x")
+    with pytest.warns(UserWarning, match="damaged-global_step20-2"):
+        manager.save(20, writer(b"C" * 1000))
+    manager.save(20, writer(b"D" * 1000))  # an intact old copy is replaced without a trace, as before
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.startswith("damaged")) == [
+        "damaged-global_step20",
+        "damaged-global_step20-2",
+    ]
