@@ -25,15 +25,31 @@ def read_evaluation_texts(data: str) -> list[str]:
     path = Path(data)
     if path.is_file():
         if path.suffix == ".jsonl":
-            import json
-
-            return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            return _jsonl_texts(path)
         return [path.read_text(encoding="utf-8")]
     from data_pipeline.builtin import BUILTIN_SOURCES, iter_documents
 
     if data not in BUILTIN_SOURCES:
         raise InputError(f"--data: {data!r} is neither a file nor a built-in corpus ({list(BUILTIN_SOURCES)})")
     return [document["text"] for document in iter_documents(data, "validation")]
+
+
+def _jsonl_texts(path: Path) -> list[str]:
+    """The ``text`` field of every record; a bad record is a one-line error naming the file and its line."""
+    import json
+
+    texts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as error:
+            raise InputError(f"{path}:{number}: not valid JSON ({error})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise InputError(f"{path}:{number}: a record needs a string 'text' field")
+        texts.append(record["text"])
+    return texts
 
 
 @torch.no_grad()

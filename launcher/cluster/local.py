@@ -82,6 +82,8 @@ def _free_port() -> int:
 
 def pretrain(config_path: str, overrides: list[str], nproc_per_node: int = 1, command: str = "pretrain") -> int:
     """``crate pretrain`` / ``crate finetune`` (the same loop; fine-tuning starts from ``model.init_from``)."""
+    if nproc_per_node < 1:
+        raise ConfigError(f"--nproc-per-node: must be >= 1 (got {nproc_per_node})")
     config = load_run_config(config_path, overrides)
     if command == "finetune" and not config.model.init_from:
         raise ConfigError(

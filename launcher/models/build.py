@@ -156,6 +156,11 @@ def build_model_config(
         raise ConfigError(
             f"data.seq_len: {seq_len} exceeds the model's max_position_embeddings ({config.max_position_embeddings})"
         )
+    if config.vocab_size < vocab_size:  # the tokenizer's ids would index past the embedding table
+        raise ConfigError(
+            f"model.vocab_size: {config.vocab_size} is smaller than the tokenizer's {vocab_size} tokens; "
+            "leave it out to take the tokenizer's size"
+        )
     return config
 
 

@@ -178,6 +178,10 @@ def export_checkpoint(
     elif (problem := checkpoints.verify(step)) is not None:
         raise CheckpointError(f"--step {step}: checkpoint {checkpoints.root / tag_for(step)} is unusable ({problem})")
     manifest = checkpoints.manifest(step)
+    if not isinstance(manifest.get("config"), dict):
+        raise CheckpointError(
+            f"{checkpoints.root / tag_for(step) / 'manifest.json'}: no run config recorded (not written by crate)"
+        )
     config = parse_run_config(manifest["config"], source=str(checkpoints.root / tag_for(step) / "manifest.json"))
     target = Path(out) if out is not None else run_dir / ("hf" if step == steps[-1] else f"hf-step{step}")
     targets = [target, adapter_dir_for(target)] if config.lora is not None and config.lora.save_adapter else [target]

@@ -31,6 +31,7 @@ def test_models_lists_presets_with_published_counts():
     [
         (("pretrain", "configs/lm/crate-tiny.yaml", "model.preset=no-such-preset"), "no-such-preset"),
         (("pretrain", "configs/lm/crate-tiny.yaml", "data.seq_len=4096"), "data.seq_len"),
+        (("pretrain", "configs/lm/crate-tiny.yaml", "--nproc-per-node", "0"), "--nproc-per-node: must be >= 1 (got 0)"),
     ],
 )
 def test_bad_arguments_give_a_one_line_error(args, field, tmp_path):

@@ -156,3 +156,18 @@ def test_classifier_accuracy_and_macro_f1_on_a_labelled_file(tmp_path):
     assert result["examples"] == 6 and result["labels"] == ["neg", "pos"]
     assert result["accuracy"] == pytest.approx(np.trace(confusion) / 6)
     assert result["macro_f1"] == pytest.approx(macro_f1(confusion))
+
+
+def test_a_bad_jsonl_record_names_the_file_and_its_line(tmp_path):
+    from launcher.analysis.evaluate import read_evaluation_texts
+    from launcher.errors import InputError
+
+    path = tmp_path / "held-out.jsonl"
+    path.write_text('{"text": "one"}\n\n{"text": "two"}\n{"text": oops}\n')
+    with pytest.raises(InputError, match=rf"^{path}:4: not valid JSON"):
+        read_evaluation_texts(str(path))
+    path.write_text('{"text": "one"}\n{"body": "two"}\n')
+    with pytest.raises(InputError, match=rf"^{path}:2: a record needs a string 'text' field$"):
+        read_evaluation_texts(str(path))
+    path.write_text('{"text": "one"}\n{"text": "two"}\n')
+    assert read_evaluation_texts(str(path)) == ["one", "two"]

@@ -41,6 +41,7 @@ def test_config_path_is_read(tmp_path):
         (ModelSection(hidden_size=30, num_attention_heads=4), 64, "model: CrateConfig.hidden_size=30 is invalid"),
         (ModelSection(preset="crate-tiny"), 512, "data.seq_len: 512 exceeds the model's max_position_embeddings (256)"),
         (ModelSection(config_path="/nowhere/config.json"), 64, "model: "),
+        (ModelSection(vocab_size=500), 64, "model.vocab_size: 500 is smaller than the tokenizer's 1000 tokens"),
     ],
 )
 def test_bad_model_sections_are_one_line_errors(section, seq_len, message):

@@ -8,7 +8,7 @@ import pytest
 
 from launcher.cluster.local import check_output_dir, pretrain
 from launcher.config.run import parse_run_config
-from launcher.errors import ConfigError, InputError
+from launcher.errors import CheckpointError, ConfigError, InputError
 from launcher.train.checkpoint import CheckpointManager
 from launcher.train.export import (
     EXPORT_MARKER,
@@ -129,3 +129,10 @@ def test_pretrain_stops_before_any_work_on_an_unusable_output_dir(tmp_path):
     with pytest.raises(ConfigError, match="is not empty and not a crate export"):
         pretrain(str(config), [])
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["hf"]  # no config.yaml written either
+
+
+def test_crate_export_of_a_checkpoint_without_a_run_config_is_one_line(tmp_path):
+    run = tmp_path / "run"
+    CheckpointManager(run, keep_last=1).save(5, lambda root, tag: (root / tag).mkdir(parents=True), {})
+    with pytest.raises(CheckpointError, match=r"manifest.json: no run config recorded \(not written by crate\)$"):
+        export_checkpoint(run)
