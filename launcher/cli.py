@@ -470,6 +470,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # before the loop took over Ctrl-C (it saves and stops cleanly)
+        print(f"crate {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (CrateError, DataError) as error:
         # The project's own errors are the user's to fix: one line. Anything else is a bug and keeps its traceback.
         print(f"crate {args.command}: error: {error}", file=sys.stderr)

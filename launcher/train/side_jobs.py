@@ -191,13 +191,15 @@ class WhiteboxProbe(SideJob):
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 set a flag; the loop stops at a step all ranks agree on (the handler does nothing else)."""
+    """SIGTERM / SIGUSR1 / SIGINT (Ctrl-C) set a flag; the loop stops at a step all ranks agree on, saves and exits
+    0 (the handler does nothing else). Ctrl-C reaches every process of the terminal's group, ranks and DataLoader
+    workers (forked after this, so they inherit the handler) alike, so none of them dies of a KeyboardInterrupt."""
 
     def __init__(self):
         import signal
 
         self.raised = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:

@@ -84,6 +84,9 @@ def test_only_the_projects_own_errors_become_one_line(monkeypatch, capsys):
         monkeypatch.setattr(cli, "_cmd_models", fails_with(error))
         assert cli.main(["models"]) == 2
         assert capsys.readouterr().err == f"crate models: error: {error}\n"
+    monkeypatch.setattr(cli, "_cmd_models", fails_with(KeyboardInterrupt()))  # Ctrl-C before a loop took it over
+    assert cli.main(["models"]) == 130
+    assert capsys.readouterr().err == "crate models: interrupted\n"
     for bug in (KeyError("text"), ValueError("a bug"), RuntimeError("NCCL error"), FileNotFoundError("x")):
         monkeypatch.setattr(cli, "_cmd_models", fails_with(bug))
         with pytest.raises(type(bug)):

@@ -173,7 +173,8 @@ def test_kill_9_of_a_rank_then_relaunch_equals_the_uninterrupted_run(stage, tmp_
     assert train_losses(crashed)[-20:] == train_losses(straight)[-20:]  # the data neither repeats nor skips
 
 
-def test_sigterm_saves_exits_zero_and_resumes(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
+def test_sigterm_saves_exits_zero_and_resumes(sig, tmp_path):
     command = [
         sys.executable,
         "-m",
@@ -193,9 +194,10 @@ def test_sigterm_saves_exits_zero_and_resumes(tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and '"loss"' in metrics.read_text()):
         time.sleep(1)
-    os.killpg(process.pid, signal.SIGTERM)  # as Slurm does: the whole process group
+    os.killpg(process.pid, sig)  # as Slurm and a terminal's Ctrl-C do: the whole process group
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output[-4000:]
+    assert "Traceback" not in output and "KeyboardInterrupt" not in output, output[-4000:]
     saved = sorted((tmp_path / "checkpoints").glob("global_step*"))
     assert len(saved) == 1
     stopped_at = int(saved[0].name.removeprefix("global_step"))
