@@ -31,6 +31,7 @@ the old copy is moved aside to ``damaged-global_stepN`` (``-2``, ``-3``... if ta
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -41,6 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from data_pipeline.files import atomic_write
+from launcher.errors import CheckpointError
 
 TAG_PATTERN = re.compile(r"^global_step(\d+)$")
 MANIFEST = "manifest.json"
@@ -75,6 +77,30 @@ def _check(directory: Path, checksums: bool) -> str | None:
     return None
 
 
+# torch.save on a full disk raises "[enforce fail at inline_container.cc:...] . unexpected pos ..." (no errno): such a
+# writer error counts as a full disk when the filesystem is then nearly full.
+_TORCH_WRITE_FAILURE = ("inline_container", "PytorchStreamWriter")
+_NEARLY_FULL_BYTES = 64 << 20
+
+
+def _disk_full(run: Callable[[], None], directory: Path) -> OSError | None:
+    """``run()``; the error if the disk under ``directory`` filled up (``ENOSPC``, or torch's writer failing on a
+    nearly full filesystem), else ``None``. Every other error propagates with its traceback."""
+    try:
+        run()
+    except OSError as error:
+        if error.errno != errno.ENOSPC:
+            raise
+        return error
+    except RuntimeError as error:
+        if not any(mark in str(error) for mark in _TORCH_WRITE_FAILURE):
+            raise
+        if shutil.disk_usage(directory).free >= _NEARLY_FULL_BYTES:
+            raise
+        return OSError(errno.ENOSPC, str(error))
+    return None
+
+
 def tag_for(step: int) -> str:
     return f"global_step{step}"
 
@@ -82,14 +108,24 @@ def tag_for(step: int) -> str:
 class CheckpointManager:
     """Saves and finds checkpoints; the caller supplies how to write and read the engine's state.
 
-    ``barrier`` synchronises the ranks (``torch.distributed.barrier`` in a run; a no-op for one process).
+    ``barrier`` synchronises the ranks (``torch.distributed.barrier`` in a run; a no-op for one process);
+    ``any_rank(flag)`` is true on every rank when ``flag`` is true on any (an all-reduce; the identity for one
+    process), so that a rank whose disk is full stops every rank, not only itself.
     """
 
-    def __init__(self, output_dir: str | Path, keep_last: int, rank: int = 0, barrier: Callable[[], None] = None):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        keep_last: int,
+        rank: int = 0,
+        barrier: Callable[[], None] = None,
+        any_rank: Callable[[bool], bool] | None = None,
+    ):
         self.root = Path(output_dir) / "checkpoints"
         self.keep_last = keep_last
         self.rank = rank
         self.barrier = barrier or (lambda: None)
+        self.any_rank = any_rank or (lambda flag: flag)
 
     # ------------------------------------------------------------------------------------------ saving
 
@@ -102,9 +138,8 @@ class CheckpointManager:
             self.root.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(self.root / staging, ignore_errors=True)  # a crashed earlier attempt
         self.barrier()
-        write(self.root, staging)
-        self.barrier()
-        final = self.root / tag
+        self._stop_if_disk_full(_disk_full(lambda: write(self.root, staging), self.root), step, staging)
+        final, full = self.root / tag, None
         if self.rank == 0:
             staged = self.root / staging
             files = {
@@ -112,7 +147,10 @@ class CheckpointManager:
                 for p in sorted(staged.rglob("*"))
                 if p.is_file()
             }
-            atomic_write(staged / MANIFEST, json.dumps({"step": step, "files": files, **(metadata or {})}, indent=1))
+            manifest = json.dumps({"step": step, "files": files, **(metadata or {})}, indent=1)
+            full = _disk_full(lambda: atomic_write(staged / MANIFEST, manifest), self.root)
+        self._stop_if_disk_full(full, step, staging)
+        if self.rank == 0:
             if final.exists():  # re-saving a step (e.g. after a resume)
                 self._clear_previous_copy(step)
             os.replace(staged, final)
@@ -120,6 +158,28 @@ class CheckpointManager:
             self._prune(step)
         self.barrier()
         return final
+
+    def _stop_if_disk_full(self, error: OSError | None, step: int, staging: str) -> None:
+        """Every rank calls this after a stage of the save. If a rank ran out of space, the staging directory is
+        removed (the previous checkpoint and ``latest`` are untouched) and every rank raises the same one line."""
+        if not self.any_rank(error is not None):
+            return
+        staged = self.root / staging
+        if self.rank == 0:
+            shutil.rmtree(staged, ignore_errors=True)
+        free = shutil.disk_usage(self.root).free
+        previous = [s for s in self.complete_steps() if s != step]
+        needed = ""
+        if previous:
+            try:
+                files = self.manifest(previous[-1]).get("files", {})
+                needed = f"; the previous checkpoint takes {sum(f['bytes'] for f in files.values()) / 2**30:.2f} GiB"
+            except (OSError, ValueError):
+                pass
+        raise CheckpointError(
+            f"{self.root}: no space left on device while saving step {step} ({free / 2**30:.2f} GiB free{needed}); "
+            "the partial save was removed and the previous checkpoint is intact"
+        )
 
     def _clear_previous_copy(self, step: int) -> None:
         """Make way for a new copy of ``step``: an intact old copy is deleted, any other is moved aside."""

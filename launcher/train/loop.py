@@ -40,7 +40,7 @@ from launcher.train.side_jobs import (
     TrainMetrics,
     WhiteboxProbe,
 )
-from launcher.train.step import memory_knobs_on_oom, set_learning_rate, train_step
+from launcher.train.step import any_rank, memory_knobs_on_oom, set_learning_rate, train_step
 from launcher.train.tasks import build_task
 
 
@@ -100,7 +100,9 @@ def train(config: RunConfig) -> int:
     inject_faults = FaultInjector(rank)
 
     # -- resume from the newest valid checkpoint ----------------------------------------------------------------------
-    checkpoints = CheckpointManager(output_dir, train_cfg.keep_last, rank, barrier=dist.barrier)
+    checkpoints = CheckpointManager(
+        output_dir, train_cfg.keep_last, rank, barrier=dist.barrier, any_rank=lambda flag: any_rank(flag, device)
+    )
     found = [checkpoints.newest_valid() if rank == 0 else None]
     dist.broadcast_object_list(found, src=0)
     step, data_state = 0, None

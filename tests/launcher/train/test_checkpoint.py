@@ -107,3 +107,51 @@ def test_a_corrupt_newer_checkpoint_is_moved_aside_when_its_step_is_saved_again(
         "damaged-global_step20",
         "damaged-global_step20-2",
     ]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs (needs root, as CI and the developers' machines have; skipped with the reason otherwise)."""
+    import subprocess
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.parametrize("writes", ["bytes", "torch.save"])
+def test_a_full_disk_is_one_line_and_removes_the_partial_save(small_disk, writes):
+    import torch
+
+    from launcher.errors import CheckpointError
+
+    manager = CheckpointManager(small_disk, keep_last=3)
+    manager.save(1, writer(b"x" * 100_000))
+
+    def too_big(root, tag):
+        (root / tag).mkdir(parents=True)
+        if writes == "bytes":
+            (root / tag / "model.pt").write_bytes(b"y" * 2_000_000)
+        else:  # torch's writer reports "[enforce fail at inline_container.cc] . unexpected pos", without an errno
+            torch.save({"weights": torch.zeros(500_000)}, root / tag / "model.pt")
+
+    with pytest.raises(CheckpointError) as error:
+        manager.save(2, too_big)
+    message = str(error.value)
+    assert message.startswith(f"{small_disk / 'checkpoints'}: no space left on device while saving step 2 (")
+    assert "the previous checkpoint takes 0.00 GiB" in message and "\n" not in message
+    assert sorted(p.name for p in (small_disk / "checkpoints").iterdir()) == ["global_step1", "latest"]
+    assert manager.newest_valid() == (1, small_disk / "checkpoints" / "global_step1")
+
+
+def test_other_write_errors_keep_their_traceback(tmp_path):
+    def broken(root, tag):
+        raise RuntimeError("a bug in the writer")
+
+    with pytest.raises(RuntimeError, match="a bug in the writer"):
+        CheckpointManager(tmp_path, keep_last=1).save(1, broken)
