@@ -118,7 +118,7 @@ def _cmd_pretrain(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from launcher.train.export import adapter_dir_for, export_checkpoint
 
-    out = export_checkpoint(args.run_dir, args.step, args.out)
+    out = export_checkpoint(args.run_dir, args.step, args.out, trust_pickles=args.trust_pickled_checkpoint)
     adapter = adapter_dir_for(out)
     print(f"exported {out}" + (f" (merged; LoRA adapter: {adapter})" if adapter.is_dir() else ""))
     return 0
@@ -395,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("run_dir", help="a pretraining run's output_dir")
     export.add_argument("--step", type=int, help="checkpoint step (default: the newest valid one)")
     export.add_argument("--out", help="directory to write (default: RUN_DIR/hf, or RUN_DIR/hf-stepN for --step)")
+    export.add_argument(
+        "--trust-pickled-checkpoint",
+        action="store_true",
+        help="read checkpoint files whose pickles hold more than tensors and plain values (they can run code)",
+    )
     export.set_defaults(func=_cmd_export)
 
     generate = commands.add_parser(

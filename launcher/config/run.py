@@ -118,6 +118,8 @@ class TrainSection(_Section):
     max_nonfinite_in_a_row: int = Field(default=5, ge=1)
     dataloader_workers: int = Field(default=0, ge=0)
     wall_clock_minutes: float | None = Field(default=None, gt=0)  # stop cleanly (save) before this budget ends
+    # Resume from checkpoint files whose pickles hold more than tensors and plain values (launcher.train.safe_loading)
+    trust_pickled_checkpoints: bool = False
 
 
 class OptimizerSection(_Section):

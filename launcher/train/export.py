@@ -132,24 +132,28 @@ def export_hf(
         )
 
 
-def consolidated_state_dict(checkpoint_dir: Path, zero_stage: int) -> dict:
+def consolidated_state_dict(checkpoint_dir: Path, zero_stage: int, trust_pickles: bool = False) -> dict:
     """Full fp32 weights from one DeepSpeed checkpoint directory: ZeRO 1-3 partitions of the fp32 master weights are
-    merged (DeepSpeed's own ``zero_to_fp32``); without ZeRO the module's weights are stored whole."""
+    merged (DeepSpeed's own ``zero_to_fp32``); without ZeRO the module's weights are stored whole. The files are
+    read with the restricted unpickler unless ``trust_pickles`` (``launcher.train.safe_loading``)."""
     import torch
 
-    if zero_stage == 0:
-        return torch.load(checkpoint_dir / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)[
-            "module"
-        ]
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from launcher.train.safe_loading import check_checkpoint_pickles, restricted_unpickling
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
+    check_checkpoint_pickles(checkpoint_dir, trust_pickles)
+    with restricted_unpickling(trust_pickles):
+        if zero_stage == 0:
+            return torch.load(checkpoint_dir / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir.parent), tag=checkpoint_dir.name)
 
 
 def export_checkpoint(
     run_dir: str | os.PathLike,
     step: int | None = None,
     out: str | os.PathLike | None = None,
+    trust_pickles: bool = False,
 ) -> Path:
     """``crate export``: the HF model of a run's checkpoint (the newest valid one, or ``step``), written to ``out``
     (default ``<run_dir>/hf`` for the newest, ``<run_dir>/hf-step<N>`` for an older step). One process, no
@@ -203,7 +207,9 @@ def export_checkpoint(
     model = build_model(model_config, config.task)
     if config.lora is not None:  # the checkpoint holds the PEFT model: base weights and adapters
         model = apply_lora(model, config.lora, config.task, config.model.init_from)
-    state = consolidated_state_dict(checkpoints.root / tag_for(step), manifest.get("zero_stage", config.zero.stage))
+    state = consolidated_state_dict(
+        checkpoints.root / tag_for(step), manifest.get("zero_stage", config.zero.stage), trust_pickles
+    )
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = tuple(getattr(model, "_tied_weights_keys", None) or ())  # a PEFT wrapper's keys end with its model's
     if unexpected or [key for key in missing if not any(key == t or key.endswith("." + t) for t in tied)]:

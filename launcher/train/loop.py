@@ -11,11 +11,9 @@ of the throughput. Model code knows nothing of this.
 from __future__ import annotations
 
 import os
-import random
 import socket
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -30,6 +28,8 @@ from launcher.train.checkpoint import CheckpointManager, tag_for
 from launcher.train.engine import initialize_engine, learning_rate, resolve_precision
 from launcher.train.export import export_hf
 from launcher.train.faults import FaultInjector
+from launcher.train.rank_state import load_rank_state, rng_state, save_rank_state, set_rng_state
+from launcher.train.safe_loading import check_checkpoint_pickles, restricted_unpickling
 from launcher.train.side_jobs import (
     Checkpointing,
     Evaluation,
@@ -42,16 +42,6 @@ from launcher.train.side_jobs import (
 )
 from launcher.train.step import any_rank, memory_knobs_on_oom, set_learning_rate, train_step
 from launcher.train.tasks import build_task
-
-
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
 
 
 def _start_distributed() -> tuple[int, int, torch.device]:
@@ -107,11 +97,13 @@ def train(config: RunConfig) -> int:
     dist.broadcast_object_list(found, src=0)
     step, data_state = 0, None
     if found[0] is not None:
-        step = found[0][0]
-        engine.load_checkpoint(str(checkpoints.root), tag=tag_for(step))
-        own = torch.load(checkpoints.root / tag_for(step) / f"crate_rank{rank}.pt", weights_only=False)
+        step, directory, trusted = found[0][0], found[0][1], train_cfg.trust_pickled_checkpoints
+        check_checkpoint_pickles(directory, trusted)  # every rank: the same files, the same answer
+        with restricted_unpickling(trusted):
+            engine.load_checkpoint(str(checkpoints.root), tag=tag_for(step))
+        own = load_rank_state(directory, rank, trusted)
         data_state = own["data"]
-        _set_rng_state(own["rng"])
+        set_rng_state(own["rng"])
     loader = task.loader(state=data_state)
     batches = iter(loader)
 
@@ -159,7 +151,7 @@ def train(config: RunConfig) -> int:
     def save(at_step: int) -> None:
         def write(root, staging_tag):
             engine.save_checkpoint(str(root), tag=staging_tag, client_state={"step": at_step}, save_latest=False)
-            torch.save({"data": loader.state_dict(), "rng": _rng_state()}, root / staging_tag / f"crate_rank{rank}.pt")
+            save_rank_state(root / staging_tag, rank, {"data": loader.state_dict(), "rng": rng_state()})
 
         checkpoints.save(
             at_step,

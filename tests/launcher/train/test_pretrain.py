@@ -135,6 +135,43 @@ def test_zero_stages_train_export_and_reload_with_identical_logits(stage, tmp_pa
     )
     missing = crate("export", str(tmp_path), "--step", "7")
     assert missing.returncode == 2 and "--step 7: no checkpoint of that step" in missing.stderr
+    assert_crafted_pickles_never_run(tmp_path, 20)
+
+
+def craft_into_checkpoint(output_dir: Path, step: int, name: str, marker: Path) -> None:
+    """Issue 16's attack: ``name`` in the checkpoint replaced by a pickle that runs a command, the manifest's size
+    and hash rewritten to match (the manifest guards against damage, not against an attacker)."""
+    import hashlib
+    import json
+
+    from tests.launcher.train.test_safe_loading import craft
+
+    directory = output_dir / "checkpoints" / f"global_step{step}"
+    craft(directory / name, marker)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    data = (directory / name).read_bytes()
+    manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+
+
+def assert_crafted_pickles_never_run(output_dir: Path, step: int) -> None:
+    """The crafted pickle in each ``.pt`` file of the checkpoint in turn: ``crate export`` (in-process: the same
+    readers as a resume) refuses it by name and the command never runs."""
+    from launcher.errors import CheckpointError
+    from launcher.train.export import export_checkpoint
+
+    directory = output_dir / "checkpoints" / f"global_step{step}"
+    originals = {path.name: path.read_bytes() for path in directory.iterdir()}
+    pickled = sorted(name for name in originals if name.endswith(".pt"))
+    assert pickled and not any(name.startswith("crate_rank") for name in pickled)  # ours: JSON and safetensors
+    marker = output_dir / "the-command-ran"
+    for name in pickled:
+        craft_into_checkpoint(output_dir, step, name, marker)
+        with pytest.raises(CheckpointError, match=f"{name}: refusing to unpickle it .*posix.system"):
+            export_checkpoint(output_dir, step, output_dir / f"attacked-{name}")
+        assert not marker.exists()
+        for original, data in originals.items():
+            (directory / original).write_bytes(data)
 
 
 def _ranks_of(parent: int) -> list[int]:
@@ -218,6 +255,17 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
 
     starts = [row for row in read_metrics(tmp_path, kind="train") if row.get("event") == "start"]
     assert starts[-1]["resumed"] and starts[-1]["step"] == 5
+
+    # A crafted pickle (its manifest entry rewritten to match) stops the resume on every rank, naming the file
+    marker = tmp_path / "the-command-ran"
+    from launcher.train.checkpoint import CheckpointManager
+
+    newest = CheckpointManager(tmp_path, keep_last=1).newest_valid()[0]
+    craft_into_checkpoint(tmp_path, newest, "mp_rank_00_model_states.pt", marker)
+    attacked = pretrain(tmp_path, "train.max_steps=14", "train.save_every=0")
+    assert attacked.returncode == 2 and not marker.exists(), attacked.stderr[-4000:]
+    assert "mp_rank_00_model_states.pt: refusing to unpickle it (it would call posix.system" in attacked.stderr
+    assert "Traceback" not in attacked.stderr
 
 
 def test_gpt2_baseline_trains_through_the_same_command(tmp_path):
