@@ -27,6 +27,7 @@ from pydantic import Field, ValidationInfo, field_validator
 from .errors import DataSpecError
 from .fetch import fetch_rotten_tomatoes
 from .spec import DataModel, SourceModel, require_mapping, source_list, validate_spec, with_default_split
+from .stream import bad_locations, count_bad, new_stats
 
 ROTTEN_TOMATOES_LABELS = ("rotten", "fresh")
 SPLITS = ("train", "validation", "test")
@@ -153,29 +154,40 @@ def parse_labelled_text(raw: Any, where: str = "data") -> LabelledTextSpec:
 @dataclass
 class LabelledExamples:
     """Examples read from a [`LabelledTextSpec`]: texts, label ids, the label names (ids index them) and the bad
-    records skipped (``{reason: count}`` and the first few ``file:line`` locations)."""
+    records skipped, in the streams' statistics form (``{"bad": {reason: count}, "bad_files": {source: {"counts",
+    "first"}}}``, ``data_pipeline.stream``) so that a run reports them like those of a stream."""
 
     texts: list[str]
     labels: list[int]
     label_names: tuple[str, ...]
-    bad: dict[str, int]
-    bad_locations: list[str]
+    bad_records: dict
+
+    @property
+    def bad(self) -> dict[str, int]:
+        """Bad records per reason."""
+        return self.bad_records["bad"]
+
+    @property
+    def bad_locations(self) -> list[str]:
+        """The first few bad records, ``"<source>: line <n>: <reason>"``."""
+        return bad_locations(self.bad_records)
 
 
 def _records(source: LabelledSourceSpec, spec: LabelledTextSpec):
-    """``(location, text, label)`` of every record of one source, unvalidated."""
+    """``(location, text, label)`` of every record of one source, unvalidated; the location is inside the source
+    (``line 3``, ``record 3``, ``example 3``)."""
     text_field = source.text_field or spec.text_field
     label_field = source.label_field or spec.label_field
     if source.builtin:
         for index, row in enumerate(rotten_tomatoes(source.split)):
-            yield f"{source.builtin}:{source.split}[{index}]", row["text"], row["label"]
+            yield f"{source.split} example {index}", row["text"], row["label"]
         return
     if source.hf:
         import datasets
 
         dataset = datasets.load_dataset(source.hf, source.config, split=source.split)
         for index, row in enumerate(dataset):
-            yield f"{source.name}[{index}]", row.get(text_field), row.get(label_field)
+            yield f"example {index}", row.get(text_field), row.get(label_field)
         return
     path = source.path
     if not os.path.isfile(path):
@@ -190,7 +202,7 @@ def _records(source: LabelledSourceSpec, spec: LabelledTextSpec):
                     f"{label_field!r} (got {reader.fieldnames})"
                 )
             for row in reader:
-                yield f"{path}:{reader.line_num}", row.get(text_field), row.get(label_field)
+                yield f"line {reader.line_num}", row.get(text_field), row.get(label_field)
         elif suffix == ".jsonl":
             for number, line in enumerate(handle, 1):
                 if not line.strip():
@@ -198,17 +210,17 @@ def _records(source: LabelledSourceSpec, spec: LabelledTextSpec):
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
-                    yield f"{path}:{number}", None, None
+                    yield f"line {number}", None, None
                     continue
                 row = row if isinstance(row, dict) else {}
-                yield f"{path}:{number}", row.get(text_field), row.get(label_field)
+                yield f"line {number}", row.get(text_field), row.get(label_field)
         else:
             rows = json.load(handle)
             if not isinstance(rows, list):
                 raise DataSpecError(f"{path}: a .json file must hold a list of records")
             for index, row in enumerate(rows):
                 row = row if isinstance(row, dict) else {}
-                yield f"{path}[{index}]", row.get(text_field), row.get(label_field)
+                yield f"record {index}", row.get(text_field), row.get(label_field)
 
 
 def read_labelled(spec: LabelledTextSpec, label_names: tuple[str, ...] | None = None) -> LabelledExamples:
@@ -217,39 +229,43 @@ def read_labelled(spec: LabelledTextSpec, label_names: tuple[str, ...] | None = 
     else the built-in's, else the sorted distinct names (or ``"0".."K-1"`` for integer labels). Records with an
     empty text or an unknown label are skipped and counted; more than ``max_bad_fraction`` of them is an error
     naming the first one."""
-    rows = [(location, text, label) for source in spec.sources for location, text, label in _records(source, spec)]
+    rows = [
+        (source.name, location, text, label)
+        for source in spec.sources
+        for location, text, label in _records(source, spec)
+    ]
     names = label_names or spec.labels
     if names is None and all(source.builtin for source in spec.sources):
         names = ROTTEN_TOMATOES_LABELS
     if names is None:
-        values = {label for _, _, label in rows if label is not None and str(label).strip()}
+        values = {label for *_, label in rows if label is not None and str(label).strip()}
         if values and all(_as_int(value) is not None for value in values):
             names = tuple(str(i) for i in range(max(_as_int(value) for value in values) + 1))
         else:
             names = tuple(sorted(str(value) for value in values))
-    texts, labels, bad, locations = [], [], {}, []
-    for location, text, label in rows:
+    texts, labels, stats = [], [], new_stats(())
+    for where, location, text, label in rows:
         label_id = _label_id(label, names)
         reason = (
             "empty_text" if not isinstance(text, str) or not text.strip() else "bad_label" if label_id is None else None
         )
         if reason:
-            bad[reason] = bad.get(reason, 0) + 1
-            if len(locations) < 5:
-                locations.append(f"{location} ({reason})")
+            count_bad(stats, reason, where, location)
             continue
         texts.append(text)
         labels.append(label_id)
+    examples = LabelledExamples(texts, labels, tuple(names), stats)
+    bad = examples.bad
     if not texts:
         raise DataSpecError(f"data: no usable examples in {[s.name for s in spec.sources]} ({bad or 'empty'})")
     if sum(bad.values()) > spec.max_bad_fraction * len(rows):
         raise DataSpecError(
             f"data: {sum(bad.values())} of {len(rows)} records are bad ({bad}), more than "
-            f"data.max_bad_fraction={spec.max_bad_fraction}; first: {locations[0]}"
+            f"data.max_bad_fraction={spec.max_bad_fraction}; first: {examples.bad_locations[0]}"
         )
     if len(names) < 2:
         raise DataSpecError(f"data.labels: the data has {len(names)} label(s) {list(names)}; need at least 2")
-    return LabelledExamples(texts, labels, tuple(names), bad, locations)
+    return examples
 
 
 def _as_int(value) -> int | None:

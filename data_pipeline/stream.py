@@ -39,7 +39,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import BadDataError, DataSpecError
 
-FIRST_BAD_LOCATIONS = 5
+FIRST_BAD_LOCATIONS = 5  # kept per file in the statistics
+SHOWN_BAD_LOCATIONS = 3  # of them, in a run's metrics and warnings
+SHOWN_BAD_SOURCES = 10  # files named in a run's metrics and warnings (the others summed in one entry)
 MIN_RECORDS_FOR_BAD_FRACTION = 200
 
 
@@ -130,6 +132,34 @@ def merge_stats(all_stats: list[dict], counters: tuple[str, ...] = ()) -> dict:
                 merged["counts"][reason] = merged["counts"].get(reason, 0) + count
             merged["first"] = (merged["first"] + entry["first"])[:FIRST_BAD_LOCATIONS]
     return total
+
+
+def bad_locations(stats: dict) -> list[str]:
+    """The first bad records of ``stats``, file after file, each ``"<file>: <location>: <reason>"``."""
+    return [f"{where}: {first}" for where, entry in stats["bad_files"].items() for first in entry["first"]]
+
+
+def bad_record_summary(stats: dict) -> dict | None:
+    """What a run reports of the bad records in ``stats`` (``None`` when there are none): ``total``, ``by_reason``,
+    ``by_source`` (per file, most first; beyond ``SHOWN_BAD_SOURCES`` files the rest are one ``"(N other files)"``
+    entry, so that a log row stays small) and the ``first`` few locations."""
+    total = sum(stats["bad"].values())
+    if not total:
+        return None
+    per_file = sorted(
+        ((where, sum(entry["counts"].values())) for where, entry in stats["bad_files"].items()), key=lambda x: -x[1]
+    )
+    by_source = dict(per_file[:SHOWN_BAD_SOURCES])
+    if len(per_file) > SHOWN_BAD_SOURCES:
+        by_source[f"({len(per_file) - SHOWN_BAD_SOURCES} other files)"] = sum(
+            n for _, n in per_file[SHOWN_BAD_SOURCES:]
+        )
+    return {
+        "total": total,
+        "by_reason": dict(stats["bad"]),
+        "by_source": by_source,
+        "first": bad_locations(stats)[:SHOWN_BAD_LOCATIONS],
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- one stream

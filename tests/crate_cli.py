@@ -9,8 +9,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_crate(command: str, config: Path, output_dir: Path, *overrides: str, nproc: int = 1) -> None:
-    """``crate COMMAND CONFIG output_dir=... OVERRIDES --nproc-per-node=N``; asserts it succeeds."""
+def run_crate(
+    command: str, config: Path, output_dir: Path, *overrides: str, nproc: int = 1
+) -> subprocess.CompletedProcess:
+    """``crate COMMAND CONFIG output_dir=... OVERRIDES --nproc-per-node=N``; asserts it succeeds and returns the
+    finished process (its console output in ``stdout`` / ``stderr``)."""
     args = [
         sys.executable,
         "-m",
@@ -23,3 +26,4 @@ def run_crate(command: str, config: Path, output_dir: Path, *overrides: str, npr
     ]
     result = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
+    return result

@@ -26,6 +26,7 @@ Row format of ``<output_dir>/metrics.jsonl`` (one JSON object per line, appended
     {"kind": "train", "step": 10, "time": 1760000000.123, "loss": 3.21, "lr": 0.0006, "tokens_per_s": ..., ...}
     {"kind": "eval", "step": 100, "time": ..., "loss": 3.05, "perplexity": 21.1}
     {"kind": "whitebox", "step": 100, "time": ..., "layer": 0, "rc": ..., "rc_per_head": [...], ...}
+    {"kind": "train", "step": 10, "time": ..., "event": "warning", "message": "3 bad records skipped so far: ..."}
 
 ``kind`` is always present, ``step`` is the optimizer step, ``time`` is Unix wall time in seconds. White-box
 measures are written one row per layer (a flat table: filter on ``kind == "whitebox"`` and group by ``layer``).
@@ -140,7 +141,8 @@ def _format_seconds(seconds: float) -> str:
 
 
 def _progress_fields(scalars: dict) -> dict[str, str]:
-    """loss, tokens/s, MFU and ETA of a row, formatted for the progress line (missing ones left out)."""
+    """loss, tokens/s, MFU, ETA and bad records of a row, formatted for the progress line (missing ones left
+    out)."""
     fields = {}
     if isinstance(scalars.get("loss"), (int, float, str)):
         loss = scalars["loss"]
@@ -153,6 +155,8 @@ def _progress_fields(scalars: dict) -> dict[str, str]:
         fields["mfu"] = f"{100 * scalars['mfu']:.1f}%"
     if isinstance(scalars.get("eta_s"), (int, float)):
         fields["eta"] = _format_seconds(scalars["eta_s"])
+    if isinstance(scalars.get("bad_records"), dict):  # the total; the warning at each increase names the sources
+        fields["bad"] = str(scalars["bad_records"]["total"])
     return fields
 
 
@@ -224,6 +228,15 @@ class MetricsLogger:
         row = self._write_row("train", step, scalars)
         self._add_scalars("train", step, row)
         self._show(step, row)
+
+    def warn(self, step: int, message: str) -> None:
+        """A warning: one line ``step N warning: <message>`` on stderr (whatever ``progress`` is: a warning is not
+        progress) and a training row ``{"event": "warning", "message": ...}``."""
+        if not self.is_main:
+            return
+        self._check_open()
+        self._write_row("train", step, {"event": "warning", "message": message})
+        self._print(f"step {step} warning: {message}", always=True)
 
     def log_eval(self, step: int, **scalars) -> None:
         """An evaluation row (``"kind": "eval"``), e.g. ``log_eval(step, loss=..., perplexity=...)``."""
@@ -325,8 +338,9 @@ class MetricsLogger:
                 writer.add_scalar(f"{prefix}/{key}", number, step)
         writer.flush()
 
-    def _print(self, line: str) -> None:
-        if self._progress is None:
+    def _print(self, line: str, always: bool = False) -> None:
+        """One line on stderr (above the bar when there is one); only with a progress display unless ``always``."""
+        if self._progress is None and not always:
             return
         if self._bar is not None:
             self._bar.write(line, file=sys.stderr)

@@ -146,7 +146,7 @@ def train(config: RunConfig) -> int:
         **facts,
     )
     if train_cfg.eval_every and task.validation is None:
-        logger.log(step, event="warning", message="no validation: the sources have no held-out split; set eval_data")
+        logger.warn(step, "no validation: the sources have no held-out split; set eval_data")
 
     def save(at_step: int) -> None:
         def write(root, staging_tag):
@@ -182,7 +182,14 @@ def train(config: RunConfig) -> int:
         guard,
         model_state,
         TrainMetrics(
-            logger, meter, guard, lambda s: learning_rate(s, config.optimizer, last), train_cfg.log_every, last, device
+            logger,
+            meter,
+            guard,
+            lambda s: learning_rate(s, config.optimizer, last),
+            train_cfg.log_every,
+            last,
+            device,
+            data_stats=loader.stats,
         ),
         Evaluation(logger, engine, task, train_cfg.eval_every, last, device),
         WhiteboxProbe(

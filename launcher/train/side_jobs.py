@@ -16,21 +16,16 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from data_pipeline.stream import bad_record_summary, merge_stats
 from launcher.errors import NonFiniteError
 from launcher.metrics.figures import save_attention_figure
 from launcher.metrics.logger import MetricsLogger
 from launcher.metrics.memory import memory_stats, model_state_bytes
 from launcher.metrics.throughput import ThroughputMeter
 from launcher.models.build import unwrap_peft
-from launcher.train.step import StepOutcome, any_rank
+from launcher.train.step import StepOutcome, any_rank, sum_across_ranks
 
 STOP_FILE = "STOP"  # <output_dir>/STOP asks a run to save and stop, like SIGUSR1 (works through any launcher)
-
-
-def mean_across_ranks(value: float, device) -> float:
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.item() / dist.get_world_size()
 
 
 def max_across_ranks(value: float, device) -> float:
@@ -81,10 +76,28 @@ class NonFiniteGuard(SideJob):
             )
 
 
+def bad_records_of_all_ranks(stats: dict) -> dict | None:
+    """[`bad_record_summary`] of every rank's ``stats`` summed (each rank reads other shards): one gather."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, {"bad": stats["bad"], "bad_files": stats["bad_files"]})
+    return bad_record_summary(merge_stats(gathered))
+
+
+def describe_bad_records(summary: dict, since: int) -> str:
+    """The warning of a run whose data skipped bad records: the count, the files and the first locations."""
+    sources = ", ".join(f"{where} ({count})" for where, count in summary["by_source"].items())
+    grown = f", {summary['total'] - since} since the last report" if since else ""
+    return (
+        f"{summary['total']} bad records skipped so far{grown} (within data.max_bad_fraction): {sources}; "
+        f"first: {'; '.join(summary['first'])}"
+    )
+
+
 @dataclass
 class TrainMetrics(SideJob):
     """The training row every ``log_every`` steps (and at the last): loss averaged over ranks, learning rate,
-    gradient norm, skipped steps, throughput and MFU, memory."""
+    gradient norm, skipped steps, throughput and MFU, memory, and the bad records the data skipped (summed over
+    ranks; ``data_stats``: this rank's data statistics, ``loader.stats()``) with a warning each time they grow."""
 
     logger: MetricsLogger
     meter: ThroughputMeter
@@ -93,19 +106,31 @@ class TrainMetrics(SideJob):
     log_every: int
     last_step: int
     device: torch.device
+    data_stats: Callable[[], dict]
+    bad_records: dict | None = None  # the summary last reported
 
     def maybe_run(self, step: int, outcome: StepOutcome) -> None:
         if not outcome.applied or not every(self.log_every, step, self.last_step):
             return
+        stats = self.data_stats()
+        # One all-reduce for the loss and the bad-record count; the records themselves are gathered only when the
+        # count grew (every rank's counts only grow, so an unchanged sum is an unchanged summary).
+        loss_sum, bad_total = sum_across_ranks([outcome.loss, sum(stats["bad"].values())], self.device)
+        reported = self.bad_records["total"] if self.bad_records else 0
+        if bad_total != reported:
+            self.bad_records = bad_records_of_all_ranks(stats)
         self.logger.log(
             step,
-            loss=mean_across_ranks(outcome.loss, self.device),
+            loss=loss_sum / dist.get_world_size(),
             lr=self.learning_rate(step - 1),
             grad_norm=outcome.grad_norm,
             skipped_steps=self.guard.total,
             **self.meter.stats(step),
             **memory_stats(self.device),
+            **({"bad_records": self.bad_records} if self.bad_records else {}),
         )
+        if bad_total != reported:
+            self.logger.warn(step, describe_bad_records(self.bad_records, since=reported))
 
 
 @dataclass

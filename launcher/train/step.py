@@ -70,6 +70,15 @@ def any_rank(flag: bool, device) -> bool:
     return bool(value.item())
 
 
+def sum_across_ranks(values: list[float], device) -> list[float]:
+    """The element-wise sums of ``values`` over the ranks (one all-reduce; the values themselves without a process
+    group)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
 def full_gradient_norm(model) -> float | None:
     """The 2-norm of the full gradients (ZeRO-0: every rank holds them, already all-reduced), before clipping."""
     grads = [p.grad for p in model.parameters() if p.grad is not None]

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from data_pipeline.errors import BadDataError
@@ -26,6 +25,7 @@ from data_pipeline.image_spec import ImageDataSpec, ImageSourceSpec
 from data_pipeline.image_stream import ImageLoader, ImageStream, build_image_plan, decode_image
 from data_pipeline.labelled import LabelledTextSpec, pad_batch
 from data_pipeline.spec import SourceSpec, TextDataSpec
+from data_pipeline.stream import new_stats
 from data_pipeline.text_stream import LogicalStream, TextLoader, Tokenize, build_plan
 from launcher.architectures.flops import image_tokens
 from launcher.architectures.registry import training_flops_per_token
@@ -34,14 +34,7 @@ from launcher.errors import ConfigError
 from launcher.metrics.classification import macro_f1
 from launcher.models.build import build_model_config, build_vision_config
 from launcher.models.tokenizers import load_tokenizer, prepare_tokenizer
-
-
-def _sum_across_ranks(values: list[float], device) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(tensor)
-    return tensor.tolist()
-
+from launcher.train.step import sum_across_ranks
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Language modelling
@@ -118,7 +111,7 @@ class LanguageModelingTask:
             engine(input_ids=b.to(device), labels=b.to(device), use_cache=False).loss.float().item()
             for b in self.validation
         ]
-        total, count = _sum_across_ranks([sum(losses), len(losses)], device)
+        total, count = sum_across_ranks([sum(losses), len(losses)], device)
         loss = total / count
         return {"loss": loss, "perplexity": float(np.exp(min(loss, 50)))}
 
@@ -286,7 +279,7 @@ class ImageClassificationTask:
             loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
             correct += (logits.argmax(-1) == labels).sum().item()
             count += len(labels)
-        loss_sum, correct, count = _sum_across_ranks([loss_sum, correct, count], device)
+        loss_sum, correct, count = sum_across_ranks([loss_sum, correct, count], device)
         return {"loss": loss_sum / count, "accuracy": correct / count, "images": int(count)}
 
 
@@ -308,7 +301,8 @@ def held_out_labelled(config: RunConfig) -> LabelledTextSpec | None:
 class ExampleLoader:
     """A rank's micro-batches of tokenized examples, epoch after epoch: each epoch is a permutation drawn from
     ``(seed, epoch)``, cut to a multiple of the world size and dealt to the ranks in turn, so every rank takes the
-    same number of steps. The cursor ``{"epoch", "position"}`` resumes exactly (``state=``)."""
+    same number of steps. The cursor ``{"epoch", "position"}`` resumes exactly (``state=``); ``stats()``: the bad
+    records this rank reports (``bad_records``, in the streams' statistics form), as a stream loader's."""
 
     def __init__(
         self,
@@ -320,8 +314,10 @@ class ExampleLoader:
         pad_token_id: int,
         seed: int,
         state: dict | None = None,
+        bad_records: dict | None = None,
     ):
         self.encoded, self.labels, self.rank, self.world = encoded, labels, rank, world
+        self.bad_records = bad_records or new_stats(())
         self.micro, self.pad, self.seed = micro_batch_size, pad_token_id, seed
         self.per_rank = len(encoded) // world
         if self.per_rank < micro_batch_size:
@@ -333,6 +329,11 @@ class ExampleLoader:
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position}
+
+    def stats(self) -> dict:
+        """The bad records skipped when the examples were read. Every rank reads them all, so only rank 0's loader
+        is given them: summed over the ranks (as the training metrics sum streams' statistics) they count once."""
+        return self.bad_records
 
     def _mine(self) -> np.ndarray:
         order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.encoded))
@@ -377,7 +378,7 @@ class SequenceClassificationTask:
         self.model_config = build_classifier_config(
             config.model, len(self.tokenizer), self.tokenizer, self.label_names, spec.max_length
         )
-        self.bad_records = train.bad
+        self.bad_records = train.bad_records
         self.encoded = self._encode(train.texts)
         self.labels = train.labels
         self.tokens_per_sample = spec.max_length
@@ -423,6 +424,7 @@ class SequenceClassificationTask:
             self.tokenizer.pad_token_id,
             self.config.data.seed,
             state=state,
+            bad_records=self.bad_records if self.rank == 0 else None,
         )
 
     def loss(self, engine, batch: dict, device, step: int, micro: int) -> torch.Tensor:
@@ -449,7 +451,7 @@ class SequenceClassificationTask:
             count += float(weight.sum())
             for truth, guess, w in zip(batch["labels"].tolist(), logits.argmax(-1).tolist(), weight.tolist()):
                 confusion[truth, guess] += w
-        totals = _sum_across_ranks([loss_sum, count, *confusion.ravel().tolist()], device)
+        totals = sum_across_ranks([loss_sum, count, *confusion.ravel().tolist()], device)
         loss_sum, count, confusion = totals[0], totals[1], np.asarray(totals[2:]).reshape(classes, classes)
         return {
             "loss": loss_sum / count,

@@ -41,6 +41,7 @@ from data_pipeline.labelled import (  # noqa: E402
     read_labelled,
 )
 from data_pipeline.spec import DataSpecError  # noqa: E402
+from data_pipeline.stream import bad_record_summary  # noqa: E402
 from launcher.config.run import parse_run_config  # noqa: E402
 from launcher.errors import ConfigError  # noqa: E402
 from launcher.metrics.classification import macro_f1  # noqa: E402
@@ -71,9 +72,15 @@ def test_bad_records_are_skipped_counted_and_located(tmp_path):
     spec = parse_labelled_text({"sources": [path], "labels": ["a", "b"], "max_bad_fraction": 0.2})
     examples = read_labelled(spec)
     assert len(examples.texts) == 20 and examples.bad == {"empty_text": 1, "bad_label": 2}
-    assert examples.bad_locations[0] == f"{path}:22 (empty_text)"
+    assert examples.bad_locations[0] == f"{path}: line 22: empty_text"
+    assert bad_record_summary(examples.bad_records) == {  # as a run reports them (stream statistics' form)
+        "total": 3,
+        "by_reason": {"empty_text": 1, "bad_label": 2},
+        "by_source": {str(path): 3},
+        "first": [f"{path}: line 22: empty_text", f"{path}: line 23: bad_label", f"{path}: line 24: bad_label"],
+    }
     strict = parse_labelled_text({"sources": [path], "labels": ["a", "b"], "max_bad_fraction": 0.01})
-    with pytest.raises(DataSpecError, match=r"3 of 23 records are bad .* first: .*bad.csv:22 \(empty_text\)"):
+    with pytest.raises(DataSpecError, match=r"3 of 23 records are bad .* first: .*bad.csv: line 22: empty_text"):
         read_labelled(strict)
 
 

@@ -16,6 +16,7 @@ import torch.multiprocessing as mp
 
 from data_pipeline.sources import discover_shards
 from data_pipeline.spec import DataSpecError, parse_text_data
+from data_pipeline.stream import bad_record_summary, count_bad, merge_stats, new_stats
 from data_pipeline.text_stream import BadDataError, LogicalStream, TextLoader, Tokenize, build_plan, pack_shard
 
 
@@ -280,6 +281,17 @@ def test_bad_records_are_skipped_and_counted_exactly(tokenizer, tmp_path):
     assert stats["documents"] == 300 - len(bad_lines)
     first = stats["bad_files"][str(path)]["first"]
     assert first == [f"line {n}: {reasons[n]}" for n in sorted(reasons)][:5]
+    summary = bad_record_summary(merge_stats([stats, new_stats(())]))  # what a run reports (summed over ranks)
+    assert summary["total"] == len(bad_lines) and summary["by_source"] == {str(path): len(bad_lines)}
+    assert summary["first"] == [f"{path}: {location}" for location in first[:3]]
+    assert bad_record_summary(new_stats(())) is None  # no field at all when nothing was skipped
+    many = new_stats(())
+    for file in range(12):
+        for line in range(file + 1):
+            count_bad(many, "invalid_json", f"{file}.jsonl", f"line {line + 1}")
+    by_source = bad_record_summary(many)["by_source"]  # the 10 worst files, the others in one entry
+    assert list(by_source) == [f"{file}.jsonl" for file in range(11, 1, -1)] + ["(2 other files)"]
+    assert by_source["(2 other files)"] == 1 + 2 and sum(by_source.values()) == 78
 
 
 def test_bad_counts_stay_exact_across_a_resume(tokenizer, tmp_path):

@@ -174,6 +174,23 @@ def test_progress_line(tmp_path, capsys, progress):
     assert "10/100" in err
 
 
+def test_bad_records_in_the_progress_line_and_warnings_on_the_console_without_progress(tmp_path, capsys):
+    bad = {"total": 2, "by_reason": {"invalid_json": 2}, "by_source": {"a.jsonl": 2}, "first": ["a.jsonl: line 3"]}
+    with MetricsLogger(tmp_path, True, 100, tensorboard=False, progress="lines") as logger:
+        logger.log(10, loss=1.0, bad_records=bad)
+    assert "step 10/100 | loss 1.0000 | bad 2" in capsys.readouterr().err
+    with MetricsLogger(tmp_path, True, 100, tensorboard=False, progress=False) as logger:
+        logger.warn(10, "2 bad records skipped so far")
+    assert capsys.readouterr().err == "step 10 warning: 2 bad records skipped so far\n"
+    rows = read_metrics(tmp_path)
+    assert rows[0]["bad_records"] == bad and {k: v for k, v in rows[1].items() if k != "time"} == {
+        "kind": "train",
+        "step": 10,
+        "event": "warning",
+        "message": "2 bad records skipped so far",
+    }
+
+
 def test_throughput_meter_arithmetic():
     meter = ThroughputMeter(
         tokens_per_step=4096, flops_per_token=1e6, peak_flops=1e10, world_size=4, total_steps=100, window=3

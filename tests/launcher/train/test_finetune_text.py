@@ -3,6 +3,7 @@ Rotten Tomatoes task by 2 processes with real DeepSpeed; the export used through
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -53,9 +54,15 @@ def test_crate_lm_finetuned_on_rotten_tomatoes_beats_the_majority_class(pretrain
     assert all(output["label"] in ("rotten", "fresh") and 0.5 <= output["score"] <= 1 for output in outputs)
 
 
-def test_gpt2_classifier_through_the_same_path(tmp_path):
+def test_gpt2_classifier_through_the_same_path_reports_bad_rows_and_no_validation(tmp_path):
+    """The GPT-2 baseline on 2 ranks, on the built-in reviews plus a file with 2 bad rows: both ranks read all the
+    examples, so the bad rows are counted once; a local source has no held-out split, so the run warns."""
+    extra = tmp_path / "more-reviews.jsonl"
+    rows = [json.dumps({"text": f"review {i}", "label": "fresh" if i % 2 else "rotten"}) for i in range(20)]
+    rows[2], rows[6] = "not json", json.dumps({"text": "so-so", "label": "meh"})
+    extra.write_text("\n".join(rows) + "\n")
     out = tmp_path / "gpt2"
-    crate(
+    result = crate(
         "pretrain",
         ROTTEN,
         out,
@@ -66,12 +73,27 @@ def test_gpt2_classifier_through_the_same_path(tmp_path):
         "model.num_attention_heads=4",
         "model.max_position_embeddings=64",
         "tokenizer=gpt2",
+        f"data.sources=[rotten-tomatoes, {extra}]",
+        "data.labels=[rotten, fresh]",
         "train.max_steps=10",
         "train.eval_every=10",
         "train.save_every=10",
+        nproc=2,
     )
-    result = read_metrics(out, kind="eval")[-1]
-    assert 0 <= result["accuracy"] <= 1 and result["examples"] > 1000
+    assert read_metrics(out, kind="eval") == []
+    assert "step 0 warning: no validation: the sources have no held-out split; set eval_data" in result.stderr
+    first = [f"{extra}: line 3: empty_text", f"{extra}: line 7: bad_label"]
+    row = [row for row in read_metrics(out, kind="train") if "loss" in row][-1]
+    assert row["bad_records"] == {
+        "total": 2,
+        "by_reason": {"empty_text": 1, "bad_label": 1},
+        "by_source": {str(extra): 2},
+        "first": first,
+    }
+    assert f"step 10 warning: 2 bad records skipped so far (within data.max_bad_fraction): {extra} (2); " in (
+        result.stderr
+    )
+    assert "; ".join(first) in result.stderr and "| bad 2" in result.stderr
     from transformers import AutoModelForSequenceClassification
 
     model = AutoModelForSequenceClassification.from_pretrained(out / "hf")

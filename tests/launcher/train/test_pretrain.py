@@ -338,7 +338,24 @@ def test_too_many_nonfinite_steps_in_a_row_stop_with_the_step_named(tmp_path):
     assert all(torch.equal(before[k], last[k]) for k in before)
 
 
-def test_eval_data_gives_validation_loss_for_local_files(tmp_path):
+def _spoil_the_first_line_of_each_shard(path: Path, min_shards: int) -> list[int]:
+    """Overwrite the first line of each of the file's shards with a bad record of the same length (so the shards stay
+    where they are): the first without a text field, the others not JSON. Returns their line numbers."""
+    from data_pipeline.sources import discover_shards
+    from data_pipeline.spec import parse_text_data
+
+    shards = discover_shards(parse_text_data({"sources": [{"path": str(path)}], "min_shards": min_shards}), 0)
+    lines = path.read_bytes().splitlines(keepends=True)
+    starts = [sum(len(line) for line in lines[:n]) for n in range(len(lines))]
+    numbers = [next(n for n, start in enumerate(starts) if start >= shard.start) for shard in shards]
+    for k, n in enumerate(numbers):
+        width = len(lines[n]) - 1
+        lines[n] = (b'{"title": ""}'.ljust(width) if k == 0 else b"x" * width) + b"\n"
+    path.write_bytes(b"".join(lines))
+    return [n + 1 for n in numbers]
+
+
+def test_eval_data_gives_validation_loss_and_bad_records_are_reported_from_every_rank(tmp_path):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     import json
@@ -348,6 +365,8 @@ def test_eval_data_gives_validation_loss_for_local_files(tmp_path):
     texts = [d["text"] for d, _ in zip(iter_documents("shakespeare"), range(40))]
     for name, part in (("train.jsonl", texts[:-4]), ("held_out.jsonl", texts[-4:])):
         (corpus / name).write_text("".join(json.dumps({"text": t}) + "\n" for t in part))
+    train = corpus / "train.jsonl"
+    spoiled = _spoil_the_first_line_of_each_shard(train, min_shards=2)  # one shard, one bad record per rank
     result = pretrain(
         tmp_path / "run",
         "train.max_steps=4",
@@ -356,7 +375,8 @@ def test_eval_data_gives_validation_loss_for_local_files(tmp_path):
         "train.save_every=0",
         "data.min_shards=2",
         "data.streams_per_rank=1",
-        f"data.sources=[{{path: {corpus / 'train.jsonl'}}}]",
+        "data.max_bad_fraction=0.1",
+        f"data.sources=[{{path: {train}}}]",
         f"eval_data={{sources: [{{path: {corpus / 'held_out.jsonl'}}}]}}",
     )
     assert result.returncode == 0, result.stderr[-4000:]
@@ -364,6 +384,18 @@ def test_eval_data_gives_validation_loss_for_local_files(tmp_path):
 
     evals = read_metrics(tmp_path / "run", kind="eval")
     assert [row["step"] for row in evals] == [2, 4] and all(math.isfinite(row["loss"]) for row in evals)
+    # Each rank skipped the bad record of its own shard: the run reports both, from rank 0.
+    first = [f"{train}: line {spoiled[0]}: missing_text_field", f"{train}: line {spoiled[1]}: invalid_json"]
+    row = [row for row in read_metrics(tmp_path / "run", kind="train") if "loss" in row][-1]
+    assert row["bad_records"] == {
+        "total": 2,
+        "by_reason": {"missing_text_field": 1, "invalid_json": 1},
+        "by_source": {str(train): 2},
+        "first": first,
+    }
+    warning = f"step 4 warning: 2 bad records skipped so far (within data.max_bad_fraction): {train} (2); first: "
+    assert warning + "; ".join(first) in result.stderr and "| bad 2" in result.stderr
+    assert "no validation" not in result.stderr
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -185,16 +186,21 @@ def test_linear_probe_transfers_to_a_new_label_set(pretrained, coarse_folders, t
     }
 
 
-def test_full_finetune_at_a_new_resolution_with_zero3(pretrained, coarse_folders, tmp_path):
+def test_full_finetune_at_a_new_resolution_with_zero3_reports_corrupt_images(pretrained, coarse_folders, tmp_path):
+    train = tmp_path / "train"  # a copy with every 20th image file corrupt
+    shutil.copytree(coarse_folders / "train", train)
+    for path in sorted(train.glob("*/*.png"))[::20]:
+        path.write_bytes(b"not an image")
     out = tmp_path / "full"
-    crate(
+    result = crate(
         "finetune",
         PROBE,
         out,
         f"model.init_from={pretrained / 'hf'}",
         "model.linear_probe=false",
         "data.image_size=35",
-        f"data.sources=[{coarse_folders / 'train'}]",
+        "data.max_bad_fraction=0.2",
+        f"data.sources=[{train}]",
         f"eval_data.sources=[{coarse_folders / 'test'}]",
         "train.max_steps=10",
         "train.eval_every=10",
@@ -205,9 +211,18 @@ def test_full_finetune_at_a_new_resolution_with_zero3(pretrained, coarse_folders
         nproc=2,
     )
     assert start_row(out)["trainable_params"] is None and np.isfinite(last_eval(out)["loss"])
+    # The ranks decoded some of the corrupt files (320 images read, 1 in 20 corrupt): the run counts and names them.
+    bad = [row for row in read_metrics(out, kind="train") if "loss" in row][-1]["bad_records"]
+    assert bad["total"] >= 2 and bad["by_reason"] == {"undecodable_image": bad["total"]}
+    assert set(bad["by_source"]) <= {str(train / name) for name in ("bottoms-and-dresses", "footwear-and-bags", "tops")}
+    assert len(bad["first"]) == 3 and all(first.endswith(".png: undecodable_image") for first in bad["first"])
+    assert f"step 10 warning: {bad['total']} bad records skipped so far" in result.stderr
+    assert bad["first"][0] in result.stderr and f"| bad {bad['total']}" in result.stderr
     weights = load_file(out / "hf" / "model.safetensors")
     assert weights["model.embeddings.position_embeddings"].shape == (1, 1 + 25, 96)
     from transformers import AutoImageProcessor, AutoModelForImageClassification
+
+    import crate_lm  # noqa: F401  (registers the CRATE classes when this test runs alone)
 
     model = AutoModelForImageClassification.from_pretrained(out / "hf")
     assert model.config.image_size == 35 and model.config.num_labels == 3
