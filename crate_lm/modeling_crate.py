@@ -509,6 +509,22 @@ class CratePreTrainedModel(PreTrainedModel):
     _no_split_modules = ["CrateLayer"]
     _supports_sdpa = True
     _keys_to_ignore_on_load_unexpected = []
+    # Every head of the family, by its Auto class: the modeling file save_pretrained copies holds them all.
+    _auto_heads = {
+        "AutoModel": "CrateModel",
+        "AutoModelForCausalLM": "CrateForCausalLM",
+        "AutoModelForSequenceClassification": "CrateForSequenceClassification",
+    }
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """HF's ``save_pretrained``, with ``auto_map`` naming every head of the family (HF's names only the class
+        saved), so that ``AutoModel`` and each ``AutoModelFor*`` of the family load the checkpoint in a plain
+        transformers install with ``trust_remote_code=True``."""
+        if self._auto_class is not None:  # the modeling code is copied beside the weights
+            module = type(self).__module__.rsplit(".", 1)[-1]
+            heads = {auto: f"{module}.{name}" for auto, name in self._auto_heads.items()}
+            self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **heads}
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
     def _supports_default_dynamic_cache(cls) -> bool:

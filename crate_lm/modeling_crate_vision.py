@@ -125,6 +125,7 @@ class CrateVisionPreTrainedModel(CratePreTrainedModel):
     config: CrateVisionConfig
     main_input_name = "pixel_values"
     input_modalities = ("image",)
+    _auto_heads = {"AutoModel": "CrateVisionModel", "AutoModelForImageClassification": "CrateForImageClassification"}
 
     def _init_weights(self, module):
         """The LM's init for the layers (N(0, 0.02), depth-scaled residual outputs, Kaiming-uniform dictionaries);

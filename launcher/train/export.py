@@ -99,10 +99,17 @@ def _detached_peft_copy(model):
 
 
 def export_hf(
-    model, processor, out_dir: str | os.PathLike, is_main: bool, zero_stage: int = 0, save_adapter: bool = False
+    model,
+    processor,
+    out_dir: str | os.PathLike,
+    is_main: bool,
+    zero_stage: int = 0,
+    save_adapter: bool = False,
+    card: Callable[[object], str] | None = None,
 ) -> None:
-    """Write ``model`` and its preprocessor as an HF checkpoint. A PEFT (LoRA) model is written merged into its base
-    weights; with ``save_adapter`` its adapter folder (PEFT's ``save_pretrained``) goes to ``adapter_dir_for``."""
+    """Write ``model`` and its preprocessor as an HF checkpoint, with ``card(hf_model)`` as its ``README.md``. A PEFT
+    (LoRA) model is written merged into its base weights; with ``save_adapter`` its adapter folder (PEFT's
+    ``save_pretrained``) goes to ``adapter_dir_for``."""
     out = Path(out_dir)
     gather = contextlib.nullcontext()
     if zero_stage == 3:
@@ -122,14 +129,14 @@ def export_hf(
                 )
             model = adapted.merge_and_unload()
             model.tie_weights()
-        _write_export(
-            out,
-            "model",
-            lambda staging: (
-                model.save_pretrained(staging, safe_serialization=True),
-                processor.save_pretrained(staging),
-            ),
-        )
+
+        def save(staging: Path) -> None:
+            model.save_pretrained(staging, safe_serialization=True)
+            processor.save_pretrained(staging)
+            if card is not None:
+                (staging / "README.md").write_text(card(model))
+
+        _write_export(out, "model", save)
 
 
 def consolidated_state_dict(checkpoint_dir: Path, zero_stage: int, trust_pickles: bool = False) -> dict:
@@ -165,6 +172,7 @@ def export_checkpoint(
     from launcher.models.build import apply_lora, build_model, build_model_config, unwrap_peft
     from launcher.models.tokenizers import load_tokenizer
     from launcher.train.checkpoint import CheckpointManager, tag_for
+    from launcher.train.model_card import model_card
     from launcher.train.tasks import first_image_size, image_processor_for
 
     run_dir = Path(run_dir)
@@ -218,5 +226,12 @@ def export_checkpoint(
             f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})"
         )
     unwrap_peft(model).tie_weights()
-    export_hf(model, processor, target, is_main=True, save_adapter=config.lora is not None and config.lora.save_adapter)
+    export_hf(
+        model,
+        processor,
+        target,
+        is_main=True,
+        save_adapter=config.lora is not None and config.lora.save_adapter,
+        card=lambda hf_model: model_card(config, hf_model, step, run_dir),
+    )
     return target

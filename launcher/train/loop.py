@@ -28,6 +28,7 @@ from launcher.train.checkpoint import CheckpointManager, tag_for
 from launcher.train.engine import initialize_engine, learning_rate, resolve_precision
 from launcher.train.export import export_hf
 from launcher.train.faults import FaultInjector
+from launcher.train.model_card import model_card
 from launcher.train.rank_state import load_rank_state, rng_state, save_rank_state, set_rng_state
 from launcher.train.safe_loading import check_checkpoint_pickles, restricted_unpickling
 from launcher.train.side_jobs import (
@@ -171,6 +172,7 @@ def train(config: RunConfig) -> int:
                 is_main=rank == 0,
                 zero_stage=config.zero.stage,
                 save_adapter=config.lora is not None and config.lora.save_adapter,
+                card=lambda hf_model: model_card(config, hf_model, at_step, output_dir),
             )
 
     # -- side jobs, in the order every rank runs them -----------------------------------------------------------------

@@ -67,7 +67,7 @@ def _refusal(path: Path, error: Exception) -> CheckpointError:
 
 
 def check_checkpoint_pickles(directory: Path, trust_pickles: bool = False) -> None:
-    """Read the pickle of every ``.pt`` file under ``directory`` with the restricted unpickler; one-line
+    """Read the pickle of every DeepSpeed ``.pt`` file under ``directory`` with the restricted unpickler; one-line
     :class:`CheckpointError` naming the first file it refuses. Nothing is checked with ``trust_pickles``."""
     if trust_pickles:
         return
@@ -75,6 +75,8 @@ def check_checkpoint_pickles(directory: Path, trust_pickles: bool = False) -> No
 
     with torch.serialization.safe_globals(allowed_types()):
         for path in sorted(Path(directory).rglob("*.pt")):
+            if path.name.startswith("crate_rank"):  # a legacy rank state: read only when trusted (rank_state.py)
+                continue
             if not zipfile.is_zipfile(path):  # torch.save has written zips since torch 1.6: a bare pickle is crafted
                 raise CheckpointError(f"{path}: not a torch zip archive, refusing to unpickle it; {TRUST_HINT}")
             try:  # mmap: only the pickle is read, not the tensors' bytes

@@ -458,7 +458,12 @@ def test_save_and_load_give_identical_logits(variant, tmp_path):
     files = set(os.listdir(tmp_path))
     assert {"model.safetensors", "config.json", "configuration_crate.py", "modeling_crate.py"} <= files
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
-    assert auto_map["AutoModelForCausalLM"] == "modeling_crate.CrateForCausalLM"
+    assert auto_map == {  # every head of the family, not only the class saved
+        "AutoConfig": "configuration_crate.CrateConfig",
+        "AutoModel": "modeling_crate.CrateModel",
+        "AutoModelForCausalLM": "modeling_crate.CrateForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_crate.CrateForSequenceClassification",
+    }
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     assert type(loaded) is CrateForCausalLM
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight

@@ -279,6 +279,7 @@ def test_save_and_load_give_identical_logits(variant, tmp_path):
     assert saved["model_type"] == "crate_vision"
     assert saved["auto_map"]["AutoConfig"] == "configuration_crate_vision.CrateVisionConfig"
     assert saved["auto_map"]["AutoModelForImageClassification"] == "modeling_crate_vision.CrateForImageClassification"
+    assert saved["auto_map"]["AutoModel"] == "modeling_crate_vision.CrateVisionModel"  # every head, not only the saved
     loaded = AutoModelForImageClassification.from_pretrained(tmp_path).eval()
     assert type(loaded) is CrateForImageClassification
     assert loaded.config.id2label == dict(enumerate(LABELS))

@@ -125,6 +125,7 @@ def test_zero_stages_train_export_and_reload_with_identical_logits(stage, tmp_pa
     result = crate("export", str(tmp_path), "--out", str(tmp_path / "offline"))
     assert result.returncode == 0, result.stderr[-2000:]
     offline = load_file(tmp_path / "offline" / "model.safetensors")
+    assert "- Final training loss: " in (tmp_path / "offline" / "README.md").read_text()  # the model card
     at_save = exported_weights(tmp_path)
     assert offline.keys() == at_save.keys() and all(torch.equal(offline[k], at_save[k]) for k in at_save)
     older = crate("export", str(tmp_path), "--step", "10")
