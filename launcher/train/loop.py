@@ -26,7 +26,7 @@ from launcher.metrics.logger import MetricsLogger
 from launcher.metrics.peaks import device_peak_flops
 from launcher.metrics.throughput import ThroughputMeter
 from launcher.models.build import apply_lora, build_model, freeze_backbone, load_pretrained_weights
-from launcher.train.checkpoint import CheckpointManager, tag_for
+from launcher.train.checkpoint import CheckpointManager, refuse_another_world_size, tag_for
 from launcher.train.engine import initialize_engine, learning_rate, resolve_precision
 from launcher.train.export import export_hf
 from launcher.train.faults import FaultInjector
@@ -108,6 +108,8 @@ def train(config: RunConfig) -> int:
     step, data_state = 0, None
     if found[0] is not None:
         step = found[0][0]
+        # Under torchrun or srun no preflight ran: refuse another world size before DeepSpeed fails on it.
+        refuse_another_world_size(found[0][1], checkpoints.manifest(step), world)
         engine.load_checkpoint(str(checkpoints.root), tag=tag_for(step))
         own = torch.load(checkpoints.root / tag_for(step) / f"crate_rank{rank}.pt", weights_only=False)
         data_state = own["data"]
