@@ -25,7 +25,8 @@ Random-access sources (builtin, folder) are read in a per-(seed, source, shard, 
 (a class-sorted folder would otherwise stream one class at a time); tar and HF shards are read in file order.
 
 Bad records — :data:`BAD_REASONS` — come through with ``bad`` set, so the stream counts them as it passes them.
-Label problems are found when the record is read; an undecodable image when it is decoded (after the shuffle buffer).
+Label problems are found when the record is read; an undecodable image when it is decoded (after the shuffle buffer,
+and also when read until one image of the source has decoded in the stream: ``image_stream.ImageStream._read``).
 """
 
 from __future__ import annotations

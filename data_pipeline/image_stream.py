@@ -30,15 +30,17 @@ Transforms (no torchvision; PIL + numpy, bilinear resampling with PIL's antialia
   float32.
 
 Bad records (``image_sources.BAD_REASONS``) are skipped and counted per reason and per file with the first few
-locations — label problems when read, undecodable images when decoded (after the buffer) — and a stream stops with
+locations — label problems when read, undecodable images when decoded (after the buffer; and when read, until one
+image of the source has decoded, so that a source of undecodable images yields nothing) — and a stream stops with
 [`BadDataError`] when they exceed ``max_bad_fraction`` of its records (once it has passed 200), or when a whole
 epoch of one of its sources yields no usable sample (it would loop forever).
 
-Cursor. After every batch the stream's state is attached: per source ``(epoch, shard index, position)`` (the
-position: an offset in the shard's permutation, a tar byte offset, or an HF example index), the mixing and emission
-counters, the buffer references and the counts. [`ImageLoader`] keeps the state of the last batch of each stream;
-resuming costs O(1) in the step (no replay). A changed world size, ``streams_per_rank``, transform or source
-(fingerprint) is refused with a one-line error.
+Cursor. After every batch the stream's state is attached: per source ``(epoch, shard index, position, decodable)``
+(the position: an offset in the shard's permutation, a tar byte offset, or an HF example index; decodable: whether
+one of its images has decoded in this stream), the mixing and emission counters, the buffer references and the
+counts. [`ImageLoader`] keeps the state of the last batch of each stream; resuming costs O(1) in the step (no
+replay). A changed world size, ``streams_per_rank``, transform or source (fingerprint) is refused with a one-line
+error.
 """
 
 from __future__ import annotations
@@ -249,6 +251,12 @@ class ImageStream(MixedStream):
         self._orders: dict[int, tuple[tuple[int, int], np.ndarray]] = {}
         super().__init__(plan, stream, state)
 
+    def initial_state(self) -> dict:
+        state = super().initial_state()
+        for cursor in state["sources"]:
+            cursor["decodable"] = False  # no image of the source has decoded in this stream yet (see _read)
+        return state
+
     def _buffer_state(self, buffer: list) -> dict:
         refs = [(j, shard.number, record.locator, epoch) for (record, shard, epoch), j in buffer]
         return {"buffer": np.asarray(refs, dtype=np.int64).reshape(-1, 4)}  # (source, shard, locator, epoch)
@@ -290,10 +298,26 @@ class ImageStream(MixedStream):
         within = self._order(shard, cursor["epoch"])
         for record in self.plan.catalogs[j].read(shard, cursor["position"], within, self.plan.num_classes):
             cursor["position"] = record.next_position
+            # Images are decoded after the shuffle buffer, so a source none of whose images decodes would keep the
+            # stream looping. Until one image of the source has decoded, each is decoded here too: such a source
+            # then yields nothing in a whole epoch and stops with a one-line error. (A cursor saved before this
+            # check has no "decodable": it reads on as it did.)
+            if record.bad is None and not cursor.get("decodable", True):
+                if self._decoded(record) is None:
+                    record.bad = "undecodable_image"
+                else:
+                    cursor["decodable"] = True
             if record.bad is not None:
                 self.count_bad(record.bad, record.where, record.location)
                 continue
             yield record, shard, cursor["epoch"]
+
+    def _decoded(self, record: RawRecord) -> Image.Image | None:
+        """The record's image, or ``None`` if it cannot be decoded."""
+        try:
+            return decode_image(record.payload, self.spec.channels)
+        except Exception:  # PIL raises many types for bad bytes (OSError, SyntaxError, ValueError, ...)
+            return None
 
     def next_record(self) -> tuple[tuple[int, int, int, int], RawRecord]:
         """The next ``((source, shard number, locator, epoch), record)`` after mixing and shuffling, undecoded."""
@@ -304,9 +328,8 @@ class ImageStream(MixedStream):
         """``(pixels (C, H, W) float32, label, source, source epoch)`` of the next good sample."""
         while True:
             (record, _, epoch), j, index = self.next_item()
-            try:
-                image = decode_image(record.payload, self.spec.channels)
-            except Exception:  # PIL raises many types for bad bytes (OSError, SyntaxError, ValueError, ...)
+            image = self._decoded(record)
+            if image is None:
                 record.bad = "undecodable_image"
                 self.count_bad(record.bad, record.where, record.location)
                 continue

@@ -173,6 +173,9 @@ class LabelledExamples:
         return bad_locations(self.bad_records)
 
 
+INVALID_JSON = object()  # the text _records gives for a JSONL line that does not parse
+
+
 def _records(source: LabelledSourceSpec, spec: LabelledTextSpec):
     """``(location, text, label)`` of every record of one source, unvalidated; the location is inside the source
     (``line 3``, ``record 3``, ``example 3``)."""
@@ -210,7 +213,7 @@ def _records(source: LabelledSourceSpec, spec: LabelledTextSpec):
                 try:
                     row = json.loads(line)
                 except json.JSONDecodeError:
-                    yield f"line {number}", None, None
+                    yield f"line {number}", INVALID_JSON, None
                     continue
                 row = row if isinstance(row, dict) else {}
                 yield f"line {number}", row.get(text_field), row.get(label_field)
@@ -226,9 +229,9 @@ def _records(source: LabelledSourceSpec, spec: LabelledTextSpec):
 def read_labelled(spec: LabelledTextSpec, label_names: tuple[str, ...] | None = None) -> LabelledExamples:
     """Read every source of ``spec``. Labels are ids (integers, or strings given as numbers) indexing the names, or
     names; the names are ``label_names`` (e.g. the training set's, for its evaluation set), else ``spec.labels``,
-    else the built-in's, else the sorted distinct names (or ``"0".."K-1"`` for integer labels). Records with an
-    empty text or an unknown label are skipped and counted; more than ``max_bad_fraction`` of them is an error
-    naming the first one."""
+    else the built-in's, else the sorted distinct names (or ``"0".."K-1"`` for integer labels). Records with no
+    text field, an empty text, an unknown label or invalid JSON are skipped and counted; more than
+    ``max_bad_fraction`` of them is an error naming the first one and the fields read."""
     rows = [
         (source.name, location, text, label)
         for source in spec.sources
@@ -246,9 +249,14 @@ def read_labelled(spec: LabelledTextSpec, label_names: tuple[str, ...] | None = 
     texts, labels, stats = [], [], new_stats(())
     for where, location, text, label in rows:
         label_id = _label_id(label, names)
-        reason = (
-            "empty_text" if not isinstance(text, str) or not text.strip() else "bad_label" if label_id is None else None
-        )
+        if text is INVALID_JSON:
+            reason = "invalid_json"
+        elif text is None:  # the record has no text field (a CSV cell left empty reads as '')
+            reason = "missing_text_field"
+        elif not isinstance(text, str) or not text.strip():
+            reason = "empty_text"
+        else:
+            reason = "bad_label" if label_id is None else None
         if reason:
             count_bad(stats, reason, where, location)
             continue
@@ -257,15 +265,29 @@ def read_labelled(spec: LabelledTextSpec, label_names: tuple[str, ...] | None = 
     examples = LabelledExamples(texts, labels, tuple(names), stats)
     bad = examples.bad
     if not texts:
-        raise DataSpecError(f"data: no usable examples in {[s.name for s in spec.sources]} ({bad or 'empty'})")
+        first = f"; first: {examples.bad_locations[0]}" if examples.bad_locations else ""
+        raise DataSpecError(
+            f"data: no usable examples in {[s.name for s in spec.sources]} ({bad or 'empty'}; "
+            f"{_fields_read(spec)}){first}"
+        )
     if sum(bad.values()) > spec.max_bad_fraction * len(rows):
         raise DataSpecError(
-            f"data: {sum(bad.values())} of {len(rows)} records are bad ({bad}), more than "
+            f"data: {sum(bad.values())} of {len(rows)} records are bad ({bad}; {_fields_read(spec)}), more than "
             f"data.max_bad_fraction={spec.max_bad_fraction}; first: {examples.bad_locations[0]}"
         )
     if len(names) < 2:
         raise DataSpecError(f"data.labels: the data has {len(names)} label(s) {list(names)}; need at least 2")
     return examples
+
+
+def _fields_read(spec: LabelledTextSpec) -> str:
+    """The record fields the sources are read with, for a message about records that lack them."""
+    pairs = dict.fromkeys(
+        (source.text_field or spec.text_field, source.label_field or spec.label_field)
+        for source in spec.sources
+        if not source.builtin
+    )
+    return ", ".join(f"text from {text!r}, labels from {label!r}" for text, label in pairs) or "the built-in's fields"
 
 
 def _as_int(value) -> int | None:

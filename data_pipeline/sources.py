@@ -27,6 +27,9 @@ from .errors import DataSpecError
 from .spec import SourceSpec, TextDataSpec
 
 SUFFIX_FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".txt": "txt", ".parquet": "parquet"}
+# Compressed files are not read (a byte range of one cannot be decoded on its own): their suffixes and first bytes.
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz", ".zst", ".zip")
+COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"\xfd7zXZ\x00": "xz", b"\x28\xb5\x2f\xfd": "zstd", b"PK\x03\x04": "zip"}
 MIN_RANGE_BYTES = 4096  # a byte range smaller than this is not worth a shard of its own
 
 BAD_REASONS = ("invalid_json", "missing_text_field", "non_string_text", "invalid_utf8", "empty_document")
@@ -73,7 +76,24 @@ def _expand_paths(source: SourceSpec, where: str) -> list[Path]:
     return files
 
 
+def _refuse_compressed(path: Path, where: str, fmt: str | None) -> None:
+    """One-line error for a compressed file, by its first bytes (whatever ``format`` says) or, when the format is
+    inferred, by its suffix: its text would otherwise be read as a stream of bad records."""
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+    kind = next((name for magic, name in COMPRESSED_MAGIC.items() if head.startswith(magic)), None)
+    if kind is not None:
+        raise DataSpecError(f"{where}.path: {path} is {kind}-compressed; compressed files are not read, decompress it")
+    if fmt is None and path.suffix.lower() in COMPRESSED_SUFFIXES:
+        raise DataSpecError(
+            f"{where}.path: {path} ends in {path.suffix}; compressed files are not read, decompress it (or set "
+            f"{where}.format if it is plain text)"
+        )
+
+
 def _file_format(source: SourceSpec, path: Path, where: str) -> str:
+    if source.format != "parquet":
+        _refuse_compressed(path, where, source.format)
     if source.format:
         return source.format
     fmt = SUFFIX_FORMATS.get(path.suffix.lower())

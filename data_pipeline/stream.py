@@ -37,12 +37,13 @@ from typing import Any
 import numpy as np
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .errors import BadDataError, DataSpecError
+from .errors import BadDataError, DataError, DataSpecError
 
 FIRST_BAD_LOCATIONS = 5  # kept per file in the statistics
 SHOWN_BAD_LOCATIONS = 3  # of them, in a run's metrics and warnings
 SHOWN_BAD_SOURCES = 10  # files named in a run's metrics and warnings (the others summed in one entry)
 MIN_RECORDS_FOR_BAD_FRACTION = 200
+DATA_ERROR = "data_error"  # the key of the item that carries a stream's DataError out of a DataLoader worker
 
 
 # ---------------------------------------------------------------------------------------------------- plan
@@ -105,15 +106,23 @@ def count_bad(stats: dict, reason: str, where: str, location: str) -> None:
         per_file["first"].append(f"{location}: {reason}")
 
 
-def check_bad_fraction(stats: dict, max_fraction: float, good_key: str) -> None:
-    """Stop the run (``BadDataError``) once enough records were seen and too many of them were bad."""
+def worst_file(stats: dict) -> str:
+    """``worst file PATH: [its first bad locations]``: the file with the most bad records (``stats`` has some)."""
+    path, entry = max(stats["bad_files"].items(), key=lambda item: sum(item[1]["counts"].values()))
+    return f"worst file {path}: {entry['first']}"
+
+
+def check_bad_fraction(
+    stats: dict, max_fraction: float, good_key: str, explain: Callable[[dict], str] = lambda stats: ""
+) -> None:
+    """Stop the run (``BadDataError``) once enough records were seen and too many of them were bad; ``explain``
+    adds what the kind knows about the reasons (e.g. which text field was looked for)."""
     bad = sum(stats["bad"].values())
     records = bad + stats[good_key]
     if records >= MIN_RECORDS_FOR_BAD_FRACTION and bad > max_fraction * records:
-        worst = max(stats["bad_files"].items(), key=lambda item: sum(item[1]["counts"].values()))
         raise BadDataError(
             f"data.max_bad_fraction={max_fraction} exceeded: {bad} bad of {records} records "
-            f"({stats['bad']}); worst file {worst[0]}: {worst[1]['first']}"
+            f"({stats['bad']}{explain(stats)}); {worst_file(stats)}"
         )
 
 
@@ -230,17 +239,28 @@ class MixedStream:
             if whole_epoch and not good:  # looping on would never yield
                 raise BadDataError(
                     f"data.sources[{j}]: {self.spec.sources[j].label!r}: stream {self.stream} read "
-                    f"all its {len(shards)} shards and found no usable {self.ITEM} "
-                    f"({self.state['stats']['bad']})"
+                    f"all its {len(shards)} shards and found no usable {self.ITEM} ({self.why_nothing_usable()})"
                 )
             whole_epoch = True
             cursor.update(epoch=cursor["epoch"] + 1, shard=0)
+
+    def explain_bad(self, stats: dict) -> str:
+        """What the kind adds to the bad-record counts in a message (``"; ..."``), e.g. the field looked for."""
+        return ""
+
+    def why_nothing_usable(self) -> str:
+        """Why a whole epoch of a source gave no item, for the one-line error: the bad records and the worst file,
+        from the statistics so far (the kinds add what else leaves nothing, e.g. text too short for a block)."""
+        stats = self.state["stats"]
+        if not stats["bad"]:
+            return "its shards hold no records"
+        return f"{sum(stats['bad'].values())} bad records {stats['bad']}{self.explain_bad(stats)}; {worst_file(stats)}"
 
     def count_bad(self, reason: str, where: str, location: str) -> None:
         """Count a bad record and stop the run when there are too many."""
         stats = self.state["stats"]
         count_bad(stats, reason, where, location)
-        check_bad_fraction(stats, self.spec.max_bad_fraction, self.GOOD)
+        check_bad_fraction(stats, self.spec.max_bad_fraction, self.GOOD, self.explain_bad)
 
     def next_item(self) -> tuple[tuple, int, int]:
         """``(item, source index, emission index)`` of the next item after mixing and shuffling."""
@@ -293,10 +313,15 @@ class _RankStreams(IterableDataset):
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
         order = [(self.consumed + worker + k * workers) % per_rank for k in range(per_rank // workers)]
-        streams = {s: self.new_stream(self.plan, self.rank * per_rank + s, state=self.states.get(s)) for s in order}
-        while True:
-            for s in order:
-                yield streams[s].next_batch(self.micro_batch_size)
+        try:
+            streams = {s: self.new_stream(self.plan, self.rank * per_rank + s, state=self.states.get(s)) for s in order}
+            while True:
+                for s in order:
+                    yield streams[s].next_batch(self.micro_batch_size)
+        except DataError as error:
+            # Passed on as an item: a DataLoader worker would re-raise it with its traceback in the message, and
+            # the one line the user should see would be lost in it.
+            yield {DATA_ERROR: error}
 
 
 class StreamLoader:
@@ -368,6 +393,8 @@ class StreamLoader:
         )
         first_stream = self.rank * self.plan.spec.streams_per_rank
         for batch in loader:
+            if DATA_ERROR in batch:
+                raise batch[DATA_ERROR]
             # Batches carry their global stream id; the cursor is keyed by this rank's local stream index.
             self.states[int(batch["stream"]) - first_stream] = batch["state"]
             self.consumed += 1

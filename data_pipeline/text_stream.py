@@ -255,8 +255,25 @@ class LogicalStream(MixedStream):
         )
         for block, (position, skip) in blocks:
             cursor["position"], cursor["skip"] = position, skip
-            check_bad_fraction(stats, self.spec.max_bad_fraction, self.GOOD)
+            check_bad_fraction(stats, self.spec.max_bad_fraction, self.GOOD, self.explain_bad)
             yield block, cursor["epoch"]
+
+    def explain_bad(self, stats: dict) -> str:
+        if "missing_text_field" not in stats["bad"]:
+            return ""
+        fields = ", ".join(f"{s.text_field!r} (data.sources[{j}].text_field)" for j, s in enumerate(self.spec.sources))
+        return f"; records without the field {fields}"
+
+    def why_nothing_usable(self) -> str:
+        stats = self.state["stats"]
+        reasons = [super().why_nothing_usable()] if stats["bad"] else []
+        if stats["documents"]:  # text, but never a whole block in one shard
+            reasons.append(
+                f"{stats['documents']} documents of {stats['tail_tokens']} tokens in all, and no shard holds one "
+                f"block of data.seq_len={self.spec.seq_len} tokens (blocks never span shards: lower data.seq_len "
+                f"or data.min_shards, or add text)"
+            )
+        return "; ".join(reasons) or super().why_nothing_usable()
 
     def _buffered(self, item: tuple[np.ndarray, int]) -> tuple[np.ndarray, int]:
         return item[0].copy(), item[1]

@@ -3,11 +3,13 @@ started by torchrun, the deepspeed launcher or srun (their usual environment var
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -20,13 +22,15 @@ def _under_a_launcher() -> bool:
 
 
 def check_output_dir(config: RunConfig) -> None:
-    """``output_dir`` is a directory (or missing), and the directories the run replaces, ``hf/`` (and a LoRA run's
-    ``adapter/``), are missing, empty or earlier exports; one-line ``ConfigError`` naming the path otherwise."""
+    """``output_dir`` is a writable directory (or can be created), and the directories the run replaces, ``hf/``
+    (and a LoRA run's ``adapter/``), are missing, empty or earlier exports; one-line ``ConfigError`` naming the path
+    otherwise."""
     from launcher.train.export import adapter_dir_for, export_target_problem
 
     root = Path(config.output_dir)
     if root.exists() and not root.is_dir():
         raise ConfigError(f"output_dir: {root} is a file")
+    check_writable(root)
     hf = root / "hf"
     replaced = [hf] if config.train.export_on_save else []
     if replaced and config.lora is not None and config.lora.save_adapter:
@@ -36,15 +40,40 @@ def check_output_dir(config: RunConfig) -> None:
             raise ConfigError(f"output_dir: {problem}; move it away or choose another output_dir")
 
 
+# What a directory the user gave can fail a write with: a read-only filesystem, no permission, no space or quota.
+_UNWRITABLE = (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOSPC, errno.EDQUOT)
+
+
+def check_writable(root: Path) -> None:
+    """``output_dir`` (or, while it does not exist yet, the directory it will be created in) takes a new file: a
+    temporary file is created and removed there. One-line ``ConfigError`` naming the path otherwise, before any
+    process group exists (as root, permissions do not stop writes; a read-only mount does, so try, not ``access``)."""
+    probed = root
+    while not probed.exists():  # the nearest existing ancestor is where mkdir will write
+        probed = probed.parent
+    if not probed.is_dir():
+        raise ConfigError(f"output_dir: {root} cannot be created: {probed} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=probed, prefix=".crate-write-test-"):
+            pass
+    except OSError as error:
+        if error.errno not in _UNWRITABLE:
+            raise
+        where = root if probed == root else f"{root} (in {probed})"
+        raise ConfigError(f"output_dir: {where} is not writable: {os.strerror(error.errno)}") from None
+
+
 def preflight(config: RunConfig, world_size: int) -> None:
     """Every check that can fail before a process group exists: batch sizes, tokenizer, data (built-in corpora are
-    prepared here, once), model."""
+    prepared here, once), model, and that a checkpoint to resume from was written on this world size."""
     from data_pipeline.text_stream import build_plan
     from launcher.models.build import build_model_config, build_vision_config
     from launcher.models.tokenizers import load_tokenizer, prepare_tokenizer
+    from launcher.train.checkpoint import check_resume_world_size
     from launcher.train.tasks import class_names
 
     config.check_world(world_size)
+    check_resume_world_size(config.output_dir, world_size)
     if config.is_image:
         from data_pipeline.image_stream import build_image_plan
 

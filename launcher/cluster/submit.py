@@ -34,6 +34,7 @@ from launcher.cluster.spec import Grid, JobSpec, expand, grid_key, override_name
 from launcher.config.run import RunConfig, load_run_config, save_run_config
 from launcher.config.validation import validate
 from launcher.errors import ClusterError, ConfigError
+from launcher.train.checkpoint import check_resume_world_size
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATE = REPO / "slurm" / "train.sbatch"
@@ -69,7 +70,8 @@ def sweep_grid(sweeps: list[str]) -> Grid:
 
 
 def resolve_runs(configs: list[str], overrides: list[str], sweeps: list[str], job: JobSpec) -> list[RunConfig]:
-    """Every run of the job, validated for its world size (one-line errors naming the file and key)."""
+    """Every run of the job, validated for its world size, a checkpoint to resume from included (one-line errors
+    naming the file and key)."""
     if not configs:
         raise ConfigError("crate submit: give at least one CONFIG file")
     points = expand(sweep_grid(sweeps), name=override_name) if sweeps else [None]
@@ -80,6 +82,7 @@ def resolve_runs(configs: list[str], overrides: list[str], sweeps: list[str], jo
             if point:  # each sweep member in its own directory under the run's
                 config = config.model_copy(update={"output_dir": str(Path(config.output_dir) / point.name)})
             config.check_world(job.world_size)
+            check_resume_world_size(config.output_dir, job.world_size)  # a resubmitted run keeps its world size
             runs.append(config)
     directories = [Path(run.output_dir).resolve() for run in runs]
     if len(set(directories)) != len(directories):

@@ -18,9 +18,20 @@ from launcher.errors import ConfigError
 
 BPE_TRAINING_BYTES = 32 << 20
 
+# What AutoTokenizer can load a tokenizer from: a fast tokenizer's file, or a slow one's vocabulary (GPT-2's BPE,
+# WordPiece, SentencePiece).
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("vocab.txt",), ("tokenizer.model",))
+
 
 def trained_tokenizer_dir(output_dir: str | Path) -> Path:
     return Path(output_dir) / "tokenizer"
+
+
+def missing_tokenizer_files(directory: Path) -> str | None:
+    """``None`` if ``directory`` holds one of the sets of files in ``TOKENIZER_FILES``, else what it lacks."""
+    if any(all((directory / name).is_file() for name in files) for files in TOKENIZER_FILES):
+        return None
+    return "none of " + ", ".join(" + ".join(files) for files in TOKENIZER_FILES)
 
 
 def prepare_tokenizer(name: str, output_dir: str | Path, data_spec) -> None:
@@ -30,6 +41,13 @@ def prepare_tokenizer(name: str, output_dir: str | Path, data_spec) -> None:
     saved = trained_tokenizer_dir(output_dir)
     if not match or (saved / "tokenizer.json").is_file():
         return
+    if saved.exists() and (not saved.is_dir() or any(saved.iterdir())):
+        # Training replaces the directory whole (atomically), so crate never leaves one half-written: this one is
+        # someone else's, and is not overwritten.
+        raise ConfigError(
+            f"tokenizer: {name!r} is trained into {saved}, which exists without tokenizer.json; move it away "
+            f"(a new one is trained), or set tokenizer: {saved} if it holds a tokenizer"
+        )
     from crate_lm.tokenization import train_bpe_tokenizer
     from data_pipeline.sources import read_shard
     from data_pipeline.text_stream import build_plan
@@ -67,8 +85,11 @@ def load_tokenizer(name: str, where: str = "tokenizer", output_dir: str | Path |
     if BPE_PATTERN.match(name):
         saved = trained_tokenizer_dir(output_dir) if output_dir is not None else None
         if saved is None or not (saved / "tokenizer.json").is_file():
-            raise ConfigError(f"{where}: {name!r} has not been trained for this run yet ({saved} is missing)")
+            missing = saved / "tokenizer.json" if saved is not None and saved.is_dir() else saved
+            raise ConfigError(f"{where}: {name!r} has not been trained for this run yet ({missing} is missing)")
         return AutoTokenizer.from_pretrained(saved)
     if not Path(name).is_dir():
         raise ConfigError(f"{where}: {name!r} is neither 'gpt2', bpe:N nor a directory holding a tokenizer")
+    if (missing := missing_tokenizer_files(Path(name))) is not None:  # else transformers' multi-line traceback
+        raise ConfigError(f"{where}: {name} holds no tokenizer files ({missing})")
     return AutoTokenizer.from_pretrained(name)

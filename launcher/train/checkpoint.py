@@ -235,3 +235,40 @@ class CheckpointManager:
 
     def manifest(self, step: int) -> dict:
         return json.loads((self.root / tag_for(step) / MANIFEST).read_text())
+
+
+# ---------------------------------------------------------------------------------------------- resuming elsewhere
+
+
+def refuse_another_world_size(checkpoint: Path, manifest: dict, world_size: int) -> None:
+    """A checkpoint resumes only on the world size that wrote it (its manifest's ``world_size``): DeepSpeed's ZeRO
+    1-3 optimizer state is partitioned over the ranks that saved it (loading it elsewhere is a traceback), and in
+    every stage each rank's data cursor is its own (docs/data.md). One-line ``CheckpointError`` naming the
+    checkpoint, both world sizes and the ways on; a manifest that records no world size is let through."""
+    saved = manifest.get("world_size")
+    if saved is None or saved == world_size:
+        return
+    stage = manifest.get("zero_stage")
+
+    def ranks(count: int) -> str:
+        return f"{count} rank{'s' if count != 1 else ''}"
+
+    partitioned = f"ZeRO-{stage} partitioned the optimizer state over its {ranks(saved)} and " if stage else ""
+    run_dir = checkpoint.parent.parent
+    raise CheckpointError(
+        f"{checkpoint}: written by {ranks(saved)}, and this run has {world_size}; a checkpoint resumes only on its "
+        f"own world size ({partitioned}each rank's data cursor is its own): resume on {ranks(saved)} "
+        f"(--nproc-per-node {saved}, or a job of {ranks(saved)} in all), or run `crate export {run_dir}` and start "
+        f"a new run in another output_dir with model.init_from={run_dir / 'hf'}"
+    )
+
+
+def check_resume_world_size(output_dir: str | Path, world_size: int) -> None:
+    """Before any process starts: the checkpoint a run in ``output_dir`` would resume from — the newest that passes
+    the cheap check (its manifest and file sizes; the ranks verify checksums when they load it) — was written on
+    ``world_size`` ranks (see [`refuse_another_world_size`]). Nothing to check in a new run."""
+    checkpoints = CheckpointManager(output_dir, keep_last=1)
+    for step in reversed(checkpoints.complete_steps()):
+        if checkpoints.verify_cheaply(step) is None:
+            refuse_another_world_size(checkpoints.root / tag_for(step), checkpoints.manifest(step), world_size)
+            return

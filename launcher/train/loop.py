@@ -24,7 +24,7 @@ from launcher.metrics.logger import MetricsLogger
 from launcher.metrics.peaks import device_peak_flops
 from launcher.metrics.throughput import ThroughputMeter
 from launcher.models.build import apply_lora, build_model, freeze_backbone, load_pretrained_weights
-from launcher.train.checkpoint import CheckpointManager, tag_for
+from launcher.train.checkpoint import CheckpointManager, refuse_another_world_size, tag_for
 from launcher.train.engine import initialize_engine, learning_rate, resolve_precision
 from launcher.train.export import export_hf
 from launcher.train.faults import FaultInjector
@@ -99,6 +99,8 @@ def train(config: RunConfig) -> int:
     step, data_state = 0, None
     if found[0] is not None:
         step, directory, trusted = found[0][0], found[0][1], train_cfg.trust_pickled_checkpoints
+        # Under torchrun or srun no preflight ran: refuse another world size before DeepSpeed fails on it.
+        refuse_another_world_size(directory, checkpoints.manifest(step), world)
         check_checkpoint_pickles(directory, trusted)  # every rank: the same files, the same answer
         with restricted_unpickling(trusted):
             engine.load_checkpoint(str(checkpoints.root), tag=tag_for(step))

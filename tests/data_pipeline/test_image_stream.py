@@ -10,6 +10,7 @@ import os
 import random
 import shutil
 import tarfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -36,6 +37,7 @@ from data_pipeline.image_stream import (
     train_transform,
 )
 from data_pipeline.spec import DataSpecError
+from tests.bad_data import NEVER_SPIN_SECONDS, undecodable_image_folder
 
 FOLDER_IMAGES = 600  # test-split images 0..599 as PNG, one directory per class
 TAR_IMAGES = range(600, 1200)  # test-split images 600..1199 in 4 tar files
@@ -453,6 +455,26 @@ def test_too_many_bad_records_stop_the_run(tar_shards, tmp_path):
     image_spec = spec([{"tar": str(tmp_path / "labels-only.tar")}], num_classes=10, max_bad_fraction=1.0, min_shards=1)
     with pytest.raises(BadDataError, match=r"stream 0 read all its 1 shards and found no usable sample"):
         next(iter(ImageLoader(build_image_plan(image_spec, 1), rank=0, micro_batch_size=2)))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("max_bad_fraction", [1.0, 0.01], ids=["bad-fraction-1", "default"])
+def test_a_folder_of_undecodable_images_is_one_line_in_bounded_time(max_bad_fraction, tmp_path):
+    """Images are decoded after the shuffle buffer; until one of a source decodes they are also decoded when read,
+    so a source with none stops after a whole epoch instead of looping on (with max_bad_fraction 1 for ever)."""
+    folder = undecodable_image_folder(tmp_path / "folder")
+    plan = build_image_plan(spec([str(folder)], shuffle_buffer=64, max_bad_fraction=max_bad_fraction), 1)
+    started = time.monotonic()
+    for workers in (0, 1):
+        with pytest.raises(BadDataError) as error:
+            next(iter(ImageLoader(plan, rank=0, micro_batch_size=2, num_workers=workers)))
+        assert str(error.value).startswith(
+            f"data.sources[0]: '{folder}': stream 0 read all its 4 shards and found no usable sample (6 bad records "
+            f"{{'undecodable_image': 6}}; worst file {folder}/"
+        ), str(error.value)
+    with pytest.raises(BadDataError, match="found no usable sample"):
+        inspect_images(plan.spec, seconds=0.1)
+    assert time.monotonic() - started < NEVER_SPIN_SECONDS
 
 
 # ------------------------------------------------------------------------------------------------ transforms

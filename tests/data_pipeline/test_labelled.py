@@ -84,6 +84,16 @@ def test_bad_records_are_skipped_counted_and_located(tmp_path):
         read_labelled(strict)
 
 
+def test_records_without_the_text_field_name_the_fields_read(tmp_path):
+    path = write(tmp_path / "reviews.jsonl", '{"review": "great", "label": 1}\n' * 5 + "{not json\n")
+    with pytest.raises(DataSpecError) as error:
+        read_labelled(parse_labelled_text({"sources": [path]}))
+    assert str(error.value) == (
+        f"data: no usable examples in [{str(path)!r}] ({{'missing_text_field': 5, 'invalid_json': 1}}; text from "
+        f"'text', labels from 'label'); first: {path}: line 1: missing_text_field"
+    )
+
+
 @pytest.mark.parametrize(
     "raw, message",
     [

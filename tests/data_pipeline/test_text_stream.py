@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from data_pipeline.sources import discover_shards
 from data_pipeline.spec import DataSpecError, parse_text_data
 from data_pipeline.stream import bad_record_summary, count_bad, merge_stats, new_stats
 from data_pipeline.text_stream import BadDataError, LogicalStream, TextLoader, Tokenize, build_plan, pack_shard
+from tests.bad_data import NEVER_SPIN_SECONDS, UNUSABLE_TEXT, unusable_text
 
 
 @pytest.fixture(scope="session")
@@ -455,3 +458,28 @@ def test_every_rank_of_a_wider_world_resumes_exactly(corpus, tokenizer, rank):
     expected = [next(batches)["input_ids"] for _ in range(4)]
     resumed = iter(TextLoader(plan, tokenizer, rank=rank, micro_batch_size=2, state=state))
     assert all(torch.equal(next(resumed)["input_ids"], batch) for batch in expected)
+
+
+# ------------------------------------------------------------------------------------------------ never spin
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("case", UNUSABLE_TEXT)
+def test_data_that_never_gives_a_block_is_one_line_naming_the_file_in_bounded_time(case, tokenizer, tmp_path):
+    data, error_class, message = unusable_text(tmp_path, case)
+    started = time.monotonic()
+    with pytest.raises((BadDataError, DataSpecError)) as error:
+        next(iter(TextLoader(build_plan(parse_text_data(data), 1), tokenizer, rank=0, micro_batch_size=2)))
+    assert time.monotonic() - started < NEVER_SPIN_SECONDS
+    assert type(error.value).__name__ == error_class and "\n" not in str(error.value)
+    assert re.search(message, str(error.value)), str(error.value)
+
+
+@pytest.mark.timeout(60)
+def test_a_data_error_in_a_dataloader_worker_is_the_same_one_line(tokenizer, tmp_path):
+    """Not torch's 'Caught BadDataError in DataLoader worker process 0' with the worker's traceback."""
+    data, _, message = unusable_text(tmp_path, "records-without-the-text-field")
+    loader = TextLoader(build_plan(parse_text_data(data), 1), tokenizer, rank=0, micro_batch_size=2, num_workers=1)
+    with pytest.raises(BadDataError) as error:
+        next(iter(loader))
+    assert "\n" not in str(error.value) and re.search(message, str(error.value)), str(error.value)

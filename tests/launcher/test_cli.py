@@ -114,3 +114,52 @@ def test_an_empty_output_dir_and_an_export_onto_a_foreign_directory_are_one_line
         f"crate export: error: --out: {tmp_path / 'out'} is not empty and not a crate export; choose another directory"
     ]
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer_dir(tmp_path_factory):
+    """A 300-token BPE, trained in a moment on a sentence: any tokenizer does for errors that come before tokens."""
+    from crate_lm.tokenization import train_bpe_tokenizer
+
+    directory = tmp_path_factory.mktemp("tokenizer")
+    (directory / "text.txt").write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    train_bpe_tokenizer([directory / "text.txt"], vocab_size=300).save_pretrained(directory)
+    return directory
+
+
+@pytest.mark.timeout(120)
+def test_data_inspect_of_data_that_never_gives_a_block_or_an_image_is_one_line(small_tokenizer_dir, tmp_path, capsys):
+    """Each case of tests/bad_data.py, and a folder of undecodable images: exit 2 with one line, in bounded time."""
+    import json
+    import re
+    import time
+
+    from launcher.cli import main
+    from tests.bad_data import NEVER_SPIN_SECONDS, UNUSABLE_TEXT, undecodable_image_folder, unusable_text
+
+    cases = [(name, *unusable_text(tmp_path, name)) for name in UNUSABLE_TEXT]
+    folder = undecodable_image_folder(tmp_path / "images")
+    images = {"sources": [{"folder": str(folder)}], "image_size": 28}
+    cases.append(("undecodable-images", images, "BadDataError", "found no usable sample"))
+    for name, data, _, message in cases:
+        config = tmp_path / f"{name}.yaml"
+        config.write_text(json.dumps({"tokenizer": str(small_tokenizer_dir), "data": data}))
+        started = time.monotonic()
+        assert main(["data", "inspect", str(config), "--seconds", "0.2"]) == 2, name
+        assert time.monotonic() - started < NEVER_SPIN_SECONDS, name
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("crate data: error: "), (name, lines)
+        assert re.search(message.lstrip("^"), lines[0]), (name, lines)
+
+
+def test_a_tokenizer_directory_without_tokenizer_files_is_one_line(tmp_path, capsys):
+    from launcher.cli import main
+
+    (tmp_path / "tokenizer").mkdir()
+    config = tmp_path / "run.yaml"
+    config.write_text(f"tokenizer: {tmp_path / 'tokenizer'}\ndata: {{sources: [{tmp_path / 'x.jsonl'}]}}\n")
+    assert main(["data", "inspect", str(config)]) == 2
+    assert capsys.readouterr().err == (
+        f"crate data: error: {config}: tokenizer: {tmp_path / 'tokenizer'} holds no tokenizer files (none of "
+        "tokenizer.json, vocab.json + merges.txt, vocab.txt, tokenizer.model)\n"
+    )

@@ -88,6 +88,18 @@ def test_two_configs_with_one_output_dir_are_refused(tmp_path):
         resolve_runs([TINY, TINY], [f"output_dir={tmp_path}"], [], JobSpec())
 
 
+def test_a_run_that_would_resume_on_another_world_size_is_refused_at_submission(tmp_path):
+    from launcher.errors import CheckpointError
+    from launcher.train.checkpoint import CheckpointManager
+
+    CheckpointManager(tmp_path, keep_last=1).save(
+        4, lambda root, tag: (root / tag).mkdir(parents=True), {"world_size": 2, "zero_stage": 2}
+    )
+    assert len(resolve_runs([TINY], [f"output_dir={tmp_path}"], [], JobSpec(nodes=1, gpus_per_node=2))) == 1
+    with pytest.raises(CheckpointError, match=r"global_step4: written by 2 ranks, and this run has 4; "):
+        resolve_runs([TINY], [f"output_dir={tmp_path}"], [], JobSpec(nodes=2, gpus_per_node=2))
+
+
 def test_cli_accepts_overrides_after_options(tmp_path):
     from launcher.cli import main
 

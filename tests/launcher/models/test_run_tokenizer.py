@@ -18,6 +18,7 @@ def test_bpe_is_trained_on_the_runs_text_once_then_reused(tmp_path):
     run = tmp_path / "run"
     with pytest.raises(ValueError, match=r"tokenizer: 'bpe:300' has not been trained for this run yet"):
         load_tokenizer("bpe:300", output_dir=run)
+    trained_tokenizer_dir(run).mkdir(parents=True)  # an empty tokenizer/ is trained into
     prepare_tokenizer("bpe:300", run, spec)
     saved = trained_tokenizer_dir(run) / "tokenizer.json"
     stamp = saved.stat().st_mtime_ns
@@ -32,3 +33,32 @@ def test_bpe_is_trained_on_the_runs_text_once_then_reused(tmp_path):
 def test_unknown_tokenizer_is_a_one_line_error(tmp_path):
     with pytest.raises(ValueError, match="neither 'gpt2', bpe:N nor a directory"):
         load_tokenizer(str(tmp_path / "nothing"))
+
+
+def test_a_tokenizer_directory_without_tokenizer_files_is_a_one_line_error(tmp_path):
+    """Not transformers' traceback: the directory and what it lacks, for a configured directory and for a run's
+    own tokenizer/ (bpe:N), which is neither trained over nor loaded."""
+    from launcher.errors import ConfigError
+
+    given = tmp_path / "given"
+    given.mkdir()
+    (given / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ConfigError) as error:
+        load_tokenizer(str(given))
+    assert str(error.value) == (
+        f"tokenizer: {given} holds no tokenizer files "
+        "(none of tokenizer.json, vocab.json + merges.txt, vocab.txt, tokenizer.model)"
+    )
+    run = tmp_path / "run"
+    saved = trained_tokenizer_dir(run)
+    saved.mkdir(parents=True)
+    (saved / "tokenizer_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match=f"^tokenizer: 'bpe:300' has not been trained for this run yet \\({saved}/"):
+        load_tokenizer("bpe:300", output_dir=run)
+    with pytest.raises(ConfigError) as error:
+        prepare_tokenizer("bpe:300", run, None)
+    assert str(error.value) == (
+        f"tokenizer: 'bpe:300' is trained into {saved}, which exists without tokenizer.json; move it away "
+        f"(a new one is trained), or set tokenizer: {saved} if it holds a tokenizer"
+    )
+    assert [p.name for p in saved.iterdir()] == ["tokenizer_config.json"]

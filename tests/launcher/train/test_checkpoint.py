@@ -155,3 +155,40 @@ def test_other_write_errors_keep_their_traceback(tmp_path):
 
     with pytest.raises(RuntimeError, match="a bug in the writer"):
         CheckpointManager(tmp_path, keep_last=1).save(1, broken)
+
+
+def test_resuming_on_another_world_size_is_refused_in_one_line_before_any_process(tmp_path):
+    """DeepSpeed cannot load a ZeRO 1-3 checkpoint on another world size (a traceback), and in every stage the
+    data cursor is per rank: refused from the newest checkpoint's manifest, naming both sizes and the ways on."""
+    from pathlib import Path
+
+    from launcher.cluster.local import pretrain
+    from launcher.errors import CheckpointError
+    from launcher.train.checkpoint import check_resume_world_size
+
+    run = tmp_path / "run"
+    manager = CheckpointManager(run, keep_last=3)
+    manager.save(5, writer(b"a" * 100), {"world_size": 2, "zero_stage": 2})
+    check_resume_world_size(run, 2)  # the same world size resumes
+    check_resume_world_size(tmp_path / "new", 1)  # nothing to resume
+    with pytest.raises(CheckpointError) as error:
+        check_resume_world_size(run, 1)
+    assert str(error.value) == (
+        f"{run}/checkpoints/global_step5: written by 2 ranks, and this run has 1; a checkpoint resumes only on its "
+        "own world size (ZeRO-2 partitioned the optimizer state over its 2 ranks and each rank's data cursor is its "
+        f"own): resume on 2 ranks (--nproc-per-node 2, or a job of 2 ranks in all), or run `crate export {run}` "
+        f"and start a new run in another output_dir with model.init_from={run}/hf"
+    )
+    manager.save(10, writer(b"b" * 100), {"world_size": 4, "zero_stage": 0})  # the newest checkpoint decides
+    with pytest.raises(CheckpointError, match=r"global_step10: written by 4 ranks, and this run has 2; .* size \(each"):
+        check_resume_world_size(run, 2)
+    (run / "checkpoints" / "global_step10" / "model.pt").write_bytes(b"short")  # unusable: step 5 will be resumed
+    check_resume_world_size(run, 2)
+    manager.save(15, writer(b"c" * 100), {})  # a manifest without a world size is let through
+    check_resume_world_size(run, 3)
+
+    (run / "checkpoints" / "global_step15" / "manifest.json").unlink()  # back to step 5, on 1 process: refused
+    config = Path(__file__).resolve().parents[3] / "configs" / "lm" / "crate-tiny.yaml"
+    with pytest.raises(CheckpointError, match=r"global_step5: written by 2 ranks, and this run has 1; "):
+        pretrain(str(config), [f"output_dir={run}"], nproc_per_node=1)
+    assert not (run / "config.yaml").exists()  # stopped before anything was written

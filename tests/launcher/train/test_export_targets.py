@@ -136,3 +136,39 @@ def test_crate_export_of_a_checkpoint_without_a_run_config_is_one_line(tmp_path)
     CheckpointManager(run, keep_last=1).save(5, lambda root, tag: (root / tag).mkdir(parents=True), {})
     with pytest.raises(CheckpointError, match=r"manifest.json: no run config recorded \(not written by crate\)$"):
         export_checkpoint(run)
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A read-only tmpfs: writes fail even as root, where permissions do not stop them (mounting needs root, as CI
+    and the developers' machines have; skipped with the reason otherwise)."""
+    import subprocess
+
+    mount = tmp_path / "read-only"
+    mount.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True)
+    if mounted.returncode:
+        pytest.skip("cannot mount a read-only tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_an_output_dir_that_cannot_be_written_is_one_line_before_any_work(read_only_dir, tmp_path, capsys):
+    with pytest.raises(ConfigError, match=f"^output_dir: {read_only_dir} is not writable: Read-only file system$"):
+        check_output_dir(run_config(read_only_dir))
+    inside = read_only_dir / "runs" / "tiny"  # to be created: its nearest existing ancestor must take it
+    with pytest.raises(ConfigError, match=f"^output_dir: {inside} \\(in {read_only_dir}\\) is not writable: "):
+        check_output_dir(run_config(inside))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=f"^output_dir: {tmp_path / 'file' / 'run'} cannot be created: .* a file$"):
+        check_output_dir(run_config(tmp_path / "file" / "run"))
+    from launcher.cli import main  # the command line: exit 2, one line, before any process or file
+
+    config = tmp_path / "run.yaml"
+    config.write_text(json.dumps({"output_dir": str(inside), "data": DATA, "train": {"max_steps": 3}}))
+    assert main(["pretrain", str(config), "--nproc-per-node=2"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"crate pretrain: error: output_dir: {inside} (in {read_only_dir}) is not writable: Read-only file system"
+    ]
