@@ -5,14 +5,11 @@ from __future__ import annotations
 
 import errno
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
+from launcher.cluster.processes import end_with_the_launcher, free_port, spawn_local
 from launcher.config.run import RunConfig, load_run_config, save_run_config
 from launcher.errors import ConfigError
 
@@ -103,16 +100,12 @@ def preflight(config: RunConfig, world_size: int) -> None:
             apply_lora(build_model(model_config, config.task), config.lora, config.task, config.model.init_from)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def pretrain(config_path: str, overrides: list[str], nproc_per_node: int = 1, command: str = "pretrain") -> int:
     """``crate pretrain`` / ``crate finetune`` (the same loop; fine-tuning starts from ``model.init_from``)."""
     if nproc_per_node < 1:
         raise ConfigError(f"--nproc-per-node: must be >= 1 (got {nproc_per_node})")
+    if _under_a_launcher():
+        end_with_the_launcher()  # a rank of spawn_local: before anything slow
     config = load_run_config(config_path, overrides)
     if command == "finetune" and not config.model.init_from:
         raise ConfigError(
@@ -127,47 +120,9 @@ def pretrain(config_path: str, overrides: list[str], nproc_per_node: int = 1, co
     save_run_config(config, Path(config.output_dir) / "config.yaml")
     if nproc_per_node == 1:
         os.environ.update(
-            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port())
+            RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port())
         )
         from launcher.train.loop import train
 
         return train(config)
     return spawn_local([sys.executable, "-m", "launcher.cli", command, config_path, *overrides], nproc_per_node)
-
-
-def spawn_local(command: list[str], nproc: int) -> int:
-    """Start ``nproc`` ranks on this machine (the environment torchrun would give them) and wait for them.
-
-    SIGTERM / SIGUSR1 sent to this process are passed on to every rank, whose handlers agree on a step, save and exit
-    0 — the graceful stop. If a rank fails, the others are terminated and its exit code is returned.
-    """
-    base = {
-        **os.environ,
-        "WORLD_SIZE": str(nproc),
-        "LOCAL_WORLD_SIZE": str(nproc),
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(_free_port()),
-        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc))),
-    }
-    ranks = [subprocess.Popen(command, env={**base, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(nproc)]
-
-    def forward(signum, frame):
-        for process in ranks:
-            if process.poll() is None:
-                process.send_signal(signum)
-
-    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)}
-    try:
-        failed = 0
-        while any(process.poll() is None for process in ranks):
-            codes = [process.poll() for process in ranks]
-            if any(code not in (None, 0) for code in codes) and not failed:
-                failed = next(code for code in codes if code not in (None, 0))
-                for process in ranks:
-                    if process.poll() is None:
-                        process.terminate()
-            time.sleep(0.2)
-        return failed or max((process.returncode for process in ranks), key=abs)
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)

@@ -14,6 +14,8 @@ data: {kind: text, ...}            # kind: text | image | labelled (data_pipelin
 eval_data: {sources: [...]}        # held-out data of data's kind; default: the built-in sources' validation (text) /
                                    # test (images) split
 train: {max_steps: 200, micro_batch_size: 8, global_batch_size: 16, ...}
+                                   # collective_timeout_minutes: 30: a rank without progress for that long
+                                   # (a hung or dead peer) stops with one line, and the run with it
 optimizer: {lr: 6.0e-4, min_lr: 6.0e-5, warmup_steps: 20, weight_decay: 0.1, betas: [0.9, 0.95]}
 zero: {stage: 2, offload_optimizer: false, offload_params: false}
 lora: {r: 8, alpha: 16}            # fine-tuning only: LoRA adapters through PEFT (docs/finetuning.md)
@@ -120,6 +122,10 @@ class TrainSection(_Section):
     wall_clock_minutes: float | None = Field(default=None, gt=0)  # stop cleanly (save) before this budget ends
     # Resume from checkpoint files whose pickles hold more than tensors and plain values (launcher.train.safe_loading)
     trust_pickled_checkpoints: bool = False
+    # A rank that makes no progress for this long (a step, a side job: evaluation, a checkpoint save; the first
+    # step's compile) stops with one line: a peer is hung or dead (launcher/train/watchdog.py). The process group's
+    # own collective timeout is a minute longer. Every legitimate phase must fit in it.
+    collective_timeout_minutes: float = Field(default=30.0, ge=0.1)
 
 
 class OptimizerSection(_Section):

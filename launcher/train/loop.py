@@ -5,7 +5,8 @@
 (``launcher.train.checkpoint``) and the metrics (``launcher.metrics``) — and then repeats one optimizer step
 (``launcher.train.step.train_step``) followed by the side jobs (``launcher.train.side_jobs``: non-finite guard,
 model-state probe, training metrics, evaluation, white-box probe, stop requests, checkpoints), whose time stays out
-of the throughput. Model code knows nothing of this.
+of the throughput. A watchdog (``launcher.train.watchdog``), petted at each of these phases, turns a hung or dead
+peer into one line and an exit. Model code knows nothing of this.
 """
 
 from __future__ import annotations
@@ -43,16 +44,20 @@ from launcher.train.side_jobs import (
 )
 from launcher.train.step import any_rank, memory_knobs_on_oom, set_learning_rate, train_step
 from launcher.train.tasks import build_task
+from launcher.train.watchdog import Watchdog, process_group_timeout
 
 
-def _start_distributed() -> tuple[int, int, torch.device]:
-    """The process group (gloo on the CPU, NCCL on GPUs) and this rank's device."""
+def _start_distributed(timeout_minutes: float) -> tuple[int, int, torch.device]:
+    """The process group (gloo on the CPU, NCCL on GPUs; its collectives time out a margin after the watchdog) and
+    this rank's device."""
     import deepspeed
     from deepspeed.accelerator import get_accelerator
 
     accelerator = get_accelerator()
     on_cpu = accelerator.device_name() == "cpu"
-    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else "nccl")
+    deepspeed.init_distributed(
+        dist_backend="gloo" if on_cpu else "nccl", timeout=process_group_timeout(timeout_minutes)
+    )
     device = torch.device(accelerator.device_name(), None if on_cpu else int(os.environ.get("LOCAL_RANK", 0)))
     if not on_cpu:
         accelerator.set_device(device.index)
@@ -78,17 +83,30 @@ def _build_model(config: RunConfig, task) -> tuple[torch.nn.Module, dict]:
 
 
 def train(config: RunConfig) -> int:
-    rank, world, device = _start_distributed()
+    """Train this rank: the process group, then everything else under the watchdog."""
+    # The process group's start is bounded by its own timeout (the rendezvous waits that long for every rank). The
+    # watchdog starts after it: before the rendezvous DeepSpeed builds its CPU shared-memory op, the first time on a
+    # machine a compile of a minute or more that is no peer's fault.
+    rank, world, device = _start_distributed(config.train.collective_timeout_minutes)
+    with Watchdog(config.train.collective_timeout_minutes, rank) as watchdog:
+        return _train(config, rank, world, device, watchdog)
+
+
+def _train(config: RunConfig, rank: int, world: int, device: torch.device, watchdog: Watchdog) -> int:
     stop_signal, started = StopSignal(), time.time()
     train_cfg, output_dir = config.train, config.output_dir
 
     # -- task (data, loss, evaluation), model, engine -----------------------------------------------------------------
+    watchdog.pet("the task's setup", 0)
     task = build_task(config, rank, world, barrier=dist.barrier)
+    watchdog.pet("the model's setup", 0)
     model, facts = _build_model(config, task)
+    watchdog.pet("the DeepSpeed engine's setup", 0)
     engine, accumulation = initialize_engine(model, config, world, device.type)
     if train_cfg.compile:
         engine.compile()
     inject_faults = FaultInjector(rank)
+    watchdog.pet("the resume", 0)
 
     # -- resume from the newest valid checkpoint ----------------------------------------------------------------------
     checkpoints = CheckpointManager(
@@ -226,6 +244,7 @@ def train(config: RunConfig) -> int:
     # -- the loop -----------------------------------------------------------------------------------------------------
     meter.restart()
     while step < train_cfg.max_steps:
+        watchdog.pet("the optimizer step", step + 1)
         # The schedule follows the loop's step count (skipped steps included), so it ends at max_steps on every stage.
         set_learning_rate(engine.optimizer, learning_rate(step, config.optimizer, last))
         with memory_knobs_on_oom(f"step {step + 1}"):
@@ -239,11 +258,13 @@ def train(config: RunConfig) -> int:
         meter.tick()
         with meter.paused(), memory_knobs_on_oom(f"the side jobs of step {step}"):
             for job in side_jobs:
+                watchdog.pet(job.phase, step)
                 job.maybe_run(step, outcome)
         if stop.stopping:
             logger.log(step, event="stopped", reason=stop.reason)
             stop.consume()
             break
     logger.close()
+    watchdog.pet("the final barrier", step)
     dist.barrier()
     return 0

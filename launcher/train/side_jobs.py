@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -41,7 +42,9 @@ def every(period: int, step: int, last_step: int) -> bool:
 
 class SideJob:
     """A side job of the loop. ``maybe_run`` is called after every optimizer step, on every rank, in a fixed
-    order."""
+    order. ``phase`` names it in the watchdog's line (``launcher.train.watchdog``)."""
+
+    phase: ClassVar[str] = "a side job"
 
     def maybe_run(self, step: int, outcome: StepOutcome) -> None:
         raise NotImplementedError
@@ -51,6 +54,8 @@ class SideJob:
 class NonFiniteGuard(SideJob):
     """Counts the steps skipped for a non-finite loss or gradient, logs each, and stops the run (an error) after
     ``max_in_a_row`` in a row; the last checkpoint stays intact."""
+
+    phase: ClassVar[str] = "the non-finite guard"
 
     logger: MetricsLogger
     max_in_a_row: int
@@ -99,6 +104,8 @@ class TrainMetrics(SideJob):
     gradient norm, skipped steps, throughput and MFU, memory, and the bad records the data skipped (summed over
     ranks; ``data_stats``: this rank's data statistics, ``loader.stats()``) with a warning each time they grow."""
 
+    phase: ClassVar[str] = "the training metrics"
+
     logger: MetricsLogger
     meter: ThroughputMeter
     guard: NonFiniteGuard
@@ -139,6 +146,8 @@ class ModelStateProbe(SideJob):
     reduced, the first step's optimizer states there — measured just before that step's update
     ([`before_update`]) and logged after it, with the maximum over ranks."""
 
+    phase: ClassVar[str] = "the model-state probe"
+
     logger: MetricsLogger
     engine: object
     probe_step: int  # the second step after the start (or the resume)
@@ -167,6 +176,8 @@ class ModelStateProbe(SideJob):
 class Evaluation(SideJob):
     """The task's held-out evaluation every ``eval_every`` steps and at the last (every rank: ZeRO-3 gathers)."""
 
+    phase: ClassVar[str] = "the evaluation"
+
     logger: MetricsLogger
     engine: object
     task: object
@@ -189,6 +200,8 @@ class Evaluation(SideJob):
 class WhiteboxProbe(SideJob):
     """The architecture's white-box measures on fixed held-out samples every ``whitebox_every`` steps, and for image
     runs the CLS attention maps as a figure (every rank runs the forward pass, ZeRO-3 gathers; rank 0 draws)."""
+
+    phase: ClassVar[str] = "the white-box probe"
 
     logger: MetricsLogger
     engine: object
@@ -237,6 +250,8 @@ class StopRequests(SideJob):
     ``wall_clock_minutes`` budget, or a ``STOP`` file in the output directory (shared filesystem: Slurm's batch
     script touches it). Sets ``stopping`` and ``reason``."""
 
+    phase: ClassVar[str] = "the stop check"
+
     signal: StopSignal
     output_dir: str
     wall_clock_minutes: float | None
@@ -267,6 +282,8 @@ class StopRequests(SideJob):
 class Checkpointing(SideJob):
     """A verified checkpoint every ``save_every`` steps, at the last step, and when the run stops early (after
     [`StopRequests`] in the job order); ``save(step)`` writes one on every rank."""
+
+    phase: ClassVar[str] = "the checkpoint save"
 
     save: Callable[[int], None]
     save_every: int

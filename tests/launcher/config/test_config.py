@@ -41,6 +41,10 @@ def test_defaults_and_overrides():
         (["optimizer.lr=fast"], "run.yaml: optimizer.lr: Input should be a valid number (got 'fast')"),
         (["train.max_steps=2.5"], "run.yaml: train.max_steps: Input should be a valid integer (got 2.5)"),
         (["zero.stage=4"], "run.yaml: zero.stage: Input should be 0, 1, 2 or 3 (got 4)"),
+        (
+            ["train.collective_timeout_minutes=0.01"],
+            "run.yaml: train.collective_timeout_minutes: Input should be greater than or equal to 0.1 (got 0.01)",
+        ),
         (["zero.offload_optimizer=true"], "run.yaml: zero: offload_optimizer needs ZeRO stage 1, 2 or 3"),
         (["zero.stage=2", "zero.offload_params=true"], "run.yaml: zero: offload_params needs ZeRO stage 3"),
         (["optimizer.min_lr=0.1"], "run.yaml: optimizer: min_lr (0.1) must not exceed lr"),

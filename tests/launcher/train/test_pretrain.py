@@ -14,6 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from launcher.train.watchdog import HUNG_EXIT_CODE
+from tests.processes import children_of, ended, wait_for
+
 REPO = Path(__file__).resolve().parents[3]
 TINY = REPO / "configs" / "lm" / "crate-tiny.yaml"
 SMALL = [
@@ -49,10 +52,8 @@ def shared_tokenizer(tmp_path_factory):
     SMALL.pop()
 
 
-def pretrain(
-    output_dir: Path, *overrides: str, nproc: int = 2, config: Path = TINY, timeout: int = 600, env: dict | None = None
-):
-    command = [
+def pretrain_command(output_dir: Path, *overrides: str, nproc: int = 2, config: Path = TINY) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "launcher.cli",
@@ -63,9 +64,30 @@ def pretrain(
         *overrides,
         f"--nproc-per-node={nproc}",
     ]
+
+
+def pretrain(
+    output_dir: Path, *overrides: str, nproc: int = 2, config: Path = TINY, timeout: int = 600, env: dict | None = None
+):
     return subprocess.run(
-        command, capture_output=True, text=True, timeout=timeout, cwd=REPO, env={**os.environ, **(env or {})}
+        pretrain_command(output_dir, *overrides, nproc=nproc, config=config),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
     )
+
+
+def start_pretrain(output_dir: Path, *overrides: str, **popen) -> subprocess.Popen:
+    """A 2-rank run in the background, returned once it has logged a loss."""
+    process = subprocess.Popen(pretrain_command(output_dir, *overrides), cwd=REPO, text=True, **popen)
+    metrics = output_dir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (metrics.exists() and '"loss"' in metrics.read_text()):
+        assert process.poll() is None, f"the run ended ({process.returncode}) before it logged a loss"
+        time.sleep(0.1)
+    return process
 
 
 def crate(*args: str, timeout: int = 300):
@@ -175,32 +197,18 @@ def assert_crafted_pickles_never_run(output_dir: Path, step: int) -> None:
             (directory / original).write_bytes(data)
 
 
-def _ranks_of(parent: int) -> list[int]:
-    children = Path(f"/proc/{parent}/task/{parent}/children")
-    return [int(pid) for pid in children.read_text().split()] if children.exists() else []
-
-
 @pytest.mark.parametrize("stage", [2, 3])
 def test_kill_9_of_a_rank_then_relaunch_equals_the_uninterrupted_run(stage, tmp_path):
     straight, crashed = tmp_path / "straight", tmp_path / "crashed"
     run = ("train.max_steps=60", "train.save_every=3", "train.log_every=1", f"zero.stage={stage}")
     assert pretrain(straight, *run).returncode == 0
-    command = [
-        sys.executable,
-        "-m",
-        "launcher.cli",
-        "pretrain",
-        str(TINY),
-        f"output_dir={crashed}",
-        *SMALL,
-        *run,
-        "--nproc-per-node=2",
-    ]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        pretrain_command(crashed, *run), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not (crashed / "checkpoints" / "global_step9").is_dir():
         time.sleep(0.05)
-    os.kill(_ranks_of(process.pid)[1], signal.SIGKILL)  # kill -9 one rank mid-run
+    os.kill(children_of(process.pid)[1], signal.SIGKILL)  # kill -9 one rank mid-run
     _, errors = process.communicate(timeout=300)
     assert process.returncode != 0
     assert not (crashed / "checkpoints" / "global_step60").exists(), "the run finished before the kill"
@@ -213,25 +221,14 @@ def test_kill_9_of_a_rank_then_relaunch_equals_the_uninterrupted_run(stage, tmp_
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["sigterm", "ctrl-c"])
 def test_sigterm_saves_exits_zero_and_resumes(sig, tmp_path):
-    command = [
-        sys.executable,
-        "-m",
-        "launcher.cli",
-        "pretrain",
-        str(TINY),
-        f"output_dir={tmp_path}",
-        *SMALL,
+    process = start_pretrain(
+        tmp_path,
         "train.max_steps=100000",
         "train.save_every=0",
-        "--nproc-per-node=2",
-    ]
-    process = subprocess.Popen(
-        command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
-    metrics = tmp_path / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and not (metrics.exists() and '"loss"' in metrics.read_text()):
-        time.sleep(1)
     os.killpg(process.pid, sig)  # as Slurm and a terminal's Ctrl-C do: the whole process group
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 0, output[-4000:]
@@ -242,6 +239,61 @@ def test_sigterm_saves_exits_zero_and_resumes(sig, tmp_path):
     resumed = pretrain(tmp_path, f"train.max_steps={stopped_at + 3}", "train.save_every=0")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     assert (tmp_path / "checkpoints" / f"global_step{stopped_at + 3}").is_dir()
+
+
+def test_a_stopped_rank_ends_every_rank_with_one_line_and_the_launcher_fails(tmp_path):
+    """SIGSTOP on rank 1 leaves rank 0 blocked in a collective; its watchdog stops it with one line after
+    train.collective_timeout_minutes, then the launcher sends rank 1 SIGTERM and SIGCONT, and it ends too."""
+    run = ("train.max_steps=100000", "train.save_every=0", "train.log_every=1", "train.collective_timeout_minutes=0.15")
+    process = start_pretrain(tmp_path, *run, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ranks = children_of(process.pid)
+    try:
+        os.kill(ranks[1], signal.SIGSTOP)
+        stopped = time.monotonic()
+        _, errors = process.communicate(timeout=120)
+        took = time.monotonic() - stopped
+    finally:
+        for pid in ranks:
+            if not ended(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert process.returncode == HUNG_EXIT_CODE, errors[-4000:]
+    hung = [line for line in errors.splitlines() if line.startswith("rank 0: no progress for 0.15 min in the ")]
+    assert len(hung) == 1 and hung[0].endswith("a rank is hung or dead - stopping (train.collective_timeout_minutes)")
+    # the watchdog's 9 s (from its last pet, up to a phase before the stop), well before the process group's own
+    # timeout (69 s) and the launcher's SIGKILL (30 s after rank 0 failed): SIGCONT let rank 1 stop at once
+    assert 7 < took < 9 + 20, (took, errors[-4000:])
+    assert all(ended(pid) for pid in ranks)
+
+
+def test_killing_the_launcher_stops_its_ranks_gracefully(tmp_path):
+    """kill -9 of `crate pretrain --nproc-per-node 2`: the ranks get SIGTERM (the parent-death signal), agree on a
+    step, save and exit, rather than live on as orphans."""
+    with (tmp_path / "stderr.txt").open("w") as stderr:
+        process = start_pretrain(
+            tmp_path,
+            "train.max_steps=100000",
+            "train.save_every=0",
+            "train.log_every=1",
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+        ranks = children_of(process.pid)
+        process.kill()
+        process.wait()
+        killed = time.monotonic()
+        wait_for(lambda: all(ended(pid) for pid in ranks), 60)
+        took = time.monotonic() - killed
+    alive = [pid for pid in ranks if not ended(pid)]
+    for pid in alive:
+        os.kill(pid, signal.SIGKILL)
+    errors = (tmp_path / "stderr.txt").read_text()
+    assert not alive and took < 30, (took, errors[-4000:])
+    assert "Traceback" not in errors, errors[-4000:]
+    from launcher.metrics.logger import read_metrics
+
+    stopped = [row for row in read_metrics(tmp_path, kind="train") if row.get("event") == "stopped"]
+    assert [row["reason"] for row in stopped] == ["signal"]
+    assert (tmp_path / "checkpoints" / f"global_step{stopped[0]['step']}").is_dir()
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
