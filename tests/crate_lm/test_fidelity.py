@@ -234,11 +234,13 @@ def padded_model(**overrides) -> CrateForCausalLM:
 def test_padded_rows_are_never_scored_sampled_or_in_the_loss():
     model = padded_model()
     ids = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        out = model(ids, labels=ids)
+    out = model(ids, labels=ids)
     assert out.logits.shape == (2, 8, 100)
     expected = F.cross_entropy(out.logits[:, :-1].reshape(-1, 100), ids[:, 1:].reshape(-1))
     torch.testing.assert_close(out.loss, expected)
+    out.loss.backward()  # the padded rows take no part: no gradient reaches them
+    gradient = model.lm_head.weight.grad
+    assert gradient[100:].abs().max() == 0 and gradient[:100].abs().max() > 0
     torch.manual_seed(4)
     sampled = model.generate(ids, max_new_tokens=6, do_sample=True, temperature=5.0, top_k=0, num_return_sequences=2)
     greedy = model.generate(ids, max_new_tokens=6, do_sample=False)

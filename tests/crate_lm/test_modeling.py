@@ -493,12 +493,20 @@ TRUST_REMOTE_CODE_SCRIPT = textwrap.dedent(
 )
 
 
+# With the official presets' knobs: CRATE-alpha's eps per LayerNorm family and fan-in d, ToST's missing biases, a
+# padded table (500 -> 512 rows) and no final LN.
+OFFICIAL_KNOBS = {
+    "crate-alpha": {"layer_norm_eps": 1e-6, "final_layer_norm_eps": 1e-5, "ista_dictionary_fan_in": "hidden_size"},
+    "tost": {"layer_norm_bias": False, "mlp_bias": False, "attention_out_bias": False, "final_layer_norm": False},
+}
+
+
 @pytest.mark.parametrize("variant", ["crate-alpha", "tost"])
 def test_checkpoint_loads_with_trust_remote_code_without_this_package(variant, tmp_path):
-    model = tiny_model(variant)
+    model = tiny_model(variant, vocab_size=500, vocab_pad_multiple=64, **OFFICIAL_KNOBS[variant])
     checkpoint = tmp_path / "checkpoint"
     model.save_pretrained(checkpoint)
-    ids = random_ids(2, 9)
+    ids = random_ids(2, 9, vocab=500)
     torch.save(ids, tmp_path / "ids.pt")
     script = tmp_path / "load.py"
     script.write_text(TRUST_REMOTE_CODE_SCRIPT)
