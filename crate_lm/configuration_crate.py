@@ -9,6 +9,12 @@ One config covers the whole published family; the variant is chosen by a few kno
 | CRATE-alpha  | mssa           | 4                     | 2          | True                   | True          |
 | ToST         | tssa           | (GELU MLP, not ISTA)  | -          | -                      | -             |
 
+The remaining fields say how a released model was built where the codes differ: a final LayerNorm or not, the
+LayerNorm eps of the block norms and of the final (head) norm, biases per family of layers, the attention output
+projection, the fan-in of the dictionaries' Kaiming init, and the padding of the vocabulary. Their defaults are the
+behaviour of the models saved before these fields existed (so an older ``config.json``, which lacks them, loads as
+it was trained); the published presets (``presets.json``) set the official values explicitly.
+
 This file is also copied into every saved checkpoint (``trust_remote_code`` loading), so it imports only
 ``transformers``.
 """
@@ -41,6 +47,10 @@ VARIANT_KNOBS: dict[str, dict] = {
 }
 DICTIONARY_RATIOS = (1, 4)
 ISTA_STEPS = (1, 2)
+# Whose width is the fan-in of the dictionaries' Kaiming-uniform init, bound sqrt(6 / fan_in): the dictionary width s
+# (torch's rule for our (d, s) storage) or the hidden size d (the official CRATE-LM's (s, d) storage, CRATE-alpha's
+# flax kernel (d, s)). The two agree for a complete dictionary.
+DICTIONARY_FAN_INS = ("dictionary_size", "hidden_size")
 
 
 class CrateLayerKnobs:
@@ -60,16 +70,33 @@ class CrateLayerKnobs:
         """The published family member this configuration is, or ``"custom"``."""
         return structural_variant(self)
 
+    @property
+    def dictionary_fan_in(self) -> int:
+        """The fan-in of the dictionaries' Kaiming-uniform init (see ``ista_dictionary_fan_in``)."""
+        return self.hidden_size if self.ista_dictionary_fan_in == "hidden_size" else self.dictionary_size
+
 
 class CrateConfig(CrateLayerKnobs, PretrainedConfig):
     r"""Configuration of [`CrateModel`], [`CrateForCausalLM`] and [`CrateForSequenceClassification`].
 
-    The defaults build Causal-CRATE-Base (59.9M parameters, nanoGPT counting): GPT-2 skeleton (learned absolute
-    positions, pre-LN, final LN, tied LM head, GPT-2 vocabulary) with CRATE layers.
+    The defaults build CRATE layers at Causal-CRATE-Base's shape in the GPT-2 skeleton (learned absolute positions,
+    pre-LN, a final LN, tied LM head, the GPT-2 vocabulary unpadded): the models saved before the fidelity fields
+    existed. The released Causal-CRATE-Base has no final LN and a vocabulary padded to 50304: the preset
+    ``causal-crate-base`` (``config_from_preset``) builds it.
 
     Args:
-        vocab_size, hidden_size, num_hidden_layers, num_attention_heads, max_position_embeddings, layer_norm_eps,
-        initializer_range, tie_word_embeddings, bos/eos/pad_token_id: as in HF GPT-2 (under the modern names).
+        vocab_size (`int`): the tokenizer's size: the ids the model reads and the width of its logits.
+        hidden_size, num_hidden_layers, num_attention_heads, max_position_embeddings, initializer_range,
+        tie_word_embeddings, bos/eos/pad_token_id: as in HF GPT-2 (under the modern names).
+        layer_norm_eps (`float`): eps of the LayerNorms inside the layers (block norms).
+        final_layer_norm_eps (`float`, *optional*): eps of the final LayerNorm; default ``layer_norm_eps``
+            (CRATE-alpha: blocks 1e-6, final 1e-5).
+        final_layer_norm (`bool`): a LayerNorm between the last layer and the LM head (CRATE-LM, ToST: yes; the
+            released Causal-CRATE: no, the last ISTA output feeds the head).
+        layer_norm_bias (`bool`): biases in every LayerNorm (ToST's official training: no).
+        vocab_pad_multiple (`int`): pad the embedding table (and the tied head) to a multiple of this many rows
+            (the nanoGPT-derived codes: 64, 50257 -> 50304). Logits keep ``vocab_size`` columns: the padded rows
+            are never scored, sampled or in the loss's softmax.
         attention_type (`str`): ``"mssa"`` (multi-head subspace self-attention, q = k = v) or ``"tssa"``
             (token-statistics self-attention of ToST, linear time, with a GELU MLP instead of ISTA).
         ista_dictionary_ratio (`int`): dictionary width over ``hidden_size``: 1 (complete) or 4 (overcomplete).
@@ -78,8 +105,15 @@ class CrateConfig(CrateLayerKnobs, PretrainedConfig):
         ista_residual (`bool`): add the decoded sparse code to the residual stream (CRATE-alpha).
         ista_step_size (`float`): the ISTA step size eta (a constant, not learned).
         ista_lambda (`float`): the sparsity weight lambda of the LASSO (a constant, not learned).
-        attention_out_bias (`bool`): bias on the attention output projection (CRATE, CRATE-LM: yes; CRATE-alpha: no).
+        ista_dictionary_fan_in (`str`): the fan-in of the dictionaries' Kaiming-uniform init (bound
+            ``sqrt(6 / fan_in)``): ``"dictionary_size"`` (s) or ``"hidden_size"`` (d, the official CRATE-LM and
+            CRATE-alpha trainings). The same for a complete dictionary.
+        attention_out_projection (`bool`): the learned output projection ``U_out`` of the attention (the official
+            vision CRATE drops it when there is one head).
+        attention_out_bias (`bool`): bias on the attention output projection (CRATE, CRATE-LM: yes; CRATE-alpha,
+            ToST's official training: no).
         mlp_ratio (`int`): width of the ToST GELU MLP over ``hidden_size``.
+        mlp_bias (`bool`): biases of the ToST GELU MLP (ToST's official training: no).
         layer_scale_init (`float`): initial value of ToST's per-channel residual scales (LayerScale).
         tssa_position_bias (`bool`): the learned per-position bias inside ToST's causal normalisation (official LM).
         attention_dropout, residual_dropout, embedding_dropout (`float`): dropout probabilities.
@@ -105,10 +139,17 @@ class CrateConfig(CrateLayerKnobs, PretrainedConfig):
         ista_residual: bool = False,
         ista_step_size: float = 0.1,
         ista_lambda: float = 0.1,
+        ista_dictionary_fan_in: str = "dictionary_size",
+        attention_out_projection: bool = True,
         attention_out_bias: bool = True,
         mlp_ratio: int = 4,
+        mlp_bias: bool = True,
         layer_scale_init: float = 1e-5,
         tssa_position_bias: bool = True,
+        final_layer_norm: bool = True,
+        final_layer_norm_eps: float | None = None,
+        layer_norm_bias: bool = True,
+        vocab_pad_multiple: int = 1,
         attention_dropout: float = 0.0,
         residual_dropout: float = 0.0,
         embedding_dropout: float = 0.0,
@@ -132,10 +173,17 @@ class CrateConfig(CrateLayerKnobs, PretrainedConfig):
         self.ista_residual = ista_residual
         self.ista_step_size = ista_step_size
         self.ista_lambda = ista_lambda
+        self.ista_dictionary_fan_in = ista_dictionary_fan_in
+        self.attention_out_projection = attention_out_projection
         self.attention_out_bias = attention_out_bias
         self.mlp_ratio = mlp_ratio
+        self.mlp_bias = mlp_bias
         self.layer_scale_init = layer_scale_init
         self.tssa_position_bias = tssa_position_bias
+        self.final_layer_norm = final_layer_norm
+        self.final_layer_norm_eps = layer_norm_eps if final_layer_norm_eps is None else final_layer_norm_eps
+        self.layer_norm_bias = layer_norm_bias
+        self.vocab_pad_multiple = vocab_pad_multiple
         self.attention_dropout = attention_dropout
         self.residual_dropout = residual_dropout
         self.embedding_dropout = embedding_dropout
@@ -154,9 +202,16 @@ class CrateConfig(CrateLayerKnobs, PretrainedConfig):
         """Language models attend to the past only (the vision config answers False)."""
         return True
 
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the embedding table and the tied LM head: ``vocab_size`` rounded up to ``vocab_pad_multiple``."""
+        return -(-self.vocab_size // self.vocab_pad_multiple) * self.vocab_pad_multiple
+
     def validate_crate(self) -> None:
         """Raise a one-line ``ValueError`` naming the field for any value the models cannot build."""
-        validate_crate_fields(self, type(self).__name__, extra_positive=("vocab_size", "max_position_embeddings"))
+        validate_crate_fields(
+            self, type(self).__name__, extra_positive=("vocab_size", "max_position_embeddings", "vocab_pad_multiple")
+        )
 
 
 def validate_crate_fields(config, class_name: str, extra_positive: tuple[str, ...] = ()) -> None:
@@ -200,7 +255,9 @@ def validate_crate_fields(config, class_name: str, extra_positive: tuple[str, ..
                 "ToST layers use a GELU MLP, not ISTA: leave ista_dictionary_ratio=1, "
                 "ista_steps=1, ista_decoupled_decoder=False, ista_residual=False",
             )
-    for field in ("ista_step_size", "layer_norm_eps", "initializer_range"):
+    if config.ista_dictionary_fan_in not in DICTIONARY_FAN_INS:
+        fail("ista_dictionary_fan_in", config.ista_dictionary_fan_in, f"allowed values are {list(DICTIONARY_FAN_INS)}")
+    for field in ("ista_step_size", "layer_norm_eps", "final_layer_norm_eps", "initializer_range"):
         if not float(getattr(config, field)) > 0:
             fail(field, getattr(config, field), "must be > 0")
     if float(config.ista_lambda) < 0:

@@ -35,13 +35,19 @@ class CrateVisionConfig(CrateLayerKnobs, PretrainedConfig):
             ``(image_size / patch_size)^2`` patches and are interpolated for other sizes.
         patch_size (`int`): side of a square patch.
         num_channels (`int`): 1 (greyscale) or 3 (RGB).
-        hidden_size, num_hidden_layers, num_attention_heads, layer_norm_eps, initializer_range: as in HF ViT.
+        hidden_size, num_hidden_layers, num_attention_heads, initializer_range: as in HF ViT.
+        layer_norm_eps (`float`): eps of the LayerNorms inside the layers and of the patch embedding.
+        final_layer_norm_eps (`float`, *optional*): eps of the head's LayerNorm; default ``layer_norm_eps``
+            (the CRATE-alpha PyTorch port: layers 1e-6, head 1e-5).
+        layer_norm_bias (`bool`): biases in the layers' and the head's LayerNorms.
         patch_embedding_type (`str`): ``"linear"`` (patchify, LN, Linear, LN: the official CRATE) or ``"conv"``
             (a stride-``patch_size`` convolution: the CRATE-alpha port and ViT).
         pooling (`str`): ``"cls"`` (the CLS token) or ``"mean"`` (mean over all tokens) feeds the head.
         attention_type, ista_dictionary_ratio, ista_steps, ista_decoupled_decoder, ista_residual, ista_step_size,
-        ista_lambda, attention_out_bias, mlp_ratio, layer_scale_init, attention_dropout, residual_dropout,
-        embedding_dropout: the CRATE layer knobs of [`CrateConfig`].
+        ista_lambda, ista_dictionary_fan_in, attention_out_projection, attention_out_bias, mlp_ratio, mlp_bias,
+        layer_scale_init, attention_dropout, residual_dropout, embedding_dropout: the CRATE layer knobs of
+        [`CrateConfig`]. The official CRATE and CRATE-alpha drop the attention output projection when there is one
+        head (``attention_out_projection=False``).
         num_labels, id2label, label2id: the classes (standard ``PretrainedConfig`` fields).
     """
 
@@ -68,9 +74,14 @@ class CrateVisionConfig(CrateLayerKnobs, PretrainedConfig):
         ista_residual: bool = False,
         ista_step_size: float = 0.1,
         ista_lambda: float = 0.1,
+        ista_dictionary_fan_in: str = "dictionary_size",
+        attention_out_projection: bool = True,
         attention_out_bias: bool = True,
         mlp_ratio: int = 4,
+        mlp_bias: bool = True,
         layer_scale_init: float = 1e-5,
+        final_layer_norm_eps: float | None = None,
+        layer_norm_bias: bool = True,
         attention_dropout: float = 0.0,
         residual_dropout: float = 0.0,
         embedding_dropout: float = 0.0,
@@ -93,9 +104,14 @@ class CrateVisionConfig(CrateLayerKnobs, PretrainedConfig):
         self.ista_residual = ista_residual
         self.ista_step_size = ista_step_size
         self.ista_lambda = ista_lambda
+        self.ista_dictionary_fan_in = ista_dictionary_fan_in
+        self.attention_out_projection = attention_out_projection
         self.attention_out_bias = attention_out_bias
         self.mlp_ratio = mlp_ratio
+        self.mlp_bias = mlp_bias
         self.layer_scale_init = layer_scale_init
+        self.final_layer_norm_eps = layer_norm_eps if final_layer_norm_eps is None else final_layer_norm_eps
+        self.layer_norm_bias = layer_norm_bias
         self.attention_dropout = attention_dropout
         self.residual_dropout = residual_dropout
         self.embedding_dropout = embedding_dropout

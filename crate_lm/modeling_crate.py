@@ -6,8 +6,9 @@ into multi-head subspace self-attention, MSSA) followed by a proximal step towar
 dictionary (which unrolls into the ISTA block). ToST replaces MSSA by token-statistics self-attention (TSSA), a
 linear-time operator derived from a variational form of ``R^c``, and keeps a GELU MLP.
 
-Skeleton shared by every released CRATE LM (GPT-2 shape): learned absolute positions, pre-LN, final LN, tied
-input embedding and LM head.
+Skeleton (GPT-2's, as in every released CRATE LM): learned absolute positions, pre-LN, tied input embedding and LM
+head, and a final LN unless ``final_layer_norm=False`` (the released Causal-CRATE has none). The embedding table may
+be padded (``vocab_pad_multiple``); the logits keep the tokenizer's ``vocab_size`` columns.
 
 Tokens are rows: hidden states are ``(batch, tokens, d)``; heads are ``K`` subspaces of size ``p = d / K``.
 
@@ -214,6 +215,20 @@ def _residual_output(linear: nn.Linear) -> nn.Linear:
     return linear
 
 
+def _attention_output(config: CrateConfig) -> nn.Linear | None:
+    """The attention's output projection ``U_out`` (``None`` with ``attention_out_projection=False``)."""
+    if not config.attention_out_projection:
+        return None
+    return _residual_output(nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_out_bias))
+
+
+def _layer_norm(config: CrateConfig, eps: float | None = None) -> nn.LayerNorm:
+    """A LayerNorm over the hidden size: the block norms' eps unless ``eps`` is given, bias per ``layer_norm_bias``."""
+    return nn.LayerNorm(
+        config.hidden_size, eps=config.layer_norm_eps if eps is None else eps, bias=config.layer_norm_bias
+    )
+
+
 class CrateMSSA(nn.Module):
     r"""Multi-head subspace self-attention: a gradient step on the compression term ``R^c(Z | U_[K])``.
 
@@ -222,7 +237,8 @@ class CrateMSSA(nn.Module):
         MSSA(x) = U_out [ softmax(w_1 w_1^T / sqrt(p)) w_1, ..., softmax(w_K w_K^T / sqrt(p)) w_K ] + b_out
 
     with a causal mask for language models (none for vision: ``config.causal_attention``). Because ``q = k = v`` this
-    is exactly ``scaled_dot_product_attention(w, w, w)``, and a KV cache stores the single tensor ``w``.
+    is exactly ``scaled_dot_product_attention(w, w, w)``, and a KV cache stores the single tensor ``w``. Without
+    ``attention_out_projection`` the concatenated heads are the output (``U_out = I``, no bias).
     """
 
     def __init__(self, config: CrateConfig, layer_idx: int):
@@ -232,9 +248,7 @@ class CrateMSSA(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.subspace_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)  # [U_1 ... U_K]
-        self.out_proj = _residual_output(
-            nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_out_bias)
-        )
+        self.out_proj = _attention_output(config)
         self.attention_dropout = config.attention_dropout
 
     def forward(self, hidden_states, attention_mask=None, cache=None, output_attentions=False, **unused):
@@ -260,7 +274,7 @@ class CrateMSSA(nn.Module):
                 w, context, context, attn_mask=attention_mask, dropout_p=dropout, is_causal=is_causal
             )
         out = out.transpose(1, 2).reshape(batch, tokens, -1)
-        return self.out_proj(out), weights, w
+        return (out if self.out_proj is None else self.out_proj(out)), weights, w
 
 
 class CrateTSSA(nn.Module):
@@ -287,9 +301,7 @@ class CrateTSSA(nn.Module):
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
         self.subspace_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
-        self.out_proj = _residual_output(
-            nn.Linear(config.hidden_size, config.hidden_size, bias=config.attention_out_bias)
-        )
+        self.out_proj = _attention_output(config)
         self.temperature = nn.Parameter(torch.ones(self.num_heads))
         self.position_bias = (
             nn.Parameter(torch.zeros(self.num_heads, config.max_position_embeddings))
@@ -331,7 +343,7 @@ class CrateTSSA(nn.Module):
             state.update_statistics(cum_sq[:, :, -1], cum_pi[:, :, -1], cum_pi_sq[:, :, -1], tokens)
 
         out = out.to(hidden_states.dtype).transpose(1, 2).reshape(batch, tokens, -1)
-        return self.out_proj(out), membership, w
+        return (out if self.out_proj is None else self.out_proj(out)), membership, w
 
 
 class CrateISTA(nn.Module):
@@ -397,13 +409,13 @@ class CrateISTA(nn.Module):
 
 
 class CrateMLP(nn.Module):
-    """ToST's standard GELU MLP: ``W_2 GELU(W_1 x + b_1) + b_2``."""
+    """ToST's standard GELU MLP: ``W_2 GELU(W_1 x + b_1) + b_2`` (no ``b`` with ``mlp_bias=False``)."""
 
     def __init__(self, config: CrateConfig):
         super().__init__()
         inner = config.mlp_ratio * config.hidden_size
-        self.fc_in = nn.Linear(config.hidden_size, inner)
-        self.fc_out = _residual_output(nn.Linear(inner, config.hidden_size))
+        self.fc_in = nn.Linear(config.hidden_size, inner, bias=config.mlp_bias)
+        self.fc_out = _residual_output(nn.Linear(inner, config.hidden_size, bias=config.mlp_bias))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         activation = F.gelu(self.fc_in(x))
@@ -432,8 +444,8 @@ class CrateLayer(GradientCheckpointingLayer):
         super().__init__()
         self.is_tssa = config.attention_type == "tssa"
         self.residual = config.ista_residual
-        self.attention_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
-        self.sparse_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attention_norm = _layer_norm(config)
+        self.sparse_norm = _layer_norm(config)
         self.dropout = nn.Dropout(config.residual_dropout)
         if self.is_tssa:
             self.attention = CrateTSSA(config, layer_idx)
@@ -531,9 +543,21 @@ class CratePreTrainedModel(PreTrainedModel):
         # Our cache holds one tensor per MSSA layer (or a TSSA running state); the model builds it itself.
         return False
 
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        """HF's resize with ``new_num_tokens`` the tokenizer's new size: the table is padded to a multiple of
+        ``pad_to_multiple_of`` (default ``config.vocab_pad_multiple``) and ``config.vocab_size`` stays the
+        tokenizer's size (HF's own would set it to the padded row count)."""
+        vocab_size = self.config.vocab_size if new_num_tokens is None else new_num_tokens
+        multiple = pad_to_multiple_of or self.config.vocab_pad_multiple
+        embeddings = super().resize_token_embeddings(vocab_size, multiple, mean_resizing)
+        self.config.vocab_size, self.config.vocab_pad_multiple = vocab_size, multiple
+        self.vocab_size = vocab_size
+        return embeddings
+
     def _init_weights(self, module):
         """GPT-2 init (N(0, 0.02); the output projection of each residual branch N(0, 0.02 / sqrt(2L))); the
-        dictionaries keep the official Kaiming-uniform init; ToST temperatures 1, position biases 0."""
+        dictionaries keep the official Kaiming-uniform init, ``U(-sqrt(6 / fan_in), sqrt(6 / fan_in))`` with the
+        fan-in ``config.dictionary_fan_in``; ToST temperatures 1, position biases 0."""
         if isinstance(module, nn.Linear) and getattr(module, "_residual_branch_output", False):
             # Handled here, not on the parent module: HF may visit the Linear after its parent.
             std = self.config.initializer_range / math.sqrt(2 * self.config.num_hidden_layers)
@@ -547,23 +571,26 @@ class CratePreTrainedModel(PreTrainedModel):
             if module.position_bias is not None:
                 init.zeros_(module.position_bias)
         elif isinstance(module, CrateISTA):
-            init.kaiming_uniform_(module.dictionary)
-            if module.decoder is not None:
-                init.kaiming_uniform_(module.decoder)
+            # Kaiming-uniform (a = 0, gain sqrt 2) at the configured fan-in; D and D1 are stored (d, s).
+            bound = math.sqrt(6.0 / self.config.dictionary_fan_in)
+            for dictionary in (module.dictionary, module.decoder):
+                if dictionary is not None:
+                    init.uniform_(dictionary, -bound, bound)
         elif isinstance(module, CrateLayerScale):
             init.constant_(module.scale, self.config.layer_scale_init)
 
 
 class CrateModel(CratePreTrainedModel):
-    """The CRATE decoder: token + position embeddings, ``num_hidden_layers`` [`CrateLayer`]s, a final LayerNorm."""
+    """The CRATE decoder: token + position embeddings, ``num_hidden_layers`` [`CrateLayer`]s, and a final LayerNorm
+    (``norm``; ``None`` with ``final_layer_norm=False``). The token table has ``config.padded_vocab_size`` rows."""
 
     def __init__(self, config: CrateConfig):
         super().__init__(config)
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.embed_tokens = nn.Embedding(config.padded_vocab_size, config.hidden_size)
         self.embed_positions = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.dropout = nn.Dropout(config.embedding_dropout)
         self.layers = nn.ModuleList([CrateLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm = _layer_norm(config, config.final_layer_norm_eps) if config.final_layer_norm else None
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -649,7 +676,8 @@ class CrateModel(CratePreTrainedModel):
             if output_sparse_codes:
                 all_codes.append(code)
                 all_projections.append(projections)
-        hidden_states = self.norm(hidden_states)
+        if self.norm is not None:
+            hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden.append(hidden_states)
 
@@ -669,14 +697,18 @@ def _wants_dict(return_dict: bool | None, config: CrateConfig) -> bool:
 
 
 class CrateForCausalLM(CratePreTrainedModel, GenerationMixin):
-    """CRATE language model: [`CrateModel`] and a linear LM head tied to the token embedding."""
+    """CRATE language model: [`CrateModel`] and a linear LM head tied to the token embedding.
+
+    With a padded table (``vocab_pad_multiple``) the head computes every row (the padded shape is the fast one)
+    and the logits are the first ``vocab_size`` columns: the padded rows are never scored, so ``generate`` and
+    pipelines cannot sample them and the loss's softmax runs over the tokenizer's ids only."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: CrateConfig):
         super().__init__(config)
         self.model = CrateModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.padded_vocab_size, bias=False)
         self.post_init()
 
     def get_input_embeddings(self):
@@ -728,6 +760,8 @@ class CrateForCausalLM(CratePreTrainedModel, GenerationMixin):
         else:
             hidden_states = hidden_states[:, logits_to_keep]
         logits = self.lm_head(hidden_states)
+        if logits.shape[-1] != self.config.vocab_size:
+            logits = logits[..., : self.config.vocab_size]  # a view: the padded rows' columns dropped
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, vocab_size=self.config.vocab_size, **kwargs)

@@ -144,7 +144,7 @@ class CrateVisionModel(CrateVisionPreTrainedModel):
         super().__init__(config)
         self.embeddings = CrateVisionEmbeddings(config)
         self.layers = nn.ModuleList([CrateLayer(config, i) for i in range(config.num_hidden_layers)])
-        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.final_layer_norm_eps, bias=config.layer_norm_bias)
         self.gradient_checkpointing = False
         self.post_init()
 

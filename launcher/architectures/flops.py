@@ -3,16 +3,19 @@
 Matrix-multiply FLOPs per token of one forward pass (a multiply-add is 2 FLOPs), with ``T`` the sequence length,
 ``d`` the width, ``s`` the dictionary width, ``V`` the vocabulary:
 
-* MSSA: the shared projection ``w = x U`` (2d^2) and the output projection (2d^2), plus attention scores and
-  weighted sum, ``4 T d`` (counted over the full ``T x T`` square, the PaLM / nanoGPT convention).
+* MSSA: the shared projection ``w = x U`` (2d^2) and the output projection (2d^2; none without
+  ``attention_out_projection``), plus attention scores and weighted sum, ``4 T d`` (counted over the full ``T x T``
+  square, the PaLM / nanoGPT convention).
 * ISTA, one step (CRATE): ``D z`` and ``D^T r`` (4d^2) — or, when a call holds at least 2d tokens, the fused form
   the model then takes, one ``d x d`` matmul per token (2d^2) plus ``Delta = eta (D - D^T D)`` built once per call
   (2d^3, spread over the call's tokens). Two steps (CRATE-LM / alpha): ``D^T z``, ``D a1``,
   ``D^T r`` and the decoder ``D a2`` (8ds). A dictionary is used several times per token, so ``6 x params``
   would under-count CRATE; these formulas count every use.
-* TSSA (ToST): projections (4d^2) and the GELU MLP (4 d * mlp_ratio * d); the token statistics are O(d) per token.
+* TSSA (ToST): projections (4d^2, or 2d^2 without the output one) and the GELU MLP (4 d * mlp_ratio * d); the
+  token statistics are O(d) per token.
 * GPT-2 layer: QKV (6d^2), output (2d^2), MLP (16d^2) and attention ``4 T d``.
-* LM head: ``2 d V`` (the embedding lookup is free).
+* LM head: ``2 d V`` with ``V`` the table's rows (``padded_vocab_size``: the padded rows are computed, then
+  dropped from the logits); the embedding lookup is free.
 * Vision (CRATE, ViT): the same layers over ``T = 1 + patches`` tokens, plus the patch embedding (``2 P^2 C d``
   per patch) and the classifier (``2 d classes`` per image), both spread over the image's T tokens.
 
@@ -32,8 +35,9 @@ def crate_layers_flops_per_token(config, seq_len: int, tokens_per_call: int | No
     """The CRATE layers alone; ``tokens_per_call`` (micro-batch x sequence) decides the one-step ISTA form, as in
     ``CrateISTA``."""
     d, layers = config.hidden_size, config.num_hidden_layers
+    projections = (4 if config.attention_out_projection else 2) * d * d
     if config.attention_type == "tssa":
-        per_layer = 4 * d * d + 4 * d * config.mlp_ratio * d
+        per_layer = projections + 4 * d * config.mlp_ratio * d
     else:
         s = config.dictionary_size
         if config.ista_steps == 2:
@@ -44,12 +48,13 @@ def crate_layers_flops_per_token(config, seq_len: int, tokens_per_call: int | No
             ista = 4 * d * s
         if config.ista_steps == 1 and config.ista_decoupled_decoder:
             ista += 2 * d * s
-        per_layer = 4 * d * d + 4 * seq_len * d + ista
+        per_layer = projections + 4 * seq_len * d + ista
     return layers * per_layer
 
 
 def crate_forward_flops_per_token(config, seq_len: int, tokens_per_call: int | None = None) -> float:
-    return crate_layers_flops_per_token(config, seq_len, tokens_per_call) + 2 * config.hidden_size * config.vocab_size
+    head = 2 * config.hidden_size * config.padded_vocab_size
+    return crate_layers_flops_per_token(config, seq_len, tokens_per_call) + head
 
 
 def _transformer_layers_flops_per_token(d: int, layers: int, inner: int, seq_len: int) -> float:

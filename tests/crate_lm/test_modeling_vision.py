@@ -30,7 +30,6 @@ from crate_lm import (
     CrateVisionConfig,
     CrateVisionModel,
     config_from_preset,
-    count_parameters,
     interpolate_position_table,
     preset_info,
     preset_names,
@@ -78,16 +77,6 @@ def tiny_vit(seed: int = 0) -> ViTForImageClassification:
 
 
 # ---------------------------------------------------------------------------------------------------- sizes
-
-
-@pytest.mark.parametrize("name", [n for n in preset_names("crate_vision") if "published_params" in preset_info(n)])
-def test_published_parameter_counts(name):
-    published = preset_info(name)["published_params"]
-    with torch.device("meta"):
-        model = CrateForImageClassification(config_from_preset(name))
-    params = count_parameters(model, exclude_position_embeddings=False)
-    assert params == sum(p.numel() for p in model.parameters())
-    assert abs(params - published) / published < 0.005, params
 
 
 def test_published_vision_presets_are_the_expected_ones():

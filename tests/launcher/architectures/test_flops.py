@@ -13,6 +13,12 @@ VARIANTS = [
     {"ista_dictionary_ratio": 4, "ista_steps": 2},
     {"ista_dictionary_ratio": 4, "ista_steps": 2, "ista_decoupled_decoder": True, "ista_residual": True},
     {"attention_type": "tssa"},
+    # the official presets' knobs: no final LN and a padded table (Causal-CRATE), no out-projection (one-head
+    # vision), no biases (ToST)
+    {"final_layer_norm": False, "vocab_pad_multiple": 64},
+    {"attention_out_projection": False, "num_attention_heads": 1},
+    {"attention_type": "tssa", "attention_out_projection": False},
+    {"attention_type": "tssa", "layer_norm_bias": False, "mlp_bias": False, "attention_out_bias": False},
 ]
 
 
@@ -31,6 +37,16 @@ def test_crate_formula_matches_flop_counter(knobs, seq_len):
     # output_attentions takes the explicit matmul path, which the counter sees (SDPA kernels it may not).
     expected = forward_flops_per_token(config, seq_len, tokens_per_call=ids.numel()) * ids.numel()
     assert counted_flops(model, ids, output_attentions=True) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("knobs", [{}, {"num_attention_heads": 1, "attention_out_projection": False}])
+def test_crate_vision_formula_matches_flop_counter(knobs):
+    config = crate_lm.config_from_preset("crate-vision-test", **knobs)
+    model = crate_lm.CrateForImageClassification(config).eval()
+    pixels = torch.randn(2, 3, 16, 16)
+    tokens = 2 * (1 + 16)
+    expected = forward_flops_per_token(config, 1 + 16, tokens_per_call=tokens) * tokens
+    assert counted_flops(model, pixels, output_attentions=True) == pytest.approx(expected, rel=1e-9)
 
 
 def test_gpt2_formula_matches_flop_counter():
