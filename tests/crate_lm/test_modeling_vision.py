@@ -306,6 +306,10 @@ TRUST_REMOTE_CODE_SCRIPT = textwrap.dedent(
     assert type(model).__name__ == "CrateForImageClassification"
     with torch.no_grad():
         torch.save(model(torch.load(pixels_path)).logits, out_path)
+    from transformers import AutoImageProcessor, AutoModel  # every other head of the family, and the processor
+    assert type(AutoModel.from_pretrained(checkpoint, trust_remote_code=True)).__name__ == "CrateVisionModel"
+    processor = AutoImageProcessor.from_pretrained(checkpoint, trust_remote_code=True)
+    assert type(processor).__name__ == "CrateImageProcessor"
     """
 )
 
@@ -314,6 +318,7 @@ def test_checkpoint_loads_with_trust_remote_code_without_this_package(tmp_path):
     model = tiny_model("tost", pooling="mean", patch_embedding_type="conv")
     checkpoint = tmp_path / "checkpoint"
     model.save_pretrained(checkpoint)
+    CrateImageProcessor(size={"height": 16, "width": 16}).save_pretrained(checkpoint)
     pixels = random_pixels(2, side=24)  # also exercises the interpolation in the copied code
     torch.save(pixels, tmp_path / "pixels.pt")
     script = tmp_path / "load.py"
