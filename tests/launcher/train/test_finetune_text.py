@@ -82,11 +82,11 @@ def test_gpt2_classifier_through_the_same_path_reports_bad_rows_and_no_validatio
     )
     assert read_metrics(out, kind="eval") == []
     assert "step 0 warning: no validation: the sources have no held-out split; set eval_data" in result.stderr
-    first = [f"{extra}: line 3: empty_text", f"{extra}: line 7: bad_label"]
+    first = [f"{extra}: line 3: invalid_json", f"{extra}: line 7: bad_label"]
     row = [row for row in read_metrics(out, kind="train") if "loss" in row][-1]
     assert row["bad_records"] == {
         "total": 2,
-        "by_reason": {"empty_text": 1, "bad_label": 1},
+        "by_reason": {"invalid_json": 1, "bad_label": 1},
         "by_source": {str(extra): 2},
         "first": first,
     }
