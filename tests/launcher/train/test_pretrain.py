@@ -310,11 +310,9 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
     assert starts[-1]["resumed"] and starts[-1]["step"] == 5
     # On another world size, DeepSpeed's ZeRO-2 load is a traceback: refused in one line, before any process, and
     # by the loop itself under a launcher (torchrun's variables: no preflight there).
-    import socket
+    from launcher.cluster.processes import free_port
 
-    with socket.socket() as free:
-        free.bind(("127.0.0.1", 0))
-        port = str(free.getsockname()[1])
+    port = str(free_port())
     launcher = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
     for env in ({}, launcher):
         refused = pretrain(tmp_path, "train.max_steps=14", nproc=1, env=env)
