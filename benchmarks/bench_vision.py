@@ -9,13 +9,15 @@
    size knobs. Rounds alternate (CRATE, ViT, CRATE, ...); each side keeps its median step time over its best round.
    Shapes: the Fashion-MNIST config (28x28x1, patch 7: 17 tokens, d 96, 4 layers), the same at patch 4 (50 tokens),
    and a wider one (32x32x3, patch 4: 65 tokens, d 192, 6 layers, 3 heads: ViT-T's width).
-2. Accuracy after the same budget: ``crate pretrain configs/vision/crate-fmnist.yaml`` and ``vit-fmnist.yaml``
-   (same data, steps, batch, recipe), then top-1 on the whole Fashion-MNIST test split (10,000 images).
+2. Accuracy after the same budget: ``crate pretrain configs/vision/crate-fmnist.yaml``, ``vit-fmnist.yaml`` and
+   ``tost-fmnist.yaml`` (ToST vision, the official skeleton; same data, steps, batch, recipe), then top-1 on the whole
+   Fashion-MNIST test split (10,000 images), per seed, with each model's per-seed gap to CRATE and a paired t-test.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import platform
 import statistics
 import subprocess
@@ -108,6 +110,25 @@ def pretrain(config: str, output_dir: Path, steps: int, seed: int) -> tuple[floa
     return evals[-1]["accuracy"], evals[-1]["images"]
 
 
+def paired_t_test(gaps: list[float]) -> tuple[float, float]:
+    """The paired t statistic of per-seed gaps and its two-sided p-value (Student's t with n - 1 degrees of freedom,
+    its density integrated numerically: no SciPy needed)."""
+    n = len(gaps)
+    mean, sd = statistics.mean(gaps), statistics.stdev(gaps)
+    t = mean / (sd / math.sqrt(n)) if sd > 0 else math.copysign(math.inf, mean)
+    if math.isinf(t):
+        return t, 0.0
+    df = n - 1
+    norm = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+    steps, bound = 20000, abs(t)
+    width = bound / steps
+    inner = sum(
+        (1 if i in (0, steps) else 4 if i % 2 else 2) * (1 + (i * width) ** 2 / df) ** (-(df + 1) / 2)
+        for i in range(steps + 1)
+    )
+    return t, max(0.0, 1 - 2 * norm * inner * width / 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
@@ -116,12 +137,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--seeds", type=int, default=1, help="accuracy runs per model (init and data order seeds)")
     parser.add_argument("--skip-accuracy", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--models", default="crate,vit,tost", help="accuracy runs: configs/vision/<model>-fmnist.yaml")
     args = parser.parse_args()
     print(
         f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}"
     )
 
+    if not args.skip_throughput:
+        print_throughput(args)
+    if not args.skip_accuracy:
+        print_accuracy(args)
+
+
+def print_throughput(args: argparse.Namespace) -> None:
     print(
         f"\n1. training images/s (batch {args.batch}, fp32, forward + backward + AdamW; best of {args.rounds} "
         f"interleaved rounds)"
@@ -133,10 +163,10 @@ def main() -> None:
             f"{vit_params / 1e6:.3f}M"
         )
 
-    if args.skip_accuracy:
-        return
+
+def print_accuracy(args: argparse.Namespace) -> None:
     print(f"\n2. Fashion-MNIST top-1 after the same budget ({args.steps} steps of 64 images, one process)")
-    accuracies: dict[str, list[float]] = {"crate": [], "vit": []}
+    accuracies: dict[str, list[float]] = {model: [] for model in args.models.split(",")}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
             for arch in accuracies:
@@ -150,11 +180,16 @@ def main() -> None:
             f"{arch:6s} {100 * statistics.mean(values):.2f}%{spread}  (seeds: "
             f"{', '.join(f'{100 * v:.2f}' for v in values)}) on {images} test images"
         )
-    gaps = [c - v for c, v in zip(accuracies["crate"], accuracies["vit"])]
-    print(
-        f"CRATE - ViT: {100 * statistics.mean(gaps):+.2f} points (per seed: "
-        f"{', '.join(f'{100 * g:+.2f}' for g in gaps)})"
-    )
+    for arch in accuracies:
+        if arch == "crate" or "crate" not in accuracies or len(accuracies[arch]) < 2:
+            continue
+        gaps = [other - crate for other, crate in zip(accuracies[arch], accuracies["crate"])]
+        t, p = paired_t_test(gaps)
+        print(
+            f"{arch} - CRATE: {100 * statistics.mean(gaps):+.2f} points (per seed: "
+            f"{', '.join(f'{100 * g:+.2f}' for g in gaps)}); paired t = {t:.2f}, p = {p:.3f}"
+            f"{'' if p < 0.05 else ' (not significant at 0.05)'}"
+        )
 
 
 if __name__ == "__main__":

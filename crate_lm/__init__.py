@@ -16,6 +16,7 @@ from transformers import (
 
 from .configuration_crate import VARIANT_KNOBS, CrateConfig
 from .configuration_crate_vision import CrateVisionConfig
+from .configuration_tost_vision import ToSTVisionConfig
 from .image_processing_crate import CrateImageProcessor
 from .lora import ISTA_TARGET_PARAMETERS, LORA_TARGET_MODULES, register_peft_defaults
 from .modeling_crate import (
@@ -31,6 +32,7 @@ from .modeling_crate_vision import (
     CrateVisionPreTrainedModel,
     interpolate_position_table,
 )
+from .modeling_tost_vision import ToSTForImageClassification, ToSTVisionModel, ToSTVisionPreTrainedModel
 from .presets import config_from_preset, count_parameters, model_for_config, preset_info, preset_names
 
 AutoConfig.register(CrateConfig.model_type, CrateConfig, exist_ok=True)
@@ -41,6 +43,10 @@ AutoConfig.register(CrateVisionConfig.model_type, CrateVisionConfig, exist_ok=Tr
 AutoModel.register(CrateVisionConfig, CrateVisionModel, exist_ok=True)
 AutoModelForImageClassification.register(CrateVisionConfig, CrateForImageClassification, exist_ok=True)
 AutoImageProcessor.register(CrateVisionConfig, image_processor_classes={"pil": CrateImageProcessor}, exist_ok=True)
+AutoConfig.register(ToSTVisionConfig.model_type, ToSTVisionConfig, exist_ok=True)
+AutoModel.register(ToSTVisionConfig, ToSTVisionModel, exist_ok=True)
+AutoModelForImageClassification.register(ToSTVisionConfig, ToSTForImageClassification, exist_ok=True)
+AutoImageProcessor.register(ToSTVisionConfig, image_processor_classes={"pil": CrateImageProcessor}, exist_ok=True)
 
 CrateConfig.register_for_auto_class()
 CrateModel.register_for_auto_class("AutoModel")
@@ -49,6 +55,9 @@ CrateForSequenceClassification.register_for_auto_class("AutoModelForSequenceClas
 CrateVisionConfig.register_for_auto_class()
 CrateVisionModel.register_for_auto_class("AutoModel")
 CrateForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+ToSTVisionConfig.register_for_auto_class()
+ToSTVisionModel.register_for_auto_class("AutoModel")
+ToSTForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 CrateImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 register_peft_defaults()
@@ -69,6 +78,10 @@ __all__ = [
     "CratePreTrainedModel",
     "ISTA_TARGET_PARAMETERS",
     "LORA_TARGET_MODULES",
+    "ToSTForImageClassification",
+    "ToSTVisionConfig",
+    "ToSTVisionModel",
+    "ToSTVisionPreTrainedModel",
     "VARIANT_KNOBS",
     "config_from_preset",
     "count_parameters",

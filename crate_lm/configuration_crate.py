@@ -56,6 +56,9 @@ DICTIONARY_FAN_INS = ("dictionary_size", "hidden_size")
 class CrateLayerKnobs:
     """Derived sizes of the CRATE layer knobs, shared by the language and vision configs."""
 
+    # No bias on the subspace projection U (every official CRATE and the ToST LM); ToST vision has one.
+    subspace_bias = False
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads

@@ -300,7 +300,7 @@ class CrateTSSA(nn.Module):
         self.causal = config.causal_attention
         self.num_heads = config.num_attention_heads
         self.head_dim = config.head_dim
-        self.subspace_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        self.subspace_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=config.subspace_bias)
         self.out_proj = _attention_output(config)
         self.temperature = nn.Parameter(torch.ones(self.num_heads))
         self.position_bias = (

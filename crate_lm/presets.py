@@ -13,6 +13,9 @@ from torch import nn
 
 from .configuration_crate import CrateConfig
 from .configuration_crate_vision import CrateVisionConfig
+from .configuration_tost_vision import ToSTVisionConfig
+
+_CONFIG_CLASSES = {"crate": CrateConfig, "crate_vision": CrateVisionConfig, "tost_vision": ToSTVisionConfig}
 
 PRESETS_FILE = Path(__file__).with_name("presets.json")
 
@@ -25,7 +28,8 @@ def _load() -> dict[str, dict]:
 
 
 def preset_names(model_type: str | None = None) -> list[str]:
-    """All preset names, or those of one ``model_type`` (``"crate"`` language models, ``"crate_vision"``)."""
+    """All preset names, or those of one ``model_type`` (``"crate"`` language models, ``"crate_vision"``,
+    ``"tost_vision"``)."""
     return sorted(
         name for name, info in _load().items() if model_type is None or info.get("model_type", "crate") == model_type
     )
@@ -39,20 +43,24 @@ def preset_info(name: str) -> dict:
     return presets[name]
 
 
-def config_from_preset(name: str, **overrides) -> CrateConfig | CrateVisionConfig:
-    """Build the preset's [`CrateConfig`] (or [`CrateVisionConfig`] for a vision preset); ``overrides`` replace any
-    of its fields (e.g. ``vocab_size``, ``num_labels``)."""
+def config_from_preset(name: str, **overrides) -> CrateConfig | CrateVisionConfig | ToSTVisionConfig:
+    """Build the preset's [`CrateConfig`] (or [`CrateVisionConfig`] / [`ToSTVisionConfig`] for a vision preset);
+    ``overrides`` replace any of its fields (e.g. ``vocab_size``, ``num_labels``)."""
     info = preset_info(name)
-    config_class = CrateVisionConfig if info.get("model_type") == "crate_vision" else CrateConfig
-    return config_class(**{**info["config"], **overrides})
+    return _CONFIG_CLASSES[info.get("model_type", "crate")](**{**info["config"], **overrides})
 
 
-def model_for_config(config: CrateConfig | CrateVisionConfig) -> nn.Module:
-    """The task model of a config: ``CrateForCausalLM`` or ``CrateForImageClassification``."""
+def model_for_config(config: CrateConfig | CrateVisionConfig | ToSTVisionConfig) -> nn.Module:
+    """The task model of a config: ``CrateForCausalLM``, ``CrateForImageClassification`` or
+    ``ToSTForImageClassification``."""
     if config.model_type == "crate_vision":
         from .modeling_crate_vision import CrateForImageClassification
 
         return CrateForImageClassification(config)
+    if config.model_type == "tost_vision":
+        from .modeling_tost_vision import ToSTForImageClassification
+
+        return ToSTForImageClassification(config)
     from .modeling_crate import CrateForCausalLM
 
     return CrateForCausalLM(config)

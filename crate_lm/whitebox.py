@@ -364,11 +364,11 @@ def _captured(modules: list[nn.Module]):
 
 def measure_vision(model: nn.Module, pixel_values: torch.Tensor, eps_sq: float = DEFAULT_EPS_SQ) -> list[dict]:
     """The measures of [`measure_crate`] for an image model over each image's tokens (CLS + patches):
-    ``crate_vision`` (``CrateForImageClassification`` / ``CrateVisionModel``) from its outputs, HF ViT through
-    hooks (query ``attention.q_proj``, code ``mlp.activation_fn``)."""
+    ``crate_vision`` and ``tost_vision`` from their outputs (ToST vision: its TSSA layers, over the patch tokens),
+    HF ViT through hooks (query ``attention.q_proj``, code ``mlp.activation_fn``)."""
     base = model.base_model
     pixel_values = pixel_values.to(next(model.parameters()).device)
-    if model.config.model_type == "crate_vision":
+    if model.config.model_type in ("crate_vision", "tost_vision"):  # ToST vision: its TSSA layers
         is_tssa = model.config.attention_type == "tssa"
         with _EvalMode(model):
             outputs = base(pixel_values, output_sparse_codes=True, output_attentions=is_tssa, return_dict=True)

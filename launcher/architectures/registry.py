@@ -183,6 +183,17 @@ ARCHITECTURES: dict[str, Architecture] = {
             whitebox=_whitebox_image,
             uses_presets=True,
         ),
+        Architecture(  # the official ToST image classifier; no FLOP formula: its FLOPs are counted in the run
+            model_type="tost_vision",
+            arch="tost",
+            modality="image",
+            config_class=crate_lm.ToSTVisionConfig,
+            model_classes={IMAGE_CLASSIFICATION: crate_lm.ToSTForImageClassification},
+            no_weight_decay=re.compile(rf"cls_token|{_CRATE_EXTRAS}"),
+            embedding_parameters=re.compile(r"positions|cls_token"),
+            whitebox=_whitebox_image,
+            uses_presets=True,
+        ),
         Architecture(
             model_type="vit",
             arch="vit",
@@ -214,6 +225,11 @@ def architecture(model_type: str) -> Architecture:
 def arch_names() -> list[str]:
     """The values a run config's ``model.arch`` may take."""
     return list(dict.fromkeys(entry.arch for entry in ARCHITECTURES.values()))
+
+
+def preset_archs() -> list[str]:
+    """The ``model.arch`` names whose ``model.preset`` names a ``crate_lm`` preset."""
+    return list(dict.fromkeys(entry.arch for entry in ARCHITECTURES.values() if entry.uses_presets))
 
 
 def archs_for(modality: str) -> list[str]:

@@ -42,7 +42,7 @@ from data_pipeline.files import atomic_write
 from data_pipeline.image_spec import ImageDataSpec
 from data_pipeline.labelled import LabelledTextSpec
 from data_pipeline.spec import TextDataSpec
-from launcher.architectures.registry import arch_names, archs_for, for_arch
+from launcher.architectures.registry import arch_names, archs_for, for_arch, preset_archs
 from launcher.config.files import load_config_tree, read_yaml_value
 from launcher.config.validation import first_error
 from launcher.errors import ConfigError
@@ -90,9 +90,9 @@ class ModelSection(_Section):
     def _one_origin(self):
         if sum(bool(origin) for origin in (self.preset, self.config_path, self.init_from)) > 1:
             raise ValueError("give at most one of preset, config_path and init_from")
-        if self.arch != "crate" and self.preset:
+        if self.preset and self.arch not in preset_archs():
             raise ValueError(
-                f"preset names CRATE presets; a {self.arch} baseline takes hidden_size, "
+                f"preset names presets of {preset_archs()}; a {self.arch} baseline takes hidden_size, "
                 "num_hidden_layers, num_attention_heads (or config_path)"
             )
         if self.linear_probe and not self.init_from:

@@ -29,6 +29,7 @@ from crate_lm import (
     CrateImageProcessor,
     CrateVisionConfig,
     CrateVisionModel,
+    ToSTForImageClassification,
     config_from_preset,
     interpolate_position_table,
     preset_info,
@@ -299,23 +300,32 @@ TRUST_REMOTE_CODE_SCRIPT = textwrap.dedent(
         pass
 
     from transformers import AutoModelForImageClassification
-    checkpoint, pixels_path, out_path = sys.argv[1:4]
+    checkpoint, pixels_path, out_path, classifier_name, encoder_name = sys.argv[1:6]
     model = AutoModelForImageClassification.from_pretrained(checkpoint, trust_remote_code=True).eval()
     assert not any(name.startswith("crate_lm") for name in sys.modules)
     assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-    assert type(model).__name__ == "CrateForImageClassification"
+    assert type(model).__name__ == classifier_name
     with torch.no_grad():
         torch.save(model(torch.load(pixels_path)).logits, out_path)
     from transformers import AutoImageProcessor, AutoModel  # every other head of the family, and the processor
-    assert type(AutoModel.from_pretrained(checkpoint, trust_remote_code=True)).__name__ == "CrateVisionModel"
+    assert type(AutoModel.from_pretrained(checkpoint, trust_remote_code=True)).__name__ == encoder_name
     processor = AutoImageProcessor.from_pretrained(checkpoint, trust_remote_code=True)
     assert type(processor).__name__ == "CrateImageProcessor"
     """
 )
 
 
-def test_checkpoint_loads_with_trust_remote_code_without_this_package(tmp_path):
-    model = tiny_model("tost", pooling="mean", patch_embedding_type="conv")
+@pytest.mark.parametrize("family", ["crate_vision", "tost_vision"])
+def test_checkpoint_loads_with_trust_remote_code_without_this_package(family, tmp_path):
+    if family == "crate_vision":
+        model = tiny_model("tost", pooling="mean", patch_embedding_type="conv")
+        names = ["CrateForImageClassification", "CrateVisionModel"]
+    else:
+        torch.manual_seed(0)
+        model = ToSTForImageClassification(
+            config_from_preset("tost-vision-tiny", image_size=16, num_channels=3, hidden_size=32, num_labels=5)
+        ).eval()
+        names = ["ToSTForImageClassification", "ToSTVisionModel"]
     checkpoint = tmp_path / "checkpoint"
     model.save_pretrained(checkpoint)
     CrateImageProcessor(size={"height": 16, "width": 16}).save_pretrained(checkpoint)
@@ -325,7 +335,14 @@ def test_checkpoint_loads_with_trust_remote_code_without_this_package(tmp_path):
     script.write_text(TRUST_REMOTE_CODE_SCRIPT)
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     result = subprocess.run(
-        [sys.executable, str(script), str(checkpoint), str(tmp_path / "pixels.pt"), str(tmp_path / "logits.pt")],
+        [
+            sys.executable,
+            str(script),
+            str(checkpoint),
+            str(tmp_path / "pixels.pt"),
+            str(tmp_path / "logits.pt"),
+            *names,
+        ],
         cwd=tmp_path,
         env=env,
         capture_output=True,

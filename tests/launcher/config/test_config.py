@@ -48,7 +48,7 @@ def test_defaults_and_overrides():
         (["zero.offload_optimizer=true"], "run.yaml: zero: offload_optimizer needs ZeRO stage 1, 2 or 3"),
         (["zero.stage=2", "zero.offload_params=true"], "run.yaml: zero: offload_params needs ZeRO stage 3"),
         (["optimizer.min_lr=0.1"], "run.yaml: optimizer: min_lr (0.1) must not exceed lr"),
-        (["model.arch=gpt2", "model.preset=crate-tiny"], "run.yaml: model: preset names CRATE presets"),
+        (["model.arch=gpt2", "model.preset=crate-tiny"], "run.yaml: model: preset names presets of"),
         (["data.seq_len=0"], "run.yaml: data.seq_len: must be >= 1, got 0"),
         (["data.sources=[]"], "run.yaml: data.sources: must be a non-empty list"),
         (["precision=fp16"], "run.yaml: precision: Input should be 'auto', 'fp32' or 'bf16' (got 'fp16')"),
