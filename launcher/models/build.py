@@ -5,6 +5,7 @@ Plain ``PreTrainedModel``s: nothing here knows about distribution."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import MethodType
 
 from torch import nn
 from transformers import (
@@ -215,9 +216,10 @@ def load_pretrained_weights(model: nn.Module, path: str) -> str:
         return "kept"
     source = AutoModelForImageClassification.from_pretrained(path)
     state = source.base_model.state_dict()
-    table = "embeddings.position_embeddings"
-    side = model.config.image_size // model.config.patch_size
-    state[table] = interpolate_position_table(state[table], (side, side))
+    table = "embeddings.position_embeddings"  # CRATE and ViT; ToST vision's Fourier positions fit any grid
+    if table in state:
+        side = model.config.image_size // model.config.patch_size
+        state[table] = interpolate_position_table(state[table], (side, side))
     result = model.base_model.load_state_dict(state, strict=False)
     if result.unexpected_keys or result.missing_keys:
         raise ConfigError(
@@ -233,11 +235,20 @@ def load_pretrained_weights(model: nn.Module, path: str) -> str:
 
 
 def freeze_backbone(model: nn.Module) -> int:
-    """Linear probe: only the classifier head (``classifier`` or ``score``) trains. Returns the number of trainable
-    parameters."""
+    """Linear probe: only the classifier head (``classifier`` or ``score``) trains. The backbone's BatchNorms (ToST
+    vision's stem) stay in eval mode, so the frozen features are those the evaluation sees and their running
+    statistics do not drift. Returns the number of trainable parameters."""
     for name, parameter in model.named_parameters():
         parameter.requires_grad = name.startswith(("classifier.", "score."))
+    for module in model.base_model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+            module.train = MethodType(_stay_in_eval, module)  # model.train() (the engine's) must not undo it
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def _stay_in_eval(module: nn.Module, mode: bool = True) -> nn.Module:
+    return module
 
 
 PEFT_TASK_TYPES = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS"}

@@ -18,6 +18,7 @@ from launcher.metrics.logger import read_metrics
 REPO = Path(__file__).resolve().parents[3]
 CRATE = REPO / "configs" / "vision" / "crate-fmnist.yaml"
 VIT = REPO / "configs" / "vision" / "vit-fmnist.yaml"
+TOST = REPO / "configs" / "vision" / "tost-fmnist.yaml"
 PROBE = REPO / "configs" / "vision" / "finetune-fmnist-linear-probe.yaml"
 QUICK = ["train.log_every=10", "optimizer.warmup_steps=5", "data.shuffle_buffer=256"]
 
@@ -263,6 +264,48 @@ def test_vit_baseline_trains_and_transfers_through_the_same_path(coarse_folders,
         "train.save_every=10",
     )
     assert start_row(probe)["head"] == "new" and np.isfinite(last_eval(probe)["accuracy"])
+
+
+def test_tost_vision_trains_exports_and_probes_with_its_batchnorm_frozen(coarse_folders, tmp_path):
+    out = tmp_path / "tost"
+    crate(
+        "pretrain",
+        TOST,
+        out,
+        "train.max_steps=20",
+        "train.micro_batch_size=32",
+        "train.eval_every=20",
+        "train.eval_batches=4",
+        "train.whitebox_every=20",
+        "train.save_every=20",
+    )
+    start = start_row(out)
+    assert start["model_type"] == "tost_vision" and np.isfinite(last_eval(out)["accuracy"])
+    assert any(row.get("event") == "flops_counted" for row in read_metrics(out, kind="train"))  # no formula
+    assert [row["layer"] for row in read_metrics(out, kind="whitebox") if row["step"] == 20] == [0, 1, 2, 3]
+    assert (out / "whitebox" / "attention-step000020.png").is_file()
+    from transformers import AutoModelForImageClassification
+
+    import crate_lm  # noqa: F401  (registers tost_vision with the Auto classes)
+
+    model = AutoModelForImageClassification.from_pretrained(out / "hf")
+    assert type(model).__name__ == "ToSTForImageClassification" and model.config.hidden_size == 96
+    probe = tmp_path / "tost-probe"
+    crate(
+        "finetune",
+        PROBE,
+        probe,
+        f"model.init_from={out / 'hf'}",
+        f"data.sources=[{coarse_folders / 'train'}]",
+        f"eval_data.sources=[{coarse_folders / 'test'}]",
+        "train.max_steps=10",
+        "train.eval_every=10",
+        "train.save_every=10",
+    )
+    assert start_row(probe)["head"] == "new" and np.isfinite(last_eval(probe)["accuracy"])
+    before, after = load_file(out / "hf" / "model.safetensors"), load_file(probe / "hf" / "model.safetensors")
+    statistics = [name for name in before if "running_" in name]
+    assert statistics and all(torch.equal(before[name], after[name]) for name in statistics)
 
 
 def test_resume_with_mixup_and_cutmix_equals_an_uninterrupted_run(tmp_path):
