@@ -6,6 +6,7 @@ data:
   seq_len: 1024               # tokens per packed block
   seed: 0
   streams_per_rank: 2         # logical streams per rank (DataLoader workers execute them; see stream.py)
+  open_shards: 16             # shards of each source read at once, each block drawn from one of them
   shuffle_buffer: 256         # blocks; 0 disables; its contents are saved in the cursor (exact resume)
   max_bad_fraction: 0.01      # a stream whose bad records exceed this fraction stops the run
   min_shards: 16              # line-oriented files are split into at least this many byte ranges
@@ -238,6 +239,7 @@ class TextDataSpec(DataModel):
     seq_len: int = Field(default=1024, ge=1)
     seed: int = 0
     streams_per_rank: int = Field(default=2, ge=1)
+    open_shards: int = Field(default=16, ge=1)  # shards of a source read at once, blocks drawn among them
     shuffle_buffer: int = Field(default=256, ge=0)
     max_bad_fraction: float = 0.01
     min_shards: int = Field(default=16, ge=1)

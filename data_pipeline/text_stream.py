@@ -14,6 +14,7 @@ positions, re-tokenizes at most one batch of documents per source, and continues
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections import deque
 from collections.abc import Iterator
@@ -32,6 +33,8 @@ from .stream import (
     check_bad_fraction,
     check_every_stream_gets_data,
     count_bad,
+    epoch_order,
+    uniform,
 )
 
 __all__ = ["BadDataError", "LogicalStream", "StreamPlan", "TextLoader", "Tokenize", "build_plan", "pack_shard"]
@@ -229,7 +232,15 @@ def pack_shard(
 
 
 class LogicalStream(MixedStream):
-    """One logical stream ``g`` of packed blocks: its sources' shards, mixed by weight, optionally shuffled."""
+    """One logical stream ``g`` of packed blocks: its sources' shards, mixed by weight, optionally shuffled.
+
+    Open shards. A source reads ``data.open_shards`` of its shards at once (in the epoch's shard order, a finished
+    shard's slot taking the next one) and draws each block from one of them by the counter-based hash
+    ``uniform(seed, stream, source, draws, 3)``: consecutive blocks come from different parts of the corpus
+    (different plays, books, files), not from one document after another. The cursor holds, per source, the epoch
+    and count of shards opened so far, the draw counter, and per open shard its ``(epoch, shard, position, skip)``:
+    still O(1) to resume, a few numbers per open shard.
+    """
 
     COUNTERS = TEXT_COUNTERS
     GOOD = "documents"
@@ -239,7 +250,48 @@ class LogicalStream(MixedStream):
 
     def __init__(self, plan: StreamPlan, stream: int, tokenize: Tokenize, state: dict | None = None):
         self.tokenize = tokenize
+        if state is not None and any("slots" not in source for source in state["sources"]):
+            state = _single_slot_cursor(state, plan, stream)
         super().__init__(plan, stream, state)
+
+    def initial_state(self) -> dict:
+        state = super().initial_state()
+        state["sources"] = [{"epoch": 0, "opened": 0, "draws": 0, "barren": 0, "slots": []} for _ in self.spec.sources]
+        return state
+
+    def _source_items(self, j: int) -> Iterator[tuple]:
+        """Endless blocks of source ``j`` for this stream from up to ``open_shards`` open shards, updating
+        ``state['sources'][j]`` as they go."""
+        shards = self.plan.stream_shards(self.stream, j)
+        source = self.state["sources"][j]
+        width = min(self.spec.open_shards, len(shards))
+        readers: list[Iterator | None] = [None] * len(source["slots"])
+        while True:
+            while len(source["slots"]) < width:  # open the epoch's next shard (the next epoch's, after the last)
+                if source["opened"] == len(shards):
+                    source.update(epoch=source["epoch"] + 1, opened=0)
+                order = epoch_order(len(shards), self.spec.seed, j, self.stream, source["epoch"])
+                source["slots"].append({"epoch": source["epoch"], "shard": order[source["opened"]], **self.SHARD_START})
+                source["opened"] += 1
+                readers.append(None)
+            k = int(uniform(self.spec.seed, self.stream, j, source["draws"], 3) * width)
+            source["draws"] += 1
+            slot = source["slots"][k]
+            if readers[k] is None:
+                readers[k] = self._read(j, shards[slot["shard"]], slot)
+            item = next(readers[k], None)
+            if item is not None:
+                slot["yielded"] = True
+                source["barren"] = 0
+                yield item
+                continue
+            del source["slots"][k], readers[k]  # the shard is done
+            source["barren"] = 0 if slot.get("yielded") else source["barren"] + 1
+            if source["barren"] >= len(shards):  # a whole epoch's worth of shards in a row gave nothing
+                raise BadDataError(
+                    f"data.sources[{j}]: {self.spec.sources[j].label!r}: stream {self.stream} read "
+                    f"all its {len(shards)} shards and found no usable {self.ITEM} ({self.why_nothing_usable()})"
+                )
 
     def _read(self, j: int, shard: Shard, cursor: dict) -> Iterator[tuple[np.ndarray, int]]:
         stats = self.state["stats"]
@@ -309,6 +361,20 @@ class LogicalStream(MixedStream):
         }
 
 
+def _single_slot_cursor(state: dict, plan: StreamPlan, stream: int) -> dict:
+    """A cursor saved before open shards existed (one shard at a time per source), as the one-slot cursor it is:
+    such a run resumes exactly with ``data.open_shards: 1`` (the loader refuses any other value)."""
+    state = copy.deepcopy(state)
+    for j, cursor in enumerate(state["sources"]):
+        count = len(plan.stream_shards(stream, j))
+        order = epoch_order(count, plan.spec.seed, j, stream, cursor["epoch"])
+        slot = {"epoch": cursor["epoch"], "shard": order[cursor["shard"]], "position": cursor["position"]}
+        slot.update(skip=cursor["skip"], yielded=cursor["position"] is not None)
+        state["sources"][j] = {"epoch": cursor["epoch"], "opened": cursor["shard"] + 1, "draws": 0, "barren": 0}
+        state["sources"][j]["slots"] = [slot] if cursor["shard"] < count else []
+    return state
+
+
 # ---------------------------------------------------------------------------------------------------- a rank's loader
 
 
@@ -336,4 +402,6 @@ class TextLoader(StreamLoader):
         super().__init__(plan, rank, micro_batch_size, num_workers, state)
 
     def _specific_meta(self) -> dict:
-        return {"seq_len": self.plan.spec.seq_len}
+        # open_shards only when > 1: a cursor saved before the field existed resumes with open_shards = 1.
+        spec = self.plan.spec
+        return {"seq_len": spec.seq_len, **({"open_shards": spec.open_shards} if spec.open_shards > 1 else {})}

@@ -57,7 +57,7 @@ def held_out_spec(config: RunConfig) -> TextDataSpec | ImageDataSpec | None:
 
 def fixed_blocks(spec: TextDataSpec, tokenizer, count: int) -> torch.Tensor:
     """The first ``count`` packed blocks of ``spec`` read as one unshuffled stream (count, seq_len)."""
-    fixed = spec.model_copy(update={"streams_per_rank": 1, "shuffle_buffer": 0, "min_shards": 1})
+    fixed = spec.model_copy(update={"streams_per_rank": 1, "open_shards": 1, "shuffle_buffer": 0, "min_shards": 1})
     stream = LogicalStream(build_plan(fixed, 1), 0, Tokenize(tokenizer))
     return torch.stack([torch.from_numpy(stream.next_block()[0].astype(np.int64)) for _ in range(count)])
 

@@ -57,15 +57,22 @@ def spec_for(corpus: Path, **overrides):
     return parse_text_data(raw)
 
 
+def epoch_zero_drained(state: dict, source: int = 0) -> bool:
+    """Whether a stream's cursor has finished every shard of its first epoch over ``source`` (with open shards, the
+    next epoch's first blocks come while the last shards of this one are still being read)."""
+    cursor = state["sources"][source]
+    return cursor["epoch"] > 0 and all(slot["epoch"] > 0 for slot in cursor["slots"])
+
+
 def epoch_blocks(plan, stream: int, tokenize, source: int = 0) -> list[bytes]:
     """The blocks stream ``stream`` yields in its first epoch over ``source``."""
     logical = LogicalStream(plan, stream, tokenize)
     blocks = []
-    while True:
+    while not epoch_zero_drained(logical.state, source):
         block, j, epoch = logical.next_block()
-        if epoch > 0:
-            return blocks
-        blocks.append(block.tobytes())
+        if epoch == 0:
+            blocks.append(block.tobytes())
+    return blocks
 
 
 # ------------------------------------------------------------------------------------------------ sharding
@@ -100,12 +107,12 @@ def _rank_main(rank, world, corpus, tokenizer, port, out_dir):
     try:
         plan = build_plan(spec_for(corpus, streams_per_rank=2), world)
         loader = TextLoader(plan, tokenizer, rank=rank, micro_batch_size=4, num_workers=2)
-        seen, steps, finished = [], 0, set()
+        seen, steps = [], 0
         for batch in loader:
-            if (batch["epoch"] > 0).any():
-                finished.add(steps % 2)  # batch n of a rank comes from its logical stream n % streams_per_rank
+            streams = loader.state_dict()["streams"]
+            finished = len(streams) == 2 and all(epoch_zero_drained(state) for state in streams.values())
             # A collective every step, as in training: unequal batch counts per rank would hang here.
-            done = torch.tensor([int(len(finished) == 2)])
+            done = torch.tensor([int(finished)])
             dist.all_reduce(done)
             seen.extend(
                 row.numpy().astype(np.int32).tobytes()
