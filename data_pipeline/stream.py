@@ -376,6 +376,11 @@ class StreamLoader:
                 f"{saved.get('fingerprint')} -> {now['fingerprint']}); refusing to resume a different "
                 f"stream — restore the data or start a new run"
             )
+        if "open_shards" in now and "open_shards" not in saved:
+            raise DataSpecError(
+                f"data cursor: saved before data.open_shards existed: resume it with data.open_shards=1 "
+                f"(the run now reads {now['open_shards']} shards at once), or start a new run"
+            )
         for key, value in now.items():
             if key != "fingerprint" and saved.get(key) != value:
                 raise DataSpecError(

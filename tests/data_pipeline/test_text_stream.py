@@ -220,6 +220,50 @@ def test_changed_source_and_changed_world_size_are_refused(corpus, tokenizer, tm
         )
 
 
+def _slot_of_each_block(logical: LogicalStream, count: int) -> list[int]:
+    """For each of the next ``count`` blocks, the shard it came from (the open shard whose cursor moved)."""
+    shards = []
+    for _ in range(count):
+        before = {slot["shard"]: (slot["position"], slot["skip"]) for slot in logical.state["sources"][0]["slots"]}
+        logical.next_block()
+        after = {slot["shard"]: (slot["position"], slot["skip"]) for slot in logical.state["sources"][0]["slots"]}
+        moved = [shard for shard, cursor in after.items() if before.get(shard) != cursor]
+        shards.append(moved[0] if moved else -1)
+    return shards
+
+
+def test_open_shards_interleave_the_corpus_and_one_shard_reads_in_order(corpus, tokenizer):
+    tokenize = Tokenize(tokenizer)
+    wide = _slot_of_each_block(LogicalStream(build_plan(spec_for(corpus), 1), 0, tokenize), 40)
+    narrow = _slot_of_each_block(LogicalStream(build_plan(spec_for(corpus, open_shards=1), 1), 0, tokenize), 40)
+    assert len(set(wide)) >= 6 and sum(a != b for a, b in zip(wide, wide[1:])) > 20  # 8 shards open, interleaved
+    assert len(set(narrow)) == 1  # one shard after another: the first 40 blocks all come from the first shard
+
+
+def test_a_cursor_from_before_open_shards_resumes_exactly_with_one_open_shard(corpus, tokenizer):
+    plan = build_plan(spec_for(corpus, open_shards=1, shuffle_buffer=8), 1)
+    tokenize = Tokenize(tokenizer)
+    stream = LogicalStream(plan, 0, tokenize)
+    while stream.state["sources"][0]["opened"] < 2:  # into the second shard
+        stream.next_block()
+    for _ in range(5):
+        stream.next_block()
+    state = stream.snapshot()
+    expected = [stream.next_block()[0].tobytes() for _ in range(30)]
+    # The same cursor as the code before open shards saved it: per source (epoch, shard index, position, skip).
+    source = state["sources"][0]
+    (slot,) = source["slots"]
+    state["sources"][0] = {"epoch": slot["epoch"], "shard": source["opened"] - 1, "position": slot["position"]}
+    state["sources"][0]["skip"] = slot["skip"]
+    resumed = LogicalStream(plan, 0, tokenize, state=state)
+    assert [resumed.next_block()[0].tobytes() for _ in range(30)] == expected
+    old_loader_state = {"meta": TextLoader(plan, tokenizer, rank=0, micro_batch_size=2)._meta(), "consumed": 0}
+    old_loader_state["streams"] = {}
+    with pytest.raises(DataSpecError, match="saved before data.open_shards existed: resume it with data.open_shards=1"):
+        wide = build_plan(spec_for(corpus, shuffle_buffer=8), 1)
+        TextLoader(wide, tokenizer, rank=0, micro_batch_size=2, state=old_loader_state)
+
+
 # ------------------------------------------------------------------------------------------------ mixtures
 
 

@@ -16,8 +16,9 @@ TINY = {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}
 
 
 def test_lookups_name_the_known_architectures():
-    assert arch_names() == ["crate", "gpt2", "llama", "vit"]
-    assert archs_for("image") == ["crate", "vit"] and for_arch("crate", "image").model_type == "crate_vision"
+    assert arch_names() == ["crate", "gpt2", "llama", "tost", "vit"]
+    assert archs_for("image") == ["crate", "tost", "vit"] and for_arch("crate", "image").model_type == "crate_vision"
+    assert for_arch("tost", "image").model_type == "tost_vision" and for_arch("tost", "text") is None
     assert for_arch("vit", "text") is None
     with pytest.raises(ValueError, match=r"model_type='bert' is not a registered architecture: allowed values are "):
         architecture("bert")
