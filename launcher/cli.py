@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from launcher.errors import ConfigError
+from launcher.errors import ConfigError, InputError
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -197,12 +197,18 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from launcher.analysis.compare import best_over, collect_runs, write_report
+    from launcher.analysis.compare import best_over, collect_runs, compare_seeds, write_report
 
     runs, tuning = collect_runs(args.runs), None
     if args.best_over:
-        runs, tuning = best_over(runs, args.best_over)
-    report = write_report(runs, args.out, tuning)
+        runs, tuning = best_over(runs, args.best_over, args.seed_axis)
+    seeds = compare_seeds(runs, args.seed_axis, args.reference, args.all_pairs)
+    if (args.reference or args.all_pairs) and not (seeds and seeds["comparisons"]):
+        raise InputError(
+            f"crate compare --{'reference' if args.reference else 'all-pairs'}: needs 2 or more groups of runs "
+            f"that differ only in the {args.seed_axis!r} label"
+        )
+    report = write_report(runs, args.out, tuning, seeds)
     print(report.read_text().split("\n## Figures")[0])
     print(f"report: {report}")
     return 0
@@ -385,6 +391,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="AXIS",
         help="sweep axis tuned over (e.g. lr): of runs differing only in it, keep the lowest eval loss (repeatable)",
     )
+    compare.add_argument(
+        "--seed-axis",
+        default="seed",
+        metavar="AXIS",
+        help="sweep axis of seed replicates (default: seed): runs differing only in it are averaged (mean ± std) "
+        "and groups compared by Welch's t-test",
+    )
+    compare.add_argument(
+        "--reference", metavar="GROUP", help="seed group every other is compared with (default: the lowest mean loss)"
+    )
+    compare.add_argument("--all-pairs", action="store_true", help="compare every pair of seed groups")
     compare.set_defaults(func=_cmd_compare)
 
     export = commands.add_parser(
