@@ -196,6 +196,23 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from launcher.cluster.sweep import run_locally
+    from launcher.cluster.tune import first_grids, load_tune_file, round_sweep
+
+    if args.dry_run:
+        spec, raw = load_tune_file(args.tune)
+        sweep = round_sweep(spec, raw, Path(args.tune), first_grids(spec))
+        for run in sweep.runs:
+            print(f"{run.name}: crate {sweep.command} {run.config_path} {' '.join(run.overrides)}")
+        return 0
+    from launcher.cluster.tune import tune
+
+    record = tune(args.tune, lambda sweep: run_locally(sweep, args.nproc_per_node))
+    print(f"tuning record: {Path(record['output_root']) / 'tuning.json'}")
+    return 0 if all(row["bracketed"] for row in record["groups"].values()) else 1
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
     from launcher.analysis.compare import best_over, collect_runs, compare_seeds, write_report
 
@@ -376,6 +393,16 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--nproc-per-node", type=int, default=1, help="local processes per run")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs (and the batch script with --slurm)")
     sweep.set_defaults(func=_cmd_sweep)
+
+    tune = commands.add_parser(
+        "tune",
+        help="per architecture, the peak learning rate on a log grid, extended until the best has a worse "
+        "neighbour on both sides (resumable: finished runs are skipped)",
+    )
+    tune.add_argument("tune", help="tuning file (a sweep file with tune:), e.g. configs/sweeps/lm-lr-tune-cpu.yaml")
+    tune.add_argument("--nproc-per-node", type=int, default=1, help="local processes per run")
+    tune.add_argument("--dry-run", action="store_true", help="list the first grid's runs (validated)")
+    tune.set_defaults(func=_cmd_tune)
 
     compare = commands.add_parser(
         "compare",

@@ -292,7 +292,7 @@ def _families(runs: list[RunSummary]) -> dict[str, list[RunSummary]]:
 
 
 def _loss_curves(runs: list[RunSummary], path: Path) -> Path:
-    from launcher.metrics.figures import pyplot, save_figure
+    from launcher.metrics.figures import pyplot, save_and_close
 
     plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -308,17 +308,13 @@ def _loss_curves(runs: list[RunSummary], path: Path) -> Path:
         axis.set_ylabel(title)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
-    figure.tight_layout()
-    try:
-        return save_figure(figure, path)
-    finally:
-        plt.close(figure)
+    return save_and_close(figure, path)
 
 
 def _scaling_figure(runs: list[RunSummary], attribute: str, label: str, path: Path) -> tuple[Path, dict]:
     """Final eval loss against ``attribute`` per family, log-log, and each family's power law (3+ sizes)."""
     from launcher.analysis.scaling import fit_power_law
-    from launcher.metrics.figures import pyplot, save_figure
+    from launcher.metrics.figures import pyplot, save_and_close
 
     plt = pyplot()
     from matplotlib.ticker import FormatStrFormatter, NullFormatter
@@ -352,16 +348,12 @@ def _scaling_figure(runs: list[RunSummary], attribute: str, label: str, path: Pa
     axis.set_ylabel("final eval loss")
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize=7)
-    figure.tight_layout()
-    try:
-        return save_figure(figure, path), fits
-    finally:
-        plt.close(figure)
+    return save_and_close(figure, path), fits
 
 
 def _bars(runs: list[RunSummary], panels: list[tuple[str, str]], path: Path) -> Path:
     """One bar panel per (attribute, title), a bar per run."""
-    from launcher.metrics.figures import pyplot, save_figure
+    from launcher.metrics.figures import pyplot, save_and_close
 
     plt = pyplot()
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
@@ -378,11 +370,7 @@ def _bars(runs: list[RunSummary], panels: list[tuple[str, str]], path: Path) -> 
         axis.set_xticks(range(len(runs)), names, rotation=45, ha="right", fontsize=7)
         axis.set_title(title, fontsize=9)
         axis.grid(alpha=0.3, axis="y")
-    figure.tight_layout()
-    try:
-        return save_figure(figure, path)
-    finally:
-        plt.close(figure)
+    return save_and_close(figure, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
