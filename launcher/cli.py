@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from launcher.errors import ConfigError
+from launcher.errors import ConfigError, InputError
 
 
 def _cmd_models(args: argparse.Namespace) -> int:
@@ -196,13 +196,36 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _cmd_tune(args: argparse.Namespace) -> int:
+    from launcher.cluster.sweep import run_locally
+    from launcher.cluster.tune import first_grids, load_tune_file, round_sweep
+
+    if args.dry_run:
+        spec, raw = load_tune_file(args.tune)
+        sweep = round_sweep(spec, raw, Path(args.tune), first_grids(spec))
+        for run in sweep.runs:
+            print(f"{run.name}: crate {sweep.command} {run.config_path} {' '.join(run.overrides)}")
+        return 0
+    from launcher.cluster.tune import tune
+
+    record = tune(args.tune, lambda sweep: run_locally(sweep, args.nproc_per_node))
+    print(f"tuning record: {Path(record['output_root']) / 'tuning.json'}")
+    return 0 if all(row["bracketed"] for row in record["groups"].values()) else 1
+
+
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from launcher.analysis.compare import best_over, collect_runs, write_report
+    from launcher.analysis.compare import best_over, collect_runs, compare_seeds, write_report
 
     runs, tuning = collect_runs(args.runs), None
     if args.best_over:
-        runs, tuning = best_over(runs, args.best_over)
-    report = write_report(runs, args.out, tuning)
+        runs, tuning = best_over(runs, args.best_over, args.seed_axis)
+    seeds = compare_seeds(runs, args.seed_axis, args.reference, args.all_pairs)
+    if (args.reference or args.all_pairs) and not (seeds and seeds["comparisons"]):
+        raise InputError(
+            f"crate compare --{'reference' if args.reference else 'all-pairs'}: needs 2 or more groups of runs "
+            f"that differ only in the {args.seed_axis!r} label"
+        )
+    report = write_report(runs, args.out, tuning, seeds)
     print(report.read_text().split("\n## Figures")[0])
     print(f"report: {report}")
     return 0
@@ -371,6 +394,16 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--dry-run", action="store_true", help="list the runs (and the batch script with --slurm)")
     sweep.set_defaults(func=_cmd_sweep)
 
+    tune = commands.add_parser(
+        "tune",
+        help="per architecture, the peak learning rate on a log grid, extended until the best has a worse "
+        "neighbour on both sides (resumable: finished runs are skipped)",
+    )
+    tune.add_argument("tune", help="tuning file (a sweep file with tune:), e.g. configs/sweeps/lm-lr-tune-cpu.yaml")
+    tune.add_argument("--nproc-per-node", type=int, default=1, help="local processes per run")
+    tune.add_argument("--dry-run", action="store_true", help="list the first grid's runs (validated)")
+    tune.set_defaults(func=_cmd_tune)
+
     compare = commands.add_parser(
         "compare",
         help="a markdown report with figures comparing runs: loss vs tokens, "
@@ -385,6 +418,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="AXIS",
         help="sweep axis tuned over (e.g. lr): of runs differing only in it, keep the lowest eval loss (repeatable)",
     )
+    compare.add_argument(
+        "--seed-axis",
+        default="seed",
+        metavar="AXIS",
+        help="sweep axis of seed replicates (default: seed): runs differing only in it are averaged (mean ± std) "
+        "and groups compared by Welch's t-test",
+    )
+    compare.add_argument(
+        "--reference", metavar="GROUP", help="seed group every other is compared with (default: the lowest mean loss)"
+    )
+    compare.add_argument("--all-pairs", action="store_true", help="compare every pair of seed groups")
     compare.set_defaults(func=_cmd_compare)
 
     export = commands.add_parser(

@@ -165,12 +165,14 @@ def collect_runs(paths: list[str | Path]) -> list[RunSummary]:
     return runs
 
 
-def best_over(runs: list[RunSummary], axes: list[str]) -> tuple[list[RunSummary], list[dict]]:
+def best_over(runs: list[RunSummary], axes: list[str], seed_axis: str = "seed") -> tuple[list[RunSummary], list[dict]]:
     """Per group of runs that differ only in the sweep labels ``axes`` (a learning-rate axis, say), the run with the
     lowest final eval loss: a scaling comparison puts each size at its own best setting, not at one shared guess.
+    Seed replicates (runs that differ only in ``seed_axis``) are one candidate, scored by their mean, and all of the
+    chosen candidate's seeds are kept: each seed picking its own best would bias the comparison downwards.
     Returns the kept runs, in the order of their groups, and one tuning row per group (every candidate's eval loss
     and the choice). Runs without a sweep label for an axis, or groups without any eval loss, are refused."""
-    groups: dict[tuple, list[RunSummary]] = {}
+    groups: dict[tuple, dict[str, list[RunSummary]]] = {}
     for run in runs:
         missing = [axis for axis in axes if axis not in run.labels]
         if missing:
@@ -179,24 +181,102 @@ def best_over(runs: list[RunSummary], axes: list[str]) -> tuple[list[RunSummary]
                 f"crate compare --best-over {missing[0]}: run {run.name} has no label {missing[0]!r} "
                 f"(its labels: {known})"
             )
-        key = tuple((name, label) for name, label in run.labels.items() if name not in axes)
-        groups.setdefault(key, []).append(run)
+        key = tuple((name, label) for name, label in run.labels.items() if name not in (*axes, seed_axis))
+        candidate = "-".join(run.labels[axis] for axis in axes)
+        groups.setdefault(key, {}).setdefault(candidate, []).append(run)
     kept, tuning = [], []
-    for key, members in groups.items():
+    for key, candidates in groups.items():
         group = "-".join(label for _, label in key) or "all"
-        scored = [run for run in members if run.eval.get("loss") is not None]
+        scores = {}
+        for candidate, members in candidates.items():
+            losses = [run.eval.get("loss") for run in members]
+            scores[candidate] = None if None in losses else sum(losses) / len(losses)
+        scored = [candidate for candidate, score in scores.items() if score is not None]
         if not scored:
             raise InputError(f"crate compare --best-over: no run of group {group} has an eval loss")
-        best = min(scored, key=lambda run: run.eval["loss"])
-        kept.append(best)
-        tuning.append(
-            {
-                "group": group,
-                "chosen": best.name,
-                "candidates": {"-".join(run.labels[axis] for axis in axes): run.eval.get("loss") for run in members},
-            }
-        )
+        best = min(scored, key=scores.get)
+        kept += candidates[best]
+        tuning.append({"group": group, "chosen": ", ".join(run.name for run in candidates[best]), "candidates": scores})
     return kept, tuning
+
+
+SEED_METRICS = (("loss", "eval loss", False), ("accuracy", "accuracy", True))  # (eval key, title, higher is better)
+
+
+def compare_seeds(
+    runs: list[RunSummary], seed_axis: str = "seed", reference: str | None = None, all_pairs: bool = False
+) -> dict | None:
+    """Seed replicates: runs grouped by every sweep label except ``seed_axis``; per group the mean ± std of the
+    final eval loss (and accuracy, where every run has one) and n; with 2 or more groups, each group against the
+    ``reference`` group (default: the lowest mean loss), or every pair, by Welch's t-test: the difference of means,
+    its 95% confidence interval, t, df, p and the verdict. None when no run carries the seed label. A verdict needs
+    2 or more seeds per group: a group with fewer is refused."""
+    from launcher.analysis.statistics import difference_ci, mean_std, verdict, welch_t_test
+
+    if not any(seed_axis in run.labels for run in runs):
+        return None
+    members: dict[str, list[RunSummary]] = {}
+    for run in runs:
+        if run.eval.get("loss") is None:
+            raise InputError(f"crate compare: run {run.name} has no eval loss to average over seeds")
+        group = "-".join(label for axis, label in run.labels.items() if axis != seed_axis) or "all"
+        members.setdefault(group, []).append(run)
+    metrics = [
+        (key, title, higher)
+        for key, title, higher in SEED_METRICS
+        if all(run.eval.get(key) is not None for run in runs)
+    ]
+    values = {
+        group: {key: [run.eval[key] for run in group_runs] for key, _, _ in metrics}
+        for group, group_runs in members.items()
+    }
+    groups = [
+        {
+            "group": group,
+            "n": len(group_runs),
+            "runs": [run.name for run in group_runs],
+            **{
+                key: dict(zip(("mean", "std"), mean_std(values[group][key])), values=values[group][key])
+                for key, _, _ in metrics
+            },
+        }
+        for group, group_runs in members.items()
+    ]
+    result = {"seed_axis": seed_axis, "groups": groups, "reference": None, "comparisons": []}
+    if len(groups) < 2:
+        return result
+    for row in groups:
+        if row["n"] < 2:
+            raise InputError(
+                f"crate compare: group {row['group']} has {row['n']} seed ({', '.join(row['runs'])}); "
+                "a verdict needs 2 or more seeds per group"
+            )
+    if reference is not None and reference not in members:
+        raise InputError(f"crate compare --reference: no group {reference!r} (groups: {', '.join(members)})")
+    if all_pairs:
+        pairs = [(a, b) for index, a in enumerate(members) for b in list(members)[index + 1 :]]
+    else:
+        reference = reference or min(members, key=lambda group: sum(values[group]["loss"]) / len(members[group]))
+        result["reference"] = reference
+        pairs = [(group, reference) for group in members if group != reference]
+    for key, title, higher in metrics:
+        for a, b in pairs:
+            t, df, p = welch_t_test(values[a][key], values[b][key])
+            difference, low, high = difference_ci(values[a][key], values[b][key])
+            result["comparisons"].append(
+                {
+                    "metric": title,
+                    "a": a,
+                    "b": b,
+                    "difference": difference,
+                    "ci95": [low, high],
+                    "t": t,
+                    "df": df,
+                    "p": p,
+                    "verdict": verdict(a, values[a][key], b, values[b][key], higher_is_better=higher),
+                }
+            )
+    return result
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -212,7 +292,7 @@ def _families(runs: list[RunSummary]) -> dict[str, list[RunSummary]]:
 
 
 def _loss_curves(runs: list[RunSummary], path: Path) -> Path:
-    from launcher.metrics.figures import pyplot, save_figure
+    from launcher.metrics.figures import pyplot, save_and_close
 
     plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -228,17 +308,13 @@ def _loss_curves(runs: list[RunSummary], path: Path) -> Path:
         axis.set_ylabel(title)
         axis.grid(alpha=0.3)
         axis.legend(fontsize=7)
-    figure.tight_layout()
-    try:
-        return save_figure(figure, path)
-    finally:
-        plt.close(figure)
+    return save_and_close(figure, path)
 
 
 def _scaling_figure(runs: list[RunSummary], attribute: str, label: str, path: Path) -> tuple[Path, dict]:
     """Final eval loss against ``attribute`` per family, log-log, and each family's power law (3+ sizes)."""
     from launcher.analysis.scaling import fit_power_law
-    from launcher.metrics.figures import pyplot, save_figure
+    from launcher.metrics.figures import pyplot, save_and_close
 
     plt = pyplot()
     from matplotlib.ticker import FormatStrFormatter, NullFormatter
@@ -272,16 +348,12 @@ def _scaling_figure(runs: list[RunSummary], attribute: str, label: str, path: Pa
     axis.set_ylabel("final eval loss")
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize=7)
-    figure.tight_layout()
-    try:
-        return save_figure(figure, path), fits
-    finally:
-        plt.close(figure)
+    return save_and_close(figure, path), fits
 
 
 def _bars(runs: list[RunSummary], panels: list[tuple[str, str]], path: Path) -> Path:
     """One bar panel per (attribute, title), a bar per run."""
-    from launcher.metrics.figures import pyplot, save_figure
+    from launcher.metrics.figures import pyplot, save_and_close
 
     plt = pyplot()
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
@@ -298,11 +370,7 @@ def _bars(runs: list[RunSummary], panels: list[tuple[str, str]], path: Path) -> 
         axis.set_xticks(range(len(runs)), names, rotation=45, ha="right", fontsize=7)
         axis.set_title(title, fontsize=9)
         axis.grid(alpha=0.3, axis="y")
-    figure.tight_layout()
-    try:
-        return save_figure(figure, path)
-    finally:
-        plt.close(figure)
+    return save_and_close(figure, path)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -322,9 +390,50 @@ def _number(value, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
-def write_report(runs: list[RunSummary], out_dir: str | Path, tuning: list[dict] | None = None) -> Path:
+def _seed_lines(seeds: dict) -> list[str]:
+    """The report's seed section: each group's mean ± std and n, then each comparison and its verdict."""
+    metrics = [(key, title) for key, title, _ in SEED_METRICS if key in seeds["groups"][0]]
+    lines = [
+        "",
+        f"## Seeds: mean ± std over the `{seeds['seed_axis']}` axis",
+        "",
+        "| group | n | " + " | ".join(title for _, title in metrics) + " |",
+        "|" + "---|" * (len(metrics) + 2),
+    ]
+    for row in seeds["groups"]:
+        cells = [
+            f"{row[key]['mean']:.4g} ± {row[key]['std']:.2g}"
+            if row[key]["std"] is not None
+            else _number(row[key]["mean"])
+            for key, _ in metrics
+        ]
+        lines.append(f"| {row['group']} | {row['n']} | " + " | ".join(cells) + " |")
+    if not seeds["comparisons"]:
+        return lines
+    against = f"each group against {seeds['reference']}" if seeds["reference"] else "every pair of groups"
+    lines += [
+        "",
+        f"### Verdicts: {against}, Welch's t-test (two-sided), 95% confidence interval of A − B",
+        "",
+        "| metric | A | B | A − B | 95% CI | t | df | p | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in seeds["comparisons"]:
+        low, high = row["ci95"]
+        lines.append(
+            f"| {row['metric']} | {row['a']} | {row['b']} | {row['difference']:+.4g} | [{low:+.4g}, {high:+.4g}] | "
+            f"{row['t']:.3g} | {row['df']:.3g} | {row['p']:.2g} | {row['verdict']} |"
+        )
+    lines += [""] + [f"- {row['metric']}, {row['a']} vs {row['b']}: {row['verdict']}" for row in seeds["comparisons"]]
+    return lines
+
+
+def write_report(
+    runs: list[RunSummary], out_dir: str | Path, tuning: list[dict] | None = None, seeds: dict | None = None
+) -> Path:
     """Write ``report.md``, ``summary.json`` and the figures into ``out_dir``; returns the report's path. ``tuning``
-    (from ``best_over``) adds the table of every candidate's eval loss and ``tuning.json``."""
+    (from ``best_over``) adds the table of every candidate's eval loss and ``tuning.json``; ``seeds`` (from
+    ``compare_seeds``) the seed section (spreads and verdicts) and ``seeds.json``."""
     from launcher.metrics.figures import save_layer_curves
 
     out = Path(out_dir)
@@ -400,6 +509,9 @@ def write_report(runs: list[RunSummary], out_dir: str | Path, tuning: list[dict]
             row.append(_number(run.eval.get("accuracy")))
         row += [_number(getattr(run, speed), 3), _number(run.mfu, 3), _number(run.peak_memory_gib, 3)]
         lines.append("| " + " | ".join(row) + " |")
+    if seeds:
+        lines += _seed_lines(seeds)
+        (out / "seeds.json").write_text(json.dumps(seeds, indent=1))
     if tuning:
         values = list(dict.fromkeys(value for row in tuning for value in row["candidates"]))
         lines += [

@@ -65,16 +65,29 @@ class Sweep:
     slurm: JobOptions
 
 
-def load_sweep(path: str | Path) -> Sweep:
-    """Read, check and expand a sweep file; every run config is validated. One-line errors name the key."""
-    path = Path(path)
+def read_grid_file(path: Path) -> dict:
+    """A sweep (or tuning) file's raw mapping; one-line errors."""
     try:
         raw = load_yaml(path)
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such sweep file") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: a sweep file holds a mapping")
-    spec = validate(SweepFile, raw, source=str(path), name=grid_key)
+    return raw
+
+
+def load_sweep(path: str | Path) -> Sweep:
+    """Read, check and expand a sweep file; every run config is validated. One-line errors name the key."""
+    path = Path(path)
+    raw = read_grid_file(path)
+    if "tune" in raw:
+        raise ConfigError(f"{path}: tune: a tuning file; run it with crate tune")
+    return build_sweep(validate(SweepFile, raw, source=str(path), name=grid_key), path)
+
+
+def build_sweep(spec: SweepFile, path: Path) -> Sweep:
+    """Expand a checked sweep file (read from ``path``: configs are relative to it); every run config is
+    validated."""
     try:
         points = expand(spec)
     except ConfigError as error:

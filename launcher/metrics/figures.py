@@ -35,6 +35,15 @@ def save_figure(figure, path: str | os.PathLike) -> Path:
     return path
 
 
+def save_and_close(figure, path: str | os.PathLike) -> Path:
+    """Lay ``figure`` out tightly, write it (``save_figure``) and free it."""
+    figure.tight_layout()
+    try:
+        return save_figure(figure, path)
+    finally:
+        pyplot().close(figure)
+
+
 def save_attention_figure(
     model,
     pixel_values: torch.Tensor,
