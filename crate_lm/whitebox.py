@@ -60,6 +60,7 @@ __all__ = [
     "membership_entropy",
     "measure_crate",
     "measure_gpt2",
+    "measure_llama",
     "measure",
     "measure_vision",
     "cls_attention_maps",
@@ -349,6 +350,46 @@ def measure_gpt2(
             handle.remove()
 
 
+def measure_llama(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    eps_sq: float = DEFAULT_EPS_SQ,
+) -> list[dict]:
+    """The measures of [`measure_crate`] for a HF Llama (``LlamaForCausalLM`` or ``LlamaModel``), through hooks.
+
+    The query ``q`` of each layer (``self_attn.q_proj``, before the rotary embedding, split into heads) stands in
+    for MSSA's ``w``; the code is the SwiGLU hidden ``SiLU(x W_gate) * (x W_up)`` that ``mlp.down_proj`` reads (the
+    MLP's neurons). Positions count real tokens, as for GPT-2.
+    """
+    base = model.base_model  # LlamaModel
+    heads = model.config.num_attention_heads
+    input_ids, attention_mask, token_mask = _prepare(model, input_ids, attention_mask)
+    queries, handles = _captured([layer.self_attn.q_proj for layer in base.layers])
+    codes: dict[int, torch.Tensor] = {}
+
+    def keep_code(index):
+        def hook(module, args):
+            codes[index] = args[0]
+
+        return hook
+
+    handles += [layer.mlp.down_proj.register_forward_pre_hook(keep_code(i)) for i, layer in enumerate(base.layers)]
+    try:
+        with _EvalMode(model):
+            position_ids = None if attention_mask is None else (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
+            base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False)
+            records = []
+            for index in range(len(base.layers)):
+                batch, tokens, width = queries[index].shape
+                w = queries[index].reshape(batch, tokens, heads, width // heads).transpose(1, 2)
+                records.append(_layer_record(index, w, codes[index], token_mask, eps_sq))
+            return records
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _captured(modules: list[nn.Module]):
     """Forward hooks keeping each module's output by index; the handles are removed by the caller."""
     kept: dict[int, torch.Tensor] = {}
@@ -421,15 +462,19 @@ def cls_attention_maps(model: nn.Module, pixel_values: torch.Tensor, layer: int 
 def measure(
     model: nn.Module, inputs: torch.Tensor, attention_mask: torch.Tensor | None = None, eps_sq: float = DEFAULT_EPS_SQ
 ) -> list[dict]:
-    """Per-layer white-box measures of a CRATE (``crate``) or GPT-2 (``gpt2``) language model on ``input_ids``, or of
-    a CRATE (``crate_vision``) or ViT (``vit``) image model on ``pixel_values``."""
+    """Per-layer white-box measures of a CRATE (``crate``), GPT-2 (``gpt2``) or Llama (``llama``) language model on
+    ``input_ids``, or of a CRATE (``crate_vision``), ToST (``tost_vision``) or ViT (``vit``) image model on
+    ``pixel_values``."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     if model_type == "crate":
         return measure_crate(model, inputs, attention_mask, eps_sq)
     if model_type == "gpt2":
         return measure_gpt2(model, inputs, attention_mask, eps_sq)
-    if model_type in ("crate_vision", "vit"):
+    if model_type == "llama":
+        return measure_llama(model, inputs, attention_mask, eps_sq)
+    if model_type in ("crate_vision", "tost_vision", "vit"):
         return measure_vision(model, inputs, eps_sq)
     raise ValueError(
-        f"white-box measures support model types 'crate', 'gpt2', 'crate_vision' and 'vit', got {model_type!r}"
+        f"white-box measures support model types 'crate', 'gpt2', 'llama', 'crate_vision', 'tost_vision' and "
+        f"'vit', got {model_type!r}"
     )

@@ -161,7 +161,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             forward_flops=flops.gpt2_forward_flops_per_token,
             whitebox=_whitebox_text(whitebox.measure_gpt2),
         ),
-        Architecture(  # no FLOP formula and no white-box adapter: FLOPs are counted in the run
+        Architecture(  # no FLOP formula: FLOPs are counted in the run
             model_type="llama",
             arch="llama",
             modality="text",
@@ -170,6 +170,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             no_weight_decay=re.compile(r"embed_tokens"),
             embedding_parameters=re.compile(r"embed_tokens|lm_head"),
             baseline_defaults=_llama_defaults,
+            whitebox=_whitebox_text(whitebox.measure_llama),
         ),
         Architecture(
             model_type="crate_vision",

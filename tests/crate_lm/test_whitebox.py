@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from crate_lm import CrateForCausalLM, config_from_preset
 from crate_lm.configuration_crate import VARIANT_KNOBS
@@ -287,6 +287,40 @@ def test_measure_gpt2():
             for key in ("rc", "rate", "sparsity_l0", "hoyer"):
                 expected = (alone[0][layer][key] + alone[1][layer][key]) / 2
                 assert batched[layer][key] == pytest.approx(expected, rel=1e-4), (left, layer, key)
+
+
+def test_measure_llama():
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=64,
+    )
+    model = LlamaForCausalLM(config).train()
+    input_ids = torch.randint(0, 512, (3, 24), generator=torch.Generator().manual_seed(0))
+    records = measure(model, input_ids)
+    check_records(records, layers=2, heads=4)
+    assert model.training
+    for layer in model.model.layers:
+        assert not layer.self_attn.q_proj._forward_hooks and not layer.mlp.down_proj._forward_pre_hooks
+    with torch.no_grad():  # layer 0's query (before the rotary embedding) and its SwiGLU code, by hand
+        layer = model.model.layers[0]
+        x = layer.input_layernorm(model.model.embed_tokens(input_ids))
+        q = layer.self_attn.q_proj(x).reshape(3, 24, 4, 8).transpose(1, 2)
+    assert records[0]["rc"] == pytest.approx(compression_rate(q, EPS_SQ).sum(-1).mean().item(), rel=1e-6)
+    # Right padding: equal to the samples alone.
+    short = input_ids[1:2, :10]
+    padded = torch.cat([input_ids[:1], torch.cat([short, torch.zeros(1, 14, dtype=short.dtype)], 1)])
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, 10:] = 0
+    alone = [measure(model, input_ids[:1]), measure(model, short)]
+    for layer_index, record in enumerate(measure(model, padded, mask)):
+        expected = (alone[0][layer_index]["rc"] + alone[1][layer_index]["rc"]) / 2
+        assert record["rc"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_gpt2_hooks_removed_on_error():

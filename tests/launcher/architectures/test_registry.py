@@ -1,5 +1,7 @@
-"""The architecture registry: one entry per architecture is all the launcher needs. The llama entry has neither a
-FLOP formula nor a white-box adapter, so a real run of it shows the counted-FLOPs path end to end."""
+"""The architecture registry: one entry per architecture is all the launcher needs. The llama entry has no FLOP
+formula, so a real run of it shows the counted-FLOPs path end to end."""
+
+import dataclasses
 
 import pytest
 import torch
@@ -37,7 +39,7 @@ def test_every_text_entry_builds_trains_and_groups_its_parameters():
         assert any(p is embedding for p in plain["params"]), entry.model_type  # embeddings are never decayed
 
 
-def test_unknown_arch_and_whitebox_without_an_adapter_are_one_line_config_errors():
+def test_unknown_arch_and_whitebox_without_an_adapter_are_one_line_config_errors(monkeypatch):
     base = {
         "output_dir": "/tmp/x",
         "tokenizer": "gpt2",
@@ -46,6 +48,9 @@ def test_unknown_arch_and_whitebox_without_an_adapter_are_one_line_config_errors
     }
     with pytest.raises(ConfigError, match=r"model.arch: unknown architecture 'bert': allowed values are \['crate'"):
         parse_run_config({**base, "model": {"arch": "bert"}})
+    # Every shipped entry has white-box measures; an architecture registered without them is refused in one line.
+    assert all(entry.whitebox is not None for entry in ARCHITECTURES.values())
+    monkeypatch.setitem(ARCHITECTURES, "llama", dataclasses.replace(ARCHITECTURES["llama"], whitebox=None))
     with pytest.raises(ConfigError, match="train.whitebox_every: llama has no white-box measures; set it to 0"):
         parse_run_config({**base, "model": {"arch": "llama"}, "train": {"max_steps": 1, "whitebox_every": 5}})
 
@@ -68,8 +73,9 @@ def test_an_architecture_without_a_flop_formula_is_counted_trained_and_exported(
         "train.micro_batch_size=2",
         "train.max_steps=4",
         "train.log_every=2",
-        "train.eval_every=0",
-        "train.whitebox_every=0",
+        "train.eval_every=4",
+        "train.eval_batches=1",
+        "train.whitebox_every=4",
         "train.save_every=4",
         nproc=2,
     )
@@ -81,6 +87,37 @@ def test_an_architecture_without_a_flop_formula_is_counted_trained_and_exported(
     assert counted[0]["flops_per_token"] == pytest.approx(3 * forward, rel=0.05)
     mfu = [row["mfu"] for row in rows if "mfu" in row]
     assert mfu and all(value > 0 for value in mfu)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
-    assert model.config.model_type == "llama" and model.config.tie_word_embeddings
-    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    assert [row["layer"] for row in read_metrics(tmp_path, "whitebox") if row["step"] == 4] == [0, 1]
+    # The export is a plain transformers Llama (no remote code) and scores the run's validation blocks exactly as
+    # the run's last evaluation did (each rank's micro-batch mean, averaged).
+    export = tmp_path / "hf"
+    assert not list(export.glob("*.py"))
+    model = AutoModelForCausalLM.from_pretrained(export).eval()
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.tie_word_embeddings
+    from launcher.config.run import load_run_config
+    from launcher.models.tokenizers import load_tokenizer
+    from launcher.train.tasks import fixed_blocks, held_out_spec
+
+    config = load_run_config(tmp_path / "config.yaml")
+    blocks = fixed_blocks(held_out_spec(config), load_tokenizer("gpt2"), 4)
+    with torch.no_grad():
+        losses = [model(input_ids=blocks[r::2], labels=blocks[r::2]).loss.item() for r in range(2)]
+    assert sum(losses) / 2 == pytest.approx(read_metrics(tmp_path, "eval")[-1]["loss"], abs=1e-4)
+    # Fine-tuned as a text classifier through the same path.
+    probe = tmp_path / "classifier"
+    run_crate(
+        "finetune",
+        REPO / "configs" / "text" / "finetune-rotten-tomatoes.yaml",
+        probe,
+        f"model.init_from={export}",
+        "train.max_steps=4",
+        "train.eval_every=4",
+        "train.save_every=4",
+        "train.micro_batch_size=4",
+    )
+    start = next(row for row in read_metrics(probe, "train") if row.get("event") == "start")
+    assert (start["task"], start["head"]) == ("sequence-classification", "new")
+    from transformers import AutoModelForSequenceClassification
+
+    classifier = AutoModelForSequenceClassification.from_pretrained(probe / "hf")
+    assert type(classifier).__name__ == "LlamaForSequenceClassification"
