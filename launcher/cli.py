@@ -129,7 +129,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     from launcher.analysis.evaluate import evaluate_checkpoint
 
-    result = evaluate_checkpoint(args.model, args.data, args.max_length, args.stride, args.batch_size)
+    if args.data is None and args.lm_eval is None:
+        raise InputError("crate eval: give --data (perplexity / accuracy) or --lm-eval TASKS (lm-evaluation-harness)")
+    result = {"model": args.model}
+    if args.data is not None:
+        result = evaluate_checkpoint(args.model, args.data, args.max_length, args.stride, args.batch_size)
+    if args.lm_eval is not None:
+        from launcher.analysis.harness import parse_tasks, run_lm_eval
+
+        tasks = parse_tasks(args.lm_eval)
+        result["lm_eval"] = run_lm_eval(args.model, tasks, args.lm_eval_include, args.limit, args.batch_size)
     text = json.dumps(result, indent=2)
     if args.out:
         Path(args.out).write_text(text + "\n")
@@ -219,6 +228,13 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     runs, tuning = collect_runs(args.runs), None
     if args.best_over:
         runs, tuning = best_over(runs, args.best_over, args.seed_axis)
+    if args.lm_eval is not None:
+        from launcher.analysis.harness import cached_lm_eval, parse_tasks, require_lm_eval
+
+        require_lm_eval()
+        tasks = parse_tasks(args.lm_eval)
+        for run in runs:
+            run.lm_eval = cached_lm_eval(run.path, tasks, args.lm_eval_include, args.limit)
     seeds = compare_seeds(runs, args.seed_axis, args.reference, args.all_pairs)
     if (args.reference or args.all_pairs) and not (seeds and seeds["comparisons"]):
         raise InputError(
@@ -238,6 +254,34 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         print(text)
         print("-" * 40)
     return 0
+
+
+def _lm_eval_limit(text: str) -> float:
+    value = float(text)
+    if value <= 0 or (value > 1 and not value.is_integer()):
+        raise argparse.ArgumentTypeError(f"{text!r}: a document count (1, 2, ...) or a fraction in (0, 1]")
+    return int(value) if value > 1 else value
+
+
+def _add_lm_eval_options(command: argparse.ArgumentParser, where: str = "") -> None:
+    command.add_argument(
+        "--lm-eval",
+        metavar="TASKS",
+        help="lm-evaluation-harness tasks or groups, comma-separated (needs pip install 'crate[eval]')"
+        + where
+        + ": the shipped offline tasks crate_ppl_{shakespeare,brown,20newsgroups,friends}, crate_continuation, "
+        "crate_rotten_tomatoes (all: crate_offline), or any task lm-eval or --lm-eval-include knows",
+    )
+    command.add_argument(
+        "--lm-eval-include",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a directory of lm-eval task YAMLs of your own (repeatable)",
+    )
+    command.add_argument(
+        "--limit", type=_lm_eval_limit, help="lm-eval: at most N documents per task (or a fraction in (0, 1])"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -280,7 +324,6 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("model", help="an HF model directory (e.g. runs/crate-tiny/hf)")
     evaluate.add_argument(
         "--data",
-        required=True,
         help="LM: a .txt / .jsonl file or a built-in corpus (its "
         "validation split); classifier: a .csv / .jsonl / .json file or rotten-tomatoes (test)",
     )
@@ -293,6 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--stride", type=int, default=None, help="window stride (default: max_length / 2)")
     evaluate.add_argument("--batch-size", type=int, default=8)
     evaluate.add_argument("--out", default=None, help="also write the JSON to this file")
+    _add_lm_eval_options(evaluate)
     evaluate.set_defaults(func=_cmd_eval)
 
     whitebox = commands.add_parser(
@@ -429,6 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference", metavar="GROUP", help="seed group every other is compared with (default: the lowest mean loss)"
     )
     compare.add_argument("--all-pairs", action="store_true", help="compare every pair of seed groups")
+    _add_lm_eval_options(compare, " on each run's hf/ export (cached in RUN_DIR/lm_eval/); a table in the report")
     compare.set_defaults(func=_cmd_compare)
 
     export = commands.add_parser(

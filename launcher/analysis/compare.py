@@ -10,9 +10,11 @@ Figures: loss against tokens (train and eval); final eval loss against non-embed
 training FLOPs, log-log, with a power law ``L = a x^-alpha`` fitted per family that has 3 or more distinct sizes
 (``launcher.analysis.scaling``); throughput and memory; downstream accuracy where the runs evaluated a classifier; the
 per-layer white-box curves (R^c, ΔR, ℓ0 non-zero fraction, Hoyer sparsity) of the last white-box step of every run
-side by side. The summary table holds each run's numbers. Training FLOPs are the tokens trained times the FLOPs per
-token of the model (the architecture registry's formula, ``launcher.architectures.flops``: 6N plus attention, CRATE's
-own formulas; or the FLOPs the run counted on its first step), as MFU uses.
+side by side. The summary table holds each run's numbers; with ``--lm-eval TASKS``, a table of each run's
+lm-evaluation-harness scores on its export (``launcher.analysis.harness``, cached in the run directory). Training
+FLOPs are the tokens trained times the FLOPs per token of the model (the architecture registry's formula,
+``launcher.architectures.flops``: 6N plus attention, CRATE's own formulas; or the FLOPs the run counted on its first
+step), as MFU uses.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ class RunSummary:
     train_curve: list[tuple[float, float]] = field(default_factory=list)  # (tokens, loss)
     eval_curve: list[tuple[float, float]] = field(default_factory=list)
     whitebox: list[dict] = field(default_factory=list)  # per-layer rows of the last white-box step
+    lm_eval: dict = field(default_factory=dict)  # lm-evaluation-harness scores of the export (crate compare --lm-eval)
     labels: dict = field(default_factory=dict)
 
 
@@ -428,6 +431,32 @@ def _seed_lines(seeds: dict) -> list[str]:
     return lines
 
 
+def _lm_eval_lines(runs: list[RunSummary]) -> list[str]:
+    """The report's lm-eval section: a row per task and metric, a column per run (value ± standard error)."""
+    rows = {}
+    for run in runs:
+        for task, metrics in run.lm_eval.get("tasks", {}).items():
+            for metric in metrics:
+                if not metric.endswith("_stderr"):
+                    rows.setdefault((task, metric), None)
+    lines = [
+        "",
+        "## Downstream scores (lm-evaluation-harness)",
+        "",
+        "| task | metric | docs | " + " | ".join(run.name for run in runs) + " |",
+        "|" + "---|" * (len(runs) + 3),
+    ]
+    for task, metric in rows:
+        docs = {run.lm_eval.get("samples", {}).get(task) for run in runs} - {None}
+        cells = []
+        for run in runs:
+            metrics = run.lm_eval.get("tasks", {}).get(task, {})
+            value, stderr = metrics.get(metric), metrics.get(f"{metric}_stderr")
+            cells.append(_number(value) + (f" ± {stderr:.2g}" if stderr is not None else ""))
+        lines.append(f"| {task} | {metric} | {', '.join(map(str, sorted(docs))) or '–'} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def write_report(
     runs: list[RunSummary], out_dir: str | Path, tuning: list[dict] | None = None, seeds: dict | None = None
 ) -> Path:
@@ -509,6 +538,8 @@ def write_report(
             row.append(_number(run.eval.get("accuracy")))
         row += [_number(getattr(run, speed), 3), _number(run.mfu, 3), _number(run.peak_memory_gib, 3)]
         lines.append("| " + " | ".join(row) + " |")
+    if any(run.lm_eval for run in runs):
+        lines += _lm_eval_lines(runs)
     if seeds:
         lines += _seed_lines(seeds)
         (out / "seeds.json").write_text(json.dumps(seeds, indent=1))
