@@ -3,6 +3,8 @@
     python benchmarks/mixing_vs_reference.py                    # 600 steps, 1 seed, ours (new mixing) vs reference
     python benchmarks/mixing_vs_reference.py --seeds 3 --before # + the old mixing (1 open shard, 64-block buffer)
 
+Results and the machine: docs/benchmarks.md.
+
 Ours: ``crate pretrain configs/lm/gpt2-tiny.yaml`` (HF GPT-2, d 128, 4 layers, 4 heads, T 128, the built-in
 Shakespeare tokenized by the run's BPE-4096; batch 16, 600 steps, AdamW (0.9, 0.95), weight decay 0.1, lr 1e-3 ->
 1e-4 cosine after 30 warm-up steps, clip 1.0, no dropout), one process, the shipped data settings.
@@ -34,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 CONFIG = REPO / "configs" / "lm" / "gpt2-tiny.yaml"
 HELD_OUT_BLOCKS = 675
-OLD_MIXING = ["data.open_shards=1", "data.shuffle_buffer=64"]
+OLD_MIXING = ["data.open_shards=1", "data.shuffle_buffer=64"]  # the shipped settings before open shards
 
 
 def run_ours(output_dir: Path, steps: int, seed: int, extra: list[str]) -> float:
