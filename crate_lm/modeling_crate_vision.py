@@ -204,22 +204,9 @@ class CrateVisionModel(CrateVisionPreTrainedModel):
         return output if _wants_dict(return_dict, self.config) else output.to_tuple()
 
 
-class CrateForImageClassification(CrateVisionPreTrainedModel):
-    """[`CrateVisionModel`] and a linear classifier on its pooled output (the head ``LN -> Linear``)."""
-
-    # The loss is the mean over this process's batch, not a sum over the global item count
-    # (``num_items_in_batch``); without this, HF Trainer multiplies it by the number of processes.
-    accepts_loss_kwargs = False
-
-    def __init__(self, config: CrateVisionConfig):
-        super().__init__(config)
-        self.num_labels = config.num_labels
-        self.model = CrateVisionModel(config)
-        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
-        self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.embeddings.patch_embeddings
+class ImageClassifierForward:
+    """The classifier forward pass shared by the CRATE-family image classifiers: the encoder (``self.model``), then
+    ``self.classifier`` on its pooled output; the loss follows ``config.problem_type`` as in HF ViT."""
 
     def forward(
         self,
@@ -232,7 +219,7 @@ class CrateForImageClassification(CrateVisionPreTrainedModel):
         return_dict: bool | None = None,
         **kwargs,
     ) -> CrateImageClassifierOutput | tuple:
-        r"""``labels`` (batch,): class indices; the loss follows ``config.problem_type`` as in HF ViT."""
+        r"""``labels`` (batch,): class indices."""
         outputs = self.model(
             pixel_values,
             output_attentions=output_attentions,
@@ -255,9 +242,28 @@ class CrateForImageClassification(CrateVisionPreTrainedModel):
         return output if _wants_dict(return_dict, self.config) else output.to_tuple()
 
 
+class CrateForImageClassification(ImageClassifierForward, CrateVisionPreTrainedModel):
+    """[`CrateVisionModel`] and a linear classifier on its pooled output (the head ``LN -> Linear``)."""
+
+    # The loss is the mean over this process's batch, not a sum over the global item count
+    # (``num_items_in_batch``); without this, HF Trainer multiplies it by the number of processes.
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: CrateVisionConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = CrateVisionModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels) if config.num_labels > 0 else nn.Identity()
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.embeddings.patch_embeddings
+
+
 __all__ = [
     "CrateForImageClassification",
     "CrateVisionModel",
     "CrateVisionPreTrainedModel",
+    "ImageClassifierForward",
     "interpolate_position_table",
 ]

@@ -31,7 +31,7 @@ from transformers import initialization as init
 
 from .configuration_tost_vision import ToSTVisionConfig
 from .modeling_crate import CrateLayer, CrateLayerScale, CrateMLP, CratePreTrainedModel, CrateTSSA, _wants_dict
-from .modeling_crate_vision import CrateImageClassifierOutput, CrateVisionModelOutput
+from .modeling_crate_vision import CrateVisionModelOutput, ImageClassifierForward
 
 
 class ToSTConvStem(nn.Module):
@@ -257,7 +257,7 @@ class ToSTVisionModel(ToSTVisionPreTrainedModel):
         return output if _wants_dict(return_dict, self.config) else output.to_tuple()
 
 
-class ToSTForImageClassification(ToSTVisionPreTrainedModel):
+class ToSTForImageClassification(ImageClassifierForward, ToSTVisionPreTrainedModel):
     """[`ToSTVisionModel`] and a linear classifier on the normalised CLS token."""
 
     # The loss is the mean over this process's batch (see CrateForImageClassification).
@@ -272,39 +272,6 @@ class ToSTForImageClassification(ToSTVisionPreTrainedModel):
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.stem
-
-    def forward(
-        self,
-        pixel_values: torch.Tensor | None = None,
-        labels: torch.LongTensor | None = None,
-        output_attentions: bool | None = None,
-        output_hidden_states: bool | None = None,
-        output_sparse_codes: bool | None = None,
-        interpolate_pos_encoding: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> CrateImageClassifierOutput | tuple:
-        r"""``labels`` (batch,): class indices; the loss follows ``config.problem_type`` as in HF ViT."""
-        outputs = self.model(
-            pixel_values,
-            output_attentions=output_attentions,
-            output_hidden_states=output_hidden_states,
-            output_sparse_codes=output_sparse_codes,
-            return_dict=True,
-        )
-        logits = self.classifier(outputs.pooler_output)
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(labels, logits, self.config, **kwargs)
-        output = CrateImageClassifierOutput(
-            loss=loss,
-            logits=logits,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            sparse_codes=outputs.sparse_codes,
-            subspace_projections=outputs.subspace_projections,
-        )
-        return output if _wants_dict(return_dict, self.config) else output.to_tuple()
 
 
 __all__ = ["ToSTForImageClassification", "ToSTVisionModel", "ToSTVisionPreTrainedModel"]
