@@ -171,8 +171,10 @@ def collect_runs(paths: list[str | Path]) -> list[RunSummary]:
 def best_over(runs: list[RunSummary], axes: list[str], seed_axis: str = "seed") -> tuple[list[RunSummary], list[dict]]:
     """Per group of runs that differ only in the sweep labels ``axes`` (a learning-rate axis, say), the run with the
     lowest final eval loss: a scaling comparison puts each size at its own best setting, not at one shared guess.
-    Seed replicates (runs that differ only in ``seed_axis``) are one candidate, scored by their mean, and all of the
-    chosen candidate's seeds are kept: each seed picking its own best would bias the comparison downwards.
+    Seed replicates (runs that differ only in ``seed_axis``) are one candidate, scored by their mean (by the mean of
+    the seeds every candidate has, where candidates have different seeds: ``crate tune``'s replicates of its choice),
+    and all of the chosen candidate's seeds are kept: each seed picking its own best would bias the comparison
+    downwards.
     Returns the kept runs, in the order of their groups, and one tuning row per group (every candidate's eval loss
     and the choice). Runs without a sweep label for an axis, or groups without any eval loss, are refused."""
     groups: dict[tuple, dict[str, list[RunSummary]]] = {}
@@ -190,10 +192,14 @@ def best_over(runs: list[RunSummary], axes: list[str], seed_axis: str = "seed") 
     kept, tuning = [], []
     for key, candidates in groups.items():
         group = "-".join(label for _, label in key) or "all"
+        # Candidates with different seeds (a tuning's single runs beside the seed replicates of its choice) are
+        # scored on the seeds they all have, so that the choice is the tuning's and not a replicate's luck.
+        seed_sets = [{run.labels.get(seed_axis) for run in members} for members in candidates.values()]
+        shared = set.intersection(*seed_sets) if len({frozenset(s) for s in seed_sets}) > 1 else None
         scores = {}
         for candidate, members in candidates.items():
-            losses = [run.eval.get("loss") for run in members]
-            scores[candidate] = None if None in losses else sum(losses) / len(losses)
+            losses = [run.eval.get("loss") for run in members if not shared or run.labels.get(seed_axis) in shared]
+            scores[candidate] = None if None in losses or not losses else sum(losses) / len(losses)
         scored = [candidate for candidate, score in scores.items() if score is not None]
         if not scored:
             raise InputError(f"crate compare --best-over: no run of group {group} has an eval loss")

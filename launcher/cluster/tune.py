@@ -75,6 +75,11 @@ class TuneSection(BaseModel):
     factor: Annotated[float, Field(gt=1, strict=False)] = 2.0
     max_extensions: Annotated[int, Field(ge=0)] = 4
     scaled: dict[str, Annotated[float, Field(ge=0, strict=False)]] = {"optimizer.min_lr": 0.1}
+    # Replicates of each chosen value once the tuning is done: the tuning's own run is the first seed (its run
+    # config's train.seed), these are the others. Every run of the tuning is labelled on ``seed_axis``.
+    seeds: list[int] = []
+    seed_key: str = "train.seed"
+    seed_axis: str = "seed"
 
 
 class TuneFile(SweepFile):
@@ -86,6 +91,10 @@ class TuneFile(SweepFile):
     def _tuned_axis_is_new(self):
         if self.tune.axis in self.axes:
             raise ConfigError(f"tune.axis: {self.tune.axis!r} is already an axis of the file; name the tuned axis")
+        if self.tune.seeds and self.tune.seed_axis in (*self.axes, self.tune.axis):
+            raise ConfigError(f"tune.seed_axis: {self.tune.seed_axis!r} is already an axis; tune.seeds adds it")
+        if len(set(self.tune.seeds)) < len(self.tune.seeds):
+            raise ConfigError(f"tune.seeds: {self.tune.seeds} repeats a seed")
         return self
 
 
@@ -146,8 +155,9 @@ def _label(spec: TuneFile, value: float) -> str:
     return f"{spec.tune.axis}{value:g}"
 
 
-def _group(run: SweepRun, axis: str) -> str:
-    return "-".join(label for name, label in run.labels.items() if name != axis) or "all"
+def _group(run: SweepRun, *axes: str) -> str:
+    """The run's point of the file's grid: its labels but those of ``axes`` (the tuned one, the seeds)."""
+    return "-".join(label for name, label in run.labels.items() if name not in axes) or "all"
 
 
 def round_sweep(spec: TuneFile, raw: dict, path: Path, grids: Mapping[str, set[float]]) -> Sweep:
@@ -240,10 +250,69 @@ def tune(path: str | Path, run_points: Callable[[Sweep], Any] | None = None, log
                 log(f"tune {group}: best {row['chosen']} at an edge of the grid; adding {', '.join(map(str, more))}")
         if not grown:
             break
+    if spec.tune.seeds:
+        record = _run_seeds(spec, raw, path, sweep, record, run_points, log)
     save_tuning_curves(record, Path(spec.output_root) / "lr_curves.png")
     for group, row in record["groups"].items():
         state = "bracketed" if row["bracketed"] else f"NOT bracketed (cap of {spec.tune.max_extensions} extensions)"
         log(f"tune {group}: chosen {spec.tune.key}={row['chosen']} (eval loss {row['chosen_loss']}), {state}")
+    return record
+
+
+def seed_sweep(spec: TuneFile, raw: dict, path: Path, tuned: Sweep, record: dict) -> tuple[Sweep, tuple, int]:
+    """The seed replicates of every group's chosen value (``tune.seeds`` other than the tuning's own seed), as
+    (the sweep of every run, the replicates, the tuning's seed). In the sweep every tuning run is labelled with the
+    tuning's seed, so that ``crate compare --best-over lr`` scores each candidate on the seed they all share and
+    keeps every seed of the chosen one."""
+    base_seeds = {run_config(run).train.seed for run in tuned.runs}
+    if len(base_seeds) > 1:
+        raise ConfigError(f"{path}: tune.seeds: the tuning's runs have different {spec.tune.seed_key}s {base_seeds}")
+    (base,) = base_seeds
+    axis = spec.tune.seed_axis
+    seeds = [seed for seed in spec.tune.seeds if seed != base]
+    chosen = {group: row["chosen"] for group, row in record["groups"].items() if row["chosen"] is not None}
+    values = sorted(set(chosen.values()))
+    sweep_raw = {key: item for key, item in raw.items() if key != "tune"}
+    sweep_raw["axes"] = {
+        **raw["axes"],
+        spec.tune.axis: {
+            _label(spec, value): {
+                spec.tune.key: value,
+                **{key: on_grid(ratio * value) for key, ratio in spec.tune.scaled.items()},
+            }
+            for value in values
+        },
+        axis: {spec.tune.seed_key: seeds},
+    }
+    replicates = build_sweep(validate(SweepFile, sweep_raw, source=str(path), name=grid_key), path)
+    wanted = {(group, _label(spec, value)) for group, value in chosen.items()}
+    runs = tuple(
+        run for run in replicates.runs if (_group(run, spec.tune.axis, axis), run.labels[spec.tune.axis]) in wanted
+    )
+    labelled = tuple(replace(run, labels={**run.labels, axis: f"{axis}{base}"}) for run in tuned.runs)
+    return replace(tuned, runs=labelled + runs), runs, base
+
+
+def _run_seeds(spec, raw, path, tuned: Sweep, record: dict, run_points, log) -> dict:
+    """Run the seed replicates, add them to ``sweep.json`` and each group's record (``seeds``: every seed's run and
+    final eval loss, the tuning's own first)."""
+    sweep, runs, base = seed_sweep(spec, raw, path, tuned, record)
+    write_manifest(sweep)
+    log(f"tune: {len(runs)} seed replicates of the chosen values (seeds {spec.tune.seeds}; the tuning's is {base})")
+    run_points(replace(sweep, runs=runs))
+    for group, row in record["groups"].items():
+        if row["chosen"] is None:
+            continue
+        members = [run for run in runs if _group(run, spec.tune.axis, spec.tune.seed_axis) == group]
+        row["seeds"] = [{"seed": base, "run": row["chosen_run"], "loss": row["chosen_loss"]}] + [
+            {
+                "seed": int(run.labels[spec.tune.seed_axis][len(spec.tune.seed_axis) :]),
+                "run": run.name,
+                "loss": final_eval_loss(run),
+            }
+            for run in members
+        ]
+    atomic_write(Path(spec.output_root) / "tuning.json", json.dumps(record, indent=1))
     return record
 
 

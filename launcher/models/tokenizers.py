@@ -5,11 +5,18 @@
 - ``bpe:N``: a byte-level BPE of N tokens trained on the run's own training text (the first ``BPE_TRAINING_BYTES``
   of its shards, in plan order) when the run starts, saved in ``<output_dir>/tokenizer/`` and reused from there on
   resume and by the export. Small models on small corpora train far faster with it than with GPT-2's vocabulary,
-  whose output layer would dominate their FLOPs.
+  whose output layer would dominate their FLOPs. A trained BPE is also kept in ``$CRATE_CACHE_DIR/tokenizers/``
+  under a key of N and its training text (each shard's identity, byte range, and size and modification time), so
+  the runs of a sweep on the same data train it once, not once each. Training is deterministic: the cached copy is
+  the tokenizer the run would have trained. Text read from the HF hub has no such identity and is never cached.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -48,28 +55,78 @@ def prepare_tokenizer(name: str, output_dir: str | Path, data_spec) -> None:
             f"tokenizer: {name!r} is trained into {saved}, which exists without tokenizer.json; move it away "
             f"(a new one is trained), or set tokenizer: {saved} if it holds a tokenizer"
         )
-    from crate_lm.tokenization import train_bpe_tokenizer
-    from data_pipeline.sources import read_shard
     from data_pipeline.text_stream import build_plan
 
     plan = build_plan(data_spec, 1)
+    cached = _cached_tokenizer_dir(name, plan)
     saved.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=saved.parent, prefix=".tokenizer-") as scratch:
-        corpus = Path(scratch) / "corpus.txt"
-        written = 0
-        with open(corpus, "w", encoding="utf-8") as handle:
-            for source_shards in plan.shards:
-                for shard in source_shards:
-                    for document in read_shard(shard, source=data_spec.sources[shard.source_index]):
-                        if document.text and written < BPE_TRAINING_BYTES:
-                            handle.write(document.text + "\n")
-                            written += len(document.text.encode()) + 1
-                    if written >= BPE_TRAINING_BYTES:
-                        break
-        tokenizer = train_bpe_tokenizer([corpus], int(match.group(1)))
         staging = Path(scratch) / "tokenizer"
-        tokenizer.save_pretrained(staging)
+        if cached is not None and (cached / "tokenizer.json").is_file():
+            shutil.copytree(cached, staging)
+        else:
+            _train_bpe(plan, data_spec, int(match.group(1)), Path(scratch)).save_pretrained(staging)
+            if cached is not None:
+                _publish(staging, cached)
         staging.replace(saved)  # atomic: a crash never leaves a half-written tokenizer to be reused
+
+
+def _train_bpe(plan, data_spec, vocab_size: int, scratch: Path):
+    """A byte-level BPE trained on the first ``BPE_TRAINING_BYTES`` of the plan's text, in plan order."""
+    from crate_lm.tokenization import train_bpe_tokenizer
+    from data_pipeline.sources import read_shard
+
+    corpus = scratch / "corpus.txt"
+    written = 0
+    with open(corpus, "w", encoding="utf-8") as handle:
+        for source_shards in plan.shards:
+            for shard in source_shards:
+                for document in read_shard(shard, source=data_spec.sources[shard.source_index]):
+                    if document.text and written < BPE_TRAINING_BYTES:
+                        handle.write(document.text + "\n")
+                        written += len(document.text.encode()) + 1
+                if written >= BPE_TRAINING_BYTES:
+                    break
+    return train_bpe_tokenizer([corpus], vocab_size)
+
+
+def _cached_tokenizer_dir(name: str, plan) -> Path | None:
+    """Where the cache keeps ``name`` trained on ``plan``'s text; None when a shard has no file to identify it by."""
+    import tokenizers
+
+    from data_pipeline.fetch import cache_dir
+
+    identity = [name, BPE_TRAINING_BYTES, tokenizers.__version__]
+    for source_shards in plan.shards:
+        for shard in source_shards:
+            if shard.path is None or not Path(shard.path).is_file():
+                return None
+            stat = Path(shard.path).stat()
+            identity.append(
+                [
+                    shard.key,
+                    shard.reader,
+                    shard.path,
+                    shard.start,
+                    shard.end,
+                    shard.text_field,
+                    shard.jsonl,
+                    stat.st_size,
+                    stat.st_mtime_ns,
+                ]
+            )
+    digest = hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+    return cache_dir() / "tokenizers" / f"{name.replace(':', '-')}-{digest}"
+
+
+def _publish(staging: Path, cached: Path) -> None:
+    """Copy a freshly trained tokenizer into the cache, atomically; a concurrent run that got there first wins."""
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=cached.parent, prefix=".tokenizer-") as scratch:
+        copy = Path(scratch) / "tokenizer"
+        shutil.copytree(staging, copy)
+        with contextlib.suppress(OSError):  # already there: another run of the sweep published the same tokenizer
+            copy.rename(cached)
 
 
 def load_tokenizer(name: str, where: str = "tokenizer", output_dir: str | Path | None = None):

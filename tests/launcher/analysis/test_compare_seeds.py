@@ -89,6 +89,24 @@ def test_best_over_chooses_by_the_mean_over_seeds_and_keeps_every_seed(tmp_path)
     ]
 
 
+def test_best_over_scores_candidates_on_their_shared_seeds(tmp_path):
+    """crate tune's layout: single runs (seed0) at every lr, replicates only of the chosen one. The choice is made on
+    seed0 (where lr2 wins), not on lr2's mean that its unlucky replicates raise above lr1's single run; every seed of
+    lr2 is kept."""
+    root = tmp_path / "sweep"
+    fake_sweep(root / "a", {"crate": [4.05]}, extra={"lr": "lr1"})
+    fake_sweep(root / "b", {"crate": [4.0, 4.2, 4.2]}, extra={"lr": "lr2"})
+    out = tmp_path / "report"
+    assert main(["compare", str(root / "a"), str(root / "b"), "--best-over", "lr", "--out", str(out)]) == 0
+    tuning = json.loads((out / "tuning.json").read_text())
+    assert tuning[0]["candidates"] == {"lr1": 4.05, "lr2": 4.0}
+    assert [run["name"] for run in json.loads((out / "summary.json").read_text())] == [
+        "crate-lr2-seed0",
+        "crate-lr2-seed1",
+        "crate-lr2-seed2",
+    ]
+
+
 def test_a_group_with_one_seed_is_refused_in_one_line(tmp_path, capsys):
     fake_sweep(tmp_path / "sweep", {"crate": [4.0, 4.1], "gpt2": [4.3]})
     assert main(["compare", str(tmp_path / "sweep"), "--out", str(tmp_path / "report")]) == 2

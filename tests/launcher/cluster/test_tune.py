@@ -177,3 +177,38 @@ def test_the_shipped_tuning_file_validates_every_first_run():
     sweep = round_sweep(spec, raw, path, {arch: set(first_grid(1e-3, 3, 2.0)) for arch in ("crate", "gpt2", "llama")})
     assert [run.name for run in sweep.runs][:3] == ["crate-lr0.0005", "crate-lr0.001", "crate-lr0.002"]
     assert len(sweep.runs) == 9 and "model.arch=llama" in sweep.runs[-1].overrides
+
+
+class SeededFakeRuns(FakeRuns):
+    """FakeRuns whose loss also depends on the seed (0.01 nats a seed), as replicates do."""
+
+    def __call__(self, sweep) -> None:
+        super().__call__(sweep)
+        for run in sweep.runs:
+            seed = dict(item.split("=", 1) for item in run.overrides).get("train.seed")
+            if seed and run.name in self.ran[-len(sweep.runs) :]:
+                metrics = Path(run.output_dir) / "metrics.jsonl"
+                row = json.loads(metrics.read_text())
+                metrics.write_text(json.dumps({**row, "loss": row["loss"] + 0.01 * int(seed)}))
+
+
+def test_tune_seeds_replicate_each_chosen_value_and_label_every_run(tmp_path):
+    """tune.seeds: after the bracketing, each group's chosen value again with each other seed; the record lists
+    every seed's loss (the tuning's own first), and sweep.json labels every run on the seed axis so that crate
+    compare --best-over lr --seed-axis seed keeps all seeds of the chosen value."""
+    path = tune_file(tmp_path, seeds=[0, 1, 2])  # 0 is the run config's own train.seed: not run twice
+    runs = SeededFakeRuns()
+    record = tune(path, runs, log=lambda line: None)
+    crate = record["groups"]["crate"]
+    assert [(row["seed"], row["run"]) for row in crate["seeds"]] == [
+        (0, "crate-lr0.008"),
+        (1, "crate-lr0.008-seed1"),
+        (2, "crate-lr0.008-seed2"),
+    ]
+    assert [row["loss"] for row in crate["seeds"]] == pytest.approx([3.0, 3.01, 3.02])
+    assert len(runs.ran) == 15 + 6  # two replicates for each of the three groups
+    manifest = json.loads((tmp_path / "runs" / "sweep.json").read_text())
+    assert manifest["runs"][0]["labels"] == {"arch": "crate", "lr": "lr0.0005", "seed": "seed0"}
+    assert manifest["runs"][-1]["labels"] == {"arch": "llama", "lr": "lr0.001", "seed": "seed2"}
+    rerun = SeededFakeRuns()
+    assert tune(path, rerun, log=lambda line: None) == record and rerun.ran == []

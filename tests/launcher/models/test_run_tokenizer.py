@@ -62,3 +62,22 @@ def test_a_tokenizer_directory_without_tokenizer_files_is_a_one_line_error(tmp_p
         f"(a new one is trained), or set tokenizer: {saved} if it holds a tokenizer"
     )
     assert [p.name for p in saved.iterdir()] == ["tokenizer_config.json"]
+
+
+def test_a_trained_bpe_is_cached_by_its_training_text(tmp_path, monkeypatch):
+    """The second run on the same text copies the cached tokenizer (the same ids) instead of training; changed text
+    trains a new one."""
+    monkeypatch.setenv("CRATE_CACHE_DIR", str(tmp_path / "cache"))
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"alpha beta gamma {i} delta"}) + "\n" for i in range(200)))
+    spec = parse_text_data({"sources": [{"path": str(corpus)}], "min_shards": 1, "streams_per_rank": 1})
+    prepare_tokenizer("bpe:300", tmp_path / "first", spec)
+    cached = list((tmp_path / "cache" / "tokenizers").iterdir())
+    assert [path.name.startswith("bpe-300-") for path in cached] == [True]
+    (cached[0] / "tokenizer.json").write_text((cached[0] / "tokenizer.json").read_text().replace("alpha", "ALPHA"))
+    prepare_tokenizer("bpe:300", tmp_path / "second", spec)  # copied from the cache: it carries the marker
+    assert "ALPHA" in (trained_tokenizer_dir(tmp_path / "second") / "tokenizer.json").read_text()
+    corpus.write_text(corpus.read_text() + json.dumps({"text": "epsilon"}) + "\n")
+    prepare_tokenizer("bpe:300", tmp_path / "third", spec)  # other text: trained afresh, a second cache entry
+    assert "ALPHA" not in (trained_tokenizer_dir(tmp_path / "third") / "tokenizer.json").read_text()
+    assert len(list((tmp_path / "cache" / "tokenizers").iterdir())) == 2
