@@ -241,7 +241,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
             f"crate compare --{'reference' if args.reference else 'all-pairs'}: needs 2 or more groups of runs "
             f"that differ only in the {args.seed_axis!r} label"
         )
-    report = write_report(runs, args.out, tuning, seeds)
+    report = write_report(runs, args.out, tuning, seeds, args.budget_axis)
     print(report.read_text().split("\n## Figures")[0])
     print(f"report: {report}")
     return 0
@@ -473,6 +473,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--reference", metavar="GROUP", help="seed group every other is compared with (default: the lowest mean loss)"
     )
     compare.add_argument("--all-pairs", action="store_true", help="compare every pair of seed groups")
+    compare.add_argument(
+        "--budget-axis",
+        default="budget",
+        metavar="AXIS",
+        help="sweep axis of FLOP budgets (default: budget; train.flops_budget): runs labelled on it get IsoFLOP "
+        "profiles, a parabola of loss in log size per architecture and budget, and the compute-optimal size",
+    )
     _add_lm_eval_options(compare, " on each run's hf/ export (cached in RUN_DIR/lm_eval/); a table in the report")
     compare.set_defaults(func=_cmd_compare)
 

@@ -463,12 +463,69 @@ def _lm_eval_lines(runs: list[RunSummary]) -> list[str]:
     return lines
 
 
+def _isoflop_lines(profiles: list, out: Path) -> tuple[list[str], str]:
+    """The report's compute-matched section (``launcher.analysis.isoflop``) and its figure's file name; writes
+    ``isoflop.json``."""
+    from launcher.analysis.isoflop import equal_compute_verdicts, optimum_scaling, save_isoflop_figure
+
+    verdicts = equal_compute_verdicts(profiles)
+    scalings = [optimum_scaling([p for p in profiles if p.family == family]) for family in _ordered_families(profiles)]
+    lines = [
+        "",
+        "## Compute-matched: IsoFLOP profiles (Chinchilla's approach 2)",
+        "",
+        "Per architecture and FLOP budget, a parabola of final eval loss in ln(non-embedding parameters); its "
+        "minimum is the compute-optimal size N* and the loss L* it reaches.",
+        "",
+        "| family | budget | FLOPs | sizes (non-emb params) | mean losses | N* | L* | ± ln N* | residual sd | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for p in profiles:
+        optimum = _number(int(p.optimum_params)) if p.optimum_params else "–"
+        lines.append(
+            f"| {p.family} | {p.budget} | {p.flops:.3g} | {', '.join(_number(int(n)) for n in p.sizes)} | "
+            f"{', '.join(f'{loss:.4f}' for loss in p.losses)} | {optimum} | "
+            f"{_number(p.optimum_loss)} | {_number(p.log_optimum_stderr, 2)} | {_number(p.residual_std, 2)} | "
+            f"{p.note or '–'} |"
+        )
+    lines += ["", "At equal compute (each architecture at its fitted optimum size):", ""]
+    for row in verdicts:
+        ranking = ", then ".join(
+            f"{r['family']} {r['optimum_loss']:.4f}" + (f" (+{r['gap']:.4f})" if r["gap"] else "")
+            for r in row["ranking"]
+        )
+        lines.append(f"- {row['budget']} ({row['flops']:.3g} FLOPs): {ranking}")
+    lines += [f"- {scaling.description}" for scaling in scalings if scaling is not None]
+    figure = save_isoflop_figure(profiles, out / "isoflop.png")
+    (out / "isoflop.json").write_text(
+        json.dumps(
+            {
+                "profiles": [vars(p) for p in profiles],
+                "equal_compute": verdicts,
+                "optimum_scaling": [vars(s) for s in scalings if s is not None],
+            },
+            indent=1,
+        )
+    )
+    return lines, figure.name
+
+
+def _ordered_families(profiles: list) -> list[str]:
+    return list(dict.fromkeys(p.family for p in profiles))
+
+
 def write_report(
-    runs: list[RunSummary], out_dir: str | Path, tuning: list[dict] | None = None, seeds: dict | None = None
+    runs: list[RunSummary],
+    out_dir: str | Path,
+    tuning: list[dict] | None = None,
+    seeds: dict | None = None,
+    budget_axis: str = "budget",
 ) -> Path:
     """Write ``report.md``, ``summary.json`` and the figures into ``out_dir``; returns the report's path. ``tuning``
     (from ``best_over``) adds the table of every candidate's eval loss and ``tuning.json``; ``seeds`` (from
-    ``compare_seeds``) the seed section (spreads and verdicts) and ``seeds.json``."""
+    ``compare_seeds``) the seed section (spreads and verdicts) and ``seeds.json``. Runs labelled on ``budget_axis``
+    (an IsoFLOP sweep) add the compute-matched section, its figure and ``isoflop.json``."""
+    from launcher.analysis.isoflop import isoflop_profiles
     from launcher.metrics.figures import save_layer_curves
 
     out = Path(out_dir)
@@ -562,6 +619,11 @@ def write_report(
             cells = [_number(row["candidates"].get(value)) for value in values]  # "–" where a value was not run
             lines.append(f"| {row['group']} | " + " | ".join(cells) + f" | {row['chosen']} |")
         (out / "tuning.json").write_text(json.dumps(tuning, indent=1))
+    profiles = isoflop_profiles(runs, budget_axis)
+    if profiles:
+        isoflop, figure = _isoflop_lines(profiles, out)
+        lines += isoflop
+        figures.append(("IsoFLOP profiles: final eval loss against size at each FLOP budget", figure))
     if any(fits.values()):
         lines += [
             "",

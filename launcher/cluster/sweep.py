@@ -15,6 +15,7 @@ axes:                                     # the cartesian product, in this order
     s: {model.hidden_size: 64, when: {gpt2: {model.hidden_size: 32}}}    # e.g. matching parameter counts
     m: {model.hidden_size: 128, when: {gpt2: {model.hidden_size: 64}}}
   seed: {train.seed: [0, 1]}              # a value axis: one dotted key, a list of values (labels seed0, seed1)
+  budget: {c1e13: {train.flops_budget: 1.0e13}}  # max_steps that spend these training FLOPs (cluster.budget)
 exclude:                                  # optional: points to leave out, by labels (every label given must match)
   - {arch: gpt2, size: s}
 slurm: {procs_per_node: 2, time: "01:00:00"}   # crate submit's job options, for --slurm
@@ -37,6 +38,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from data_pipeline.files import atomic_write
+from launcher.cluster.budget import resolve_flops_budget
 from launcher.cluster.spec import JobOptions, JobSpec, SweepFile, expand, grid_key, override_items
 from launcher.cluster.submit import submit_runs
 from launcher.config.files import load_yaml
@@ -106,6 +108,7 @@ def build_sweep(spec: SweepFile, path: Path) -> Sweep:
         output_dir = output_root / point.name
         overrides = (*common, *point.overrides, f"output_dir={output_dir}")
         try:
+            overrides = resolve_flops_budget(str(config_path), overrides)
             load_run_config(config_path, list(overrides))
         except FileNotFoundError:
             raise ConfigError(f"{path}: run {point.name}: config {config_path} does not exist") from None
