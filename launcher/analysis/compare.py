@@ -53,6 +53,7 @@ class RunSummary:
     eval_curve: list[tuple[float, float]] = field(default_factory=list)
     whitebox: list[dict] = field(default_factory=list)  # per-layer rows of the last white-box step
     lm_eval: dict = field(default_factory=dict)  # lm-evaluation-harness scores of the export (crate compare --lm-eval)
+    unigram_entropy: float | None = None  # nats/token of the eval tokens' own unigram distribution (causal LM)
     labels: dict = field(default_factory=dict)
 
 
@@ -97,6 +98,30 @@ def _model_facts(run_dir: Path, config) -> tuple[str, str, int | None, float | N
     return model_type, family, non_embedding, per_token * frozen_flops_fraction(config)
 
 
+def unigram_entropy(run_dir: Path, config) -> float | None:
+    """The entropy (nats/token) of the unigram distribution of the tokens the run evaluated on: the loss of the best
+    model that ignores context, fitted to those very tokens, so a bar every trained LM should clear. None for a run
+    that is not a causal LM, has no validation data, or whose tokenizer is not in the run directory (nor a path)."""
+    import numpy as np
+
+    from launcher.models.tokenizers import load_tokenizer, trained_tokenizer_dir
+    from launcher.train.tasks import fixed_blocks, held_out_spec
+
+    if config.task != "causal-lm" or not config.train.eval_every:
+        return None
+    held_out = held_out_spec(config)
+    trained = trained_tokenizer_dir(run_dir) / "tokenizer.json"
+    if held_out is None or (config.tokenizer.startswith("bpe:") and not trained.is_file()):
+        return None
+    tokenizer = load_tokenizer(config.tokenizer, output_dir=run_dir)
+    start = next((row for row in read_metrics(run_dir, kind="train") if row.get("event") == "start"), {})
+    world = start.get("world_size", 1)
+    blocks = fixed_blocks(held_out, tokenizer, config.train.eval_batches * config.train.micro_batch_size * world)
+    counts = np.bincount(blocks.flatten().numpy())
+    probabilities = counts[counts > 0] / counts.sum()
+    return float(-(probabilities * np.log(probabilities)).sum())
+
+
 def summarize_run(run_dir: str | Path, labels: dict | None = None) -> RunSummary:
     """Read one run directory; a missing part (no export, no eval, no white-box rows) leaves its fields empty."""
     from launcher.config.run import load_run_config
@@ -120,6 +145,8 @@ def summarize_run(run_dir: str | Path, labels: dict | None = None) -> RunSummary
     )
     summary.params = start.get("params")
     summary.non_embedding_params = non_embedding
+    if evals:
+        summary.unigram_entropy = unigram_entropy(run_dir, config)
     if logged:
         last = logged[-1]
         summary.steps, summary.tokens = last["step"], last.get("tokens")
@@ -567,6 +594,7 @@ def write_report(
         "",
     ]
     accuracy = any("accuracy" in run.eval for run in runs)
+    unigram = any(run.unigram_entropy is not None for run in runs)
     header = (
         [
             "run",
@@ -580,6 +608,7 @@ def write_report(
             "eval loss",
             "perplexity",
         ]
+        + (["below unigram"] if unigram else [])
         + (["accuracy"] if accuracy else [])
         + [speed.replace("_per_s", "/s"), "MFU", "peak mem GiB"]
     )
@@ -597,6 +626,11 @@ def write_report(
             _number(run.eval.get("loss")),
             _number(run.eval.get("perplexity")),
         ]
+        if unigram:
+            below = None
+            if run.unigram_entropy is not None and run.eval.get("loss") is not None:
+                below = run.unigram_entropy - run.eval["loss"]
+            row.append(f"{below:.3f} (of {run.unigram_entropy:.3f})" if below is not None else "–")
         if accuracy:
             row.append(_number(run.eval.get("accuracy")))
         row += [_number(getattr(run, speed), 3), _number(run.mfu, 3), _number(run.peak_memory_gib, 3)]

@@ -4,6 +4,7 @@ the summary table and the white-box section; a sweep root stands for its runs, l
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -88,6 +89,21 @@ def test_compare_writes_the_report_with_every_figure(two_runs, tmp_path):
     assert crate["flops"] > 0 and gpt2["flops"] > 0 and crate["eval"]["loss"] > 0
     assert [row["layer"] for row in crate["whitebox"]] == [0, 1] and len(gpt2["whitebox"]) == 2
     assert "R^c first → last" in report and result.stdout.startswith("# Comparison report")
+    # the unigram bar: the entropy of the very tokens evaluated on (2 batches x 4 blocks x 32), counted here afresh
+    from collections import Counter
+
+    from launcher.config.run import load_run_config
+    from launcher.models.tokenizers import load_tokenizer
+    from launcher.train.tasks import fixed_blocks, held_out_spec
+
+    config = load_run_config(two_runs / "crate" / "config.yaml")
+    blocks = fixed_blocks(held_out_spec(config), load_tokenizer(config.tokenizer), 8)
+    counts = Counter(blocks.flatten().tolist())
+    entropy = -sum(c / 256 * math.log(c / 256) for c in counts.values())
+    assert sum(counts.values()) == 256
+    assert crate["unigram_entropy"] == pytest.approx(entropy) == gpt2["unigram_entropy"]
+    (summary_row,) = [line for line in report.splitlines() if line.startswith("| crate | crate |")]
+    assert f"| {entropy - crate['eval']['loss']:.3f} (of {entropy:.3f}) |" in summary_row
 
 
 def test_a_sweep_root_stands_for_its_runs_with_its_labels(two_runs, tmp_path):
