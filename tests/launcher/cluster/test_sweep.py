@@ -148,8 +148,8 @@ def test_control_characters_in_the_slurm_section_are_refused_before_anything_is_
 # tuning files (tune:, crate tune) live beside the sweeps; tests/launcher/cluster/test_tune.py checks them
 SWEEPS = [
     path
-    for path in sorted((REPO / "configs" / "sweeps").glob("*.yaml"))
-    if "tune" not in yaml.safe_load(path.read_text())
+    for path in sorted([*(REPO / "configs" / "sweeps").glob("*.yaml"), *(REPO / "configs" / "study").glob("*.yaml")])
+    if "tune" not in yaml.safe_load(path.read_text()) and "axes" in yaml.safe_load(path.read_text())
 ]
 
 

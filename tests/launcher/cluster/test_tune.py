@@ -171,6 +171,21 @@ def test_tuning_files_are_checked_in_one_line(tmp_path):
         round_sweep(spec, raw, path, {"crate": {5e-4}})
 
 
+@pytest.mark.parametrize("name", ["lm-tune-whitebox", "lm-tune-baselines", "vision-tune"], ids=str)
+def test_the_studys_tuning_files_validate_every_first_run_and_seed(name):
+    """configs/study: the first grid of every architecture and the seed replicates of a chosen value validate."""
+    from launcher.cluster.tune import seed_sweep
+
+    path = REPO / "configs" / "study" / f"{name}.yaml"
+    spec, raw = load_tune_file(path)
+    groups = list(spec.axes["arch"])
+    sweep = round_sweep(spec, raw, path, {arch: set(first_grid(spec.tune.centre, 3, 2.0)) for arch in groups})
+    assert len(sweep.runs) == 3 * len(groups) and spec.tune.seeds == [0, 1, 2]
+    record = {"groups": {arch: {"chosen": spec.tune.centre} for arch in groups}}
+    everything, replicates, base = seed_sweep(spec, raw, path, sweep, record)
+    assert base == 0 and len(replicates) == 2 * len(groups) and len(everything.runs) == 5 * len(groups)
+
+
 def test_the_shipped_tuning_file_validates_every_first_run():
     path = REPO / "configs" / "sweeps" / "lm-lr-tune-cpu.yaml"
     spec, raw = load_tune_file(path)
