@@ -52,11 +52,23 @@ def steps_for_flops_budget(config: RunConfig, budget: float) -> int:
     seq_len = config.data.seq_len
     model_config = build_model_config(config.model, _vocabulary_size(config), 0, seq_len)
     per_token = training_flops_per_token(model_config, seq_len, config.train.micro_batch_size * seq_len)
-    if per_token is None:
-        raise ConfigError(
-            f"{FLOPS_BUDGET_KEY}: architecture {model_config.model_type!r} has no FLOP formula; set train.max_steps"
-        )
+    if per_token is None:  # no formula (Llama, say): counted as the loop counts it, on shapes alone
+        per_token = counted_flops_per_token(model_config, seq_len)
     return max(1, round(budget / (per_token * config.train.global_batch_size * seq_len)))
+
+
+def counted_flops_per_token(model_config, seq_len: int) -> float:
+    """Training FLOPs per token of a forward and backward pass of a causal LM over one sequence, counted by torch's
+    FlopCounterMode as the loop counts its first step (the count per token does not depend on the batch size)."""
+    import torch
+
+    from launcher.architectures.flops import count_flops
+    from launcher.models.build import build_model
+
+    model = build_model(model_config, "causal-lm")
+    ids = torch.zeros(1, seq_len, dtype=torch.long)
+    _, flops = count_flops(lambda: model(input_ids=ids, labels=ids, use_cache=False).loss.backward())
+    return flops / seq_len
 
 
 def resolve_flops_budget(config_path: str, overrides: tuple[str, ...]) -> tuple[str, ...]:

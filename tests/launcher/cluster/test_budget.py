@@ -59,3 +59,21 @@ def test_what_a_budget_cannot_size_is_one_line(tmp_path):
     path.write_text(path.read_text().replace("train.global_batch_size: 16", "train.log_every: 10"))
     with pytest.raises(ConfigError, match=r"run s-c1: train.flops_budget: needs train.global_batch_size"):
         load_sweep(path)
+
+
+def test_an_architecture_without_a_formula_is_counted_as_the_loop_counts_it(tmp_path):
+    """Llama has no FLOP formula: its FLOPs per token are counted by torch's counter on one sequence: 6N for the
+    weights (LM head included) plus the attention scores, which the CPU attention kernel's registration adds (torch
+    counts them as 2 batched matmuls forward and 5 backward)."""
+    from launcher.cluster.budget import counted_flops_per_token
+
+    sweep = load_sweep(sweep_file(tmp_path, {"c1": {"train.flops_budget": 1e13}}, {"model.arch": "llama"}))
+    config = run_config(sweep.runs[1])  # d 128
+    model = build_model_config(config.model, 4096, 0, config.data.seq_len)
+    counted = counted_flops_per_token(model, config.data.seq_len)
+    non_embedding = 4 * (4 * 128 * 128 + 3 * 128 * model.intermediate_size)
+    six_n = 6 * (non_embedding + 128 * 4096)  # + the LM head
+    seq_len = config.data.seq_len
+    attention = 4 * (4 * seq_len * 128) * 7 / 2  # 4 layers x (QK^T + AV: 4 T d a token) x (1 + 5/2)
+    assert counted == six_n + attention
+    assert config.train.max_steps == round(1e13 / (counted * 16 * config.data.seq_len))
