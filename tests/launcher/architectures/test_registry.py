@@ -121,3 +121,10 @@ def test_an_architecture_without_a_flop_formula_is_counted_trained_and_exported(
 
     classifier = AutoModelForSequenceClassification.from_pretrained(probe / "hf")
     assert type(classifier).__name__ == "LlamaForSequenceClassification"
+    # crate compare reads the run: the llama family, its non-embedding parameters, the counted FLOPs of its tokens
+    from launcher.analysis.compare import collect_runs
+
+    (summary,) = collect_runs([tmp_path])
+    assert summary.family == "llama" and summary.steps == 4
+    assert summary.non_embedding_params == layers * (4 * d * d + 3 * d * inner + 2 * d) + d  # + RMSNorm weights
+    assert summary.flops == pytest.approx(summary.tokens * counted[0]["flops_per_token"])
