@@ -464,6 +464,36 @@ def _seed_lines(seeds: dict) -> list[str]:
     return lines
 
 
+def _lm_eval_group_lines(runs: list[RunSummary], seeds: dict) -> list[str]:
+    """The lm-eval scores of seed groups: a column per group, mean ± std over its seeds (n as in the seed table)."""
+    from launcher.analysis.statistics import mean_std
+
+    by_name = {run.name: run for run in runs}
+    groups = [(row["group"], [by_name[name] for name in row["runs"]]) for row in seeds["groups"]]
+    rows = {}
+    for run in runs:
+        for task, metrics in run.lm_eval.get("tasks", {}).items():
+            for metric in metrics:
+                if not metric.endswith("_stderr"):
+                    rows.setdefault((task, metric), None)
+    lines = [
+        "",
+        f"### Downstream scores per group: mean ± std over the `{seeds['seed_axis']}` axis",
+        "",
+        "| task | metric | " + " | ".join(group for group, _ in groups) + " |",
+        "|" + "---|" * (len(groups) + 2),
+    ]
+    for task, metric in rows:
+        cells = []
+        for _, members in groups:
+            values = [m.lm_eval.get("tasks", {}).get(task, {}).get(metric) for m in members]
+            values = [v for v in values if v is not None]
+            mean, std = mean_std(values) if values else (None, None)
+            cells.append("–" if mean is None else f"{mean:.4g}" + (f" ± {std:.2g}" if std is not None else ""))
+        lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _lm_eval_lines(runs: list[RunSummary]) -> list[str]:
     """The report's lm-eval section: a row per task and metric, a column per run (value ± standard error)."""
     rows = {}
@@ -637,6 +667,8 @@ def write_report(
         lines.append("| " + " | ".join(row) + " |")
     if any(run.lm_eval for run in runs):
         lines += _lm_eval_lines(runs)
+        if seeds and len(seeds["groups"]) > 1:
+            lines += _lm_eval_group_lines(runs, seeds)
     if seeds:
         lines += _seed_lines(seeds)
         (out / "seeds.json").write_text(json.dumps(seeds, indent=1))

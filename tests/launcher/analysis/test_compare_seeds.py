@@ -138,3 +138,17 @@ def test_image_runs_get_accuracy_spreads_and_verdicts_where_higher_is_better(tmp
     assert crate["accuracy"]["mean"] == pytest.approx(0.81) and crate["accuracy"]["std"] == pytest.approx(0.01)
     verdicts = {row["metric"]: row["verdict"] for row in seeds["comparisons"]}
     assert verdicts["accuracy"].startswith("crate beats vit") and verdicts["eval loss"].startswith("crate beats vit")
+
+
+def test_lm_eval_scores_are_averaged_per_seed_group(tmp_path):
+    """With seed groups the report also gives each group's lm-eval scores as mean ± std over its seeds."""
+    from launcher.analysis.compare import collect_runs, compare_seeds, write_report
+
+    fake_sweep(tmp_path / "sweep", {"crate": LOSSES["crate"], "gpt2": LOSSES["gpt2"]})
+    runs = collect_runs([tmp_path / "sweep"])
+    accuracy = {"crate": [0.50, 0.52, 0.54], "gpt2": [0.60, 0.60, 0.60]}
+    for run in runs:
+        seed = int(run.labels["seed"][4:])
+        run.lm_eval = {"tasks": {"crate_continuation": {"acc": accuracy[run.labels["arch"]][seed], "acc_stderr": 0.01}}}
+    report = write_report(runs, tmp_path / "report", seeds=compare_seeds(runs)).read_text()
+    assert "| crate_continuation | acc | 0.52 ± 0.02 | 0.6 ± 0 |" in report
