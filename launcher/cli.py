@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import re
 import sys
 from pathlib import Path
 
@@ -200,9 +202,21 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     if args.slurm:
         print(f"submitted job array {submit_sweep(sweep)} ({len(sweep.runs)} tasks)")
         return 0
+    if args.part:
+        index, count = args.part
+        # every K-th run of the grid: N processes (one per core, say) share a local sweep without running a run twice
+        sweep = dataclasses.replace(sweep, runs=sweep.runs[index - 1 :: count])
+        print(f"part {index}/{count}: {len(sweep.runs)} runs")
     failures = run_locally(sweep, args.nproc_per_node)
     print(f"sweep {sweep.name}: {len(sweep.runs) - failures} of {len(sweep.runs)} runs finished")
     return 1 if failures else 0
+
+
+def _part(text: str) -> tuple[int, int]:
+    match = re.fullmatch(r"(\d+)/(\d+)", text)
+    if not match or not 1 <= int(match.group(1)) <= int(match.group(2)):
+        raise argparse.ArgumentTypeError(f"expected K/N with 1 <= K <= N (1/2), got {text!r}")
+    return int(match.group(1)), int(match.group(2))
 
 
 def _cmd_tune(args: argparse.Namespace) -> int:
@@ -436,6 +450,12 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--slurm", action="store_true", help="submit one job array (options: the file's slurm:)")
     sweep.add_argument("--nproc-per-node", type=int, default=1, help="local processes per run")
     sweep.add_argument("--dry-run", action="store_true", help="list the runs (and the batch script with --slurm)")
+    sweep.add_argument(
+        "--part",
+        type=_part,
+        metavar="K/N",
+        help="run only runs K, K+N, K+2N, ... of the grid here (N local processes share a sweep)",
+    )
     sweep.set_defaults(func=_cmd_sweep)
 
     tune = commands.add_parser(

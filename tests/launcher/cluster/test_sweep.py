@@ -165,3 +165,18 @@ def test_a_sweep_file_serialises_back_to_the_same_grid(path):
     spec = SweepFile.model_validate(yaml.safe_load(path.read_text()))
     again = SweepFile.model_validate(yaml.safe_load(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)))
     assert again == spec and expand(again) == expand(spec)
+
+
+def test_parts_of_a_local_sweep_share_its_runs_without_overlap(tmp_path, monkeypatch, capsys):
+    """crate sweep --part K/N runs every N-th run from the K-th: the parts together are the grid, once."""
+    import launcher.cluster.sweep as sweep_module
+    from launcher.cli import main
+
+    ran = []
+    monkeypatch.setattr(sweep_module, "run_locally", lambda sweep, nproc: ran.append([r.name for r in sweep.runs]) or 0)
+    path = sweep_file(tmp_path, axes={"seed": {"train.seed": [0, 1, 2, 3, 4]}})
+    assert main(["sweep", str(path), "--part", "1/2"]) == 0 and main(["sweep", str(path), "--part", "2/2"]) == 0
+    assert ran == [["seed0", "seed2", "seed4"], ["seed1", "seed3"]]
+    with pytest.raises(SystemExit):
+        main(["sweep", str(path), "--part", "3/2"])
+    assert "expected K/N with 1 <= K <= N (1/2), got '3/2'" in capsys.readouterr().err
