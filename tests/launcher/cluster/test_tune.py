@@ -171,7 +171,9 @@ def test_tuning_files_are_checked_in_one_line(tmp_path):
         round_sweep(spec, raw, path, {"crate": {5e-4}})
 
 
-@pytest.mark.parametrize("name", ["lm-tune-whitebox", "lm-tune-baselines", "vision-tune"], ids=str)
+@pytest.mark.parametrize(
+    "name", ["lm-tune-whitebox", "lm-tune-baselines", "vision-tune-crate", "vision-tune-tost-vit"], ids=str
+)
 def test_the_studys_tuning_files_validate_every_first_run_and_seed(name):
     """configs/study: the first grid of every architecture and the seed replicates of a chosen value validate."""
     from launcher.cluster.tune import seed_sweep
