@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -332,13 +333,20 @@ def _loss_curves(runs: list[RunSummary], path: Path) -> Path:
 
     plt = pyplot()
     figure, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    families = _families(runs)
+    # many runs of a few families (seeds, learning rates): a colour per family, labelled once
+    by_family = len(families) < len(runs)
+    seen = set()
     for run in runs:
+        colour = f"C{list(families).index(run.family) % 10}" if by_family else None
+        label = run.name if not by_family else (run.family if run.family not in seen else None)
+        seen.add(run.family)
         if run.train_curve:
             tokens, losses = zip(*run.train_curve)
-            axes[0].plot(tokens, losses, label=run.name, linewidth=1)
+            axes[0].plot(tokens, losses, label=label, linewidth=1, color=colour, alpha=0.8 if by_family else 1)
         if run.eval_curve:
             tokens, losses = zip(*run.eval_curve)
-            axes[1].plot(tokens, losses, marker="o", markersize=3, label=run.name)
+            axes[1].plot(tokens, losses, marker="o", markersize=3, label=label, color=colour)
     for axis, title in zip(axes, ("train loss", "eval loss")):
         axis.set_xlabel("tokens" if runs[0].task == "causal-lm" else "tokens (patches x images)")
         axis.set_ylabel(title)
@@ -567,6 +575,12 @@ def _isoflop_lines(profiles: list, out: Path) -> tuple[list[str], str]:
     return lines, figure.name
 
 
+def _label_order(label: str) -> tuple:
+    """Labels that end in a number (lr0.0005, lr0.001) in numeric order, then the others alphabetically."""
+    match = re.search(r"(\d+(\.\d*)?(e-?\d+)?)$", label)
+    return (0, label[: match.start()], float(match.group(1))) if match else (1, label, 0.0)
+
+
 def _ordered_families(profiles: list) -> list[str]:
     return list(dict.fromkeys(p.family for p in profiles))
 
@@ -673,7 +687,7 @@ def write_report(
         lines += _seed_lines(seeds)
         (out / "seeds.json").write_text(json.dumps(seeds, indent=1))
     if tuning:
-        values = list(dict.fromkeys(value for row in tuning for value in row["candidates"]))
+        values = sorted(dict.fromkeys(value for row in tuning for value in row["candidates"]), key=_label_order)
         lines += [
             "",
             "## Tuning: final eval loss of every candidate (the lowest of each row is kept above)",
