@@ -641,14 +641,18 @@ class CrateModel(CratePreTrainedModel):
             )
         if attention_mask is not None and bool(attention_mask.all()):
             attention_mask = None  # no padding: take the fast causal path
-        if position_ids is None:
-            if attention_mask is not None:
+        if position_ids is None and attention_mask is None:
+            # positions past .. past + tokens - 1, checked on the host: no device sync (or graph break) in training
+            position_ids = torch.arange(past, past + tokens, device=inputs_embeds.device)[None].expand(batch, -1)
+            last_position = past + tokens - 1
+        else:
+            if position_ids is None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)[:, -tokens:]
-            else:
-                position_ids = torch.arange(past, past + tokens, device=inputs_embeds.device)[None].expand(batch, -1)
-        if position_ids.numel() and int(position_ids.max()) >= self.config.max_position_embeddings:
+            # padded or given positions (generation, fine-tuning): their largest is read from the device
+            last_position = int(position_ids.max()) if position_ids.numel() else -1
+        if last_position >= self.config.max_position_embeddings:
             raise ValueError(
-                f"sequence position {int(position_ids.max())} exceeds max_position_embeddings="
+                f"sequence position {last_position} exceeds max_position_embeddings="
                 f"{self.config.max_position_embeddings}: shorten the input or raise max_position_embeddings"
             )
 

@@ -8,6 +8,19 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The smallest CRATE run that still exercises every part (2 layers of d 32 on 32-token blocks): end-to-end tests'
+# overrides of configs/lm/crate-tiny.yaml.
+TINY_CRATE = (
+    "model.preset=null",
+    "model.hidden_size=32",
+    "model.num_hidden_layers=2",
+    "model.num_attention_heads=4",
+    "model.max_position_embeddings=64",
+    "data.seq_len=32",
+    "data.shuffle_buffer=8",
+    "train.micro_batch_size=4",
+)
+
 
 def run_crate(
     command: str, config: Path, output_dir: Path, *overrides: str, nproc: int = 1

@@ -120,6 +120,9 @@ class TrainSection(_Section):
     max_nonfinite_in_a_row: int = Field(default=5, ge=1)
     dataloader_workers: int = Field(default=0, ge=0)
     wall_clock_minutes: float | None = Field(default=None, gt=0)  # stop cleanly (save) before this budget ends
+    # Signals, the STOP file and the wall clock are agreed by all ranks every this many steps (one all-reduce and a
+    # host sync each time: not every step on a GPU); a request waits at most this many steps minus one.
+    stop_check_every: int = Field(default=10, ge=1)
     # Resume from checkpoint files whose pickles hold more than tensors and plain values (launcher.train.safe_loading)
     trust_pickled_checkpoints: bool = False
     # A rank that makes no progress for this long (a step, a side job: evaluation, a checkpoint save; the first

@@ -42,7 +42,7 @@ from launcher.train.side_jobs import (
     TrainMetrics,
     WhiteboxProbe,
 )
-from launcher.train.step import any_rank, memory_knobs_on_oom, set_learning_rate, train_step
+from launcher.train.step import any_rank, memory_knobs_on_oom, set_learning_rate, synchronize, train_step
 from launcher.train.tasks import build_task
 from launcher.train.watchdog import Watchdog, process_group_timeout
 
@@ -199,7 +199,9 @@ def _train(config: RunConfig, rank: int, world: int, device: torch.device, watch
     last = train_cfg.max_steps
     guard = NonFiniteGuard(logger, train_cfg.max_nonfinite_in_a_row)
     model_state = ModelStateProbe(logger, engine, probe_step=step + 2, device=device)
-    stop = StopRequests(stop_signal, output_dir, train_cfg.wall_clock_minutes, started, rank, device)
+    stop = StopRequests(
+        stop_signal, output_dir, train_cfg.wall_clock_minutes, started, rank, device, train_cfg.stop_check_every
+    )
     side_jobs = [
         guard,
         model_state,
@@ -255,6 +257,8 @@ def _train(config: RunConfig, rank: int, world: int, device: torch.device, watch
             else:
                 outcome = next_step()
         step += 1
+        if step % train_cfg.log_every == 0 or step == last:
+            synchronize(device)  # the meter's clock reads the device's time at logging steps, and only there
         meter.tick()
         with meter.paused(), memory_knobs_on_oom(f"the side jobs of step {step}"):
             for job in side_jobs:

@@ -100,7 +100,8 @@ def describe_bad_records(summary: dict, since: int) -> str:
 
 @dataclass
 class TrainMetrics(SideJob):
-    """The training row every ``log_every`` steps (and at the last): loss averaged over ranks, learning rate,
+    """The training row every ``log_every`` steps (and at the last): the step's loss averaged over ranks (read from
+    the device here, the only place the hot path's losses are read), learning rate,
     gradient norm, skipped steps, throughput and MFU, memory, and the bad records the data skipped (summed over
     ranks; ``data_stats``: this rank's data statistics, ``loader.stats()``) with a warning each time they grow."""
 
@@ -246,9 +247,10 @@ class StopSignal:
 
 @dataclass
 class StopRequests(SideJob):
-    """Whether the run stops early, agreed by all ranks after every step (one all-reduce): a signal, the
-    ``wall_clock_minutes`` budget, or a ``STOP`` file in the output directory (shared filesystem: Slurm's batch
-    script touches it). Sets ``stopping`` and ``reason``."""
+    """Whether the run stops early, agreed by all ranks every ``check_every`` steps (one all-reduce and one host
+    read, so not on every step of a GPU's hot path): a signal, the ``wall_clock_minutes`` budget, or a ``STOP`` file
+    in the output directory (shared filesystem: Slurm's batch script touches it). Sets ``stopping`` and ``reason``.
+    A request waits at most ``check_every - 1`` steps."""
 
     phase: ClassVar[str] = "the stop check"
 
@@ -258,6 +260,7 @@ class StopRequests(SideJob):
     started: float
     rank: int
     device: torch.device
+    check_every: int = 1
     stopping: bool = False
     reason: str | None = None
 
@@ -266,6 +269,8 @@ class StopRequests(SideJob):
         return os.path.join(self.output_dir, STOP_FILE)
 
     def maybe_run(self, step: int, outcome: StepOutcome) -> None:
+        if step % self.check_every:
+            return
         out_of_time = self.wall_clock_minutes is not None and time.time() - self.started > 60 * self.wall_clock_minutes
         asked = self.rank == 0 and os.path.exists(self.stop_file)
         self.stopping = any_rank(self.signal.raised or out_of_time or asked, self.device)

@@ -10,19 +10,12 @@ import sys
 
 import pytest
 
-from tests.crate_cli import REPO, run_crate
+from tests.crate_cli import REPO, TINY_CRATE, run_crate
 
 pytestmark = pytest.mark.slow
 
 TINY = [
-    "model.preset=null",
-    "model.hidden_size=32",
-    "model.num_hidden_layers=2",
-    "model.num_attention_heads=4",
-    "model.max_position_embeddings=64",
-    "data.seq_len=32",
-    "data.shuffle_buffer=8",
-    "train.micro_batch_size=4",
+    *TINY_CRATE,
     "train.max_steps=20",
     "train.log_every=5",
     "train.eval_every=10",

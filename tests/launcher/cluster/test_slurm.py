@@ -15,20 +15,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.crate_cli import TINY_CRATE
 from tests.slurm_cluster import ensure_cluster, wait_for_job
 
 REPO = Path(__file__).resolve().parents[3]
 TINY = REPO / "configs" / "lm" / "crate-tiny.yaml"
 SMALL = [
-    "model.preset=null",
-    "model.hidden_size=32",
-    "model.num_hidden_layers=2",
-    "model.num_attention_heads=4",
-    "model.max_position_embeddings=64",
-    "data.seq_len=32",
-    "data.shuffle_buffer=8",
-    "train.micro_batch_size=4",
+    *TINY_CRATE,
     "train.log_every=1",
+    "train.stop_check_every=2",  # a preemption is obeyed within a step of the signal, long before max_steps
     "train.eval_every=0",
     "train.whitebox_every=0",
     "optimizer.warmup_steps=2",

@@ -15,19 +15,13 @@ import torch
 from safetensors.torch import load_file
 
 from launcher.train.watchdog import HUNG_EXIT_CODE
+from tests.crate_cli import TINY_CRATE
 from tests.processes import children_of, ended, wait_for
 
 REPO = Path(__file__).resolve().parents[3]
 TINY = REPO / "configs" / "lm" / "crate-tiny.yaml"
 SMALL = [
-    "model.preset=null",
-    "model.hidden_size=32",
-    "model.num_hidden_layers=2",
-    "model.num_attention_heads=4",
-    "model.max_position_embeddings=64",
-    "data.seq_len=32",
-    "data.shuffle_buffer=8",
-    "train.micro_batch_size=4",
+    *TINY_CRATE,
     "train.log_every=5",
     "train.eval_every=0",
     "optimizer.warmup_steps=2",
