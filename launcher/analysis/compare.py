@@ -355,9 +355,12 @@ def _loss_curves(runs: list[RunSummary], path: Path) -> Path:
     return save_and_close(figure, path)
 
 
-def _scaling_figure(runs: list[RunSummary], attribute: str, label: str, path: Path) -> tuple[Path, dict]:
-    """Final eval loss against ``attribute`` per family, log-log, and each family's power law (3+ sizes)."""
-    from launcher.analysis.scaling import fit_power_law
+def _scaling_figure(
+    runs: list[RunSummary], attribute: str, label: str, path: Path, fit: bool = True
+) -> tuple[Path, dict]:
+    """Final eval loss against ``attribute`` per family, log-log, and (``fit``) each family's power law where its
+    points can carry one (``scaling.fittable``: 3+ sizes spanning 4x)."""
+    from launcher.analysis.scaling import fit_power_law, fittable
     from launcher.metrics.figures import pyplot, save_and_close
 
     plt = pyplot()
@@ -375,7 +378,7 @@ def _scaling_figure(runs: list[RunSummary], attribute: str, label: str, path: Pa
             continue
         xs, ys = zip(*points)
         dots = axis.scatter(xs, ys, label=family, s=18)
-        if len(set(xs)) >= 3:
+        if fit and fittable(xs):
             law = fit_power_law(xs, ys)
             fits[family] = law
             grid = [min(xs) * (max(xs) / min(xs)) ** (i / 50) for i in range(51)]
@@ -602,13 +605,15 @@ def write_report(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures: list[tuple[str, str]] = [("Loss against tokens", _loss_curves(runs, out / "loss_vs_tokens.png").name)]
+    profiles = isoflop_profiles(runs, budget_axis)
     fits = {}
     for attribute, label, file in (
         ("non_embedding_params", "non-embedding parameters", "loss_vs_params.png"),
         ("flops", "training FLOPs", "loss_vs_flops.png"),
     ):
         if any(getattr(run, attribute) and run.eval.get("loss") for run in runs):
-            path, fitted = _scaling_figure(runs, attribute, label, out / file)
+            # An IsoFLOP grid's runs mix budgets and sizes: a law through all of them would mean nothing.
+            path, fitted = _scaling_figure(runs, attribute, label, out / file, fit=not profiles)
             figures.append((f"Final eval loss against {label}", path.name))
             fits[label] = fitted
     speed = "samples_per_s" if runs[0].task == "image-classification" else "tokens_per_s"
@@ -699,7 +704,6 @@ def write_report(
             cells = [_number(row["candidates"].get(value)) for value in values]  # "–" where a value was not run
             lines.append(f"| {row['group']} | " + " | ".join(cells) + f" | {row['chosen']} |")
         (out / "tuning.json").write_text(json.dumps(tuning, indent=1))
-    profiles = isoflop_profiles(runs, budget_axis)
     if profiles:
         isoflop, figure = _isoflop_lines(profiles, out)
         lines += isoflop
@@ -709,7 +713,8 @@ def write_report(
             "",
             "## Power-law fits",
             "",
-            "Per family with 3 or more sizes: `L = a x^-α` (least squares in log-log space).",
+            "Per family with 3 or more sizes spanning at least 4x: `L = a x^-α` (least squares in log-log space; "
+            "± the exponent's standard error).",
             "",
         ]
         for label, fitted in fits.items():

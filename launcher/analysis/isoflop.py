@@ -132,7 +132,7 @@ def optimum_scaling(profiles: list[Profile]) -> OptimumScaling | None:
             exponent,
             None,
             f"{family}: N* moves {ratio:.2f}x over a {span:.2f}x compute range (from {len(usable)} budgets: the "
-            f"exponent they imply, {implied}, is two points, not a fit; a power law needs "
+            f"exponent the end points imply, {implied}, is not a fit; a power law needs "
             f"{MIN_BUDGETS_FOR_A_LAW} budgets spanning {MIN_BUDGET_SPAN:g}x)",
         )
     (slope, _), covariance = np.polyfit(c, n, 1, cov=True) if len(usable) > 2 else (np.polyfit(c, n, 1), None)

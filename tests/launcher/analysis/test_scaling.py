@@ -37,6 +37,7 @@ def test_noisy_points_give_a_close_exponent():
         ([1, 2, 3], [3, 2, 1], True, "at least 4"),
         ([1, 2, 0], [3, 2, 1], False, "positive"),
         ([2, 2, 2], [3, 2, 1], False, "two distinct"),
+        ([1, 2, 3], [3, 2, 1], False, "spanning at least 4x"),
     ],
 )
 def test_bad_points_are_refused(x, y, offset, message):
@@ -44,7 +45,16 @@ def test_bad_points_are_refused(x, y, offset, message):
         fit_power_law(x, y, with_offset=offset)
 
 
-def test_description_writes_the_exponent_with_its_sign():
+def test_description_writes_the_exponent_with_its_sign_error_and_span():
     x = np.array([1.0, 10.0, 100.0])
-    assert "·N^-0.100 " in fit_power_law(x, 2.0 * x**-0.1).describe()
+    assert "·N^-0.100 ± 0.000 (R² 1.000, 3 pts spanning 100x)" in fit_power_law(x, 2.0 * x**-0.1).describe()
     assert "·N^+0.050 " in fit_power_law(x, 2.0 * x**0.05).describe()  # a loss that rises with size
+
+
+def test_the_exponents_standard_error_is_the_regressions():
+    """Known values: log y = 0, 1, 0 at log x = 0, 1, 2 (slope 0); residuals -1/3, 2/3, -1/3 -> SSE 2/3 on
+    1 degree of freedom, Sxx 2: se = sqrt(2/3 / 1 / 2) = 0.5774."""
+    x = np.exp([0.0, 1.0, 2.0])
+    law = fit_power_law(x, np.exp([0.0, 1.0, 0.0]))
+    assert law.exponent == pytest.approx(0.0, abs=1e-12)
+    assert law.exponent_stderr == pytest.approx(np.sqrt(1 / 3), rel=1e-9)
