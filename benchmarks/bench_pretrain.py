@@ -96,7 +96,7 @@ def throughput(args, scratch: Path) -> dict:
         "train.eval_every=0",
         "train.save_every=0",
         "train.whitebox_every=0",
-        "train.export_on_save=false",
+        "train.export_at_end=false",
         *args.overrides,
     ]
     config = load_run_config(args.config, [*overrides, f"output_dir={scratch / 'tokenizer-run'}"])
@@ -148,7 +148,7 @@ def zero_memory(args, scratch: Path) -> dict:
         "train.eval_every=0",
         "train.save_every=0",
         "train.whitebox_every=0",
-        "train.export_on_save=false",
+        "train.export_at_end=false",
         "train.micro_batch_size=2",
         "data.seq_len=64",
         "model.max_position_embeddings=64",

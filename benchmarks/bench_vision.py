@@ -98,7 +98,7 @@ def pretrain(config: str, output_dir: Path, steps: int, seed: int) -> tuple[floa
         "train.eval_batches=157",
         "train.whitebox_every=0",
         f"train.save_every={steps}",
-        "train.export_on_save=false",
+        "train.export_at_end=false",
     ]
     command = [sys.executable, "-m", "launcher.cli", "pretrain", config, *overrides]
     started = time.time()

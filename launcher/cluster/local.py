@@ -29,7 +29,7 @@ def check_output_dir(config: RunConfig) -> None:
         raise ConfigError(f"output_dir: {root} is a file")
     check_writable(root)
     hf = root / "hf"
-    replaced = [hf] if config.train.export_on_save else []
+    replaced = [hf] if config.train.exports else []
     if replaced and config.lora is not None and config.lora.save_adapter:
         replaced.append(adapter_dir_for(hf))
     for directory in replaced:

@@ -114,7 +114,11 @@ class TrainSection(_Section):
     label_smoothing: float = Field(default=0.0, ge=0, lt=1)  # image classification
     mixup_alpha: float = Field(default=0.0, ge=0)  # image classification: Beta(alpha, alpha) mixing; 0 = off
     cutmix_alpha: float = Field(default=0.0, ge=0)  # with both on, each batch takes one of them at random
-    export_on_save: bool = True
+    # The HF export (<output_dir>/hf): at the end of the run (max_steps), and, with export_every N, also at every N-th
+    # periodic save (steps that are multiples of save_every x N). A run stopped early exports nothing: it resumes,
+    # or `crate export RUN` exports its newest checkpoint. (The old export_on_save: true is export_every 1.)
+    export_at_end: bool = True
+    export_every: int = Field(default=0, ge=0)
     activation_checkpointing: bool = False
     compile: bool = False
     max_nonfinite_in_a_row: int = Field(default=5, ge=1)
@@ -129,6 +133,30 @@ class TrainSection(_Section):
     # step's compile) stops with one line: a peer is hung or dead (launcher/train/watchdog.py). The process group's
     # own collective timeout is a minute longer. Every legitimate phase must fit in it.
     collective_timeout_minutes: float = Field(default=30.0, ge=0.1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _export_on_save(cls, data):
+        """Configs and run directories written before export_every: ``export_on_save: true`` exported at every save,
+        ``false`` never."""
+        if isinstance(data, dict) and "export_on_save" in data:
+            data = dict(data)
+            every_save = data.pop("export_on_save")
+            if not isinstance(every_save, bool):
+                raise ValueError("export_on_save: must be true or false (now train.export_every, train.export_at_end)")
+            data.setdefault("export_every", 1 if every_save else 0)
+            data.setdefault("export_at_end", every_save)
+        return data
+
+    @property
+    def exports(self) -> bool:
+        """Whether the run writes an HF export at all."""
+        return self.export_at_end or bool(self.export_every)
+
+    def export_due(self, step: int) -> bool:
+        """Whether the checkpoint saved at ``step`` is also exported."""
+        periodic = self.save_every * self.export_every
+        return (self.export_at_end and step == self.max_steps) or bool(periodic and step % periodic == 0)
 
 
 class OptimizerSection(_Section):

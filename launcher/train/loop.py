@@ -184,7 +184,7 @@ def _train(config: RunConfig, rank: int, world: int, device: torch.device, watch
                 "model_config": task.model_config.to_dict(),
             },
         )
-        if train_cfg.export_on_save:
+        if train_cfg.export_due(at_step):
             export_hf(
                 engine.module,
                 task.processor,

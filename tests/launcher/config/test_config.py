@@ -54,6 +54,7 @@ def test_defaults_and_overrides():
         (["precision=fp16"], "run.yaml: precision: Input should be 'auto', 'fp32' or 'bf16' (got 'fp16')"),
         (["output_dir="], "run.yaml: output_dir: must name a directory (got '')"),  # output_dir=$UNSET
         (["output_dir=' \t'"], "run.yaml: output_dir: must name a directory (got ' \\t')"),
+        (["train.export_on_save=3"], "run.yaml: train: export_on_save: must be true or false"),
     ],
 )
 def test_bad_values_are_one_line_errors_naming_the_key(overrides, message):
@@ -129,3 +130,16 @@ def test_eval_data_inherits_seq_len_and_must_match():
 def test_bpe_tokenizer_names_are_checked_at_start(name, message):
     with pytest.raises(ConfigError, match=f"tokenizer: {message}"):
         parsed(f"tokenizer={name}")
+
+
+def test_exports_at_the_end_and_every_nth_save_and_the_old_export_on_save():
+    config = parsed("train.max_steps=1000", "train.save_every=100")
+    assert [step for step in range(1, 1001) if config.train.export_due(step)] == [1000]  # the default: at the end
+    config = parsed("train.max_steps=1000", "train.save_every=100", "train.export_every=3")
+    assert [step for step in range(1, 1001) if config.train.export_due(step)] == [300, 600, 900, 1000]
+    assert not parsed("train.export_at_end=false").train.exports
+    # run directories written before: export_on_save true exported every save, false never
+    every = parsed("train.save_every=5", "train.export_on_save=true").train
+    assert every.export_every == 1 and every.export_at_end and every.export_due(5) and every.export_due(10)
+    never = parsed("train.export_on_save=false").train
+    assert not never.exports and not never.export_due(10)

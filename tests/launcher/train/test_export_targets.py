@@ -111,7 +111,7 @@ def test_a_run_refuses_an_output_dir_that_is_a_file_or_whose_hf_is_not_an_export
     user_files(run / "hf")
     with pytest.raises(ConfigError, match=f"^output_dir: {run / 'hf'} is not empty and not a crate export"):
         check_output_dir(run_config(run))
-    check_output_dir(run_config(run, train={"max_steps": 3, "export_on_save": False}))  # nothing to replace
+    check_output_dir(run_config(run, train={"max_steps": 3, "export_at_end": False}))  # nothing to replace
     lora = {"model": {"init_from": str(tmp_path / "base")}, "lora": {}}
     user_files(tmp_path / "lora" / "adapter")
     with pytest.raises(ConfigError, match=f"output_dir: {tmp_path / 'lora' / 'adapter'} is not empty"):
