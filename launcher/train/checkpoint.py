@@ -7,11 +7,12 @@ Layout::
       global_step300/
       latest                     the newest complete tag, replaced atomically, written last
 
-A save writes everything into ``.tmp-global_stepN/``; when every rank is done, rank 0 records each file's size and
-SHA-256 in ``manifest.json``, renames the directory to ``global_stepN`` and only then replaces ``latest``. A crash at
-any point leaves the previous checkpoint and ``latest`` intact. On resume, candidates are tried newest first; one whose
-manifest is missing or whose files are missing, truncated or corrupt is skipped with a warning, and the previous one
-is used.
+A save writes everything into ``.tmp-global_stepN/``; when every rank is done, the ranks hash the files in parallel
+(each its share, balanced by bytes: [`hash_shares`]), rank 0 records each file's size and SHA-256 in
+``manifest.json``, renames the directory to ``global_stepN`` and only then replaces ``latest``. A crash at any point
+leaves the previous checkpoint and ``latest`` intact. On resume, candidates are tried newest first, every rank
+checking its share of the checksums; one whose manifest is missing or whose files are missing, truncated or corrupt
+is skipped with a warning, and the previous one is used.
 
 Pruning (after each save, rank 0) never deletes what it cannot vouch for:
 
@@ -56,9 +57,21 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check(directory: Path, checksums: bool) -> str | None:
-    """``None`` if the checkpoint in ``directory`` matches its manifest (sizes, and with ``checksums`` SHA-256s),
-    else the reason it does not."""
+def hash_shares(sizes: dict[str, int], world_size: int) -> list[list[str]]:
+    """The files each rank hashes: every file exactly once, the largest first to the rank with the fewest bytes so
+    far (so each rank reads about 1/world of the bytes); deterministic, the same on every rank."""
+    shares: list[list[str]] = [[] for _ in range(world_size)]
+    loads = [0] * world_size
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        rank = loads.index(min(loads))
+        shares[rank].append(name)
+        loads[rank] += sizes[name]
+    return shares
+
+
+def _check(directory: Path, checksums: bool, share: Callable[[dict[str, int]], list[str]] | None = None) -> str | None:
+    """``None`` if the checkpoint in ``directory`` matches its manifest (sizes, and with ``checksums`` SHA-256s:
+    of all files, or of ``share(sizes)`` only), else the reason it does not."""
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         return "no manifest (the save did not finish)"
@@ -66,14 +79,18 @@ def _check(directory: Path, checksums: bool) -> str | None:
         manifest = json.loads(manifest_path.read_text())
     except ValueError:
         return "unreadable manifest"
-    for name, expected in manifest.get("files", {}).items():
+    files = manifest.get("files", {})
+    for name, expected in files.items():
         path = directory / name
         if not path.is_file():
             return f"missing file {name}"
         if path.stat().st_size != expected["bytes"]:
             return f"truncated file {name} ({path.stat().st_size} of {expected['bytes']} bytes)"
-        if checksums and _sha256(path) != expected["sha256"]:
-            return f"corrupt file {name} (checksum mismatch)"
+    if checksums:
+        hashed = share({n: f["bytes"] for n, f in files.items()}) if share else sorted(files)
+        for name in hashed:
+            if _sha256(directory / name) != files[name]["sha256"]:
+                return f"corrupt file {name} (checksum mismatch)"
     return None
 
 
@@ -110,7 +127,9 @@ class CheckpointManager:
 
     ``barrier`` synchronises the ranks (``torch.distributed.barrier`` in a run; a no-op for one process);
     ``any_rank(flag)`` is true on every rank when ``flag`` is true on any (an all-reduce; the identity for one
-    process), so that a rank whose disk is full stops every rank, not only itself.
+    process), so that a rank whose disk is full stops every rank, not only itself; ``gather(obj)`` is every rank's
+    ``obj`` in rank order (``all_gather_object``; ``[obj]`` for one process), for the checksums each rank computed.
+    With ``world_size`` ranks, saving and [`newest_valid`] are collective: every rank calls them.
     """
 
     def __init__(
@@ -120,12 +139,19 @@ class CheckpointManager:
         rank: int = 0,
         barrier: Callable[[], None] = None,
         any_rank: Callable[[bool], bool] | None = None,
+        world_size: int = 1,
+        gather: Callable[[object], list] | None = None,
     ):
         self.root = Path(output_dir) / "checkpoints"
         self.keep_last = keep_last
         self.rank = rank
+        self.world_size = world_size
         self.barrier = barrier or (lambda: None)
         self.any_rank = any_rank or (lambda flag: flag)
+        self.gather = gather or (lambda obj: [obj])
+
+    def _my_share(self, sizes: dict[str, int]) -> list[str]:
+        return hash_shares(sizes, self.world_size)[self.rank]
 
     # ------------------------------------------------------------------------------------------ saving
 
@@ -139,14 +165,15 @@ class CheckpointManager:
             shutil.rmtree(self.root / staging, ignore_errors=True)  # a crashed earlier attempt
         self.barrier()
         self._stop_if_disk_full(_disk_full(lambda: write(self.root, staging), self.root), step, staging)
-        final, full = self.root / tag, None
+        final, full, staged = self.root / tag, None, self.root / staging
+        # Every rank sees the same staged files (a shared filesystem, after the barrier inside the write's collective
+        # save) and hashes its share; rank 0 gathers the checksums.
+        sizes = {str(p.relative_to(staged)): p.stat().st_size for p in sorted(staged.rglob("*")) if p.is_file()}
+        checksums = {}
+        for part in self.gather({name: _sha256(staged / name) for name in self._my_share(sizes)}):
+            checksums.update(part)
         if self.rank == 0:
-            staged = self.root / staging
-            files = {
-                str(p.relative_to(staged)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
-                for p in sorted(staged.rglob("*"))
-                if p.is_file()
-            }
+            files = {name: {"bytes": sizes[name], "sha256": checksums[name]} for name in sizes}
             manifest = json.dumps({"step": step, "files": files, **(metadata or {})}, indent=1)
             full = _disk_full(lambda: atomic_write(staged / MANIFEST, manifest), self.root)
         self._stop_if_disk_full(full, step, staging)
@@ -223,14 +250,18 @@ class CheckpointManager:
         return _check(self.root / tag_for(step), checksums=True)
 
     def newest_valid(self) -> tuple[int, Path] | None:
-        """The newest intact checkpoint, warning about each newer one that is skipped."""
-        for step in reversed(self.complete_steps()):
-            problem = self.verify(step)
-            if problem is None:
+        """The newest intact checkpoint, warning (rank 0) about each newer one that is skipped. Collective: the ranks
+        try the same candidates (rank 0's listing) and each checks its share of the checksums; a checkpoint any
+        rank finds damaged is skipped by all."""
+        for step in self.gather(self.complete_steps())[0][::-1]:
+            problems = [p for p in self.gather(_check(self.root / tag_for(step), True, self._my_share)) if p]
+            if not problems:
                 return step, self.root / tag_for(step)
-            warnings.warn(
-                f"checkpoint {self.root / tag_for(step)} is unusable ({problem}); trying the previous one", stacklevel=2
-            )
+            if self.rank == 0:
+                warnings.warn(
+                    f"checkpoint {self.root / tag_for(step)} is unusable ({problems[0]}); trying the previous one",
+                    stacklevel=2,
+                )
         return None
 
     def manifest(self, step: int) -> dict:

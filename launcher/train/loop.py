@@ -64,6 +64,13 @@ def _start_distributed(timeout_minutes: float) -> tuple[int, int, torch.device]:
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def all_ranks(obj) -> list:
+    """Every rank's ``obj``, in rank order (one all-gather of picklable objects)."""
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def _build_model(config: RunConfig, task) -> tuple[torch.nn.Module, dict]:
     """The model the run trains (pretrained weights, linear probe, activation checkpointing, LoRA) and the facts
     the start row records about it."""
@@ -110,13 +117,18 @@ def _train(config: RunConfig, rank: int, world: int, device: torch.device, watch
 
     # -- resume from the newest valid checkpoint ----------------------------------------------------------------------
     checkpoints = CheckpointManager(
-        output_dir, train_cfg.keep_last, rank, barrier=dist.barrier, any_rank=lambda flag: any_rank(flag, device)
+        output_dir,
+        train_cfg.keep_last,
+        rank,
+        barrier=dist.barrier,
+        any_rank=lambda flag: any_rank(flag, device),
+        world_size=world,
+        gather=all_ranks,
     )
-    found = [checkpoints.newest_valid() if rank == 0 else None]
-    dist.broadcast_object_list(found, src=0)
+    found = checkpoints.newest_valid()  # every rank checks its share of the checksums
     step, data_state = 0, None
-    if found[0] is not None:
-        step, directory, trusted = found[0][0], found[0][1], train_cfg.trust_pickled_checkpoints
+    if found is not None:
+        step, directory, trusted = found[0], found[1], train_cfg.trust_pickled_checkpoints
         # Under torchrun or srun no preflight ran: refuse another world size before DeepSpeed fails on it.
         refuse_another_world_size(directory, checkpoints.manifest(step), world)
         check_checkpoint_pickles(directory, trusted)  # every rank: the same files, the same answer

@@ -1,10 +1,13 @@
-"""Checkpoint directories: atomic saves, keep-last-K, and fallback from a damaged newest checkpoint."""
+"""Checkpoint directories: atomic saves, keep-last-K, fallback from a damaged newest checkpoint, and the checksums
+shared out over the ranks (2 processes, gloo)."""
 
 import os
+import warnings
+from pathlib import Path
 
 import pytest
 
-from launcher.train.checkpoint import CheckpointManager
+from launcher.train.checkpoint import CheckpointManager, hash_shares
 
 
 def writer(payload: bytes):
@@ -192,3 +195,82 @@ def test_resuming_on_another_world_size_is_refused_in_one_line_before_any_proces
     with pytest.raises(CheckpointError, match=r"global_step5: written by 2 ranks, and this run has 1; "):
         pretrain(str(config), [f"output_dir={run}"], nproc_per_node=1)
     assert not (run / "config.yaml").exists()  # stopped before anything was written
+
+
+def test_hash_shares_cover_every_file_once_balanced_by_bytes():
+    sizes = {"optim_rank0.pt": 400, "optim_rank1.pt": 400, "model.pt": 500, "data_rank0.pt": 10, "data_rank1.pt": 10}
+    shares = hash_shares(sizes, 2)
+    assert sorted(name for share in shares for name in share) == sorted(sizes)
+    loads = [sum(sizes[name] for name in share) for share in shares]
+    assert max(loads) - min(loads) <= 400 and hash_shares(sizes, 2) == shares  # balanced, deterministic
+    assert hash_shares(sizes, 1) == [sorted(sizes, key=lambda n: (-sizes[n], n))]
+
+
+def _two_rank_save_and_resume(rank: int, world: int, port: int, root: str, hashed_by: dict) -> None:
+    """One rank: save two checkpoints collectively, damage a file of the newest, find the older one again."""
+    import torch.distributed as dist
+
+    import launcher.train.checkpoint as checkpoint
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    hashed = []
+    original = checkpoint._sha256
+    checkpoint._sha256 = lambda path: hashed.append(path.name) or original(path)
+
+    def gather(obj):
+        gathered = [None] * world
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
+    def any_rank(flag):
+        flags = gather(flag)
+        return any(flags)
+
+    manager = CheckpointManager(root, 3, rank, dist.barrier, any_rank, world_size=world, gather=gather)
+
+    def write(payload):
+        def to(directory_root, tag):
+            directory = directory_root / tag
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / f"optim_rank{rank}.pt").write_bytes(payload * (1000 + rank))
+            if rank == 0:
+                (directory / "model.pt").write_bytes(payload * 1500)
+
+        return to
+
+    manager.save(10, write(b"a"))
+    manager.save(20, write(b"b"))
+    hashed_by[f"save{rank}"] = sorted(hashed)
+    dist.barrier()
+    if rank == 0:  # damage the file rank 1 checks
+        share = hash_shares({"optim_rank0.pt": 1000, "optim_rank1.pt": 1001, "model.pt": 1500}, 2)[1]
+        (Path(root) / "checkpoints" / "global_step20" / share[0]).write_bytes(
+            b"x" * (1001 if "1" in share[0] else 1000)
+        )
+    dist.barrier()
+    hashed.clear()
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        hashed_by[f"found{rank}"] = manager.newest_valid()[0]
+    hashed_by[f"resume{rank}"] = sorted(hashed)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_hash_their_shares_and_agree_on_a_damaged_checkpoint(tmp_path):
+    import torch.multiprocessing as mp
+
+    from launcher.cluster.processes import free_port
+
+    with mp.Manager() as sync:
+        hashed_by = sync.dict()
+        mp.spawn(_two_rank_save_and_resume, args=(2, free_port(), str(tmp_path), hashed_by), nprocs=2)
+        hashed_by = dict(hashed_by)
+    manifest = CheckpointManager(tmp_path, 3).manifest(20)
+    assert sorted(manifest["files"]) == ["model.pt", "optim_rank0.pt", "optim_rank1.pt"]
+    # each file hashed once per save, split over the ranks; rank 0 alone used to hash all three
+    assert sorted(hashed_by["save0"] + hashed_by["save1"]) == sorted(
+        ["model.pt", "optim_rank0.pt", "optim_rank1.pt"] * 2
+    )
+    assert hashed_by["save0"] and hashed_by["save1"]
+    assert hashed_by["found0"] == hashed_by["found1"] == 10  # rank 1 found step 20 damaged: both fall back
+    assert hashed_by["resume0"] and hashed_by["resume1"]
