@@ -183,8 +183,11 @@ def collect_runs(paths: list[str | Path]) -> list[RunSummary]:
         manifest = path / "sweep.json"
         if manifest.is_file() and not (path / "config.yaml").is_file():
             for run in json.loads(manifest.read_text())["runs"]:
-                if (Path(run["output_dir"]) / "config.yaml").is_file():
-                    runs.append(summarize_run(run["output_dir"], run["labels"]))
+                # as recorded (relative to where the sweep ran), else under the root as found (moved, or elsewhere)
+                for directory in (Path(run["output_dir"]), path / Path(run["output_dir"]).name):
+                    if (directory / "config.yaml").is_file():
+                        runs.append(summarize_run(directory, run["labels"]))
+                        break
             continue
         runs.append(summarize_run(path))
     if not runs:
@@ -556,10 +559,15 @@ def _isoflop_lines(profiles: list, out: Path) -> tuple[list[str], str]:
             f"{_number(p.optimum_loss)} | {_number(p.log_optimum_stderr, 2)} | {_number(p.residual_std, 2)} | "
             f"{p.note or '–'} |"
         )
-    lines += ["", "At equal compute (each architecture at its fitted optimum size):", ""]
+    lines += [
+        "",
+        "At equal compute (each architecture at its fitted optimum size; ≤: not bracketed, its best measured loss):",
+        "",
+    ]
     for row in verdicts:
         ranking = ", then ".join(
-            f"{r['family']} {r['optimum_loss']:.4f}" + (f" (+{r['gap']:.4f})" if r["gap"] else "")
+            f"{r['family']} {'≤ ' if r['bound'] else ''}{r['optimum_loss']:.4f}"
+            + (f" (+{r['gap']:.4f})" if r["gap"] else "")
             for r in row["ranking"]
         )
         lines.append(f"- {row['budget']} ({row['flops']:.3g} FLOPs): {ranking}")

@@ -15,8 +15,12 @@ Decisions:
   of ``log N*``.
 - A parabola that opens downwards (``a <= 0``) has no minimum: the profile reports the best size measured and says so.
   A vertex outside the sizes measured is reported as extrapolated.
-- ``N*`` against ``C`` as a power law only with 3 or more budgets spanning at least 4x, with the exponent's standard
-  error; with 2 budgets, the ratio of the optima and the exponent the two points imply, called what it is.
+- A profile is *bracketed* when its best measured size has a measured size on both sides (the rule the learning-rate
+  tuning follows). An unbracketed profile says which way to grow the grid; at equal compute it is ranked by its best
+  measured loss (an upper bound on its L*, and marked so), not by an extrapolated vertex, and it is left out of the
+  scaling of ``N*``.
+- ``N*`` against ``C`` as a power law only with 3 or more bracketed budgets spanning at least 4x, with the exponent's
+  standard error; with 2, the ratio of the optima and the exponent the end points imply, called what it is.
 """
 
 from __future__ import annotations
@@ -46,7 +50,12 @@ class Profile:
     optimum_loss: float | None = None  # L*
     log_optimum_stderr: float | None = None  # standard error of ln N* (4+ sizes)
     residual_std: float | None = None  # of the fit (4+ sizes)
-    note: str = ""  # "exact fit (3 sizes)", "extrapolated", "no minimum: best measured"
+    note: str = ""  # "exact fit (3 sizes)", "extrapolated", "no minimum: best measured", "not bracketed"
+    bracketed: bool = False  # the best measured size has a measured size on each side
+
+    @property
+    def best_measured_loss(self) -> float:
+        return min(self.losses)
 
 
 def fit_profile(family: str, budget: str, flops: float, points: dict[float, list[float]]) -> Profile:
@@ -54,9 +63,13 @@ def fit_profile(family: str, budget: str, flops: float, points: dict[float, list
     sizes = sorted(points)
     losses = [sum(points[n]) / len(points[n]) for n in sizes]
     seeds = [len(points[n]) for n in sizes]
-    profile = Profile(family, budget, flops, sizes, losses, seeds)
+    best = int(np.argmin(losses))
+    bracketed = 0 < best < len(sizes) - 1
+    profile = Profile(family, budget, flops, sizes, losses, seeds, bracketed=bracketed)
     if len(sizes) < MIN_SIZES:
         return _replace(profile, note=f"{len(sizes)} sizes: a parabola needs {MIN_SIZES}")
+    side = "smallest" if best == 0 else "largest"
+    edge = [] if bracketed else [f"not bracketed: the {side} size is the best measured"]
     x, y = np.log(np.asarray(sizes)), np.asarray(losses)
     if len(sizes) > MIN_SIZES:
         coefficients, covariance = np.polyfit(x, y, 2, cov=True)
@@ -64,16 +77,15 @@ def fit_profile(family: str, budget: str, flops: float, points: dict[float, list
         coefficients, covariance = np.polyfit(x, y, 2), None
     a, b, c = (float(v) for v in coefficients)
     if a <= 0:
-        best = int(np.argmin(y))
         return _replace(
             profile,
             curvature=a,
             optimum_params=sizes[best],
             optimum_loss=losses[best],
-            note="no minimum (the parabola opens downwards): the best size measured",
+            note="; ".join(["no minimum (the parabola opens downwards): the best size measured", *edge]),
         )
     vertex = -b / (2 * a)
-    notes = []
+    notes = list(edge)
     if covariance is None:
         notes.append(f"exact fit ({MIN_SIZES} sizes): no error estimate")
         residual_std = log_stderr = None
@@ -113,11 +125,25 @@ class OptimumScaling:
 
 
 def optimum_scaling(profiles: list[Profile]) -> OptimumScaling | None:
-    """A power law of ``N*`` against ``C`` over one family's profiles that have an optimum; None with fewer than 2."""
-    usable = sorted((p for p in profiles if p.optimum_params and "no minimum" not in p.note), key=lambda p: p.flops)
-    if len(usable) < 2:
+    """A power law of ``N*`` against ``C`` over one family's bracketed profiles; None with fewer than 2 profiles
+    that have an optimum at all."""
+    fitted = [p for p in profiles if p.optimum_params and "no minimum" not in p.note]
+    if len(fitted) < 2:
         return None
-    family = usable[0].family
+    usable = sorted((p for p in fitted if p.bracketed), key=lambda p: p.flops)
+    family = fitted[0].family
+    if len(usable) < 2:
+        return OptimumScaling(
+            family,
+            len(usable),
+            1.0,
+            None,
+            None,
+            f"{family}: N* is bracketed at {len(usable)} of {len(fitted)} budgets: no scaling of the optimum "
+            "(the best size sits at the edge of the grid; measure beyond it)",
+        )
+    left_out = len(fitted) - len(usable)
+    aside = f"; {left_out} budget{'s' if left_out > 1 else ''} left out, not bracketed" if left_out else ""
     c = np.log([p.flops for p in usable])
     n = np.log([p.optimum_params for p in usable])
     span = float(math.exp(c[-1] - c[0]))
@@ -133,7 +159,7 @@ def optimum_scaling(profiles: list[Profile]) -> OptimumScaling | None:
             None,
             f"{family}: N* moves {ratio:.2f}x over a {span:.2f}x compute range (from {len(usable)} budgets: the "
             f"exponent the end points imply, {implied}, is not a fit; a power law needs "
-            f"{MIN_BUDGETS_FOR_A_LAW} budgets spanning {MIN_BUDGET_SPAN:g}x)",
+            f"{MIN_BUDGETS_FOR_A_LAW} budgets spanning {MIN_BUDGET_SPAN:g}x{aside})",
         )
     (slope, _), covariance = np.polyfit(c, n, 1, cov=True) if len(usable) > 2 else (np.polyfit(c, n, 1), None)
     stderr = float(math.sqrt(covariance[0, 0])) if covariance is not None else None
@@ -144,7 +170,7 @@ def optimum_scaling(profiles: list[Profile]) -> OptimumScaling | None:
         span,
         float(slope),
         stderr,
-        f"{family}: N* ∝ C^{slope:.2f}{error} over {len(usable)} budgets spanning {span:.1f}x",
+        f"{family}: N* ∝ C^{slope:.2f}{error} over {len(usable)} budgets spanning {span:.1f}x{aside}",
     )
 
 
@@ -176,27 +202,37 @@ def _mean_flops(flops: dict, key) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def compute_matched_loss(profile: Profile) -> float:
+    """The loss a profile is ranked by at equal compute: its fitted L* when bracketed, else its best measured loss
+    (an upper bound on L*; an extrapolated vertex is not evidence)."""
+    if profile.bracketed and profile.optimum_loss is not None:
+        return profile.optimum_loss
+    return profile.best_measured_loss
+
+
 def equal_compute_verdicts(profiles: list[Profile]) -> list[dict]:
-    """Per budget, each family's fitted optimum loss, best first, and the gap of each to the best."""
+    """Per budget, each family's compute-matched loss ([`compute_matched_loss`]), best first, and the gap of each to
+    the best; ``bound`` marks an unbracketed profile's best measured loss."""
     rows = []
     budgets = sorted({p.budget for p in profiles}, key=lambda b: min(p.flops for p in profiles if p.budget == b))
     for budget in budgets:
         members = sorted(
-            (p for p in profiles if p.budget == budget and p.optimum_loss is not None), key=lambda p: p.optimum_loss
+            (p for p in profiles if p.budget == budget and p.optimum_loss is not None), key=compute_matched_loss
         )
         if not members:
             continue
-        best = members[0]
+        best = compute_matched_loss(members[0])
         rows.append(
             {
                 "budget": budget,
-                "flops": best.flops,
+                "flops": members[0].flops,
                 "ranking": [
                     {
                         "family": p.family,
-                        "optimum_loss": p.optimum_loss,
-                        "optimum_params": p.optimum_params,
-                        "gap": p.optimum_loss - best.optimum_loss,
+                        "optimum_loss": compute_matched_loss(p),
+                        "optimum_params": p.optimum_params if p.bracketed else p.sizes[p.losses.index(min(p.losses))],
+                        "gap": compute_matched_loss(p) - best,
+                        "bound": not p.bracketed,
                         "note": p.note,
                     }
                     for p in members
@@ -208,7 +244,7 @@ def equal_compute_verdicts(profiles: list[Profile]) -> list[dict]:
 
 def save_isoflop_figure(profiles: list[Profile], path) -> object:
     """Loss against non-embedding parameters, one colour per family and one marker per budget, each profile's
-    parabola and its minimum (a star)."""
+    parabola and, where bracketed, its minimum (a star)."""
     from launcher.metrics.figures import pyplot, save_and_close
 
     plt = pyplot()
@@ -239,7 +275,7 @@ def save_isoflop_figure(profiles: list[Profile], path) -> object:
                 linewidth=1,
                 linestyle=("-", "--", ":", "-.")[budgets.index(profile.budget) % 4],
             )
-        if profile.optimum_params is not None:
+        if profile.optimum_params is not None and profile.bracketed:
             axis.scatter(
                 [profile.optimum_params],
                 [profile.optimum_loss],
@@ -253,7 +289,7 @@ def save_isoflop_figure(profiles: list[Profile], path) -> object:
     axis.set_xscale("log")
     axis.set_xlabel("non-embedding parameters")
     axis.set_ylabel("final eval loss")
-    axis.set_title("IsoFLOP profiles: the star is each parabola's minimum", fontsize=9)
+    axis.set_title("IsoFLOP profiles: the star is each bracketed parabola's minimum", fontsize=9)
     axis.grid(alpha=0.3, which="both")
     axis.legend(fontsize=6)
     return save_and_close(figure, path)

@@ -117,6 +117,17 @@ def test_a_group_with_one_seed_is_refused_in_one_line(tmp_path, capsys):
     assert main(["compare", str(tmp_path / "sweep"), "--reference", "vit", "--out", str(tmp_path / "r")]) == 2
 
 
+def test_a_sweep_root_moved_or_read_from_elsewhere_still_finds_its_runs(tmp_path):
+    from launcher.analysis.compare import collect_runs
+
+    fake_sweep(tmp_path / "sweep", {"crate": [4.0, 4.1]})
+    moved = tmp_path / "elsewhere" / "sweep"
+    moved.parent.mkdir()
+    (tmp_path / "sweep").rename(moved)  # sweep.json still names the old directories
+    runs = collect_runs([moved])
+    assert [run.labels["seed"] for run in runs] == ["seed0", "seed1"] and all(run.path.parent == moved for run in runs)
+
+
 def test_a_reference_without_seed_groups_is_refused(tmp_path, capsys):
     fake_run(tmp_path / "one", 4.0)
     assert main(["compare", str(tmp_path / "one"), "--reference", "crate", "--out", str(tmp_path / "r")]) == 2

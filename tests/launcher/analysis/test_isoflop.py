@@ -66,6 +66,23 @@ def test_a_minimum_outside_the_sizes_measured_is_called_extrapolated():
     assert profile.optimum_params == pytest.approx(2e6, rel=1e-4) and "extrapolated" in profile.note
 
 
+def test_an_unbracketed_profile_is_ranked_by_its_best_measured_loss_and_left_out_of_the_scaling():
+    curve = bowl(3e4, 4.0)  # the optimum below every size measured
+    edge = fit_profile("crate", "c1", 1e12, {n: [curve(n)] for n in (1e5, 2e5, 4e5, 8e5)})
+    assert not edge.bracketed and "not bracketed: the smallest size is the best measured" in edge.note
+    assert edge.optimum_params == pytest.approx(3e4, rel=1e-4)  # the vertex, extrapolated, is still reported
+    inside = fit_profile("llama", "c1", 1e12, {n: [bowl(2e5, 4.2)(n)] for n in (1e5, 2e5, 4e5, 8e5)})
+    (row,) = equal_compute_verdicts([edge, inside])
+    # crate's vertex (4.0) would win; its best measured loss, curve(1e5) = 4.24, is what it has shown
+    assert [(r["family"], r["bound"]) for r in row["ranking"]] == [("llama", False), ("crate", True)]
+    assert row["ranking"][1]["optimum_loss"] == pytest.approx(curve(1e5)) and row["ranking"][1]["optimum_params"] == 1e5
+    later = profiles_at({4e12: 1e5, 1.6e13: 2e5})
+    scaling = optimum_scaling([edge, *later])
+    assert "1 budget left out, not bracketed" in scaling.description and scaling.budgets == 2
+    alone = optimum_scaling([edge, *later[:1]])
+    assert alone.exponent is None and "bracketed at 1 of 2 budgets" in alone.description
+
+
 def test_too_few_sizes_give_no_fit():
     profile = fit_profile("crate", "c1", 1e13, {1e5: [4.0], 2e5: [3.9]})
     assert profile.optimum_params is None and "a parabola needs 3" in profile.note
@@ -74,7 +91,7 @@ def test_too_few_sizes_give_no_fit():
 def profiles_at(budgets: dict[float, float], family: str = "crate") -> list:
     """Exact profiles whose optimum is ``budgets[C]`` at each budget C."""
     return [
-        fit_profile(family, f"c{flops:.0e}", flops, {n: [bowl(optimum, 4.0)(n)] for n in (1e5, 3e5, 1e6, 3e6)})
+        fit_profile(family, f"c{flops:.0e}", flops, {n: [bowl(optimum, 4.0)(n)] for n in (3e4, 1e5, 3e5, 1e6, 3e6)})
         for flops, optimum in budgets.items()
     ]
 
