@@ -349,7 +349,7 @@ class ImageStream(MixedStream):
             "source": torch.tensor(sources),
             "epoch": torch.tensor(epochs),
             "stream": self.stream,
-            "state": self.snapshot(),
+            "state": self.batch_cursor(),
         }
 
 

@@ -17,10 +17,12 @@ is ``uniform(seed, stream, emitted, 2)``. The buffer is part of the cursor, in t
 the blocks; images: references that are read back on resume).
 
 Cursor. After every batch the stream's state is attached: per source ``(epoch, shard index, position, ...)``, the
-mixing and emission counters, the buffer and the statistics (bad records per reason and per file, with the first
-few locations). [`StreamLoader`] keeps the state of the last batch consumed from each stream; resuming seeks to those
-positions: O(1) in the step, no replay. Resuming with another world size, ``streams_per_rank`` or source
-(fingerprint) is refused with a one-line error.
+mixing and emission counters and the statistics (bad records per reason and per file, with the first few
+locations) — and of the shuffle buffer only the slots the batch changed (``buffer_delta``: about a batch's worth of
+items, however large the buffer). [`StreamLoader`] keeps, per stream, the state of the last batch consumed and the
+buffer patched slot by slot; the whole cursor is copied out only when a checkpoint asks for it (``state_dict``).
+Resuming seeks to those positions: O(1) in the step, no replay. Resuming with another world size,
+``streams_per_rank`` or source (fingerprint) is refused with a one-line error.
 
 A kind is a [`MixedStream`] subclass (``text_stream.LogicalStream``, ``image_stream.ImageStream``) and a
 [`StreamLoader`] subclass (``TextLoader``, ``ImageLoader``).
@@ -194,6 +196,7 @@ class MixedStream:
         self.plan, self.stream, self.spec = plan, stream, plan.spec
         self.state = copy.deepcopy(state) if state is not None else self.initial_state()
         self.buffer: list = self._restore_buffer(self.state)
+        self.changed_slots: dict[int, tuple] = {}  # buffer slots written since the last batch_cursor()
         self.sources = [self._source_items(j) for j in range(len(self.spec.sources))]
         self.cumulative = np.cumsum(self.spec.weights)
 
@@ -272,17 +275,33 @@ class MixedStream:
             state["mixed"] += 1
             if self.spec.shuffle_buffer:
                 if len(self.buffer) < self.spec.shuffle_buffer:
-                    self.buffer.append((self._buffered(item), j))
+                    self.changed_slots[len(self.buffer)] = entry = (self._buffered(item), j)
+                    self.buffer.append(entry)
                     continue
                 slot = int(uniform(self.spec.seed, self.stream, state["emitted"], 2) * len(self.buffer))
-                (item, j), self.buffer[slot] = self.buffer[slot], (self._buffered(item), j)
+                self.changed_slots[slot] = entry = (self._buffered(item), j)
+                (item, j), self.buffer[slot] = self.buffer[slot], entry
             state["emitted"] += 1
             return item, j, state["emitted"] - 1
 
     def snapshot(self) -> dict:
-        """A copy of the state, the buffer in its saved form: what a batch carries as the cursor."""
+        """A copy of the whole state, the buffer in its saved form (what a checkpoint holds)."""
         state = copy.deepcopy({k: v for k, v in self.state.items() if k not in self.BUFFER_KEYS})
         state.update(self._buffer_state(self.buffer))
+        return state
+
+    def batch_cursor(self) -> dict:
+        """What a batch carries as the cursor: a copy of the state without the buffer, and the buffer's slots written
+        since the previous batch, in saved form (``buffer_delta``: ``length``, ``slots`` and the kind's
+        ``BUFFER_KEYS`` for those slots). [`patch_cursor`] applies it to the previous cursor."""
+        state = copy.deepcopy({k: v for k, v in self.state.items() if k not in self.BUFFER_KEYS})
+        slots = sorted(self.changed_slots)
+        state["buffer_delta"] = {
+            "length": len(self.buffer),
+            "slots": np.asarray(slots, dtype=np.int64),
+            **self._buffer_state([self.changed_slots[slot] for slot in slots]),
+        }
+        self.changed_slots = {}
         return state
 
     def next_batch(self, micro_batch_size: int) -> dict:
@@ -290,6 +309,24 @@ class MixedStream:
 
 
 # ---------------------------------------------------------------------------------------------------- a rank's loader
+
+
+def patch_cursor(previous: dict | None, cursor: dict, buffer_keys: tuple[str, ...]) -> dict:
+    """The whole cursor after a batch: ``cursor`` (a [`MixedStream.batch_cursor`]) with its ``buffer_delta``
+    written into the buffer of ``previous`` (the stream's cursor before the batch: ``None`` before its first one).
+    The previous buffer arrays are reused and patched in place; they grow while the buffer fills."""
+    delta = cursor.pop("buffer_delta")
+    length, slots = int(delta["length"]), np.asarray(delta["slots"], dtype=np.int64)
+    for key in buffer_keys:
+        rows = np.asarray(delta[key])  # a tensor after DataLoader's conversion
+        old = np.asarray(previous[key]) if previous is not None else rows[:0]
+        if not old.size:  # an empty buffer saved as a list has no row shape
+            old = rows[:0]
+        if len(old) < length:  # filling: grow to the new length (the new slots are all in the delta)
+            old = np.concatenate([old, np.empty((length - len(old), *rows.shape[1:]), dtype=rows.dtype)])
+        old[slots] = rows
+        cursor[key] = old
+    return cursor
 
 
 class _RankStreams(IterableDataset):
@@ -335,15 +372,25 @@ class StreamLoader:
 
     OUTPUT_KEYS: tuple[str, ...] = ()
     COUNTERS: tuple[str, ...] = ()
+    BUFFER_KEYS: tuple[str, ...] = MixedStream.BUFFER_KEYS  # the stream kind's
     _new_stream: Callable[..., MixedStream]
 
-    def __init__(self, plan, rank: int, micro_batch_size: int, num_workers: int = 0, state: dict | None = None):
+    def __init__(
+        self,
+        plan,
+        rank: int,
+        micro_batch_size: int,
+        num_workers: int = 0,
+        state: dict | None = None,
+        pin_memory: bool = False,
+    ):
         per_rank = plan.spec.streams_per_rank
         if num_workers and per_rank % num_workers:
             raise DataSpecError(f"dataloader workers ({num_workers}) must divide data.streams_per_rank ({per_rank})")
         if not 0 <= rank < plan.world_size:
             raise DataSpecError(f"rank {rank} is outside world size {plan.world_size}")
         self.plan, self.rank, self.micro_batch_size, self.num_workers = plan, rank, micro_batch_size, num_workers
+        self.pin_memory = pin_memory  # batches in page-locked memory: asynchronous copies to a GPU
         self.consumed = 0
         self.states: dict[int, dict] = {}
         if state is not None:
@@ -394,14 +441,19 @@ class StreamLoader:
             self._new_stream, self.plan, self.rank, self.micro_batch_size, self.states, self.consumed
         )
         loader = DataLoader(
-            dataset, batch_size=None, num_workers=self.num_workers, prefetch_factor=2 if self.num_workers else None
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            prefetch_factor=2 if self.num_workers else None,
+            pin_memory=self.pin_memory,
         )
         first_stream = self.rank * self.plan.spec.streams_per_rank
         for batch in loader:
             if DATA_ERROR in batch:
                 raise batch[DATA_ERROR]
             # Batches carry their global stream id; the cursor is keyed by this rank's local stream index.
-            self.states[int(batch["stream"]) - first_stream] = batch["state"]
+            stream = int(batch["stream"]) - first_stream
+            self.states[stream] = patch_cursor(self.states.get(stream), batch["state"], self.BUFFER_KEYS)
             self.consumed += 1
             yield {key: batch[key] for key in self.OUTPUT_KEYS}
 

@@ -337,11 +337,12 @@ class LogicalStream(MixedStream):
                 if buffer
                 else np.zeros((0, self.spec.seq_len), dtype=np.int32)
             ),  # the blocks
-            "buffer_origin": [(j, item[1]) for item, j in buffer],
+            "buffer_origin": np.asarray([(j, item[1]) for item, j in buffer], dtype=np.int64).reshape(-1, 2),
         }  # (source, epoch) of each block
 
     def _restore_buffer(self, state: dict) -> list:
-        return [((block, epoch), j) for block, (j, epoch) in zip(state["buffer"], state["buffer_origin"], strict=True)]
+        origins = np.asarray(state["buffer_origin"], dtype=np.int64).reshape(-1, 2).tolist()  # older cursors: a list
+        return [((block, epoch), j) for block, (j, epoch) in zip(state["buffer"], origins, strict=True)]
 
     def next_block(self) -> tuple[np.ndarray, int, int]:
         """(block, source index, source epoch) after mixing and shuffling."""
@@ -357,7 +358,7 @@ class LogicalStream(MixedStream):
             "source": torch.tensor(sources),
             "epoch": torch.tensor(epochs),
             "stream": self.stream,
-            "state": self.snapshot(),
+            "state": self.batch_cursor(),
         }
 
 
@@ -386,6 +387,7 @@ class TextLoader(StreamLoader):
 
     OUTPUT_KEYS = ("input_ids", "labels", "source", "epoch")
     COUNTERS = TEXT_COUNTERS
+    BUFFER_KEYS = LogicalStream.BUFFER_KEYS
 
     def __init__(
         self,
@@ -396,10 +398,11 @@ class TextLoader(StreamLoader):
         num_workers: int = 0,
         state: dict | None = None,
         eos_token_id: int | None = None,
+        pin_memory: bool = False,
     ):
         self.tokenize = Tokenize(tokenizer, eos_token_id)
         self._new_stream = functools.partial(LogicalStream, tokenize=self.tokenize)  # picklable, for workers
-        super().__init__(plan, rank, micro_batch_size, num_workers, state)
+        super().__init__(plan, rank, micro_batch_size, num_workers, state, pin_memory)
 
     def _specific_meta(self) -> dict:
         # open_shards only when > 1: a cursor saved before the field existed resumes with open_shards = 1.

@@ -122,7 +122,10 @@ class TrainSection(_Section):
     activation_checkpointing: bool = False
     compile: bool = False
     max_nonfinite_in_a_row: int = Field(default=5, ge=1)
-    dataloader_workers: int = Field(default=0, ge=0)
+    # DataLoader worker processes per rank (tokenizing, decoding and packing off the trainer's thread; they must
+    # divide data.streams_per_rank). auto: on a GPU the largest divisor of streams_per_rank up to 4, each prefetching
+    # 2 batches into pinned memory; on the CPU 0 (a worker would take a core from the training threads).
+    dataloader_workers: int | Literal["auto"] = "auto"
     wall_clock_minutes: float | None = Field(default=None, gt=0)  # stop cleanly (save) before this budget ends
     # Signals, the STOP file and the wall clock are agreed by all ranks every this many steps (one all-reduce and a
     # host sync each time: not every step on a GPU); a request waits at most this many steps minus one.
@@ -133,6 +136,13 @@ class TrainSection(_Section):
     # step's compile) stops with one line: a peer is hung or dead (launcher/train/watchdog.py). The process group's
     # own collective timeout is a minute longer. Every legitimate phase must fit in it.
     collective_timeout_minutes: float = Field(default=30.0, ge=0.1)
+
+    @field_validator("dataloader_workers", mode="before")
+    @classmethod
+    def _workers_count_or_auto(cls, value):
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return value
+        raise ValueError("must be auto or a whole number >= 0")
 
     @model_validator(mode="before")
     @classmethod
@@ -296,6 +306,16 @@ class RunConfig(_Section):
             for key in ("label_smoothing", "mixup_alpha", "cutmix_alpha"):
                 if getattr(self.train, key):
                     raise ValueError(f"train.{key}: applies to image classification only")
+        return self
+
+    @model_validator(mode="after")
+    def _workers_divide_streams(self):
+        workers, streams = self.train.dataloader_workers, getattr(self.data, "streams_per_rank", None)
+        if isinstance(workers, int) and workers and streams is not None and streams % workers:
+            raise ValueError(
+                f"train.dataloader_workers ({workers}) must divide data.streams_per_rank ({streams}): each worker "
+                "runs whole logical streams"
+            )
         return self
 
     @model_validator(mode="after")

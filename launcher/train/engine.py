@@ -17,8 +17,6 @@ NEVER = 10**9  # DeepSpeed's own step printing: off (our metrics component repor
 def resolve_precision(config: RunConfig, device_type: str) -> str:
     """``auto`` is bf16 on an accelerator, fp32 on the CPU."""
     if config.precision != "auto":
-        if config.precision == "bf16" and device_type == "cpu":
-            raise ConfigError("precision: bf16 training on the CPU is not supported here; use fp32 or auto")
         return config.precision
     return "fp32" if device_type == "cpu" else "bf16"
 

@@ -137,7 +137,7 @@ def _train(config: RunConfig, rank: int, world: int, device: torch.device, watch
         own = load_rank_state(directory, rank, trusted)
         data_state = own["data"]
         set_rng_state(own["rng"])
-    loader = task.loader(state=data_state)
+    loader = task.loader(state=data_state, device=device)
     batches = iter(loader)
 
     # -- metrics ------------------------------------------------------------------------------------------------------

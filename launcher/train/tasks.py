@@ -62,6 +62,22 @@ def fixed_blocks(spec: TextDataSpec, tokenizer, count: int) -> torch.Tensor:
     return torch.stack([torch.from_numpy(stream.next_block()[0].astype(np.int64)) for _ in range(count)])
 
 
+def loader_options(config: RunConfig, device: torch.device) -> dict:
+    """The DataLoader settings of a run on ``device``: its worker processes (``train.dataloader_workers``; ``auto``:
+    on a GPU the largest divisor of ``data.streams_per_rank`` up to 4, on the CPU none) and, on a GPU, pinned memory
+    so that [`to_device`] copies asynchronously."""
+    workers, streams = config.train.dataloader_workers, config.data.streams_per_rank
+    if workers == "auto":
+        workers = 0 if device.type == "cpu" else max(w for w in range(1, min(4, streams) + 1) if streams % w == 0)
+    return {"num_workers": workers, "pin_memory": device.type == "cuda"}
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` on ``device``; from pinned memory the copy is asynchronous (ordered on the device's stream, so the
+    host does not wait for it)."""
+    return tensor.to(device, non_blocking=True)
+
+
 class LanguageModelingTask:
     """Causal language modelling on the packed text stream (CRATE LM or the GPT-2 baseline)."""
 
@@ -91,18 +107,18 @@ class LanguageModelingTask:
             self.validation = list(blocks[rank::world].split(micro))
         self.probe = fixed_blocks(held_out or config.data, self.tokenizer, micro) if train_cfg.whitebox_every else None
 
-    def loader(self, state: dict | None):
+    def loader(self, state: dict | None, device: torch.device):
         return TextLoader(
             self.plan,
             self.tokenizer,
             self.rank,
             self.config.train.micro_batch_size,
-            self.config.train.dataloader_workers,
             state=state,
+            **loader_options(self.config, device),
         )
 
     def loss(self, engine, batch: dict, device, step: int, micro: int) -> torch.Tensor:
-        input_ids = batch["input_ids"].to(device)
+        input_ids = to_device(batch["input_ids"], device)
         return engine(input_ids=input_ids, labels=input_ids, use_cache=False).loss
 
     @torch.no_grad()
@@ -250,25 +266,25 @@ class ImageClassificationTask:
             else None
         )
 
-    def loader(self, state: dict | None):
+    def loader(self, state: dict | None, device: torch.device):
         return ImageLoader(
-            self.plan, self.rank, self.config.train.micro_batch_size, self.config.train.dataloader_workers, state=state
+            self.plan, self.rank, self.config.train.micro_batch_size, state=state, **loader_options(self.config, device)
         )
 
     def loss(self, engine, batch: dict, device, step: int, micro: int) -> torch.Tensor:
         train_cfg = self.config.train
         rng = np.random.default_rng([train_cfg.seed, step, self.rank, micro])
-        pixels, targets = mix_batch(
-            batch["pixel_values"],
-            batch["labels"],
+        pixels, targets = mix_batch(  # on the device: only the mixing weight and the box are drawn on the host
+            to_device(batch["pixel_values"], device),
+            to_device(batch["labels"], device),
             self.model_config.num_labels,
             train_cfg.label_smoothing,
             train_cfg.mixup_alpha,
             train_cfg.cutmix_alpha,
             rng,
         )
-        logits = engine(pixel_values=pixels.to(device)).logits.float()
-        return -(targets.to(device) * logits.log_softmax(-1)).sum(-1).mean()
+        logits = engine(pixel_values=pixels).logits.float()
+        return -(targets * logits.log_softmax(-1)).sum(-1).mean()
 
     @torch.no_grad()
     def evaluate(self, engine, device) -> dict:
@@ -414,7 +430,7 @@ class SequenceClassificationTask:
             out.append(batch)
         return out
 
-    def loader(self, state: dict | None):
+    def loader(self, state: dict | None, device: torch.device):
         return ExampleLoader(
             self.encoded,
             self.labels,
@@ -429,9 +445,9 @@ class SequenceClassificationTask:
 
     def loss(self, engine, batch: dict, device, step: int, micro: int) -> torch.Tensor:
         return engine(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-            labels=batch["labels"].to(device),
+            input_ids=to_device(batch["input_ids"], device),
+            attention_mask=to_device(batch["attention_mask"], device),
+            labels=to_device(batch["labels"], device),
         ).loss
 
     @torch.no_grad()

@@ -534,3 +534,24 @@ def test_a_data_error_in_a_dataloader_worker_is_the_same_one_line(tokenizer, tmp
     with pytest.raises(BadDataError) as error:
         next(iter(loader))
     assert "\n" not in str(error.value) and re.search(message, str(error.value)), str(error.value)
+
+
+def test_a_batch_carries_only_the_buffer_slots_it_changed_and_patching_them_gives_the_whole_cursor(corpus, tokenizer):
+    from data_pipeline.stream import patch_cursor
+
+    plan = build_plan(spec_for(corpus, shuffle_buffer=64), 1)
+    stream, cursor = LogicalStream(plan, 0, Tokenize(tokenizer)), None
+    for number in range(6):
+        batch = stream.next_batch(4)
+        delta = batch["state"]["buffer_delta"]
+        assert "buffer" not in batch["state"]  # the buffer itself never travels with a batch
+        # the first batch fills the buffer; then each block given out frees one slot (the same slot may be drawn twice)
+        assert len(delta["buffer"]) == len(delta["slots"]) == 64 if number == 0 else 1 <= len(delta["slots"]) <= 4
+        cursor = patch_cursor(cursor, batch["state"], LogicalStream.BUFFER_KEYS)
+        whole = stream.snapshot()
+        assert whole.keys() == cursor.keys()
+        assert np.array_equal(cursor["buffer"], whole["buffer"])
+        assert np.array_equal(cursor["buffer_origin"], whole["buffer_origin"])
+        assert {k: v for k, v in cursor.items() if "buffer" not in k} == {
+            k: v for k, v in whole.items() if "buffer" not in k
+        }

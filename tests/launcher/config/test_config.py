@@ -55,6 +55,8 @@ def test_defaults_and_overrides():
         (["output_dir="], "run.yaml: output_dir: must name a directory (got '')"),  # output_dir=$UNSET
         (["output_dir=' \t'"], "run.yaml: output_dir: must name a directory (got ' \\t')"),
         (["train.export_on_save=3"], "run.yaml: train: export_on_save: must be true or false"),
+        (["train.dataloader_workers=many"], "run.yaml: train.dataloader_workers: must be auto or a whole number >= 0"),
+        (["train.dataloader_workers=3"], "run.yaml: config: train.dataloader_workers (3) must divide data.streams_per"),
     ],
 )
 def test_bad_values_are_one_line_errors_naming_the_key(overrides, message):

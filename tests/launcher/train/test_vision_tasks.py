@@ -221,3 +221,27 @@ def test_vision_flops_count_layers_patches_and_head():
     # CRATE layer (4 d^2 projections + 4 T d attention + 4 d^2 ISTA: 17 tokens < 2d) vs ViT layer (24 d^2 + 4 T d).
     assert forward_flops_per_token(crate, tokens) == pytest.approx(4 * (8 * d * d + 4 * tokens * d) + edges)
     assert forward_flops_per_token(vit, tokens) == pytest.approx(4 * (24 * d * d + 4 * tokens * d) + edges)
+
+
+@pytest.mark.parametrize(
+    "workers, streams, device, expected",
+    [
+        ("auto", 4, "cpu", 0),  # on the CPU a worker would take a core from the training threads
+        ("auto", 4, "cuda", 4),
+        ("auto", 6, "cuda", 3),  # the largest divisor up to 4: each worker runs whole logical streams
+        ("auto", 1, "cuda", 1),
+        (2, 4, "cpu", 2),
+    ],
+)
+def test_dataloader_workers_and_pinned_memory_follow_the_device(workers, streams, device, expected):
+    from launcher.train.tasks import loader_options
+
+    config = parse_run_config(
+        run_config(
+            data={"image_size": 28, "sources": ["fashion-mnist"], "streams_per_rank": streams},
+            train={"max_steps": 5, "dataloader_workers": workers},
+        ),
+        "run.yaml",
+    )
+    options = loader_options(config, torch.device(device))
+    assert options == {"num_workers": expected, "pin_memory": device == "cuda"}
