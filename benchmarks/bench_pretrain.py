@@ -18,90 +18,42 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-
-def pretrain(config: str, output_dir: Path, overrides: list[str], nproc: int = 1, repo: Path = REPO) -> list[dict]:
-    """``crate pretrain`` of the checkout ``repo`` (this one by default), its metrics rows."""
-    from launcher.metrics.logger import read_metrics
-
-    command = [
-        sys.executable,
-        "-m",
-        "launcher.cli",
-        "pretrain",
-        config,
-        f"output_dir={output_dir}",
-        *overrides,
-        f"--nproc-per-node={nproc}",
-    ]
-    result = subprocess.run(command, cwd=repo, capture_output=True, text=True)
-    if result.returncode:
-        raise RuntimeError(f"crate pretrain failed:\n{result.stderr[-3000:]}")
-    return read_metrics(output_dir)
-
-
-def ours_step_times(rows: list[dict], warmup: int) -> list[float]:
-    """Wall time per step between consecutive logged steps: everything the harness does (data, all-reduces,
-    metrics) included."""
-    steps = [(row["step"], row["time"]) for row in rows if row["kind"] == "train" and "loss" in row]
-    return [(b[1] - a[1]) / (b[0] - a[0]) for a, b in zip(steps, steps[1:]) if a[0] >= warmup]
+from pretrain_runs import (
+    REPO,
+    SIDE_JOBS_OFF,
+    bare_model_and_optimizer,
+    bare_step,
+    harness_step_times,
+    pretrain,
+    same_batches,
+    timed_run,
+)
 
 
 def bare_step_times(config, tokenizer, batches: list[torch.Tensor], warmup: int, accumulation: int = 1) -> list[float]:
-    """The bare PyTorch loop on the same model (same init seed), batches and optimizer settings; ``accumulation``
-    micro-batches per optimizer step (the loss scaled by its inverse, as DeepSpeed does)."""
-    from launcher.models.build import build_model, build_model_config, parameter_groups
-
-    model_config = build_model_config(config.model, len(tokenizer), tokenizer.eos_token_id, config.data.seq_len)
-    torch.manual_seed(config.train.seed)
-    model = build_model(model_config).train()
-    opt = config.optimizer
-    optimizer = torch.optim.AdamW(parameter_groups(model, opt.weight_decay), lr=opt.lr, betas=opt.betas, eps=opt.eps)
+    """The bare PyTorch loop on the same model (same init seed), batches and optimizer settings, timed per step;
+    ``accumulation`` micro-batches per optimizer step."""
+    model, optimizer = bare_model_and_optimizer(config, tokenizer, torch.device("cpu"))
     times = []
     for index in range(len(batches) // accumulation):
         started = time.perf_counter()
-        for batch in batches[index * accumulation : (index + 1) * accumulation]:
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-            (loss / accumulation).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), opt.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss.item()  # one host read per step (the harness reads the loss at logging steps only)
+        group = batches[index * accumulation : (index + 1) * accumulation]
+        bare_step(model, optimizer, group, config.optimizer.grad_clip).item()  # one host read per step
         if index >= warmup:
             times.append(time.perf_counter() - started)
     return times
-
-
-def same_batches(config, tokenizer, count: int) -> list[torch.Tensor]:
-    from data_pipeline.text_stream import TextLoader, build_plan
-
-    loader = iter(TextLoader(build_plan(config.data, 1), tokenizer, 0, config.train.micro_batch_size, 0))
-    return [next(loader)["input_ids"] for _ in range(count)]
 
 
 def throughput(args, scratch: Path) -> dict:
     from launcher.config.run import load_run_config
     from launcher.models.tokenizers import load_tokenizer, prepare_tokenizer
 
-    overrides = [
-        f"train.max_steps={args.steps}",
-        f"train.log_every={args.log_every}",
-        "train.eval_every=0",
-        "train.save_every=0",
-        "train.whitebox_every=0",
-        "train.export_at_end=false",
-        *args.overrides,
-    ]
+    overrides = [*timed_run(args.steps, args.log_every), *args.overrides]
     config = load_run_config(args.config, [*overrides, f"output_dir={scratch / 'tokenizer-run'}"])
     overrides.append(f"train.global_batch_size={config.train.micro_batch_size * args.accumulation}")
     prepare_tokenizer(config.tokenizer, config.output_dir, config.data)
@@ -120,7 +72,7 @@ def throughput(args, scratch: Path) -> dict:
                 [*overrides, *tokenizer_override, f"zero.stage={stage}"],
                 repo=args.repo,
             )
-            ours[stage].append(statistics.median(ours_step_times(rows, args.warmup)))
+            ours[stage].append(statistics.median(harness_step_times(rows, args.warmup)))
             mfu.append(statistics.median(row["mfu"] for row in rows if row.get("mfu") is not None))
         bare.append(statistics.median(bare_step_times(config, tokenizer, batches, args.warmup, args.accumulation)))
         print(
@@ -151,10 +103,7 @@ def zero_memory(args, scratch: Path) -> dict:
         "model.num_hidden_layers=4",
         "model.num_attention_heads=8",
         "train.max_steps=2",
-        "train.eval_every=0",
-        "train.save_every=0",
-        "train.whitebox_every=0",
-        "train.export_at_end=false",
+        *SIDE_JOBS_OFF,
         "train.micro_batch_size=2",
         "data.seq_len=64",
         "model.max_position_embeddings=64",

@@ -37,9 +37,9 @@ from torch import nn
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_pretrain import bare_step_times, ours_step_times, pretrain, same_batches  # noqa: E402
+from bench_pretrain import bare_step_times  # noqa: E402
+from pretrain_runs import SIDE_JOBS_OFF, harness_step_times, pretrain, same_batches  # noqa: E402
 
 CONFIG = REPO / "configs" / "lm" / "gpt2-tiny.yaml"
 HEAD_DIM = 32
@@ -134,10 +134,7 @@ def main() -> None:
                 f"model.num_attention_heads={width // HEAD_DIM}",
                 f"train.max_steps={args.steps}",
                 "train.log_every=5",
-                "train.eval_every=0",
-                "train.save_every=0",
-                "train.whitebox_every=0",
-                "train.export_at_end=false",
+                *SIDE_JOBS_OFF,
                 "zero.stage=0",
             ]
             config = load_run_config(CONFIG, [*overrides, f"output_dir={scratch / 'tokenizer-run'}"])
@@ -157,7 +154,7 @@ def main() -> None:
             ours, bare, reference = [], [], []
             for round_index in range(args.rounds):
                 rows = pretrain(str(CONFIG), scratch / f"ours-{size}-{round_index}", overrides)
-                ours.append(statistics.median(ours_step_times(rows, args.warmup)))
+                ours.append(statistics.median(harness_step_times(rows, args.warmup)))
                 bare.append(statistics.median(bare_step_times(config, tokenizer, batches, args.warmup)))
                 reference.append(statistics.median(reference_step_times(tokens, shape, args.steps, args.warmup)))
                 print(

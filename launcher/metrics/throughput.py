@@ -6,6 +6,9 @@ import contextlib
 import time
 from collections import deque
 
+# Steps a logged tokens/s or MFU averages over by default (the metrics rows report this window's mean).
+WINDOW_STEPS = 20
+
 
 class ThroughputMeter:
     """Tokens/s, MFU and ETA over a sliding window of recent step times.
@@ -28,7 +31,7 @@ class ThroughputMeter:
         peak_flops: float | None = None,
         world_size: int = 1,
         total_steps: int | None = None,
-        window: int = 20,
+        window: int = WINDOW_STEPS,
         samples_per_step: int | None = None,
     ):
         if tokens_per_step <= 0 or world_size <= 0 or window <= 0:

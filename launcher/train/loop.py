@@ -6,7 +6,8 @@
 (``launcher.train.step.train_step``) followed by the side jobs (``launcher.train.side_jobs``: non-finite guard,
 model-state probe, training metrics, evaluation, white-box probe, stop requests, checkpoints), whose time stays out
 of the throughput. A watchdog (``launcher.train.watchdog``), petted at each of these phases, turns a hung or dead
-peer into one line and an exit. Model code knows nothing of this.
+peer into one line and an exit. On CUDA the run asks SDPA for FlashAttention first (``launcher.train.attention``).
+Model code knows nothing of this.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from launcher.metrics.logger import MetricsLogger
 from launcher.metrics.peaks import device_peak_flops
 from launcher.metrics.throughput import ThroughputMeter
 from launcher.models.build import apply_lora, build_model, freeze_backbone, load_pretrained_weights
+from launcher.train.attention import flash_attention_first
 from launcher.train.checkpoint import CheckpointManager, refuse_another_world_size, tag_for
 from launcher.train.engine import initialize_engine, learning_rate, resolve_precision
 from launcher.train.export import export_hf
@@ -95,7 +97,7 @@ def train(config: RunConfig) -> int:
     # watchdog starts after it: before the rendezvous DeepSpeed builds its CPU shared-memory op, the first time on a
     # machine a compile of a minute or more that is no peer's fault.
     rank, world, device = _start_distributed(config.train.collective_timeout_minutes)
-    with Watchdog(config.train.collective_timeout_minutes, rank) as watchdog:
+    with Watchdog(config.train.collective_timeout_minutes, rank) as watchdog, flash_attention_first(device):
         return _train(config, rank, world, device, watchdog)
 
 
