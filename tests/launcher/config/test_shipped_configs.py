@@ -32,6 +32,8 @@ def test_shipped_config_validates_and_builds(path):
             assert crate_lm.count_parameters(model) == pytest.approx(published, rel=0.01)
     else:
         assert crate_lm.count_parameters(model) == pytest.approx(124e6, rel=0.01)
+    # the GPU recipes' output layer has a multiple of 64 rows (GPT-2's 50257 -> 50304), as nanoGPT and llm.c train
+    assert model.get_output_embeddings().weight.shape[0] % 64 == 0
 
 
 VISION_CONFIGS = sorted(
