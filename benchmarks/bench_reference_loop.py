@@ -117,6 +117,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--out", type=Path, help="also write the results as JSON")
+    parser.add_argument("--repo", type=Path, default=REPO, help="the checkout whose `crate pretrain` is measured")
     args = parser.parse_args()
     from launcher.config.run import load_run_config
     from launcher.models.tokenizers import load_tokenizer, prepare_tokenizer
@@ -153,7 +154,7 @@ def main() -> None:
             }
             ours, bare, reference = [], [], []
             for round_index in range(args.rounds):
-                rows = pretrain(str(CONFIG), scratch / f"ours-{size}-{round_index}", overrides)
+                rows = pretrain(str(CONFIG), scratch / f"ours-{size}-{round_index}", overrides, repo=args.repo)
                 ours.append(statistics.median(harness_step_times(rows, args.warmup)))
                 bare.append(statistics.median(bare_step_times(config, tokenizer, batches, args.warmup)))
                 reference.append(statistics.median(reference_step_times(tokens, shape, args.steps, args.warmup)))

@@ -34,6 +34,8 @@ def pretrain(config: str, output_dir: Path, overrides: list[str], nproc: int = 1
     default; an older one measures "before") and return its metrics rows."""
     from launcher.metrics.logger import read_metrics
 
+    if "export_at_end" not in (repo / "launcher" / "config" / "run.py").read_text():  # a checkout from before it
+        overrides = [o.replace("train.export_at_end=", "train.export_on_save=") for o in overrides]
     command = [
         sys.executable,
         "-m",
