@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,23 @@ def run_crate(
     result = subprocess.run(args, capture_output=True, text=True, timeout=900, cwd=REPO)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def run_rank_script(script: Path, out: Path, config: Path, overrides: tuple[str, ...], nproc: int = 2) -> list[dict]:
+    """A run of ``config`` with ``overrides`` on ``nproc`` ranks of ``script`` (a torchrun rank that wraps the loop
+    and writes ``out`` with ``.rank{r}`` before the suffix), after the preflight ``crate pretrain`` runs first (the
+    tokenizer and the data); asserts it succeeds and returns each rank's JSON, in rank order."""
+    from launcher.cluster.local import preflight
+    from launcher.config.run import load_run_config
+
+    preflight(load_run_config(config, list(overrides)), nproc)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", str(script)]
+        + [str(out), str(config), *overrides],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return [json.loads(out.with_name(f"{out.stem}.rank{rank}{out.suffix}").read_text()) for rank in range(nproc)]

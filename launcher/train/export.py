@@ -3,8 +3,11 @@ for image runs the image processor) and, for CRATE, the modeling code (``auto_ma
 ``AutoModelForCausalLM`` / ``AutoModelForImageClassification.from_pretrained(<output_dir>/hf)`` just works. A LoRA
 run's export is merged; its adapter folder (PEFT's) goes to ``<output_dir>/adapter/``.
 
-ZeRO-3 partitions the parameters over ranks: every rank enters the gather, rank 0 writes. The directory is written
-beside the old one and swapped in, so a crash mid-export never leaves a half-written ``hf/``.
+ZeRO-3 partitions the parameters over ranks: every rank enters the gathers, rank 0 writes. The gathers go a group of
+modules at a time, none larger than the largest module (see [`zero3_state_dict`]), so an export holds at most one
+module's worth of parameters whole on any rank — not the model — while rank 0 builds the full weights in host
+memory. The directory is written beside the old one and swapped
+in, so a crash mid-export never leaves a half-written ``hf/``.
 
 An export replaces only what is an export: every one holds a small ``crate_export.json``, and a directory is written
 only if it is missing, empty or an earlier export (see [`export_target_problem`]); anything else is refused with a
@@ -13,7 +16,6 @@ one-line error naming it, so no export deletes files it did not write.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Callable
@@ -77,24 +79,88 @@ def adapter_dir_for(out_dir: str | os.PathLike) -> Path:
     return out.with_name("adapter" if out.name == "hf" else f"{out.name}-adapter")
 
 
-def _detached_peft_copy(model):
-    """A PEFT model's copy outside any engine: the same architecture and adapter config on the meta device, given
-    this model's (gathered) weights. Merging it leaves the training model untouched."""
+def _partitioned_bytes(parameters) -> int:
+    """Bytes of the parameters whole (``ds_numel``: a ZeRO-3 parameter's own ``numel`` is its empty placeholder's; a
+    parameter DeepSpeed does not manage is whole already)."""
+    return sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in parameters)
+
+
+def gather_groups(model) -> list[list]:
+    """The parameters of a ZeRO-3 ``model`` in the groups [`zero3_state_dict`] gathers, in module order: each module's
+    own parameters (not its children's; a tied one at its first module only) are never split, and consecutive modules
+    share a group while it holds no more bytes than the largest module's own parameters — so a group is never larger
+    than the largest module, and a deep model of small layers takes a few gathers, not one per module."""
+    owned, seen = [], set()
+    for module in model.modules():
+        own = [p for p in module.parameters(recurse=False) if id(p) not in seen]
+        seen.update(id(p) for p in own)
+        if own:
+            owned.append(own)
+    budget = max((_partitioned_bytes(own) for own in owned), default=0)
+    groups: list[list] = []
+    for own in owned:
+        if groups and _partitioned_bytes(groups[-1]) + _partitioned_bytes(own) <= budget:
+            groups[-1] = groups[-1] + own
+        else:
+            groups.append(own)
+    return groups
+
+
+def zero3_state_dict(model, is_main: bool) -> dict | None:
+    """The full state dict of a ZeRO-3 partitioned ``model``, on the CPU of rank 0 (``None`` on the other ranks).
+    Collective: every rank calls it.
+
+    The parameters are gathered a group at a time ([`gather_groups`]: at most the largest module's bytes), copied to
+    rank 0's host memory and released before the next group is gathered, so no rank ever holds more than the largest
+    module's parameters whole, where gathering them all at once held the whole model on every rank
+    (``GatheredParameters`` re-partitions on leaving; ``modifier_rank=None`` because nothing is written back, which
+    saves a broadcast). A tied parameter (the LM head on the embeddings) is gathered once and its keys share the one
+    CPU tensor. Buffers are never partitioned and are copied as they are.
+
+    DeepSpeed's own ``_zero3_consolidated_16bit_state_dict`` walks the modules one at a time too, but is a private
+    engine method (this takes the bare module), broadcasts every module back after gathering it and gathers once per
+    module; its only public caller, ``save_16bit_model``, writes a pickled ``pytorch_model.bin``, not safetensors."""
+    import deepspeed
+    import torch
+
+    copied: dict[int, torch.Tensor] = {}  # id(parameter) -> its CPU copy (rank 0)
+    for group in gather_groups(model):
+        with deepspeed.zero.GatheredParameters(group, modifier_rank=None):
+            if is_main:  # a copy: on the CPU ``.to("cpu")`` alone would alias the gathered buffer DeepSpeed frees
+                copied.update((id(p), p.detach().to("cpu", copy=True)) for p in group)
+    if not is_main:
+        return None
+    parameters = {name: copied[id(p)] for name, p in model.named_parameters(remove_duplicate=False)}
+    # The keys are the module's own state_dict's (its persistent buffers included); under ZeRO-3 it is cheap: the
+    # parameters in it are the empty placeholders of the partitioned ones.
+    return {
+        key: parameters[key] if key in parameters else value.detach().to("cpu", copy=True)
+        for key, value in model.state_dict().items()
+    }
+
+
+def _detached_copy(model, state: dict):
+    """``model``'s copy outside any engine, holding ``state`` (CPU tensors, used as they are: no second copy): the
+    same class, config and, for a PEFT model, adapter config, built on the meta device. Merging or saving it leaves
+    the training model untouched."""
     import copy
 
     import torch
-    from peft import get_peft_model
 
-    base = model.get_base_model()
-    adapter = copy.deepcopy(model.peft_config["default"])
+    peft = hasattr(model, "peft_config")
+    base = model.get_base_model() if peft else model
     with torch.device("meta"):
         fresh = type(base)(base.config)
         fresh.name_or_path = base.name_or_path
-        fresh = get_peft_model(fresh, adapter)
-    fresh.load_state_dict(
-        {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}, assign=True
-    )
-    fresh.get_base_model().tie_weights()  # the copied state holds tied weights as two tensors
+        if peft:
+            from peft import get_peft_model
+
+            fresh = get_peft_model(fresh, copy.deepcopy(model.peft_config["default"]))
+    if getattr(base, "generation_config", None) is not None:
+        fresh_base = fresh.get_base_model() if peft else fresh
+        fresh_base.generation_config = copy.deepcopy(base.generation_config)
+    fresh.load_state_dict(state, assign=True)
+    (fresh.get_base_model() if peft else fresh).tie_weights()  # the state holds tied weights as two keys
     return fresh
 
 
@@ -109,34 +175,39 @@ def export_hf(
 ) -> None:
     """Write ``model`` and its preprocessor as an HF checkpoint, with ``card(hf_model)`` as its ``README.md``. A PEFT
     (LoRA) model is written merged into its base weights; with ``save_adapter`` its adapter folder (PEFT's
-    ``save_pretrained``) goes to ``adapter_dir_for``."""
+    ``save_pretrained``) goes to ``adapter_dir_for``. Under ZeRO-3 every rank calls it (the gathers are collective);
+    rank 0 writes a detached CPU copy built from [`zero3_state_dict`]."""
     out = Path(out_dir)
-    gather = contextlib.nullcontext()
     if zero_stage == 3:
-        import deepspeed
-
-        gather = deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-    with gather:
+        state = zero3_state_dict(model, is_main)
         if not is_main:
             return
-        if hasattr(model, "peft_config"):
-            adapted = _detached_peft_copy(model)
-            if save_adapter:
-                _write_export(
-                    adapter_dir_for(out),
-                    "adapter",
-                    lambda staging: (adapted.save_pretrained(staging), processor.save_pretrained(staging)),
-                )
-            model = adapted.merge_and_unload()
-            model.tie_weights()
+        model = _detached_copy(model, state)
+    elif not is_main:
+        return
+    if hasattr(model, "peft_config"):
+        adapted = model if zero_stage == 3 else _detached_copy(model, _cpu_state(model))
+        if save_adapter:
+            _write_export(
+                adapter_dir_for(out),
+                "adapter",
+                lambda staging: (adapted.save_pretrained(staging), processor.save_pretrained(staging)),
+            )
+        model = adapted.merge_and_unload()
+        model.tie_weights()
 
-        def save(staging: Path) -> None:
-            model.save_pretrained(staging, safe_serialization=True)
-            processor.save_pretrained(staging)
-            if card is not None:
-                (staging / "README.md").write_text(card(model))
+    def save(staging: Path) -> None:
+        model.save_pretrained(staging, safe_serialization=True)
+        processor.save_pretrained(staging)
+        if card is not None:
+            (staging / "README.md").write_text(card(model))
 
-        _write_export(out, "model", save)
+    _write_export(out, "model", save)
+
+
+def _cpu_state(model) -> dict:
+    """A whole (unpartitioned) model's state dict, copied to the CPU."""
+    return {name: tensor.detach().to("cpu", copy=True) for name, tensor in model.state_dict().items()}
 
 
 def consolidated_state_dict(checkpoint_dir: Path, zero_stage: int, trust_pickles: bool = False) -> dict:

@@ -8,14 +8,11 @@ The counting rank (``counted_rank.py``) wraps every torch.distributed collective
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.crate_cli import TINY_CRATE
+from tests.crate_cli import TINY_CRATE, run_rank_script
 
 REPO = Path(__file__).resolve().parents[3]
 TINY = REPO / "configs" / "lm" / "crate-tiny.yaml"
@@ -27,9 +24,6 @@ pytestmark = pytest.mark.slow
 
 def counted_run(tmp_path: Path, *overrides: str) -> list[list[dict]]:
     """Per rank, per optimizer step: the collectives and host reads, by caller."""
-    from launcher.cluster.local import preflight
-    from launcher.config.run import load_run_config
-
     overrides = (
         f"output_dir={tmp_path / 'run'}",
         *TINY_CRATE,
@@ -42,18 +36,7 @@ def counted_run(tmp_path: Path, *overrides: str) -> list[list[dict]]:
         "train.save_every=0",
         *overrides,
     )
-    preflight(load_run_config(TINY, list(overrides)), 2)  # the tokenizer and the data, as `crate pretrain` does
-    out = tmp_path / "counts.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(COUNTED_RANK)]
-        + [str(out), str(TINY), *overrides],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=REPO,
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
-    return [json.loads((tmp_path / f"counts.rank{rank}.json").read_text())["steps"] for rank in (0, 1)]
+    return [rank["steps"] for rank in run_rank_script(COUNTED_RANK, tmp_path / "counts.json", TINY, overrides)]
 
 
 def quiet(step: int) -> bool:

@@ -15,11 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 from launcher.train.watchdog import HUNG_EXIT_CODE
-from tests.crate_cli import TINY_CRATE
+from tests.crate_cli import TINY_CRATE, run_rank_script
 from tests.processes import children_of, ended, wait_for
 
 REPO = Path(__file__).resolve().parents[3]
 TINY = REPO / "configs" / "lm" / "crate-tiny.yaml"
+EXPORT_MEMORY_RANK = Path(__file__).with_name("export_memory_rank.py")
 SMALL = [
     *TINY_CRATE,
     "train.log_every=5",
@@ -100,23 +101,51 @@ def exported_weights(output_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(output_dir / "hf" / "model.safetensors")
 
 
+def measured_pretrain(output_dir: Path, *overrides: str) -> list[dict]:
+    """A 2-rank run with the module's settings on ``export_memory_rank.py`` (torchrun): per rank, the parameter bytes
+    held at every gather of its exports."""
+    overrides = (f"output_dir={output_dir}", *SMALL, *overrides)
+    return run_rank_script(EXPORT_MEMORY_RANK, output_dir / "export-memory.json", TINY, overrides)
+
+
+def assert_exports_gather_a_module_at_most(ranks: list[dict]) -> None:
+    """Issue 19: on every rank, each export starts with nothing gathered, gathers every parameter exactly once, and
+    at each gather holds only what that gather asked for, never more than the largest module's own parameters: its
+    peak is bounded by a module's bytes, not the model's."""
+    for measured in ranks:
+        largest, model = max(measured["module_bytes"].values()), measured["model_bytes"]
+        assert model > 1.5 * largest  # a model clearly larger than its largest module (the embedding)
+        assert measured["exports"]
+        for export in measured["exports"]:
+            gathers = export["gathers"]
+            assert export["before"] == 0 and sum(gather["gathered"] for gather in gathers) == model
+            assert all(gather["held"] == gather["gathered"] for gather in gathers), export
+            assert max(gather["held"] for gather in gathers) <= largest < model
+            assert len(gathers) < len(measured["module_bytes"])  # the small modules' parameters share gathers
+
+
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stages_train_export_and_reload_with_identical_logits(stage, tmp_path):
-    result = pretrain(
-        tmp_path,
-        "train.max_steps=20",
-        "train.save_every=10",
-        "train.whitebox_every=10",
-        "train.log_every=1",
-        f"zero.stage={stage}",
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    run = ("train.max_steps=20", "train.save_every=10", "train.whitebox_every=10", "train.log_every=1")
+    layers = 2
+    if stage == 3:
+        # The export's memory, measured on each rank, on enough layers that the model outweighs its largest module,
+        # every parameter partitioned (by default DeepSpeed keeps any under 1e5 elements, all of this model's, whole)
+        layers = 6
+        (tmp_path / "ds.json").write_text('{"zero_optimization": {"stage3_param_persistence_threshold": 0}}')
+        measured = measured_pretrain(
+            tmp_path, *run, "zero.stage=3", f"model.num_hidden_layers={layers}", f"deepspeed_config={tmp_path}/ds.json"
+        )
+        assert_exports_gather_a_module_at_most(measured)
+    else:
+        result = pretrain(tmp_path, *run, f"zero.stage={stage}")
+        assert result.returncode == 0, result.stderr[-4000:]
     losses = train_losses(tmp_path)
     assert losses[-1] < losses[0] - 0.75, losses  # from ln(1024) = 6.9 on real text
     from launcher.metrics.logger import read_metrics
 
     whitebox = read_metrics(tmp_path, kind="whitebox")  # every rank entered the measure (ZeRO-3 gathers)
-    assert [(row["step"], row["layer"]) for row in whitebox] == [(10, 0), (10, 1), (20, 0), (20, 1)]
+    assert [(row["step"], row["layer"]) for row in whitebox] == [(s, i) for s in (10, 20) for i in range(layers)]
     assert all(row["rc"] > 0 and 0 <= row["sparsity_l0"] <= 1 for row in whitebox)
     state = next(row for row in read_metrics(tmp_path, kind="train") if row.get("event") == "model_state")
     params = next(row for row in read_metrics(tmp_path, kind="train") if row.get("event") == "start")["params"]
