@@ -284,17 +284,18 @@ class MixedStream:
             state["emitted"] += 1
             return item, j, state["emitted"] - 1
 
+    def _state_without_buffer(self) -> dict:
+        return copy.deepcopy({k: v for k, v in self.state.items() if k not in self.BUFFER_KEYS})
+
     def snapshot(self) -> dict:
         """A copy of the whole state, the buffer in its saved form (what a checkpoint holds)."""
-        state = copy.deepcopy({k: v for k, v in self.state.items() if k not in self.BUFFER_KEYS})
-        state.update(self._buffer_state(self.buffer))
-        return state
+        return {**self._state_without_buffer(), **self._buffer_state(self.buffer)}
 
     def batch_cursor(self) -> dict:
         """What a batch carries as the cursor: a copy of the state without the buffer, and the buffer's slots written
         since the previous batch, in saved form (``buffer_delta``: ``length``, ``slots`` and the kind's
         ``BUFFER_KEYS`` for those slots). [`patch_cursor`] applies it to the previous cursor."""
-        state = copy.deepcopy({k: v for k, v in self.state.items() if k not in self.BUFFER_KEYS})
+        state = self._state_without_buffer()
         slots = sorted(self.changed_slots)
         state["buffer_delta"] = {
             "length": len(self.buffer),
