@@ -16,6 +16,7 @@ data:
   num_classes: 1000           # labels outside [0, num_classes) are bad records; default from the sources
   seed: 0
   streams_per_rank: 2
+  num_streams: null           # as for text: fixed for the run's life (default streams_per_rank x first world size)
   shuffle_buffer: 1024        # samples; the cursor keeps references to them, not pixels (see image_stream)
   max_bad_fraction: 0.01
   min_shards: 16              # folder / HF sources are cut into this many shards (see image_catalogs)
@@ -148,6 +149,7 @@ class ImageDataSpec(DataModel):
     num_classes: int | None = Field(default=None, ge=1)
     seed: int = 0
     streams_per_rank: int = Field(default=2, ge=1)
+    num_streams: int | None = Field(default=None, ge=1)  # logical streams of the run, fixed for its life
     shuffle_buffer: int = Field(default=1024, ge=0)
     max_bad_fraction: float = 0.01
     min_shards: int = Field(default=16, ge=1)

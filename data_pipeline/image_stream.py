@@ -39,8 +39,8 @@ Cursor. After every batch the stream's state is attached: per source ``(epoch, s
 (the position: an offset in the shard's permutation, a tar byte offset, or an HF example index; decodable: whether
 one of its images has decoded in this stream), the mixing and emission counters, the buffer references and the
 counts. [`ImageLoader`] keeps the state of the last batch of each stream; resuming costs O(1) in the step (no
-replay). A changed world size, ``streams_per_rank``, transform or source (fingerprint) is refused with a one-line
-error.
+replay), at any world size that divides the run's logical streams (``stream``'s layout). A changed transform,
+number of logical streams or source (fingerprint) is refused with a one-line error.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ from .stream import (
     StreamLoader,
     check_every_stream_gets_data,
     inspect_tail,
+    logical_streams,
     merge_stats,
     uniform,
 )
@@ -103,13 +104,15 @@ class ImagePlan(StreamAssignment):
     fingerprint: str
     world_size: int
     num_classes: int
+    num_streams: int  # the run's logical streams (stream.logical_streams)
 
 
 def build_image_plan(spec: ImageDataSpec, world_size: int) -> ImagePlan:
     """Open the sources, cut them into shards and check that every stream gets data; one-line errors name the field."""
     catalogs = tuple(open_catalog(spec, i) for i in range(len(spec.sources)))
     shards = tuple(tuple(catalog.shards(i, spec.min_shards)) for i, catalog in enumerate(catalogs))
-    check_every_stream_gets_data(spec, shards, world_size)
+    num_streams = logical_streams(spec, world_size)
+    check_every_stream_gets_data(spec, shards, world_size, num_streams)
     known = [catalog.num_classes for catalog in catalogs if catalog.num_classes is not None]
     if spec.num_classes is not None:
         for index, catalog in enumerate(catalogs):
@@ -127,7 +130,8 @@ def build_image_plan(spec: ImageDataSpec, world_size: int) -> ImagePlan:
             f"data.num_classes: required, since data.sources[{index}] ({spec.sources[index].label!r}) "
             f"does not say how many classes it has (labels are checked against it)"
         )
-    return ImagePlan(spec, catalogs, shards, fingerprint(spec, [list(s) for s in shards]), world_size, num_classes)
+    shards_fingerprint = fingerprint(spec, [list(s) for s in shards])
+    return ImagePlan(spec, catalogs, shards, shards_fingerprint, world_size, num_classes, num_streams)
 
 
 # ---------------------------------------------------------------------------------------------------- transforms
@@ -385,7 +389,7 @@ def inspect_images(spec: ImageDataSpec, world_size: int = 1, samples: int = 3, s
     lines = [
         f"fingerprint {plan.fingerprint}; {spec.channels}x{spec.image_size}x{spec.image_size}, {transform}; "
         f"mean {list(spec.mean)} std {list(spec.std)}; {plan.num_classes} classes",
-        f"{plan.num_streams} streams (world size {world_size} x {spec.streams_per_rank}); shuffle buffer "
+        f"{plan.num_streams} streams (world size {world_size} x {plan.streams_per_rank}); shuffle buffer "
         f"{spec.shuffle_buffer} samples",
     ]
     for index, (source, weight) in enumerate(zip(spec.sources, spec.weights, strict=True)):

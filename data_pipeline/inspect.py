@@ -14,7 +14,7 @@ def inspect_text(
     plan = build_plan(spec, world_size)
     lines = [
         f"fingerprint {plan.fingerprint}; seq_len {spec.seq_len}; {plan.num_streams} streams "
-        f"(world size {world_size} x {spec.streams_per_rank}); shuffle buffer {spec.shuffle_buffer} blocks"
+        f"(world size {world_size} x {plan.streams_per_rank}); shuffle buffer {spec.shuffle_buffer} blocks"
     ]
     for index, (source, weight) in enumerate(zip(spec.sources, spec.weights, strict=True)):
         shards = plan.shards[index]

@@ -6,6 +6,8 @@ data:
   seq_len: 1024               # tokens per packed block
   seed: 0
   streams_per_rank: 2         # logical streams per rank (DataLoader workers execute them; see stream.py)
+  num_streams: null           # logical streams of the run, fixed for its life (default: streams_per_rank x the
+                              # first start's world size); set it and a run reads the same data at any world size
   open_shards: 16             # shards of each source read at once, each block drawn from one of them
   shuffle_buffer: 256         # blocks; 0 disables; its contents are saved in the cursor (exact resume)
   max_bad_fraction: 0.01      # a stream whose bad records exceed this fraction stops the run
@@ -239,6 +241,7 @@ class TextDataSpec(DataModel):
     seq_len: int = Field(default=1024, ge=1)
     seed: int = 0
     streams_per_rank: int = Field(default=2, ge=1)
+    num_streams: int | None = Field(default=None, ge=1)  # logical streams of the run, fixed for its life
     open_shards: int = Field(default=16, ge=1)  # shards of a source read at once, blocks drawn among them
     shuffle_buffer: int = Field(default=256, ge=0)
     max_bad_fraction: float = 0.01

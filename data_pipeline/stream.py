@@ -1,10 +1,17 @@
 """One resumable, mixed, sharded stream, for every kind of data; the kinds only say how a shard is read and decoded.
 
-Layout. Each rank runs ``streams_per_rank`` *logical streams*; stream ``g = rank * S + s`` of ``G = world * S`` owns
-shard ``i`` of every source when ``i % G == g``. DataLoader workers only execute logical streams (worker ``w`` of
-``W`` runs the streams ``s`` with ``s % W == w``), so the number of workers never changes the data a rank sees, and
-batch ``n`` of a rank always comes from stream ``n % S``. Shards never depend on the world size, so the set of items
-of an epoch is the same for any number of ranks and workers.
+Layout. A run has ``L`` *logical streams*, fixed for its whole life: ``data.num_streams``, else
+``streams_per_rank`` x the world size of its first start (recorded in the cursor). Stream ``g`` owns shard ``i`` of
+every source when ``i % L == g``. Micro-batches are numbered globally: the run's ``m``-th micro-batch (over all
+ranks, ``m = M + c * W + r`` for the ``c``-th micro-batch of rank ``r`` of ``W`` after ``M`` were consumed) is the
+next batch of stream ``m % L``. So rank ``r`` serves the ``L / W`` streams ``g = b + W * s`` with
+``b = (M + r) % W`` (*interleaved*; ``W`` must divide ``L``), round-robin, and step ``n`` of a run with a fixed
+global batch reads the same blocks from the same streams at any world size (in another order inside the step
+only). On resume at another world size each rank takes its streams' cursors from whichever rank saved them
+([`merge_cursors`]). DataLoader workers only execute a rank's streams (worker ``w`` of ``K`` runs every ``K``-th
+of them), so the number of workers never changes the data either. Shards never depend on the world size, so the
+set of items of an epoch is the same for any number of ranks and workers. (Cursors written before this layout
+number streams contiguously, ``g = r * S + s``, and resume only on their own world size.)
 
 Mixing. A stream draws each item (a text block, an image record) from source ``j`` with the configured weights, by
 the counter-based hash ``uniform(seed, stream, mixed, 1)``; each source loops over its shards epoch after epoch
@@ -21,8 +28,8 @@ mixing and emission counters and the statistics (bad records per reason and per 
 locations) — and of the shuffle buffer only the slots the batch changed (``buffer_delta``: about a batch's worth of
 items, however large the buffer). [`StreamLoader`] keeps, per stream, the state of the last batch consumed and the
 buffer patched slot by slot; the whole cursor is copied out only when a checkpoint asks for it (``state_dict``).
-Resuming seeks to those positions: O(1) in the step, no replay. Resuming with another world size,
-``streams_per_rank`` or source (fingerprint) is refused with a one-line error.
+Resuming seeks to those positions: O(1) in the step, no replay. Resuming with another source (fingerprint), seed,
+weights, micro-batch size or number of logical streams is refused with a one-line error; another world size is not.
 
 A kind is a [`MixedStream`] subclass (``text_stream.LogicalStream``, ``image_stream.ImageStream``) and a
 [`StreamLoader`] subclass (``TextLoader``, ``ImageLoader``).
@@ -31,6 +38,7 @@ A kind is a [`MixedStream`] subclass (``text_stream.LogicalStream``, ``image_str
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import time
 from collections.abc import Callable, Iterator
@@ -46,6 +54,7 @@ SHOWN_BAD_LOCATIONS = 3  # of them, in a run's metrics and warnings
 SHOWN_BAD_SOURCES = 10  # files named in a run's metrics and warnings (the others summed in one entry)
 MIN_RECORDS_FOR_BAD_FRACTION = 200
 DATA_ERROR = "data_error"  # the key of the item that carries a stream's DataError out of a DataLoader worker
+INTERLEAVED, CONTIGUOUS = "interleaved", "contiguous"  # stream layouts (module doc); contiguous: old cursors only
 
 
 # ---------------------------------------------------------------------------------------------------- plan
@@ -53,28 +62,88 @@ DATA_ERROR = "data_error"  # the key of the item that carries a stream's DataErr
 
 class StreamAssignment:
     """Shard ``i`` of a source belongs to logical stream ``i % num_streams`` (a mixin of the text and image plans,
-    which provide ``spec``, ``shards`` and ``world_size``)."""
+    which provide ``spec``, ``shards``, ``world_size`` and ``num_streams``)."""
 
     @property
-    def num_streams(self) -> int:
-        return self.world_size * self.spec.streams_per_rank
+    def streams_per_rank(self) -> int:
+        return self.num_streams // self.world_size
 
     def stream_shards(self, stream: int, source_index: int) -> list:
         return [shard for i, shard in enumerate(self.shards[source_index]) if i % self.num_streams == stream]
 
+    def with_streams(self, num_streams: int):
+        """This plan with the ``num_streams`` logical streams of a run being resumed (checked like a new one)."""
+        if num_streams == self.num_streams:
+            return self
+        check_every_stream_gets_data(self.spec, self.shards, self.world_size, num_streams)
+        return dataclasses.replace(self, num_streams=num_streams)
 
-def check_every_stream_gets_data(spec, shards, world_size: int) -> None:
-    """One-line error, before training, when a source has fewer shards than the run has logical streams."""
+
+def logical_streams(spec, world_size: int, saved: int | None = None) -> int:
+    """The run's number of logical streams: ``saved`` (a resumed run's, fixed at its first start), else
+    ``data.num_streams``, else ``streams_per_rank x world_size``; one-line errors when it cannot be honoured."""
     if world_size < 1:
         raise DataSpecError(f"world_size must be >= 1, got {world_size}")
-    streams = world_size * spec.streams_per_rank
+    if saved is not None and spec.num_streams is not None and spec.num_streams != saved:
+        raise DataSpecError(
+            f"data.num_streams: the run has {saved} logical streams, fixed at its first start (they decide the data "
+            f"order); it cannot change to {spec.num_streams}: leave data.num_streams out or set it to {saved}"
+        )
+    streams = saved or spec.num_streams or world_size * spec.streams_per_rank
+    if streams % world_size:
+        raise DataSpecError(
+            f"data.num_streams: the run's {streams} logical streams do not divide among {world_size} ranks; use a "
+            f"world size that divides {streams} (each rank serves the same number of streams)"
+        )
+    return streams
+
+
+def check_every_stream_gets_data(spec, shards, world_size: int, num_streams: int) -> None:
+    """One-line error, before training, when a source has fewer shards than the run has logical streams."""
     for index, source_shards in enumerate(shards):
-        if len(source_shards) < streams:
+        if len(source_shards) < num_streams:
             raise DataSpecError(
                 f"data.sources[{index}]: {spec.sources[index].label!r} has {len(source_shards)} shards but the run "
-                f"has {streams} streams (world size {world_size} x data.streams_per_rank "
-                f"{spec.streams_per_rank}); lower data.streams_per_rank, raise data.min_shards, or add files"
+                f"has {num_streams} logical streams (world size {world_size} x {num_streams // world_size} per "
+                f"rank); lower data.num_streams or data.streams_per_rank, raise data.min_shards, or add files"
             )
+
+
+def rank_streams(layout: str, rank: int, world_size: int, per_rank: int, consumed: int) -> tuple[list[int], int]:
+    """The logical streams rank ``rank`` serves after the run consumed ``consumed`` micro-batches (all ranks), in
+    round-robin order, and the position in that order of the stream its next micro-batch comes from (module doc)."""
+    after = consumed + rank
+    if layout == CONTIGUOUS:
+        return [rank * per_rank + s for s in range(per_rank)], (after // world_size) % per_rank
+    return [after % world_size + world_size * s for s in range(per_rank)], (after // world_size) % per_rank
+
+
+def stream_batches(stream: int, num_streams: int, consumed: int) -> int:
+    """How many of the first ``consumed`` global micro-batches came from ``stream`` (interleaved layout)."""
+    return max(0, (consumed - stream + num_streams - 1) // num_streams)
+
+
+def merge_cursors(cursors: list[dict]) -> dict:
+    """One run-wide data cursor from every rank's (``state_dict()`` of each rank's loader): the streams' states
+    united, what every rank must agree on checked. A cursor without streams (the labelled loader's) is the same
+    on every rank, and is returned as it is."""
+    first = cursors[0]
+    if "streams" not in first:
+        if any(cursor != first for cursor in cursors):
+            raise DataSpecError("data cursor: the ranks' cursors differ; the checkpoint is inconsistent")
+        return first
+    if any(cursor.get("meta", {}).get("layout") != INTERLEAVED for cursor in cursors):
+        raise DataSpecError(
+            f"data cursor: written before the interleaved stream layout, so each rank's streams are its own: it "
+            f"resumes only on its own world size ({len(cursors)} ranks); see docs/data.md"
+        )
+    for key in ("meta", "consumed"):
+        if any(cursor[key] != first[key] for cursor in cursors):
+            raise DataSpecError(f"data cursor: the ranks' {key!r} differ; the checkpoint is inconsistent")
+    streams: dict = {}
+    for cursor in cursors:
+        streams.update(cursor["streams"])
+    return {**first, "streams": streams}
 
 
 # ---------------------------------------------------------------------------------------------------- randomness
@@ -331,35 +400,45 @@ def patch_cursor(previous: dict | None, cursor: dict, buffer_keys: tuple[str, ..
 
 
 class _RankStreams(IterableDataset):
-    """The logical streams of one rank, run round-robin; with DataLoader workers, worker ``w`` of ``W`` runs the
-    streams ``s % W == w`` so that batch ``n`` of the rank comes from stream ``(consumed + n) % S``."""
+    """The logical streams of one rank (``streams``: their ids, in round-robin order), run round-robin from position
+    ``first``; with DataLoader workers, worker ``w`` of ``K`` runs the positions ``first + w + k K`` so that the
+    rank's batches still come in the round-robin order."""
 
     def __init__(
         self,
         new_stream: Callable[..., MixedStream],
         plan,
-        rank: int,
+        streams: list[int],
+        first: int,
         micro_batch_size: int,
         states: dict,
-        consumed: int,
     ):
-        self.new_stream, self.plan, self.rank = new_stream, plan, rank
-        self.micro_batch_size, self.states, self.consumed = micro_batch_size, states, consumed
+        self.new_stream, self.plan, self.streams, self.first = new_stream, plan, streams, first
+        self.micro_batch_size, self.states = micro_batch_size, states
 
     def __iter__(self):
-        per_rank = self.plan.spec.streams_per_rank
+        per_rank = len(self.streams)
         info = get_worker_info()
         workers, worker = (info.num_workers, info.id) if info else (1, 0)
-        order = [(self.consumed + worker + k * workers) % per_rank for k in range(per_rank // workers)]
+        order = [self.streams[(self.first + worker + k * workers) % per_rank] for k in range(per_rank // workers)]
         try:
-            streams = {s: self.new_stream(self.plan, self.rank * per_rank + s, state=self.states.get(s)) for s in order}
+            streams = {g: self.new_stream(self.plan, g, state=self.states.get(g)) for g in order}
             while True:
-                for s in order:
-                    yield streams[s].next_batch(self.micro_batch_size)
+                for g in order:
+                    yield streams[g].next_batch(self.micro_batch_size)
         except DataError as error:
             # Passed on as an item: a DataLoader worker would re-raise it with its traceback in the message, and
             # the one line the user should see would be lost in it.
             yield {DATA_ERROR: error}
+
+
+def plan_for_cursor(plan, state: dict | None):
+    """``plan`` with the logical streams of the run ``state`` (a data cursor, or ``None``) belongs to."""
+    if state is None:
+        return plan
+    meta = state.get("meta", {})
+    saved = meta.get("num_streams") or meta.get("world_size", 0) * meta.get("streams_per_rank", 0) or None
+    return plan.with_streams(logical_streams(plan.spec, plan.world_size, saved))
 
 
 class StreamLoader:
@@ -367,8 +446,11 @@ class StreamLoader:
     ``OUTPUT_KEYS``, ``COUNTERS``, ``_new_stream`` (a callable ``(plan, stream, state=)`` → [`MixedStream`],
     picklable for DataLoader workers) and ``_specific_meta()`` (what else must match to resume).
 
-    ``state_dict()`` is the data cursor after the last batch yielded; building the loader with ``state=`` resumes
-    exactly there, after checking that the run reads the same data the same way (one-line error otherwise).
+    ``state_dict()`` is the data cursor after the last batch yielded: ``meta`` (what must match to resume),
+    ``consumed`` (the run's micro-batches so far, over all ranks; exact at step boundaries, where every rank has
+    consumed as many) and ``streams`` (this rank's streams' states, by stream id). Building the loader with ``state=``
+    — this rank's cursor, or the run's from [`merge_cursors`] at another world size — resumes exactly there, after
+    checking that the run reads the same data the same way (one-line error otherwise).
     """
 
     OUTPUT_KEYS: tuple[str, ...] = ()
@@ -385,19 +467,59 @@ class StreamLoader:
         state: dict | None = None,
         pin_memory: bool = False,
     ):
-        per_rank = plan.spec.streams_per_rank
-        if num_workers and per_rank % num_workers:
-            raise DataSpecError(f"dataloader workers ({num_workers}) must divide data.streams_per_rank ({per_rank})")
         if not 0 <= rank < plan.world_size:
             raise DataSpecError(f"rank {rank} is outside world size {plan.world_size}")
         self.plan, self.rank, self.micro_batch_size, self.num_workers = plan, rank, micro_batch_size, num_workers
         self.pin_memory = pin_memory  # batches in page-locked memory: asynchronous copies to a GPU
-        self.consumed = 0
-        self.states: dict[int, dict] = {}
+        self.layout, self.start, self.consumed, states = INTERLEAVED, 0, 0, {}
         if state is not None:
+            self.plan = plan = plan_for_cursor(plan, state)
+            state = self._current_format(state)
+            self.layout, self.start = state["meta"]["layout"], state["consumed"]
             self._check_resumable(state)
-            self.consumed = state["consumed"]
-            self.states = {int(s): st for s, st in state["streams"].items()}
+            states = {int(g): st for g, st in state["streams"].items()}
+        per_rank = plan.streams_per_rank
+        if num_workers and per_rank % num_workers:
+            raise DataSpecError(
+                f"dataloader workers ({num_workers}) must divide the logical streams per rank ({plan.num_streams} "
+                f"streams / {plan.world_size} ranks = {per_rank})"
+            )
+        self.streams, self.first = rank_streams(self.layout, rank, plan.world_size, per_rank, self.start)
+        self.states = {g: states[g] for g in self.streams if g in states}
+        if self.layout == INTERLEAVED:
+            self._check_stream_positions()
+
+    def _current_format(self, state: dict) -> dict:
+        """A cursor written before the interleaved layout, in today's form (its contiguous layout kept): it resumes
+        only on its own world size, on the rank that wrote it."""
+        meta = state.get("meta", {})
+        if "layout" in meta:
+            return state
+        saved_world, per_rank = meta.get("world_size"), meta.get("streams_per_rank")
+        if saved_world != self.plan.world_size or meta.get("rank") != self.rank:
+            raise DataSpecError(
+                f"data cursor: written before the interleaved stream layout by rank {meta.get('rank')} of "
+                f"{saved_world}; such a cursor resumes only on its own world size ({saved_world} ranks), and this "
+                f"run has {self.plan.world_size}; see docs/data.md"
+            )
+        meta = {k: v for k, v in meta.items() if k not in ("rank", "streams_per_rank")}
+        return {
+            "meta": {**meta, "num_streams": saved_world * per_rank, "layout": CONTIGUOUS},
+            "consumed": state["consumed"] * saved_world,
+            "streams": {self.rank * per_rank + int(s): st for s, st in state["streams"].items()},
+        }
+
+    def _check_stream_positions(self) -> None:
+        """Every stream of this rank is where the run's count of micro-batches says it is: a cursor missing from
+        the checkpoint would otherwise restart its stream silently."""
+        for g in self.streams:
+            expected = stream_batches(g, self.plan.num_streams, self.start) * self.micro_batch_size
+            found = self.states[g]["emitted"] if g in self.states else 0
+            if found != expected:
+                raise DataSpecError(
+                    f"data cursor: logical stream {g} gave {found} items, and the run's {self.start} micro-batches "
+                    f"imply {expected}; is a rank's crate_rank*.json missing from the checkpoint?"
+                )
 
     def _specific_meta(self) -> dict:
         return {}
@@ -406,13 +528,13 @@ class StreamLoader:
         spec = self.plan.spec
         return {
             "fingerprint": self.plan.fingerprint,
-            "world_size": self.plan.world_size,
-            "rank": self.rank,
-            "streams_per_rank": spec.streams_per_rank,
+            "num_streams": self.plan.num_streams,
+            "layout": self.layout,
             "seed": spec.seed,
             "micro_batch_size": self.micro_batch_size,
             "weights": spec.weights,
             "shuffle_buffer": spec.shuffle_buffer,
+            **({"world_size": self.plan.world_size} if self.layout == CONTIGUOUS else {}),  # it resumes only there
             **self._specific_meta(),
         }
 
@@ -432,14 +554,13 @@ class StreamLoader:
         for key, value in now.items():
             if key != "fingerprint" and saved.get(key) != value:
                 raise DataSpecError(
-                    f"data cursor: {key} was {saved.get(key)} at the checkpoint and is {value} "
-                    f"now; resuming needs the same value (a changed world size is refused, see "
-                    f"docs/data.md)"
+                    f"data cursor: {key} was {saved.get(key)} at the checkpoint and is {value} now; resuming "
+                    f"needs the same value (see docs/data.md)"
                 )
 
     def __iter__(self):
         dataset = _RankStreams(
-            self._new_stream, self.plan, self.rank, self.micro_batch_size, self.states, self.consumed
+            self._new_stream, self.plan, self.streams, self.first, self.micro_batch_size, self.states
         )
         loader = DataLoader(
             dataset,
@@ -448,18 +569,17 @@ class StreamLoader:
             prefetch_factor=2 if self.num_workers else None,
             pin_memory=self.pin_memory,
         )
-        first_stream = self.rank * self.plan.spec.streams_per_rank
         for batch in loader:
             if DATA_ERROR in batch:
                 raise batch[DATA_ERROR]
-            # Batches carry their global stream id; the cursor is keyed by this rank's local stream index.
-            stream = int(batch["stream"]) - first_stream
+            stream = int(batch["stream"])
             self.states[stream] = patch_cursor(self.states.get(stream), batch["state"], self.BUFFER_KEYS)
             self.consumed += 1
             yield {key: batch[key] for key in self.OUTPUT_KEYS}
 
     def state_dict(self) -> dict:
-        return {"meta": self._meta(), "consumed": self.consumed, "streams": copy.deepcopy(self.states)}
+        consumed = self.start + self.consumed * self.plan.world_size  # the run's, at a step boundary
+        return {"meta": self._meta(), "consumed": consumed, "streams": copy.deepcopy(self.states)}
 
     def stats(self) -> dict:
         """The statistics passed so far by this rank's streams (counters and bad records)."""

@@ -34,6 +34,7 @@ from .stream import (
     check_every_stream_gets_data,
     count_bad,
     epoch_order,
+    logical_streams,
     uniform,
 )
 
@@ -50,13 +51,15 @@ class StreamPlan(StreamAssignment):
     shards: tuple[tuple[Shard, ...], ...]
     fingerprint: str
     world_size: int
+    num_streams: int  # the run's logical streams (stream.logical_streams)
 
 
 def build_plan(spec: TextDataSpec, world_size: int) -> StreamPlan:
     """Discover shards and check that every stream gets data. Raises one-line errors naming the field."""
     shards = tuple(tuple(discover_shards(spec, i)) for i in range(len(spec.sources)))
-    check_every_stream_gets_data(spec, shards, world_size)
-    return StreamPlan(spec, shards, fingerprint(spec, [list(s) for s in shards]), world_size)
+    num_streams = logical_streams(spec, world_size)
+    check_every_stream_gets_data(spec, shards, world_size, num_streams)
+    return StreamPlan(spec, shards, fingerprint(spec, [list(s) for s in shards]), world_size, num_streams)
 
 
 def count_bad_document(stats: dict, shard: Shard, document: Document) -> None:

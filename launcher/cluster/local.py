@@ -62,15 +62,15 @@ def check_writable(root: Path) -> None:
 
 def preflight(config: RunConfig, world_size: int) -> None:
     """Every check that can fail before a process group exists: batch sizes, tokenizer, data (built-in corpora are
-    prepared here, once), model, and that a checkpoint to resume from was written on this world size."""
+    prepared here, once), model, and that a checkpoint to resume from can be resumed on this world size."""
     from data_pipeline.text_stream import build_plan
     from launcher.models.build import build_model_config, build_vision_config
     from launcher.models.tokenizers import load_tokenizer, prepare_tokenizer
-    from launcher.train.checkpoint import check_resume_world_size
+    from launcher.train.elastic import check_resume
     from launcher.train.tasks import class_names
 
     config.check_world(world_size)
-    check_resume_world_size(config.output_dir, world_size)
+    check_resume(config, world_size)
     if config.is_image:
         from data_pipeline.image_stream import build_image_plan
 

@@ -103,7 +103,8 @@ class ModelSection(_Section):
 class TrainSection(_Section):
     max_steps: int = Field(ge=1)
     micro_batch_size: int = Field(default=8, ge=1)
-    global_batch_size: int | None = Field(default=None, ge=1)  # default: micro x world size (no accumulation)
+    # default: micro x world size (no accumulation) at a run's first start; a resumed run keeps its checkpoint's
+    global_batch_size: int | None = Field(default=None, ge=1)
     seed: int = 0
     log_every: int = Field(default=10, ge=1)
     eval_every: int = Field(default=100, ge=0)  # 0: never
@@ -123,7 +124,7 @@ class TrainSection(_Section):
     compile: bool = False
     max_nonfinite_in_a_row: int = Field(default=5, ge=1)
     # DataLoader worker processes per rank (tokenizing, decoding and packing off the trainer's thread; they must
-    # divide data.streams_per_rank). auto: on a GPU the largest divisor of streams_per_rank up to 4, each prefetching
+    # divide the rank's logical streams). auto: on a GPU the largest divisor of those up to 4, each prefetching
     # 2 batches into pinned memory; on the CPU 0 (a worker would take a core from the training threads).
     dataloader_workers: int | Literal["auto"] = "auto"
     wall_clock_minutes: float | None = Field(default=None, gt=0)  # stop cleanly (save) before this budget ends
@@ -136,6 +137,9 @@ class TrainSection(_Section):
     # step's compile) stops with one line: a peer is hung or dead (launcher/train/watchdog.py). The process group's
     # own collective timeout is a minute longer. Every legitimate phase must fit in it.
     collective_timeout_minutes: float = Field(default=30.0, ge=0.1)
+    # A batch_fingerprint row in metrics.jsonl after every step: a hash of the step's global batch, the same for any
+    # world size or order inside the step (one all-gather per step), to compare runs step by step.
+    batch_fingerprints: bool = False
 
     @field_validator("dataloader_workers", mode="before")
     @classmethod
@@ -310,8 +314,10 @@ class RunConfig(_Section):
 
     @model_validator(mode="after")
     def _workers_divide_streams(self):
+        # With data.num_streams a rank's streams depend on the world size: the loader checks them when it starts.
         workers, streams = self.train.dataloader_workers, getattr(self.data, "streams_per_rank", None)
-        if isinstance(workers, int) and workers and streams is not None and streams % workers:
+        fixed = getattr(self.data, "num_streams", None) is not None
+        if isinstance(workers, int) and workers and streams is not None and not fixed and streams % workers:
             raise ValueError(
                 f"train.dataloader_workers ({workers}) must divide data.streams_per_rank ({streams}): each worker "
                 "runs whole logical streams"

@@ -19,6 +19,8 @@ class ThroughputMeter:
     ``peak_flops``: peak FLOP/s of one device (``device_peak_flops``); None leaves MFU out.
     ``world_size``: devices sharing the step. ``total_steps``: for the ETA. ``window``: steps averaged over.
     ``samples_per_step``: also report ``samples_per_s`` (images/s of an image run, whose tokens are patches).
+    ``tokens_before``: what the ``tokens`` count adds to ``step x tokens_per_step`` (a run whose global batch changed
+    on resume: the tokens it consumed at the old batch, less as many steps at the new one).
 
     Time a step with [`tick`] (after each step; the first tick after construction or [`restart`] only starts the
     clock, so the warm-up step is not counted) or feed durations with [`record`].
@@ -33,11 +35,13 @@ class ThroughputMeter:
         total_steps: int | None = None,
         window: int = WINDOW_STEPS,
         samples_per_step: int | None = None,
+        tokens_before: int = 0,
     ):
         if tokens_per_step <= 0 or world_size <= 0 or window <= 0:
             raise ValueError("tokens_per_step, world_size and window must be positive")
         self.tokens_per_step = tokens_per_step
         self.samples_per_step = samples_per_step
+        self.tokens_before = tokens_before
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.world_size = world_size
@@ -85,12 +89,12 @@ class ThroughputMeter:
     def stats(self, step: int) -> dict[str, float]:
         """Scalars after optimizer step ``step``, ready for ``MetricsLogger.log``:
 
-        ``tokens`` (tokens trained on so far, ``step x tokens_per_step``), and once a step was timed
-        ``step_time_s`` (s), ``tokens_per_s`` (all devices), ``tokens_per_s_per_device``, ``mfu`` (fraction 0..1:
+        ``tokens`` (tokens trained on so far, ``step x tokens_per_step`` plus ``tokens_before``), and once a step was
+        timed ``step_time_s`` (s), ``tokens_per_s`` (all devices), ``tokens_per_s_per_device``, ``mfu`` (fraction 0..1:
         ``flops_per_token x tokens_per_s_per_device / peak_flops``; only with a peak) and ``eta_s`` (seconds for the
         remaining ``total_steps - step`` steps; only with ``total_steps``).
         """
-        out: dict[str, float] = {"tokens": step * self.tokens_per_step}
+        out: dict[str, float] = {"tokens": self.tokens_before + step * self.tokens_per_step}
         step_time = self.step_time
         if step_time is None:
             return out

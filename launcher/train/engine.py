@@ -21,8 +21,10 @@ def resolve_precision(config: RunConfig, device_type: str) -> str:
     return "fp32" if device_type == "cpu" else "bf16"
 
 
-def deepspeed_config(config: RunConfig, world_size: int, device_type: str) -> dict:
-    """DeepSpeed's JSON for this run; ``deepspeed_config`` (a user JSON file) overrides any key of it."""
+def deepspeed_config(config: RunConfig, world_size: int, device_type: str, load_universal: bool = False) -> dict:
+    """DeepSpeed's JSON for this run; ``deepspeed_config`` (a user JSON file) overrides any key of it.
+    ``load_universal``: the engine loads a universal checkpoint (a resume on another world size,
+    ``launcher.train.elastic``)."""
     accumulation = config.check_world(world_size)
     optimizer = config.optimizer
     zero: dict = {"stage": config.zero.stage}
@@ -53,6 +55,8 @@ def deepspeed_config(config: RunConfig, world_size: int, device_type: str) -> di
         "steps_per_print": NEVER,
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        generated["checkpoint"] = {"load_universal": True}
     if config.deepspeed_config:
         path = Path(config.deepspeed_config)
         try:
@@ -75,7 +79,7 @@ def learning_rate(step: int, optimizer: OptimizerSection, max_steps: int) -> flo
     return optimizer.min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (optimizer.lr - optimizer.min_lr)
 
 
-def initialize_engine(model, config: RunConfig, world_size: int, device_type: str):
+def initialize_engine(model, config: RunConfig, world_size: int, device_type: str, load_universal: bool = False):
     """``deepspeed.initialize`` on ``model`` with the run's JSON and AdamW over the model's decay groups.
 
     Without ZeRO the optimizer is the loop's own [`HoldableAdamW`] (torch's AdamW), because only
@@ -86,7 +90,7 @@ def initialize_engine(model, config: RunConfig, world_size: int, device_type: st
     from launcher.models.build import parameter_groups
     from launcher.train.step import HoldableAdamW
 
-    ds_config = deepspeed_config(config, world_size, device_type)
+    ds_config = deepspeed_config(config, world_size, device_type, load_universal)
     groups = parameter_groups(model, config.optimizer.weight_decay)
     optimizer = None
     if config.zero.stage == 0:

@@ -27,7 +27,15 @@ from launcher.metrics.peaks import device_peak_flops
 from launcher.metrics.throughput import ThroughputMeter
 from launcher.models.build import apply_lora, build_model, freeze_backbone, load_pretrained_weights
 from launcher.train.attention import flash_attention_first
-from launcher.train.checkpoint import CheckpointManager, refuse_another_world_size, tag_for
+from launcher.train.checkpoint import CheckpointManager, tag_for
+from launcher.train.elastic import (
+    checkpoint_facts,
+    data_cursor,
+    plan_resume,
+    reseed,
+    universal_checkpoint,
+    universal_load_repaired,
+)
 from launcher.train.engine import initialize_engine, learning_rate, resolve_precision
 from launcher.train.export import export_hf
 from launcher.train.faults import FaultInjector
@@ -35,6 +43,7 @@ from launcher.train.model_card import model_card
 from launcher.train.rank_state import load_rank_state, rng_state, save_rank_state, set_rng_state
 from launcher.train.safe_loading import check_checkpoint_pickles, restricted_unpickling
 from launcher.train.side_jobs import (
+    BatchFingerprints,
     Checkpointing,
     Evaluation,
     ModelStateProbe,
@@ -110,14 +119,9 @@ def _train(config: RunConfig, rank: int, world: int, device: torch.device, watch
     task = build_task(config, rank, world, barrier=dist.barrier)
     watchdog.pet("the model's setup", 0)
     model, facts = _build_model(config, task)
-    watchdog.pet("the DeepSpeed engine's setup", 0)
-    engine, accumulation = initialize_engine(model, config, world, device.type)
-    if train_cfg.compile:
-        engine.compile()
-    inject_faults = FaultInjector(rank)
     watchdog.pet("the resume", 0)
 
-    # -- resume from the newest valid checkpoint ----------------------------------------------------------------------
+    # -- the newest valid checkpoint, and how it resumes here (another world size: launcher.train.elastic) -----------
     checkpoints = CheckpointManager(
         output_dir,
         train_cfg.keep_last,
@@ -128,24 +132,42 @@ def _train(config: RunConfig, rank: int, world: int, device: torch.device, watch
         gather=all_ranks,
     )
     found = checkpoints.newest_valid()  # every rank checks its share of the checksums
-    step, data_state = 0, None
-    if found is not None:
-        step, directory, trusted = found[0], found[1], train_cfg.trust_pickled_checkpoints
-        # Under torchrun or srun no preflight ran: refuse another world size before DeepSpeed fails on it.
-        refuse_another_world_size(directory, checkpoints.manifest(step), world)
-        check_checkpoint_pickles(directory, trusted)  # every rank: the same files, the same answer
-        with restricted_unpickling(trusted):
-            engine.load_checkpoint(str(checkpoints.root), tag=tag_for(step))
-        own = load_rank_state(directory, rank, trusted)
-        data_state = own["data"]
-        set_rng_state(own["rng"])
+    resume = None
+    if found is not None:  # the global batch may come from the checkpoint: before the engine exists
+        config, resume = plan_resume(found[1], checkpoints.manifest(found[0]), config, world)
+        train_cfg = config.train
+
+    watchdog.pet("the DeepSpeed engine's setup", 0)
+    engine, accumulation = initialize_engine(
+        model, config, world, device.type, load_universal=resume is not None and resume.universal
+    )
+    if train_cfg.compile:
+        engine.compile()
+    inject_faults = FaultInjector(rank)
+    samples_per_step = train_cfg.micro_batch_size * accumulation * world
+
+    step, data_state, samples_before = 0, None, 0
+    if resume is not None:
+        watchdog.pet("the resume", 0)
+        step, trusted = resume.step, train_cfg.trust_pickled_checkpoints
+        check_checkpoint_pickles(resume.directory, trusted)  # every rank: the same files, the same answer
+        load_dir, tag = str(checkpoints.root), tag_for(step)
+        if resume.universal:
+            watchdog.pet("the universal checkpoint conversion", step)
+            load_dir, tag = universal_checkpoint(resume, rank, dist.barrier)
+        with restricted_unpickling(trusted), universal_load_repaired(engine.optimizer, resume.universal):
+            engine.load_checkpoint(load_dir, tag=tag)
+        data_state = data_cursor(resume, rank, trusted)
+        if resume.elsewhere:
+            reseed(train_cfg.seed, step, rank)
+        else:
+            set_rng_state(load_rank_state(resume.directory, rank, trusted)["rng"])
+        samples_before = resume.samples_seen - step * samples_per_step  # non-zero after a global batch change
     loader = task.loader(state=data_state, device=device)
-    batches = iter(loader)
 
     # -- metrics ------------------------------------------------------------------------------------------------------
     precision = resolve_precision(config, device.type)
     peak, peak_source = device_peak_flops(device, torch.bfloat16 if precision == "bf16" else torch.float32)
-    samples_per_step = train_cfg.micro_batch_size * accumulation * world
     tokens_per_step = samples_per_step * task.tokens_per_sample
     # An architecture without a FLOP formula is counted on the first step (exact, frozen weights included).
     flops_per_token = task.flops_per_token * frozen_flops_fraction(config) if task.flops_per_token else None
@@ -156,6 +178,7 @@ def _train(config: RunConfig, rank: int, world: int, device: torch.device, watch
         world_size=world,
         total_steps=train_cfg.max_steps,
         samples_per_step=samples_per_step if task.unit == "images" else None,
+        tokens_before=samples_before * task.tokens_per_sample,
     )
     logger = MetricsLogger(output_dir, is_main=rank == 0, total_steps=train_cfg.max_steps)
     if step:
@@ -170,6 +193,7 @@ def _train(config: RunConfig, rank: int, world: int, device: torch.device, watch
         peak_flops=peak,
         peak_source=peak_source,
         resumed=bool(step),
+        resumed_from_world_size=resume.saved_world if resume else None,
         init_from=config.model.init_from,
         gradient_accumulation_steps=accumulation,
         tokens_per_step=tokens_per_step,
@@ -180,6 +204,23 @@ def _train(config: RunConfig, rank: int, world: int, device: torch.device, watch
         torch_threads=torch.get_num_threads(),
         **facts,
     )
+    if resume is not None and resume.global_batch != resume.saved_global_batch:
+        logger.log(
+            step,
+            event="global_batch_changed",
+            previous_global_batch=resume.saved_global_batch,
+            global_batch=resume.global_batch,
+            samples_seen=resume.samples_seen,
+            tokens_seen=resume.samples_seen * task.tokens_per_sample,
+        )
+        logger.warn(
+            step,
+            f"the global batch changes from {resume.saved_global_batch} to {resume.global_batch} samples at step "
+            f"{step}: the run continues from the {resume.samples_seen} samples consumed; the learning-rate schedule "
+            "goes on by step",
+        )
+    fingerprints = BatchFingerprints(logger, gather=all_ranks) if train_cfg.batch_fingerprints else None
+    batches = fingerprints.watch(iter(loader)) if fingerprints else iter(loader)
     if train_cfg.eval_every and task.validation is None:
         logger.warn(step, "no validation: the sources have no held-out split; set eval_data")
 
@@ -188,12 +229,12 @@ def _train(config: RunConfig, rank: int, world: int, device: torch.device, watch
             engine.save_checkpoint(str(root), tag=staging_tag, client_state={"step": at_step}, save_latest=False)
             save_rank_state(root / staging_tag, rank, {"data": loader.state_dict(), "rng": rng_state()})
 
+        samples_seen = samples_before + at_step * samples_per_step
         checkpoints.save(
             at_step,
             write,
             {
-                "world_size": world,
-                "zero_stage": config.zero.stage,
+                **checkpoint_facts(config, world, accumulation, samples_seen, loader),
                 "config": config.to_dict(),
                 "model_config": task.model_config.to_dict(),
             },
@@ -239,6 +280,7 @@ def _train(config: RunConfig, rank: int, world: int, device: torch.device, watch
             output_dir,
             is_main=rank == 0,
         ),
+        *([fingerprints] if fingerprints else []),
         stop,
         Checkpointing(save, train_cfg.save_every, last, stop),
     ]

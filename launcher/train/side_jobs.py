@@ -8,9 +8,10 @@ Jobs that every rank must run (evaluation under ZeRO-3, checkpoints) do their ow
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -298,3 +299,44 @@ class Checkpointing(SideJob):
     def maybe_run(self, step: int, outcome: StepOutcome) -> None:
         if self.stop.stopping or step == self.last_step or every(self.save_every, step, self.last_step):
             self.save(step)
+
+
+FINGERPRINTED = ("input_ids", "pixel_values", "labels")  # what a batch's rows are made of (not where they came from)
+
+
+def row_hashes(batch: dict) -> list[str]:
+    """A hash of each row (sample) of a micro-batch: its token ids or pixels, and its labels."""
+    keys = [key for key in FINGERPRINTED if key in batch]
+    rows = len(batch[keys[0]])
+    return [
+        hashlib.blake2b(b"".join(batch[key][i].numpy().tobytes() for key in keys), digest_size=8).hexdigest()
+        for i in range(rows)
+    ]
+
+
+@dataclass
+class BatchFingerprints(SideJob):
+    """With ``train.batch_fingerprints``: after every step a ``batch_fingerprint`` row — the SHA-256 of the sorted
+    row hashes of the step's global batch, so independent of which rank or micro-batch took a row — to compare two
+    runs step by step (one resumed on another world size against one that was not, say). ``watch(batches)`` passes
+    the loader's batches through, hashing them on the host before they reach the device; the rows of all ranks are
+    gathered once a step (``gather``: every rank's object)."""
+
+    phase: ClassVar[str] = "the batch fingerprint"
+
+    logger: MetricsLogger
+    gather: Callable[[object], list]
+
+    def __post_init__(self):
+        self.rows: list[str] = []
+
+    def watch(self, batches: Iterator[dict]) -> Iterator[dict]:
+        for batch in batches:
+            self.rows += row_hashes(batch)
+            yield batch
+
+    def maybe_run(self, step: int, outcome: StepOutcome) -> None:
+        rows = sorted(row for part in self.gather(self.rows) for row in part)
+        self.rows = []
+        digest = hashlib.sha256("".join(rows).encode()).hexdigest()[:32]
+        self.logger.log(step, event="batch_fingerprint", batch_fingerprint=digest, rows=len(rows))

@@ -7,8 +7,9 @@ processor) — behind one small interface, so that ``launcher.train.loop`` reads
 * [`LanguageModelingTask`]: tokenize and pack the text stream, next-token loss; validation loss and perplexity on
   fixed held-out blocks.
 * [`ImageClassificationTask`]: the streaming image pipeline; cross-entropy with label smoothing and optional
-  mixup / cutmix (their draws counter-based on ``(seed, step, rank, micro-step)``, so a resumed run mixes exactly as
-  an uninterrupted one); validation loss and top-1 accuracy on fixed held-out images.
+  mixup / cutmix (their draws counter-based on ``(seed, step, micro-batch within the step over all ranks)``, so a
+  resumed run mixes exactly as an uninterrupted one, at any world size); validation loss and top-1 accuracy on
+  fixed held-out images.
 
 Validation sets are the first ``count`` samples of the held-out data read as one unshuffled stream: the same for
 any world size and any resume, so evaluations are comparable along a run and across runs.
@@ -25,7 +26,7 @@ from data_pipeline.image_spec import ImageDataSpec, ImageSourceSpec
 from data_pipeline.image_stream import ImageLoader, ImageStream, build_image_plan, decode_image
 from data_pipeline.labelled import LabelledTextSpec, pad_batch
 from data_pipeline.spec import SourceSpec, TextDataSpec
-from data_pipeline.stream import new_stats
+from data_pipeline.stream import new_stats, plan_for_cursor
 from data_pipeline.text_stream import LogicalStream, TextLoader, Tokenize, build_plan
 from launcher.architectures.flops import image_tokens
 from launcher.architectures.registry import training_flops_per_token
@@ -62,11 +63,11 @@ def fixed_blocks(spec: TextDataSpec, tokenizer, count: int) -> torch.Tensor:
     return torch.stack([torch.from_numpy(stream.next_block()[0].astype(np.int64)) for _ in range(count)])
 
 
-def loader_options(config: RunConfig, device: torch.device) -> dict:
-    """The DataLoader settings of a run on ``device``: its worker processes (``train.dataloader_workers``; ``auto``:
-    on a GPU the largest divisor of ``data.streams_per_rank`` up to 4, on the CPU none) and, on a GPU, pinned memory
-    so that [`to_device`] copies asynchronously."""
-    workers, streams = config.train.dataloader_workers, config.data.streams_per_rank
+def loader_options(config: RunConfig, device: torch.device, streams: int) -> dict:
+    """The DataLoader settings of a run on ``device`` whose ranks serve ``streams`` logical streams each: its worker
+    processes (``train.dataloader_workers``; ``auto``: on a GPU the largest divisor of ``streams`` up to 4, on the CPU
+    none) and, on a GPU, pinned memory so that [`to_device`] copies asynchronously."""
+    workers = config.train.dataloader_workers
     if workers == "auto":
         workers = 0 if device.type == "cpu" else max(w for w in range(1, min(4, streams) + 1) if streams % w == 0)
     return {"num_workers": workers, "pin_memory": device.type == "cuda"}
@@ -108,13 +109,14 @@ class LanguageModelingTask:
         self.probe = fixed_blocks(held_out or config.data, self.tokenizer, micro) if train_cfg.whitebox_every else None
 
     def loader(self, state: dict | None, device: torch.device):
+        plan = plan_for_cursor(self.plan, state)
         return TextLoader(
-            self.plan,
+            plan,
             self.tokenizer,
             self.rank,
             self.config.train.micro_batch_size,
             state=state,
-            **loader_options(self.config, device),
+            **loader_options(self.config, device, plan.streams_per_rank),
         )
 
     def loss(self, engine, batch: dict, device, step: int, micro: int) -> torch.Tensor:
@@ -267,13 +269,14 @@ class ImageClassificationTask:
         )
 
     def loader(self, state: dict | None, device: torch.device):
-        return ImageLoader(
-            self.plan, self.rank, self.config.train.micro_batch_size, state=state, **loader_options(self.config, device)
-        )
+        plan = plan_for_cursor(self.plan, state)
+        options = loader_options(self.config, device, plan.streams_per_rank)
+        return ImageLoader(plan, self.rank, self.config.train.micro_batch_size, state=state, **options)
 
     def loss(self, engine, batch: dict, device, step: int, micro: int) -> torch.Tensor:
         train_cfg = self.config.train
-        rng = np.random.default_rng([train_cfg.seed, step, self.rank, micro])
+        # Keyed by the micro-batch's place in the step over all ranks, as its data is: the same at any world size.
+        rng = np.random.default_rng([train_cfg.seed, step, micro * self.world + self.rank])
         pixels, targets = mix_batch(  # on the device: only the mixing weight and the box are drawn on the host
             to_device(batch["pixel_values"], device),
             to_device(batch["labels"], device),
@@ -315,10 +318,13 @@ def held_out_labelled(config: RunConfig) -> LabelledTextSpec | None:
 
 
 class ExampleLoader:
-    """A rank's micro-batches of tokenized examples, epoch after epoch: each epoch is a permutation drawn from
-    ``(seed, epoch)``, cut to a multiple of the world size and dealt to the ranks in turn, so every rank takes the
-    same number of steps. The cursor ``{"epoch", "position"}`` resumes exactly (``state=``); ``stats()``: the bad
-    records this rank reports (``bad_records``, in the streams' statistics form), as a stream loader's."""
+    """A rank's micro-batches of tokenized examples, epoch after epoch, in an order that does not depend on the world
+    size: each epoch is a permutation drawn from ``(seed, epoch)``, cut into ``len(examples) // micro_batch_size``
+    micro-batches (the last partial one dropped), and the run's ``m``-th micro-batch over all ranks is the epochs'
+    ``m``-th; rank ``r`` of ``W`` takes ``m = consumed + c W + r`` (``consumed``: the micro-batches before this start),
+    as the streams do (``data_pipeline.stream``). The cursor ``{"consumed": M}`` is the run's count at a step
+    boundary and resumes exactly on any world size (``state=``); ``stats()``: the bad records this rank reports
+    (``bad_records``, in the streams' statistics form), as a stream loader's."""
 
     def __init__(
         self,
@@ -335,34 +341,36 @@ class ExampleLoader:
         self.encoded, self.labels, self.rank, self.world = encoded, labels, rank, world
         self.bad_records = bad_records or new_stats(())
         self.micro, self.pad, self.seed = micro_batch_size, pad_token_id, seed
-        self.per_rank = len(encoded) // world
-        if self.per_rank < micro_batch_size:
+        self.per_epoch = len(encoded) // micro_batch_size
+        if not self.per_epoch:
+            raise ConfigError(f"data: {len(encoded)} examples are fewer than micro_batch_size ({micro_batch_size})")
+        if state is not None and "consumed" not in state:
             raise ConfigError(
-                f"data: {len(encoded)} examples are fewer than micro_batch_size ({micro_batch_size}) x "
-                f"world size ({world})"
+                "data cursor: a fine-tuning cursor from before the world-size-independent example order; resume it "
+                "with the version of crate that wrote it, or start the fine-tune again"
             )
-        self.epoch, self.position = (state["epoch"], state["position"]) if state else (0, 0)
+        self.start, self.consumed = (state["consumed"] if state else 0), 0
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "position": self.position}
+        return {"consumed": self.start + self.consumed * self.world}
 
     def stats(self) -> dict:
         """The bad records skipped when the examples were read. Every rank reads them all, so only rank 0's loader
         is given them: summed over the ranks (as the training metrics sum streams' statistics) they count once."""
         return self.bad_records
 
-    def _mine(self) -> np.ndarray:
-        order = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.encoded))
-        return order[: self.per_rank * self.world][self.rank :: self.world]
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.encoded))
 
     def __iter__(self):
-        mine = self._mine()
+        epoch, order = -1, None
         while True:
-            if self.position + self.micro > len(mine):
-                self.epoch, self.position = self.epoch + 1, 0
-                mine = self._mine()
-            chosen = mine[self.position : self.position + self.micro]
-            self.position += self.micro
+            m = self.start + self.consumed * self.world + self.rank
+            if m // self.per_epoch != epoch:
+                epoch = m // self.per_epoch
+                order = self._epoch_order(epoch)
+            chosen = order[(m % self.per_epoch) * self.micro : (m % self.per_epoch + 1) * self.micro]
+            self.consumed += 1
             yield pad_batch([self.encoded[i] for i in chosen], [self.labels[i] for i in chosen], self.pad)
 
 

@@ -46,6 +46,7 @@ from launcher.config.run import parse_run_config  # noqa: E402
 from launcher.errors import ConfigError  # noqa: E402
 from launcher.metrics.classification import macro_f1  # noqa: E402
 from launcher.train.tasks import ExampleLoader  # noqa: E402
+from tests import elastic_data as elastic  # noqa: E402
 
 
 def write(path, text):
@@ -132,26 +133,21 @@ def test_a_labelled_run_config_is_a_sequence_classification_task(tmp_path):
         parse_run_config({**raw, "tokenizer": "bpe:4096"})
 
 
-def test_example_loader_deals_equal_disjoint_shares_and_resumes_exactly():
-    encoded = [[i + 1] * (1 + i % 3) for i in range(10)]
-    labels = [i % 2 for i in range(10)]
-    ranks = [ExampleLoader(encoded, labels, rank, 2, 2, 0, seed=7) for rank in range(2)]
-    first = [next(iter(loader)) for loader in ranks]
-    seen = [set(batch["input_ids"][:, 0].tolist()) for batch in first]
-    assert not seen[0] & seen[1]
-    loader = ExampleLoader(encoded, labels, 0, 2, 2, 0, seed=7)
-    stream = iter(loader)
-    batches = [next(stream) for _ in range(7)]  # crosses an epoch (5 examples per rank: 2 batches, then a new epoch)
-    resumed = iter(ExampleLoader(encoded, labels, 0, 2, 2, 0, seed=7, state={"epoch": 0, "position": 0}))
-    assert all(torch_equal(a, next(resumed)) for a in batches)
-    state = None
-    fresh = ExampleLoader(encoded, labels, 0, 2, 2, 0, seed=7)
-    it = iter(fresh)
-    for _ in range(3):
-        next(it)
-    state = fresh.state_dict()
-    again = iter(ExampleLoader(encoded, labels, 0, 2, 2, 0, seed=7, state=state))
-    assert all(torch_equal(a, next(again)) for a in batches[3:])
+def test_example_loader_order_is_independent_of_the_world_size_and_resumes_across_it():
+    encoded = [[i + 1] * (1 + i % 3) for i in range(11)]
+    labels = [i % 2 for i in range(11)]
+
+    def make(rank, world, state):
+        return ExampleLoader(encoded, labels, rank, world, 2, 0, seed=7, state=state)
+
+    reference, _ = elastic.global_batches(make, 1, 12)  # 5 micro-batches an epoch (one example left out of each)
+    epoch = [int(i) for batch in reference[:5] for i in batch["input_ids"][:, 0]]
+    assert len(set(epoch)) == 10  # an epoch sees distinct examples
+    assert elastic.same_batches(elastic.global_batches(make, 2, 12)[0], reference, "input_ids")
+    resumed = elastic.resumed_across(make, [(2, 4), (1, 3), (2, 2), (1, 3)])
+    assert all(torch_equal(a, b) for a, b in zip(resumed, reference)) and len(resumed) == 12
+    with pytest.raises(ConfigError, match="before the world-size-independent example order"):
+        make(0, 1, {"epoch": 0, "position": 0})
 
 
 def torch_equal(a: dict, b: dict) -> bool:

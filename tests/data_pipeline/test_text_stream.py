@@ -18,8 +18,9 @@ import torch.multiprocessing as mp
 
 from data_pipeline.sources import discover_shards
 from data_pipeline.spec import DataSpecError, parse_text_data
-from data_pipeline.stream import bad_record_summary, count_bad, merge_stats, new_stats
+from data_pipeline.stream import bad_record_summary, count_bad, merge_cursors, merge_stats, new_stats
 from data_pipeline.text_stream import BadDataError, LogicalStream, TextLoader, Tokenize, build_plan, pack_shard
+from tests import elastic_data as elastic
 from tests.bad_data import NEVER_SPIN_SECONDS, UNUSABLE_TEXT, unusable_text
 
 
@@ -199,15 +200,11 @@ def test_resume_inside_a_document_and_at_its_end(tokenizer, tmp_path):
         assert [b.tobytes() for b, _ in rest] == [b.tobytes() for b, _ in full[index + 1 :]]
 
 
-def test_changed_source_and_changed_world_size_are_refused(corpus, tokenizer, tmp_path):
+def test_a_changed_source_is_refused(corpus, tokenizer, tmp_path):
     plan = build_plan(spec_for(corpus, streams_per_rank=2), 1)
     loader = TextLoader(plan, tokenizer, rank=0, micro_batch_size=2)
     next(iter(loader))
     state = loader.state_dict()
-    with pytest.raises(DataSpecError, match="world_size was 1"):
-        TextLoader(
-            build_plan(spec_for(corpus, streams_per_rank=2), 2), tokenizer, rank=0, micro_batch_size=2, state=state
-        )
     changed = tmp_path / "changed"
     changed.mkdir()
     for path in corpus.glob("*.jsonl"):
@@ -218,6 +215,36 @@ def test_changed_source_and_changed_world_size_are_refused(corpus, tokenizer, tm
         TextLoader(
             build_plan(spec_for(changed, streams_per_rank=2), 1), tokenizer, rank=0, micro_batch_size=2, state=state
         )
+
+
+def test_the_global_order_is_the_same_at_any_world_size_and_resumes_across_them(corpus, tokenizer, shakespeare_dir):
+    """With a fixed number of logical streams, the run's m-th micro-batch is the same at 1, 2 and 4 ranks (with a
+    mixture, a shuffle buffer and DataLoader workers), and a run resumed 2 -> 1 -> 4 ranks continues it exactly."""
+    spec = parse_text_data(
+        {
+            "sources": [{"path": str(corpus), "weight": 3}, {"path": str(shakespeare_dir), "format": "txt"}],
+            "seq_len": 32,
+            "shuffle_buffer": 8,
+            "min_shards": 8,
+            "num_streams": 4,
+            "seed": 3,
+        }
+    )
+
+    def make(rank, world, state, workers=0):
+        return TextLoader(
+            build_plan(spec, world), tokenizer, rank, micro_batch_size=2, num_workers=workers, state=state
+        )
+
+    reference, _ = elastic.global_batches(lambda rank, world, state: make(rank, world, state, workers=2), 1, 24)
+    for world in (2, 4):
+        assert elastic.same_batches(elastic.global_batches(make, world, 24)[0], reference, "input_ids")
+    resumed = elastic.resumed_across(make, [(2, 8), (1, 8), (4, 8)])
+    assert elastic.same_batches(resumed, reference, "input_ids")
+    elastic.check_refusals(make, DataSpecError)
+    with pytest.raises(DataSpecError, match="cannot change to 2"):
+        changed = spec.model_copy(update={"num_streams": 2})
+        TextLoader(build_plan(changed, 1), tokenizer, 0, 2, state=merge_cursors(elastic.global_batches(make, 1, 2)[1]))
 
 
 def _slot_of_each_block(logical: LogicalStream, count: int) -> list[int]:
@@ -443,7 +470,7 @@ def test_an_empty_source_and_too_few_shards_fail_at_start(tmp_path, corpus):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataSpecError, match="no files match"):
         build_plan(parse_text_data({"sources": [{"path": str(tmp_path / "empty" / "*.jsonl")}]}), 1)
-    with pytest.raises(DataSpecError, match="has 1 shards but the run has 4 streams"):
+    with pytest.raises(DataSpecError, match="has 1 shards but the run has 4 logical streams"):
         build_plan(
             spec_for(
                 corpus,

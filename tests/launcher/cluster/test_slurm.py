@@ -75,20 +75,94 @@ def weights(output_dir: Path) -> dict[str, torch.Tensor]:
     return load_file(output_dir / "hf" / "model.safetensors")
 
 
-def test_two_node_deepspeed_run_completes_and_its_export_loads(tmp_path):
-    run = tmp_path / "run"
-    finished(submit(run, "train.max_steps=6", "train.save_every=3", "--nodes=2", "--partition=debug", "--time=15"), run)
+# A fixed global batch and data order (2 logical streams): the same batches on 1 node as on 2
+ELASTIC = (
+    "train.max_steps=6",
+    "train.save_every=0",
+    "train.batch_fingerprints=true",
+    "data.num_streams=2",
+    "train.global_batch_size=8",
+    "--partition=debug",
+    "--time=15",
+)
+
+
+def rows(output_dir: Path, key: str) -> dict:
     from launcher.metrics.logger import read_metrics
 
-    start = next(row for row in read_metrics(run, kind="train") if row.get("event") == "start")
-    assert start["world_size"] == 2
+    return {row["step"]: row[key] for row in read_metrics(output_dir, kind="train") if key in row}
+
+
+def starts(output_dir: Path) -> list[dict]:
+    from launcher.metrics.logger import read_metrics
+
+    return [row for row in read_metrics(output_dir, kind="train") if row.get("event") == "start"]
+
+
+def wait_for_step(output_dir: Path, step: int) -> None:
+    metrics, deadline = output_dir / "metrics.jsonl", time.time() + JOB_TIMEOUT
+    while time.time() < deadline and not (metrics.exists() and f'"step": {step},' in metrics.read_text()):
+        time.sleep(0.5)
+
+
+@pytest.fixture(scope="module")
+def one_node_run(tmp_path_factory) -> Path:
+    """The uninterrupted reference: the elastic recipe on 1 node."""
+    run = tmp_path_factory.mktemp("straight") / "run"
+    finished(submit(run, *ELASTIC, "--nodes=1"), run)
+    return run
+
+
+def assert_continues_as_uninterrupted(run: Path, uninterrupted: Path) -> None:
+    assert rows(run, "batch_fingerprint") == rows(uninterrupted, "batch_fingerprint")  # every step's global batch
+    assert len(rows(run, "batch_fingerprint")) == 6
+    losses, expected = rows(run, "loss"), rows(uninterrupted, "loss")
+    torch.testing.assert_close(list(losses.values()), list(expected.values()), rtol=1e-4, atol=0.0)
+    a, b = weights(run), weights(uninterrupted)
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-5, msg=key)
+
+
+def test_a_two_node_run_stopped_and_resubmitted_on_one_node_resumes_as_if_uninterrupted(tmp_path, one_node_run):
+    run = tmp_path / "run"
+    job = submit(run, *ELASTIC, "--nodes=2")
+    wait_for_step(run, 1)
+    (run / "STOP").touch()  # the trainers save at an agreed step and exit 0
+    finished(job, run)
+    finished(submit(run, *ELASTIC, "--nodes=1"), run)  # `crate submit` of the run with another --nodes
+    first, second = starts(run)
+    assert (first["world_size"], second["world_size"], second["resumed_from_world_size"]) == (2, 1, 2)
+    assert second["gradient_accumulation_steps"] == 2 * first["gradient_accumulation_steps"]
+    from launcher.metrics.logger import read_metrics
+
+    stopped = [row["step"] for row in read_metrics(run, kind="train") if row.get("event") == "stopped"]
+    assert stopped and stopped[0] < 6, job_log(run)[-4000:]
     assert "[crate]" in job_log(run) and (run / "slurm").glob("job-*.sbatch")
+    assert_continues_as_uninterrupted(run, one_node_run)
     from transformers import AutoModelForCausalLM
 
     import crate_lm  # noqa: F401
 
-    model = AutoModelForCausalLM.from_pretrained(run / "hf")
-    assert model.config.num_hidden_layers == 2
+    assert AutoModelForCausalLM.from_pretrained(run / "hf").config.num_hidden_layers == 2
+
+
+def test_a_requeued_job_that_gets_fewer_nodes_resumes_on_them(tmp_path, one_node_run):
+    """``--min-nodes 1 --nodes 2``: the job starts on both nodes; one is drained, the job is preempted (USR1), saves
+    and requeues itself, and Slurm starts it again on the one node left: it resumes there."""
+    run = tmp_path / "run"
+    job = submit(run, *ELASTIC, "--nodes=2", "--min-nodes=1")
+    wait_for_step(run, 1)
+    try:
+        subprocess.run(["scontrol", "update", "nodename=n2", "state=drain", "reason=crate-elastic-test"], check=True)
+        subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+        finished(job, run)
+    finally:
+        subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], check=False)
+    log = job_log(run)
+    assert "requeueing job" in log and "(restart 1)" in log, log[-6000:]
+    assert [row["world_size"] for row in starts(run)] == [2, 1], log[-6000:]
+    assert_continues_as_uninterrupted(run, one_node_run)
 
 
 def test_preempted_run_requeues_resumes_and_equals_an_uninterrupted_run(tmp_path):

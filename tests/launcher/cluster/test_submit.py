@@ -88,16 +88,37 @@ def test_two_configs_with_one_output_dir_are_refused(tmp_path):
         resolve_runs([TINY, TINY], [f"output_dir={tmp_path}"], [], JobSpec())
 
 
-def test_a_run_that_would_resume_on_another_world_size_is_refused_at_submission(tmp_path):
+def test_resubmission_on_another_node_count_and_a_node_range_are_checked_at_submission(tmp_path):
     from launcher.errors import CheckpointError
     from launcher.train.checkpoint import CheckpointManager
 
-    CheckpointManager(tmp_path, keep_last=1).save(
-        4, lambda root, tag: (root / tag).mkdir(parents=True), {"world_size": 2, "zero_stage": 2}
+    old = tmp_path / "old"  # a checkpoint from before elastic resume: its own world size only
+    CheckpointManager(old, keep_last=1).save(
+        4, lambda root, tag: (root / tag).mkdir(parents=True), {"step": 4, "world_size": 2, "zero_stage": 2}
     )
-    assert len(resolve_runs([TINY], [f"output_dir={tmp_path}"], [], JobSpec(nodes=1, gpus_per_node=2))) == 1
-    with pytest.raises(CheckpointError, match=r"global_step4: written by 2 ranks, and this run has 4; "):
-        resolve_runs([TINY], [f"output_dir={tmp_path}"], [], JobSpec(nodes=2, gpus_per_node=2))
+    assert len(resolve_runs([TINY], [f"output_dir={old}"], [], JobSpec(nodes=1, gpus_per_node=2))) == 1
+    with pytest.raises(CheckpointError, match=r"global_step4: written by 2 ranks before crate recorded"):
+        resolve_runs([TINY], [f"output_dir={old}"], [], JobSpec(nodes=2, gpus_per_node=2))
+    facts = {"step": 4, "world_size": 2, "zero_stage": 2, "micro_batch_size": 16, "global_batch_size": 64}
+    CheckpointManager(tmp_path / "new", keep_last=1).save(
+        4, lambda root, tag: (root / tag).mkdir(parents=True), {**facts, "samples_seen": 256, "data_streams": 4}
+    )
+    for nodes in (1, 2, 4):  # the global batch of 64 stays; 4 logical streams divide among 1, 2 and 4 ranks
+        resolve_runs([TINY], [f"output_dir={tmp_path / 'new'}"], [], JobSpec(nodes=nodes, procs_per_node=1))
+    with pytest.raises(ConfigError, match="logical streams .* do not divide among 3 ranks"):
+        resolve_runs([TINY], [f"output_dir={tmp_path / 'new'}"], [], JobSpec(nodes=3))
+
+    ranged = JobSpec(nodes=2, min_nodes=1)
+    with pytest.raises(ConfigError, match="train.global_batch_size: required with --min-nodes"):
+        resolve_runs([TINY], [f"output_dir={tmp_path / 'r'}"], [], ranged)
+    with pytest.raises(ConfigError, match=r"data.num_streams: with --min-nodes .* \(1, 2\) divides \(got None\)"):
+        resolve_runs([TINY], [f"output_dir={tmp_path / 'r'}", "train.global_batch_size=32"], [], ranged)
+    overrides = [f"output_dir={tmp_path / 'r'}", "train.global_batch_size=32", "data.num_streams=2"]
+    (run,) = resolve_runs([TINY], overrides, [], ranged)
+    script = render(ranged, [Path(run.output_dir) / "config.yaml"], tmp_path / "slurm")
+    assert "#SBATCH --nodes=1-2" in script and '--nnodes="$SLURM_NNODES"' in script
+    with pytest.raises(ConfigError, match="--min-nodes: must be between 1 and the nodes \\(2\\), got 3"):
+        JobSpec(nodes=2, min_nodes=3)
 
 
 def test_cli_accepts_overrides_after_options(tmp_path):

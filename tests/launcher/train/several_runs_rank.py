@@ -3,7 +3,8 @@ without paying a process launch (imports, rendezvous, DeepSpeed's op build) for 
 
     torchrun --standalone --nproc-per-node 2 tests/launcher/train/several_runs_rank.py PLAN.json
 
-``PLAN.json``: ``{"config": PATH, "runs": [{"output_dir": DIR, "overrides": [...], "resume_from": DIR, "at": K}]}``.
+``PLAN.json``: ``{"config": PATH, "runs": [{"output_dir": DIR, "overrides": [...], "resume_from": DIR, "at": K}]}``
+(a run may name its own ``"config"``).
 A run with ``resume_from`` starts as a copy of that run's directory cut back to its step-``K`` checkpoint (the newer
 checkpoints, the later metrics rows and the export removed by rank 0), so it resumes there, as a requeued job does.
 """
@@ -46,7 +47,7 @@ def main() -> int:
                 cut_back(Path(run["resume_from"]), Path(run["output_dir"]), run["at"])
             if dist.is_initialized():
                 dist.barrier()
-        status = pretrain(plan["config"], [f"output_dir={run['output_dir']}", *run["overrides"]])
+        status = pretrain(run.get("config", plan["config"]), [f"output_dir={run['output_dir']}", *run["overrides"]])
         if status:
             return status
     return 0

@@ -160,41 +160,50 @@ def test_other_write_errors_keep_their_traceback(tmp_path):
         CheckpointManager(tmp_path, keep_last=1).save(1, broken)
 
 
-def test_resuming_on_another_world_size_is_refused_in_one_line_before_any_process(tmp_path):
-    """DeepSpeed cannot load a ZeRO 1-3 checkpoint on another world size (a traceback), and in every stage the
-    data cursor is per rank: refused from the newest checkpoint's manifest, naming both sizes and the ways on."""
+def test_what_cannot_resume_on_another_world_size_is_refused_in_one_line_before_any_process(tmp_path):
+    """From the newest checkpoint's manifest, before any process: a checkpoint from before elastic resume on another
+    world size, a world size that does not divide the data's logical streams or the global batch, a changed
+    micro-batch size."""
     from pathlib import Path
 
     from launcher.cluster.local import pretrain
-    from launcher.errors import CheckpointError
-    from launcher.train.checkpoint import check_resume_world_size
+    from launcher.config.run import load_run_config
+    from launcher.errors import CheckpointError, ConfigError
+    from launcher.train.elastic import check_resume
 
     run = tmp_path / "run"
-    manager = CheckpointManager(run, keep_last=3)
-    manager.save(5, writer(b"a" * 100), {"world_size": 2, "zero_stage": 2})
-    check_resume_world_size(run, 2)  # the same world size resumes
-    check_resume_world_size(tmp_path / "new", 1)  # nothing to resume
+    config_path = Path(__file__).resolve().parents[3] / "configs" / "lm" / "crate-tiny.yaml"
+    config = load_run_config(str(config_path), [f"output_dir={run}"])
+    micro = config.train.micro_batch_size
+    manager = CheckpointManager(run, keep_last=5)
+    manager.save(5, writer(b"a" * 100), {"step": 5, "world_size": 2, "zero_stage": 2})  # before elastic resume
+    check_resume(config, 2)  # the same world size resumes
+    check_resume(config.model_copy(update={"output_dir": str(tmp_path / "new")}), 1)  # nothing to resume
     with pytest.raises(CheckpointError) as error:
-        check_resume_world_size(run, 1)
+        check_resume(config, 1)
     assert str(error.value) == (
-        f"{run}/checkpoints/global_step5: written by 2 ranks, and this run has 1; a checkpoint resumes only on its "
-        "own world size (ZeRO-2 partitioned the optimizer state over its 2 ranks and each rank's data cursor is its "
-        f"own): resume on 2 ranks (--nproc-per-node 2, or a job of 2 ranks in all), or run `crate export {run}` "
-        f"and start a new run in another output_dir with model.init_from={run}/hf"
+        f"{run}/checkpoints/global_step5: written by 2 ranks before crate recorded what resuming on another world "
+        "size needs, and this run has 1: resume on 2 ranks (--nproc-per-node 2, or a job of 2 ranks in all), or "
+        f"run `crate export {run}` and start a new run in another output_dir with model.init_from={run}/hf"
     )
-    manager.save(10, writer(b"b" * 100), {"world_size": 4, "zero_stage": 0})  # the newest checkpoint decides
-    with pytest.raises(CheckpointError, match=r"global_step10: written by 4 ranks, and this run has 2; .* size \(each"):
-        check_resume_world_size(run, 2)
-    (run / "checkpoints" / "global_step10" / "model.pt").write_bytes(b"short")  # unusable: step 5 will be resumed
-    check_resume_world_size(run, 2)
-    manager.save(15, writer(b"c" * 100), {})  # a manifest without a world size is let through
-    check_resume_world_size(run, 3)
-
-    (run / "checkpoints" / "global_step15" / "manifest.json").unlink()  # back to step 5, on 1 process: refused
-    config = Path(__file__).resolve().parents[3] / "configs" / "lm" / "crate-tiny.yaml"
-    with pytest.raises(CheckpointError, match=r"global_step5: written by 2 ranks, and this run has 1; "):
-        pretrain(str(config), [f"output_dir={run}"], nproc_per_node=1)
+    with pytest.raises(CheckpointError, match=r"global_step5: written by 2 ranks before crate recorded"):
+        pretrain(str(config_path), [f"output_dir={run}"], nproc_per_node=1)
     assert not (run / "config.yaml").exists()  # stopped before anything was written
+
+    facts = {"world_size": 2, "zero_stage": 2, "micro_batch_size": micro, "global_batch_size": 4 * micro}
+    manager.save(10, writer(b"b" * 100), {"step": 10, **facts, "samples_seen": 40 * micro, "data_streams": 12})
+    for world in (1, 2, 4):
+        check_resume(config, world)  # the newest checkpoint decides: it records what an elastic resume needs
+    with pytest.raises(ConfigError, match=r"train.global_batch_size: the run's global batch 64 \(from the checkp"):
+        check_resume(config, 3)  # 12 streams divide among 3 ranks; a global batch of 4 micro-batches does not
+    with pytest.raises(ConfigError, match="train.micro_batch_size: 1, and the checkpoint .* was trained at 16"):
+        check_resume(config.model_copy(update={"train": config.train.model_copy(update={"micro_batch_size": 1})}), 1)
+    manager.save(15, writer(b"c" * 100), {"step": 15, **facts, "samples_seen": 60 * micro, "data_streams": 4})
+    with pytest.raises(ConfigError, match="the run's data has 4 logical streams .* do not divide among 3 ranks"):
+        check_resume(config, 3)
+    (run / "checkpoints" / "global_step15" / "model.pt").write_bytes(b"short")  # unusable: step 10 will be resumed
+    with pytest.raises(ConfigError, match="train.global_batch_size"):
+        check_resume(config, 3)
 
 
 def test_hash_shares_cover_every_file_once_balanced_by_bytes():

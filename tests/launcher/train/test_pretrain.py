@@ -331,18 +331,18 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path):
 
     starts = [row for row in read_metrics(tmp_path, kind="train") if row.get("event") == "start"]
     assert starts[-1]["resumed"] and starts[-1]["step"] == 5
-    # On another world size, DeepSpeed's ZeRO-2 load is a traceback: refused in one line, before any process, and
-    # by the loop itself under a launcher (torchrun's variables: no preflight there).
+    # What a resume cannot honour (here a changed micro-batch size, by which the data order is counted) is refused in
+    # one line, before any process, and by the loop itself under a launcher (torchrun's variables: no preflight).
     from launcher.cluster.processes import free_port
 
     port = str(free_port())
     launcher = {"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
     for env in ({}, launcher):
-        refused = pretrain(tmp_path, "train.max_steps=14", nproc=1, env=env)
+        refused = pretrain(tmp_path, "train.max_steps=14", "train.micro_batch_size=2", nproc=1, env=env)
         assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-4000:]
         last_line = refused.stderr.strip().splitlines()[-1]
-        assert last_line.startswith(f"crate pretrain: error: {tmp_path}/checkpoints/global_step12: written by 2 ranks")
-        assert "and this run has 1; " in last_line
+        assert last_line.startswith("crate pretrain: error: train.micro_batch_size: 2, and the checkpoint "), last_line
+        assert f"{tmp_path}/checkpoints/global_step12 was trained at 4;" in last_line
 
     # A crafted pickle (its manifest entry rewritten to match) stops the resume on every rank, naming the file
     marker = tmp_path / "the-command-ran"
