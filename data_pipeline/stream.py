@@ -274,6 +274,7 @@ class MixedStream:
             "sources": [{"epoch": 0, "shard": 0, **self.SHARD_START} for _ in self.spec.sources],
             "mixed": 0,  # items drawn from the sources (the mixing counter)
             "emitted": 0,  # items given out (the shuffle counter; images: the augmentation counter)
+            "batches": 0,  # batches given out (where the stream is in the run's order of micro-batches)
             **self._buffer_state([]),
             "stats": new_stats(self.COUNTERS),
         }
@@ -363,7 +364,9 @@ class MixedStream:
     def batch_cursor(self) -> dict:
         """What a batch carries as the cursor: a copy of the state without the buffer, and the buffer's slots written
         since the previous batch, in saved form (``buffer_delta``: ``length``, ``slots`` and the kind's
-        ``BUFFER_KEYS`` for those slots). [`patch_cursor`] applies it to the previous cursor."""
+        ``BUFFER_KEYS`` for those slots). [`patch_cursor`] applies it to the previous cursor. Called once per batch:
+        it counts the batch."""
+        self.state["batches"] = self.state.get("batches", 0) + 1
         state = self._state_without_buffer()
         slots = sorted(self.changed_slots)
         state["buffer_delta"] = {
@@ -513,11 +516,11 @@ class StreamLoader:
         """Every stream of this rank is where the run's count of micro-batches says it is: a cursor missing from
         the checkpoint would otherwise restart its stream silently."""
         for g in self.streams:
-            expected = stream_batches(g, self.plan.num_streams, self.start) * self.micro_batch_size
-            found = self.states[g]["emitted"] if g in self.states else 0
+            expected = stream_batches(g, self.plan.num_streams, self.start)
+            found = self.states[g].get("batches", 0) if g in self.states else 0
             if found != expected:
                 raise DataSpecError(
-                    f"data cursor: logical stream {g} gave {found} items, and the run's {self.start} micro-batches "
+                    f"data cursor: logical stream {g} gave {found} batches, and the run's {self.start} micro-batches "
                     f"imply {expected}; is a rank's crate_rank*.json missing from the checkpoint?"
                 )
 

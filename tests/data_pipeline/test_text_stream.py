@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -245,6 +246,36 @@ def test_the_global_order_is_the_same_at_any_world_size_and_resumes_across_them(
     with pytest.raises(DataSpecError, match="cannot change to 2"):
         changed = spec.model_copy(update={"num_streams": 2})
         TextLoader(build_plan(changed, 1), tokenizer, 0, 2, state=merge_cursors(elastic.global_batches(make, 1, 2)[1]))
+
+
+def test_a_cursor_from_before_the_interleaved_layout_resumes_exactly_on_its_own_world_size(corpus, tokenizer):
+    """The old layout: rank r of W ran the streams r*S + s (contiguous), its batch n from local stream n mod S, and
+    its cursor held the rank's count of batches and its streams by local index."""
+    plan = build_plan(spec_for(corpus, streams_per_rank=2, shuffle_buffer=4), 2)
+    tokenize, rank = Tokenize(tokenizer), 1
+    streams = [LogicalStream(plan, rank * 2 + s, tokenize) for s in range(2)]
+    for n in range(5):  # rank 1 of the old layout consumed 5 batches
+        streams[n % 2].next_batch(2)
+    meta = TextLoader(plan, tokenizer, rank=rank, micro_batch_size=2)._meta()
+    meta = {k: v for k, v in meta.items() if k not in ("num_streams", "layout")}
+    old = {
+        "meta": {**meta, "world_size": 2, "rank": rank, "streams_per_rank": 2},
+        "consumed": 5,
+        "streams": {s: stream.snapshot() for s, stream in enumerate(streams)},
+    }
+    expected = [streams[n % 2].next_batch(2)["input_ids"] for n in range(5, 9)]
+    loader = TextLoader(plan, tokenizer, rank=rank, micro_batch_size=2, state=old)
+    got = [batch["input_ids"] for batch in itertools.islice(loader, 2)]
+    again = TextLoader(plan, tokenizer, rank=rank, micro_batch_size=2, state=loader.state_dict())  # and again
+    got += [batch["input_ids"] for batch in itertools.islice(again, 2)]
+    assert all(torch.equal(a, b) for a, b in zip(got, expected)) and len(got) == 4
+    with pytest.raises(DataSpecError, match="resumes only on its own world size \\(2 ranks\\), and this run has 1"):
+        TextLoader(build_plan(spec_for(corpus, streams_per_rank=4, shuffle_buffer=4), 1), tokenizer, 0, 2, state=old)
+    with pytest.raises(DataSpecError, match="world_size was 2 at the checkpoint and is 1 now"):
+        wider = build_plan(spec_for(corpus, streams_per_rank=4, shuffle_buffer=4), 1)
+        TextLoader(wider, tokenizer, rank=0, micro_batch_size=2, state=loader.state_dict())
+    with pytest.raises(DataSpecError, match="written before the interleaved stream layout"):
+        merge_cursors([loader.state_dict()])
 
 
 def _slot_of_each_block(logical: LogicalStream, count: int) -> list[int]:

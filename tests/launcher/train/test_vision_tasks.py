@@ -243,5 +243,5 @@ def test_dataloader_workers_and_pinned_memory_follow_the_device(workers, streams
         ),
         "run.yaml",
     )
-    options = loader_options(config, torch.device(device))
+    options = loader_options(config, torch.device(device), streams)
     assert options == {"num_workers": expected, "pin_memory": device == "cuda"}
