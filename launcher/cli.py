@@ -171,7 +171,6 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     overrides = [item for item in args.items if "=" in item]
     job = JobSpec(
         nodes=args.nodes,
-        min_nodes=args.min_nodes,
         gpus_per_node=args.gpus_per_node,
         procs_per_node=args.procs_per_node,
         cpus_per_task=args.cpus_per_task,
@@ -404,9 +403,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="run config(s) (YAML; several make a job array) and dotted overrides",
     )
     submit.add_argument("--nodes", type=int, default=1)
-    submit.add_argument(
-        "--min-nodes", type=int, help="fewest nodes to start or be requeued on (sbatch --nodes=MIN-MAX); it resumes"
-    )
     submit.add_argument("--gpus-per-node", type=int, default=0, help="0: a CPU partition (gloo)")
     submit.add_argument("--procs-per-node", type=int, default=1, help="processes per node without GPUs")
     submit.add_argument("--cpus-per-task", type=int, help="cores per node's task (default: 4 per GPU, or all)")

@@ -153,3 +153,18 @@ def wait_for_job(job_id: str, timeout: float) -> str:
             raise TimeoutError(f"job {job_id} still {state} after {timeout:.0f}s:\n{detail}")
         time.sleep(min(delay, max(0.0, deadline - now)))
         delay = min(delay * 1.5, 2.0)
+
+
+def wait_until_idle(nodes: tuple[str, ...] = ("n1", "n2"), timeout: float = 120) -> None:
+    """Wait until ``nodes`` are all idle (a job that just ended may still hold one, "completing"), so that a job of
+    a node range starts on all of them."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        states = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%N %T", "-n", ",".join(nodes)], capture_output=True, text=True
+        ).stdout.split("\n")
+        idle = {line.split()[0] for line in states if line.strip().endswith("idle")}
+        if idle >= set(nodes):
+            return
+        time.sleep(0.5)
+    raise RuntimeError(f"Slurm nodes {nodes} not idle after {timeout} s")

@@ -32,7 +32,6 @@ from pydantic import (
     Field,
     Tag,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -88,9 +87,6 @@ class JobOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     nodes: Annotated[int, _at_least(1)] = 1
-    # the fewest nodes the job may start (or be requeued) on: sbatch --nodes=MIN-MAX; the run resumes on whatever it
-    # gets (launcher.train.elastic). None: exactly `nodes`.
-    min_nodes: int | None = None
     gpus_per_node: Annotated[int, _at_least(0)] = 0  # 0: a CPU partition; procs_per_node processes per node, gloo
     procs_per_node: Annotated[int, _at_least(1)] = 1  # CPU only; with GPUs one process per GPU
     cpus_per_task: int | None = None  # default: all of a node's cores we ask for (Slurm's default otherwise)
@@ -119,27 +115,9 @@ class JobOptions(BaseModel):
     def ranks_per_node(self) -> int:
         return self.gpus_per_node or self.procs_per_node
 
-    @field_validator("min_nodes")
-    @classmethod
-    def _node_range(cls, value: int | None, info: ValidationInfo) -> int | None:
-        nodes = info.data.get("nodes")
-        if value is not None and nodes is not None and not 1 <= value <= nodes:
-            raise ConfigError(f"must be between 1 and the nodes ({nodes}), got {value}")
-        return value
-
     @property
     def world_size(self) -> int:
         return self.nodes * self.ranks_per_node
-
-    @property
-    def world_sizes(self) -> list[int]:
-        """Every world size the job may run at: one per node count from ``min_nodes`` to ``nodes``."""
-        return [n * self.ranks_per_node for n in range(self.min_nodes or self.nodes, self.nodes + 1)]
-
-    @property
-    def node_count(self) -> str:
-        """sbatch's ``--nodes``: ``N``, or ``MIN-MAX``."""
-        return f"{self.min_nodes}-{self.nodes}" if self.min_nodes not in (None, self.nodes) else str(self.nodes)
 
 
 def _flag(loc: tuple) -> str:

@@ -69,25 +69,6 @@ def sweep_grid(sweeps: list[str]) -> Grid:
     return validate(Grid, {"axes": axes}, source="--sweep", name=grid_key)
 
 
-def check_elastic_job(config: RunConfig, job: JobSpec) -> None:
-    """A job whose node count may change (``--min-nodes``) needs a global batch and data order that every one of its
-    world sizes can honour: ``train.global_batch_size`` and, for streamed data, ``data.num_streams``, set and
-    divisible (one-line errors naming the key)."""
-    sizes = job.world_sizes
-    if config.train.global_batch_size is None:
-        raise ConfigError(
-            f"train.global_batch_size: required with --min-nodes (the job may run on {sizes[0]}..{sizes[-1]} "
-            "ranks, and the global batch must not depend on which)"
-        )
-    if hasattr(config.data, "num_streams"):
-        streams = config.data.num_streams
-        if streams is None or any(streams % world for world in sizes):
-            raise ConfigError(
-                f"data.num_streams: with --min-nodes set it to a number of logical streams that every world size "
-                f"of the job ({', '.join(map(str, sizes))}) divides (got {streams})"
-            )
-
-
 def resolve_runs(configs: list[str], overrides: list[str], sweeps: list[str], job: JobSpec) -> list[RunConfig]:
     """Every run of the job, validated for its world size, a checkpoint to resume from included (one-line errors
     naming the file and key)."""
@@ -100,11 +81,8 @@ def resolve_runs(configs: list[str], overrides: list[str], sweeps: list[str], jo
             config = load_run_config(config_path, [*overrides, *(point.overrides if point else ())])
             if point:  # each sweep member in its own directory under the run's
                 config = config.model_copy(update={"output_dir": str(Path(config.output_dir) / point.name)})
-            for world in job.world_sizes:  # a job of --min-nodes may start or be requeued on fewer nodes
-                config.check_world(world)
-                check_resume(config, world)  # a resubmitted run may change its world size (launcher.train.elastic)
-            if len(job.world_sizes) > 1:
-                check_elastic_job(config, job)
+            config.check_world(job.world_size)
+            check_resume(config, job.world_size)  # a resubmitted run may change its world size (train.elastic)
             runs.append(config)
     directories = [Path(run.output_dir).resolve() for run in runs]
     if len(set(directories)) != len(directories):
@@ -137,7 +115,7 @@ def render(
     log_name = "%x-%A_%a.out" if len(config_files) > 1 or job.array else "%x-%j.out"
     fields = {
         "job_name": sbatch_value(job.job_name or f"crate-{config_files[0].parent.name}"),
-        "nodes": job.node_count,
+        "nodes": str(job.nodes),
         "gpu_line": f"#SBATCH --gpus-per-node={job.gpus_per_node}"
         if job.gpus_per_node
         else "# (no GPUs: a CPU partition; DeepSpeed runs its CPU accelerator over gloo)",

@@ -40,7 +40,7 @@ from pathlib import Path
 from data_pipeline.files import atomic_write
 from launcher.cluster.budget import resolve_flops_budget
 from launcher.cluster.spec import JobOptions, JobSpec, SweepFile, expand, grid_key, override_items
-from launcher.cluster.submit import check_elastic_job, submit_runs
+from launcher.cluster.submit import submit_runs
 from launcher.config.files import load_yaml
 from launcher.config.run import RunConfig, load_run_config
 from launcher.config.validation import validate
@@ -176,8 +176,5 @@ def submit_sweep(sweep: Sweep, dry_run: bool = False) -> str:
     )
     runs = [run_config(run) for run in sweep.runs]
     for run in runs:
-        for world in job.world_sizes:
-            run.check_world(world)
-        if len(job.world_sizes) > 1:
-            check_elastic_job(run, job)
+        run.check_world(job.world_size)
     return submit_runs(runs, job, dry_run=dry_run)

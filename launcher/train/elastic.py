@@ -184,6 +184,7 @@ def universal_checkpoint(resume: Resume, rank: int, barrier) -> tuple[str, str]:
         shutil.rmtree(staging, ignore_errors=True)
         convert_to_universal(resume.directory, staging)
         os.replace(staging, target)
+        (resume.directory / "latest_universal").unlink(missing_ok=True)  # the converter's pointer, to the staging name
     barrier()
     if not target.is_dir():
         raise CheckpointError(f"{target}: the universal conversion is missing on this rank (not a shared filesystem?)")

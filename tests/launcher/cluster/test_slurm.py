@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.crate_cli import TINY_CRATE
-from tests.slurm_cluster import ensure_cluster, wait_for_job
+from tests.slurm_cluster import ensure_cluster, wait_for_job, wait_until_idle
 
 REPO = Path(__file__).resolve().parents[3]
 TINY = REPO / "configs" / "lm" / "crate-tiny.yaml"
@@ -105,6 +106,17 @@ def wait_for_step(output_dir: Path, step: int) -> None:
         time.sleep(0.5)
 
 
+def requeued_and_pending(job: str) -> int:
+    """Wait until ``job`` was requeued and waits in the queue; its CPUs per task."""
+    deadline = time.time() + JOB_TIMEOUT
+    while time.time() < deadline:
+        shown = subprocess.run(["scontrol", "show", "job", job], capture_output=True, text=True).stdout
+        if "JobState=PENDING" in shown and "Restarts=0" not in shown:
+            return int(re.search(r"CPUs/Task=(\d+)", shown).group(1))
+        time.sleep(0.5)
+    raise AssertionError(f"job {job} was not requeued within {JOB_TIMEOUT} s")
+
+
 @pytest.fixture(scope="module")
 def one_node_run(tmp_path_factory) -> Path:
     """The uninterrupted reference: the elastic recipe on 1 node."""
@@ -148,19 +160,26 @@ def test_a_two_node_run_stopped_and_resubmitted_on_one_node_resumes_as_if_uninte
 
 
 def test_a_requeued_job_that_gets_fewer_nodes_resumes_on_them(tmp_path, one_node_run):
-    """``--min-nodes 1 --nodes 2``: the job starts on both nodes; one is drained, the job is preempted (USR1), saves
-    and requeues itself, and Slurm starts it again on the one node left: it resumes there."""
+    """A node fails: the 2-node job is preempted (USR1), saves and requeues itself; with its second node drained it
+    cannot start again until its node count is lowered (``scontrol update NumNodes=1``, what an operator does); it
+    then starts on the one node left and resumes there."""
     run = tmp_path / "run"
-    job = submit(run, *ELASTIC, "--nodes=2", "--min-nodes=1")
+    wait_until_idle()
+    job = submit(run, *ELASTIC, "--nodes=2")
     wait_for_step(run, 1)
     try:
         subprocess.run(["scontrol", "update", "nodename=n2", "state=drain", "reason=crate-elastic-test"], check=True)
         subprocess.run(["scancel", "--batch", "--signal=USR1", job], check=True)
+        cpus_per_task = requeued_and_pending(job)
+        # the node count with the task and CPU counts that follow from it (Slurm keeps the old ones otherwise)
+        subprocess.run(
+            ["scontrol", "update", f"jobid={job}", "NumNodes=1", "NumTasks=1", f"NumCPUs={cpus_per_task}"], check=True
+        )
         finished(job, run)
     finally:
         subprocess.run(["scontrol", "update", "nodename=n2", "state=resume"], check=False)
     log = job_log(run)
-    assert "requeueing job" in log and "(restart 1)" in log, log[-6000:]
+    assert "(restart 1)" in log, log[-6000:]
     assert [row["world_size"] for row in starts(run)] == [2, 1], log[-6000:]
     assert_continues_as_uninterrupted(run, one_node_run)
 

@@ -88,7 +88,7 @@ def test_two_configs_with_one_output_dir_are_refused(tmp_path):
         resolve_runs([TINY, TINY], [f"output_dir={tmp_path}"], [], JobSpec())
 
 
-def test_resubmission_on_another_node_count_and_a_node_range_are_checked_at_submission(tmp_path):
+def test_a_resubmission_on_another_node_count_is_checked_at_submission(tmp_path):
     from launcher.errors import CheckpointError
     from launcher.train.checkpoint import CheckpointManager
 
@@ -107,18 +107,6 @@ def test_resubmission_on_another_node_count_and_a_node_range_are_checked_at_subm
         resolve_runs([TINY], [f"output_dir={tmp_path / 'new'}"], [], JobSpec(nodes=nodes, procs_per_node=1))
     with pytest.raises(ConfigError, match="logical streams .* do not divide among 3 ranks"):
         resolve_runs([TINY], [f"output_dir={tmp_path / 'new'}"], [], JobSpec(nodes=3))
-
-    ranged = JobSpec(nodes=2, min_nodes=1)
-    with pytest.raises(ConfigError, match="train.global_batch_size: required with --min-nodes"):
-        resolve_runs([TINY], [f"output_dir={tmp_path / 'r'}"], [], ranged)
-    with pytest.raises(ConfigError, match=r"data.num_streams: with --min-nodes .* \(1, 2\) divides \(got None\)"):
-        resolve_runs([TINY], [f"output_dir={tmp_path / 'r'}", "train.global_batch_size=32"], [], ranged)
-    overrides = [f"output_dir={tmp_path / 'r'}", "train.global_batch_size=32", "data.num_streams=2"]
-    (run,) = resolve_runs([TINY], overrides, [], ranged)
-    script = render(ranged, [Path(run.output_dir) / "config.yaml"], tmp_path / "slurm")
-    assert "#SBATCH --nodes=1-2" in script and '--nnodes="$SLURM_NNODES"' in script
-    with pytest.raises(ConfigError, match="--min-nodes: must be between 1 and the nodes \\(2\\), got 3"):
-        JobSpec(nodes=2, min_nodes=3)
 
 
 def test_cli_accepts_overrides_after_options(tmp_path):

@@ -27,6 +27,7 @@ VISION = REPO / "configs" / "vision" / "crate-fmnist.yaml"
 SEVERAL_RUNS = Path(__file__).with_name("several_runs_rank.py")
 STEPS, RESUME_AT = 4, 2
 STAGES = (0, 1, 2, 3)
+BF16_LOSS_RTOL = 1e-2
 
 pytestmark = pytest.mark.slow
 
@@ -103,7 +104,7 @@ def runs(tmp_path_factory) -> Path:
             for s in STAGES
             for run in (fresh(root, f"zero{s}-w2", stages[s]), resumed(root, f"zero{s}-1to2", f"zero{s}-w1", stages[s]))
         ]
-        + [fresh(root, "images-w2", IMAGES, VISION)],
+        + [fresh(root, "images-w2", IMAGES, VISION), fresh(root, "bf16-w2", [*stages[2], "precision=bf16"])],
     )
     launch(
         root,
@@ -112,8 +113,10 @@ def runs(tmp_path_factory) -> Path:
         [resumed(root, f"zero{s}-2to1", f"zero{s}-w2", stages[s]) for s in STAGES]
         + [
             resumed(root, "images-2to1", "images-w2", IMAGES, VISION),
-            # a global batch of 8 instead of 16: half the steps' samples, continuing from those consumed
-            resumed(root, "zero2-2to1-half-batch", "zero2-w2", [*stages[2], "train.global_batch_size=8"]),
+            resumed(root, "bf16-2to1", "bf16-w2", [*stages[2], "precision=bf16"]),
+            # a global batch of 8 instead of 16: half the steps' samples, continuing from those consumed (from the
+            # 2-rank checkpoint that zero2-2to1 converted: its universal conversion is reused)
+            resumed(root, "zero2-2to1-half-batch", "zero2-2to1", [*stages[2], "train.global_batch_size=8"]),
         ],
     )
     return root
@@ -168,6 +171,15 @@ def test_an_image_run_with_mixup_resumes_on_another_world_size(runs):
     assert fingerprints(elastic) == fingerprints(uninterrupted)
     torch.testing.assert_close(losses(elastic), losses(uninterrupted), rtol=1e-4, atol=0.0)
     assert_same_weights(elastic, uninterrupted)
+
+
+def test_a_bf16_run_resumes_on_another_world_size(runs):
+    """The GPU recipes' precision (ZeRO-2's bf16 path, fp32 master weights): the same batches, and the losses of the
+    uninterrupted run within bf16's rounding of a gradient accumulated over 4 micro-batches instead of 2."""
+    elastic, uninterrupted = runs / "bf16-2to1", runs / "bf16-w2"
+    assert start_row(elastic)["precision"] == "bf16" and start_row(elastic)["resumed_from_world_size"] == 2
+    assert fingerprints(elastic) == fingerprints(uninterrupted)
+    torch.testing.assert_close(losses(elastic), losses(uninterrupted), rtol=BF16_LOSS_RTOL, atol=0.0)
 
 
 def test_a_changed_global_batch_continues_from_the_samples_consumed(runs):
