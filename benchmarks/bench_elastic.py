@@ -1,11 +1,12 @@
-"""What resuming on another world size costs: a ZeRO checkpoint written by 2 ranks, resumed for one step on 2 ranks
-(DeepSpeed's own load) and on 1 rank (converted to DeepSpeed's universal checkpoint first, then loaded), side by
-side, each the real ``crate pretrain`` in a subprocess; plus the conversion alone on a copy, and a fresh 1-rank
-start for scale. Run from the repository root:
+"""What resuming on another world size costs: the same run resumed for one step on 1 rank from a ZeRO checkpoint
+written by 1 rank (DeepSpeed's own load) and from one written by 2 ranks (converted to DeepSpeed's universal
+checkpoint first, then loaded), side by side, each the real ``crate pretrain`` in a subprocess; plus the conversion
+alone on a copy. Run from the repository root:
 
     .venv/bin/python benchmarks/bench_elastic.py [--hidden 512 --layers 8 --stage 2]
 
-Prints the wall time of each run, the conversion's time and throughput, and the ratio elastic / same-size resume.
+Prints the median wall time of each kind of resume (``--repeats``, alternating), the conversion's time and throughput,
+and the ratio elastic / same-size resume.
 Results and the machine: docs/benchmarks.md.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -43,6 +45,7 @@ def main() -> int:
     parser.add_argument("--hidden", type=int, default=512)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--stage", type=int, default=2, choices=(1, 2, 3))
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     from launcher.train.elastic import convert_to_universal
 
@@ -64,29 +67,30 @@ def main() -> int:
     ]
     with tempfile.TemporaryDirectory() as scratch:
         root = Path(scratch)
-        written = root / "written"
-        timed(CONFIG, written, [*knobs, "train.max_steps=2", "train.save_every=2"], nproc=2)
-        checkpoint = written / "checkpoints" / "global_step2"
+        walls: dict[int, list[float]] = {1: [], 2: []}
+        for written_by in (1, 2):
+            written = root / f"written-by-{written_by}"
+            timed(CONFIG, written, [*knobs, "train.max_steps=2", "train.save_every=2"], nproc=written_by)
+        for repeat in range(args.repeats):  # alternating, so that drift in the machine hits both alike
+            for written_by in (1, 2):
+                run = root / f"resumed-from-{written_by}-{repeat}"
+                cut_back(root / f"written-by-{written_by}", run, 2)
+                overrides = [*knobs, "train.max_steps=3", "train.save_every=0"]
+                walls[written_by].append(timed(CONFIG, run, overrides, nproc=1))
+        checkpoint = root / "written-by-2" / "checkpoints" / "global_step2"
         size = sum(p.stat().st_size for p in checkpoint.rglob("*") if p.is_file())
-        walls = {}
-        for name, nproc in (("same world size (2 -> 2)", 2), ("another world size (2 -> 1)", 1)):
-            run = root / name.split()[0]
-            cut_back(written, run, 2)
-            walls[name] = timed(CONFIG, run, [*knobs, "train.max_steps=3", "train.save_every=0"], nproc=nproc)
-        walls["fresh start, 1 rank, 1 step"] = timed(
-            CONFIG, root / "fresh", [*knobs, "train.max_steps=1", "train.save_every=0"], nproc=1
-        )
         copy = root / "copy"
         shutil.copytree(checkpoint, copy, ignore=shutil.ignore_patterns("universal"))
         started = time.perf_counter()
         convert_to_universal(copy, root / "converted")
         conversion = time.perf_counter() - started
+    same, elastic = statistics.median(walls[1]), statistics.median(walls[2])
     print(f"ZeRO-{args.stage}, CRATE d {args.hidden} x {args.layers} layers; checkpoint {size / 2**20:.1f} MiB")
-    for name, wall in walls.items():
-        print(f"  {name:32s} {wall:6.1f} s wall (the whole crate pretrain)")
-    print(f"  conversion alone (ds_to_universal) {conversion:6.2f} s ({size / 2**20 / conversion:.0f} MiB/s)")
-    same, other = walls["same world size (2 -> 2)"], walls["another world size (2 -> 1)"]
-    print(f"  elastic / same-size resume: {other / same:.2f}x")
+    print(f"median of {args.repeats} whole `crate pretrain` runs of 1 step on 1 rank, resumed from a checkpoint of:")
+    print(f"  1 rank (DeepSpeed's own load)          {same:6.1f} s  {[round(w, 1) for w in walls[1]]}")
+    print(f"  2 ranks (converted, universal load)    {elastic:6.1f} s  {[round(w, 1) for w in walls[2]]}")
+    print(f"  conversion alone (in this process)     {conversion:6.2f} s  ({size / 2**20 / conversion:.0f} MiB/s)")
+    print(f"elastic / same-size resume: {elastic / same:.2f}x")
     return 0
 
 

@@ -27,7 +27,6 @@ VISION = REPO / "configs" / "vision" / "crate-fmnist.yaml"
 SEVERAL_RUNS = Path(__file__).with_name("several_runs_rank.py")
 STEPS, RESUME_AT = 4, 2
 STAGES = (0, 1, 2, 3)
-BF16_LOSS_RTOL = 1e-2
 
 pytestmark = pytest.mark.slow
 
@@ -174,12 +173,20 @@ def test_an_image_run_with_mixup_resumes_on_another_world_size(runs):
 
 
 def test_a_bf16_run_resumes_on_another_world_size(runs):
-    """The GPU recipes' precision (ZeRO-2's bf16 path, fp32 master weights): the same batches, and the losses of the
-    uninterrupted run within bf16's rounding of a gradient accumulated over 4 micro-batches instead of 2."""
+    """The GPU recipes' precision (ZeRO-2's bf16 path, fp32 master weights): the same batches, the losses to 1e-4
+    (4e-6 measured), and the exported bf16 weights within one bf16 rounding (2^-8 relative) of the uninterrupted
+    run's."""
     elastic, uninterrupted = runs / "bf16-2to1", runs / "bf16-w2"
     assert start_row(elastic)["precision"] == "bf16" and start_row(elastic)["resumed_from_world_size"] == 2
     assert fingerprints(elastic) == fingerprints(uninterrupted)
-    torch.testing.assert_close(losses(elastic), losses(uninterrupted), rtol=BF16_LOSS_RTOL, atol=0.0)
+    torch.testing.assert_close(losses(elastic), losses(uninterrupted), rtol=1e-4, atol=0.0)
+    first, second = (
+        load_file(elastic / "hf" / "model.safetensors"),
+        load_file(uninterrupted / "hf" / "model.safetensors"),
+    )
+    for key in first:
+        scale = second[key].float().abs().max()
+        assert (first[key].float() - second[key].float()).abs().max() <= 2**-7 * scale, key
 
 
 def test_a_changed_global_batch_continues_from_the_samples_consumed(runs):
