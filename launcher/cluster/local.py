@@ -67,9 +67,10 @@ def preflight(config: RunConfig, world_size: int) -> None:
     from launcher.models.build import build_model_config, build_vision_config
     from launcher.models.tokenizers import load_tokenizer, prepare_tokenizer
     from launcher.train.elastic import check_resume
-    from launcher.train.tasks import class_names
+    from launcher.train.tasks import class_names, evaluated_samples
 
     config.check_world(world_size)
+    evaluated_samples(config.train, world_size)
     check_resume(config, world_size)
     if config.is_image:
         from data_pipeline.image_stream import build_image_plan

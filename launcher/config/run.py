@@ -109,6 +109,9 @@ class TrainSection(_Section):
     log_every: int = Field(default=10, ge=1)
     eval_every: int = Field(default=100, ge=0)  # 0: never
     eval_batches: int = Field(default=8, ge=1)
+    # held-out samples per evaluation, whatever the world size (a run that may resume elsewhere); a multiple of
+    # micro_batch_size x world size. Default: eval_batches micro-batches per rank
+    eval_samples: int | None = Field(default=None, ge=1)
     save_every: int = Field(default=100, ge=0)
     keep_last: int = Field(default=3, ge=1)
     whitebox_every: int = Field(default=0, ge=0)

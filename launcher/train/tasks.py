@@ -58,7 +58,8 @@ def held_out_spec(config: RunConfig) -> TextDataSpec | ImageDataSpec | None:
 
 def fixed_blocks(spec: TextDataSpec, tokenizer, count: int) -> torch.Tensor:
     """The first ``count`` packed blocks of ``spec`` read as one unshuffled stream (count, seq_len)."""
-    fixed = spec.model_copy(update={"streams_per_rank": 1, "open_shards": 1, "shuffle_buffer": 0, "min_shards": 1})
+    unshuffled = {"streams_per_rank": 1, "num_streams": None, "open_shards": 1, "shuffle_buffer": 0, "min_shards": 1}
+    fixed = spec.model_copy(update=unshuffled)
     stream = LogicalStream(build_plan(fixed, 1), 0, Tokenize(tokenizer))
     return torch.stack([torch.from_numpy(stream.next_block()[0].astype(np.int64)) for _ in range(count)])
 
@@ -71,6 +72,20 @@ def loader_options(config: RunConfig, device: torch.device, streams: int) -> dic
     if workers == "auto":
         workers = 0 if device.type == "cpu" else max(w for w in range(1, min(4, streams) + 1) if streams % w == 0)
     return {"num_workers": workers, "pin_memory": device.type == "cuda"}
+
+
+def evaluated_samples(train_cfg, world: int) -> int:
+    """The held-out samples of an evaluation: ``train.eval_samples`` (the same at any world size; one-line error when
+    ``micro_batch_size x world`` does not divide it), else ``eval_batches`` micro-batches per rank."""
+    per_pass = train_cfg.micro_batch_size * world
+    if train_cfg.eval_samples is None:
+        return train_cfg.eval_batches * per_pass
+    if train_cfg.eval_samples % per_pass:
+        raise ConfigError(
+            f"train.eval_samples: {train_cfg.eval_samples} is not a multiple of train.micro_batch_size "
+            f"({train_cfg.micro_batch_size}) x world size ({world}): every rank evaluates as many full micro-batches"
+        )
+    return train_cfg.eval_samples
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -104,7 +119,7 @@ class LanguageModelingTask:
         held_out, train_cfg = held_out_spec(config), config.train
         self.validation = None
         if held_out is not None and train_cfg.eval_every:
-            blocks = fixed_blocks(held_out, self.tokenizer, train_cfg.eval_batches * micro * world)
+            blocks = fixed_blocks(held_out, self.tokenizer, evaluated_samples(train_cfg, world))
             self.validation = list(blocks[rank::world].split(micro))
         self.probe = fixed_blocks(held_out or config.data, self.tokenizer, micro) if train_cfg.whitebox_every else None
 
@@ -168,7 +183,7 @@ def image_processor_for(spec: ImageDataSpec, native_size: tuple[int, int] | None
 
 
 # one unshuffled stream, eval transform: the fixed images of validation and probes
-UNSHUFFLED_EVAL = {"streams_per_rank": 1, "shuffle_buffer": 0, "min_shards": 1, "train": False}
+UNSHUFFLED_EVAL = {"streams_per_rank": 1, "num_streams": None, "shuffle_buffer": 0, "min_shards": 1, "train": False}
 
 
 def first_image_size(spec: ImageDataSpec) -> tuple[int, int]:
@@ -258,7 +273,7 @@ class ImageClassificationTask:
         held_out, train_cfg, micro = held_out_spec(config), config.train, config.train.micro_batch_size
         self.validation = None
         if held_out is not None and train_cfg.eval_every:
-            pixels, labels = fixed_images(held_out, train_cfg.eval_batches * micro * world)
+            pixels, labels = fixed_images(held_out, evaluated_samples(train_cfg, world))
             usable = max(micro * world, len(labels) // (micro * world) * micro * world)  # equal work on every rank
             pixels, labels = pixels[:usable], labels[:usable]
             self.validation = list(zip(pixels[rank::world].split(micro), labels[rank::world].split(micro)))

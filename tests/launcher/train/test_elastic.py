@@ -1,8 +1,8 @@
 """Elastic resume: a run stopped on 2 ranks resumes on 1, and one stopped on 1 resumes on 2, on ZeRO 0-3, as if it
 had never stopped — the same global batch at every step (a fingerprint of its rows), the same losses (1e-4) and the
 same final weights (1e-5 relative: the reduction order differs). Runs started fresh at 1 and 2 ranks read the same
-batches too (a fixed number of logical streams). The same for an image run with mixup (2 -> 1, ZeRO-2), and a
-changed global batch continues from the samples consumed with a log row.
+batches too (a fixed number of logical streams). The same for an image run with mixup (ZeRO-2) and a bf16 run
+(2 -> 1), and a changed global batch continues from the samples consumed with a log row.
 
 Three launches of ``several_runs_rank.py`` (1 rank, 2 ranks, 1 rank) train everything: a launch costs more than a
 tiny run."""
@@ -34,15 +34,23 @@ COMMON = [
     f"train.max_steps={STEPS}",
     "train.log_every=1",
     f"train.save_every={RESUME_AT}",
-    "train.eval_every=0",
     "train.whitebox_every=0",
     "train.batch_fingerprints=true",
     "optimizer.warmup_steps=1",
     "optimizer.lr=1.0e-2",
 ]
-TEXT = [*TINY_CRATE, *COMMON, "data.num_streams=2", "train.global_batch_size=16"]  # 4 micro-batches of 4 a step
+# 4 micro-batches of 4 a step; the validation set the same at any world size
+TEXT = [
+    *TINY_CRATE,
+    *COMMON,
+    f"train.eval_every={STEPS}",
+    "data.num_streams=2",
+    "train.global_batch_size=16",
+    "train.eval_samples=16",
+]
 IMAGES = [
     *COMMON,
+    "train.eval_every=0",
     "model.preset=crate-vision-test",
     "data.num_streams=2",
     "data.shuffle_buffer=64",
@@ -93,7 +101,12 @@ def runs(tmp_path_factory) -> Path:
     preflight(load_run_config(VISION, [f"output_dir={root / 'vision-preflight'}", *IMAGES]), 2)
     text = [*TEXT, f"tokenizer={trained_tokenizer_dir(root / 'tokenizer')}"]
     stages = {stage: [*text, f"zero.stage={stage}"] for stage in STAGES}
-    launch(root, "one-rank", 1, [fresh(root, f"zero{s}-w1", stages[s]) for s in STAGES])
+    launch(
+        root,
+        "one-rank",
+        1,
+        [fresh(root, f"zero{s}-w1", stages[s]) for s in STAGES] + [fresh(root, "images-w1", IMAGES, VISION)],
+    )
     launch(
         root,
         "two-ranks",
@@ -103,7 +116,11 @@ def runs(tmp_path_factory) -> Path:
             for s in STAGES
             for run in (fresh(root, f"zero{s}-w2", stages[s]), resumed(root, f"zero{s}-1to2", f"zero{s}-w1", stages[s]))
         ]
-        + [fresh(root, "images-w2", IMAGES, VISION), fresh(root, "bf16-w2", [*stages[2], "precision=bf16"])],
+        + [
+            fresh(root, "images-w2", IMAGES, VISION),
+            resumed(root, "images-1to2", "images-w1", IMAGES, VISION),
+            fresh(root, "bf16-w2", [*stages[2], "precision=bf16"]),
+        ],
     )
     launch(
         root,
@@ -135,6 +152,11 @@ def fingerprints(output_dir: Path) -> dict[int, str]:
     return rows(output_dir, "batch_fingerprint")
 
 
+def validation_loss(output_dir: Path) -> float:
+    (row,) = [row for row in read_metrics(output_dir, kind="eval") if row["step"] == STEPS]
+    return row["loss"]
+
+
 def start_row(output_dir: Path) -> dict:
     return [row for row in read_metrics(output_dir, kind="train") if row.get("event") == "start"][-1]
 
@@ -160,16 +182,20 @@ def test_a_run_resumed_on_another_world_size_continues_as_if_uninterrupted(runs,
         assert fingerprints(runs / elastic) == fingerprints(uninterrupted), elastic
         torch.testing.assert_close(losses(runs / elastic), losses(uninterrupted), rtol=1e-4, atol=0.0)
         assert_same_weights(runs / elastic, uninterrupted)
+        # the validation set is the same too: the final validation loss agrees
+        torch.testing.assert_close(validation_loss(runs / elastic), validation_loss(uninterrupted), rtol=1e-4, atol=0)
     converted = runs / f"zero{stage}-2to1" / "checkpoints" / f"global_step{RESUME_AT}" / "universal"
     assert converted.is_dir() == (stage > 0)  # ZeRO's partitions went through DeepSpeed's universal checkpoint
 
 
 def test_an_image_run_with_mixup_resumes_on_another_world_size(runs):
-    elastic, uninterrupted = runs / "images-2to1", runs / "images-w2"
-    assert start_row(elastic)["gradient_accumulation_steps"] == 4
-    assert fingerprints(elastic) == fingerprints(uninterrupted)
-    torch.testing.assert_close(losses(elastic), losses(uninterrupted), rtol=1e-4, atol=0.0)
-    assert_same_weights(elastic, uninterrupted)
+    one, two = runs / "images-w1", runs / "images-w2"
+    assert fingerprints(one) == fingerprints(two)
+    for elastic, uninterrupted, accumulation in (("images-2to1", two, 4), ("images-1to2", one, 2)):
+        assert start_row(runs / elastic)["gradient_accumulation_steps"] == accumulation
+        assert fingerprints(runs / elastic) == fingerprints(uninterrupted)
+        torch.testing.assert_close(losses(runs / elastic), losses(uninterrupted), rtol=1e-4, atol=0.0)
+        assert_same_weights(runs / elastic, uninterrupted)
 
 
 def test_a_bf16_run_resumes_on_another_world_size(runs):
