@@ -216,17 +216,19 @@ def universal_load_repaired(optimizer, universal: bool):
 
 
 def convert_to_universal(checkpoint: Path, output: Path) -> None:
-    """DeepSpeed's ``ds_to_universal`` of one checkpoint directory (a tag's: ``global_stepN``) into ``output``."""
+    """DeepSpeed's ``ds_to_universal`` of one checkpoint directory (a tag's: ``global_stepN``) into ``output``, with
+    worker processes on half the node's cores (the other ranks wait meanwhile; one core: in this process)."""
     from types import SimpleNamespace
 
     from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
 
+    workers = max(1, min(8, (os.cpu_count() or 1) // 2))
     ds_to_universal(
         SimpleNamespace(
             input_folder=str(checkpoint),
             output_folder=str(output),
-            num_extract_workers=1,
-            num_merge_workers=1,
+            num_extract_workers=workers,
+            num_merge_workers=workers,
             keep_temp_folder=False,
             strict=True,
             inject_missing_state=True,
