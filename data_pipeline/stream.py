@@ -113,9 +113,10 @@ def rank_streams(layout: str, rank: int, world_size: int, per_rank: int, consume
     """The logical streams rank ``rank`` serves after the run consumed ``consumed`` micro-batches (all ranks), in
     round-robin order, and the position in that order of the stream its next micro-batch comes from (module doc)."""
     after = consumed + rank
+    first = (after // world_size) % per_rank
     if layout == CONTIGUOUS:
-        return [rank * per_rank + s for s in range(per_rank)], (after // world_size) % per_rank
-    return [after % world_size + world_size * s for s in range(per_rank)], (after // world_size) % per_rank
+        return [rank * per_rank + s for s in range(per_rank)], first
+    return [after % world_size + world_size * s for s in range(per_rank)], first
 
 
 def stream_batches(stream: int, num_streams: int, consumed: int) -> int:

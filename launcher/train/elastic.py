@@ -86,7 +86,7 @@ class Resume:
         return self.elsewhere and self.zero_stage > 0
 
 
-def _old_checkpoint_error(directory: Path, saved: int, world: int, stage: int | None) -> CheckpointError:
+def _old_checkpoint_error(directory: Path, saved: int, world: int) -> CheckpointError:
     run_dir = directory.parent.parent
     return CheckpointError(
         f"{directory}: written by {_ranks(saved)} before crate recorded what resuming on another world size needs, "
@@ -104,7 +104,7 @@ def plan_resume(directory: Path, manifest: dict, config: RunConfig, world: int) 
     saved_batch = manifest.get("global_batch_size")
     if saved_batch is None:  # written before elastic resume
         if saved_world != world:
-            raise _old_checkpoint_error(directory, saved_world, world, manifest.get("zero_stage"))
+            raise _old_checkpoint_error(directory, saved_world, world)
         accumulation = config.check_world(world)
         saved_batch = micro * accumulation * world
         facts = {"micro_batch_size": micro, "samples_seen": step * saved_batch}

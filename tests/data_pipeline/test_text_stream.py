@@ -59,6 +59,12 @@ def spec_for(corpus: Path, **overrides):
     return parse_text_data(raw)
 
 
+def mixture_spec(corpus: Path, shakespeare_dir: Path, **overrides):
+    """JSONL paragraphs (weight 3) mixed with the plays as whole text files, in 8+ shards."""
+    sources = [{"path": str(corpus), "weight": 3}, {"path": str(shakespeare_dir), "format": "txt"}]
+    return parse_text_data({"sources": sources, "min_shards": 8, **overrides})
+
+
 def epoch_zero_drained(state: dict, source: int = 0) -> bool:
     """Whether a stream's cursor has finished every shard of its first epoch over ``source`` (with open shards, the
     next epoch's first blocks come while the last shards of this one are still being read)."""
@@ -144,16 +150,7 @@ def test_two_ranks_with_two_workers_read_the_epoch_exactly_once(corpus, tokenize
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_twice_equals_the_uninterrupted_stream(corpus, tokenizer, shakespeare_dir, workers):
-    spec = parse_text_data(
-        {
-            "sources": [{"path": str(corpus), "weight": 3}, {"path": str(shakespeare_dir), "format": "txt"}],
-            "seq_len": 48,
-            "shuffle_buffer": 16,
-            "min_shards": 8,
-            "streams_per_rank": 2,
-            "seed": 7,
-        }
-    )
+    spec = mixture_spec(corpus, shakespeare_dir, seq_len=48, shuffle_buffer=16, streams_per_rank=2, seed=7)
     plan = build_plan(spec, 1)
     total = 60
     reference = []
@@ -221,16 +218,7 @@ def test_a_changed_source_is_refused(corpus, tokenizer, tmp_path):
 def test_the_global_order_is_the_same_at_any_world_size_and_resumes_across_them(corpus, tokenizer, shakespeare_dir):
     """With a fixed number of logical streams, the run's m-th micro-batch is the same at 1, 2 and 4 ranks (with a
     mixture, a shuffle buffer and DataLoader workers), and a run resumed 2 -> 1 -> 4 ranks continues it exactly."""
-    spec = parse_text_data(
-        {
-            "sources": [{"path": str(corpus), "weight": 3}, {"path": str(shakespeare_dir), "format": "txt"}],
-            "seq_len": 32,
-            "shuffle_buffer": 8,
-            "min_shards": 8,
-            "num_streams": 4,
-            "seed": 3,
-        }
-    )
+    spec = mixture_spec(corpus, shakespeare_dir, seq_len=32, shuffle_buffer=8, num_streams=4, seed=3)
 
     def make(rank, world, state, workers=0):
         return TextLoader(
